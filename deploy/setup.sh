@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building and testing shardline needs on a fresh Debian machine, once:
+# protoc (build), etcd (membership tests), the `openai` Python client (API tests), and
+# the default model (deploy/fetch-model.sh). Safe to run again; skips what is present.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+need_apt=()
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+if [[ ${SHARDLINE_SETUP_MINIMAL:-0} != 1 ]]; then
+  command -v etcd >/dev/null || need_apt+=(etcd-server)
+  command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+fi
+if ((${#need_apt[@]})); then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo=sudo
+  echo "setup: installing ${need_apt[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >&2
+fi
+
+if [[ ${SHARDLINE_SETUP_MINIMAL:-0} != 1 ]]; then
+  if ! python3 -c 'import openai' 2>/dev/null; then
+    echo "setup: pip install openai" >&2
+    python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.40,<3' >&2
+  fi
+fi
+
+"$here/deploy/fetch-model.sh" >/dev/null

@@ -1,0 +1,19 @@
+//! shardline's wire formats.
+//!
+//! - [`v1`]: the public API (`shardline.v1.Inference`) and the membership record stored
+//!   in etcd ([`v1::WorkerRecord`]).
+//! - [`worker::v1`]: the coordinator ↔ worker protocol (`shardline.worker.v1.Worker`).
+//! - [`FILE_DESCRIPTOR_SET`]: for gRPC server reflection.
+
+pub mod v1 {
+    tonic::include_proto!("shardline.v1");
+}
+
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("shardline.worker.v1");
+    }
+}
+
+/// Encoded descriptors of every shardline proto, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("shardline_descriptor");

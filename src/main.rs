@@ -1,0 +1,2 @@
+//! The `shardline` command: `up`, `coordinator`, `worker`, `bench`, `generate`.
+fn main() {}
