@@ -1,0 +1,161 @@
+//! Coordinator configuration: the clap flags (`CoordinatorArgs`) and the validated
+//! [`Config`] the rest of the crate reads. No other module reads the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Flags of `shardline coordinator`. Every flag can also be set through its
+/// `SHARDLINE_…` environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordinatorArgs {
+    /// Address of a worker group's gRPC endpoint (repeat for several groups), e.g.
+    /// `http://127.0.0.1:50061`.
+    #[arg(long = "worker", env = "SHARDLINE_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// Address the OpenAI-compatible HTTP API listens on.
+    #[arg(long, env = "SHARDLINE_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
+    pub http_listen: SocketAddr,
+    /// Address the gRPC API (`shardline.v1.Inference`, health, reflection) listens on.
+    #[arg(long, env = "SHARDLINE_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    pub grpc_listen: SocketAddr,
+    /// Most sequences one group runs in a step (vLLM's `--max-num-seqs`).
+    #[arg(long, env = "SHARDLINE_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Token budget of one step: decodes count one each, prefill chunks their length
+    /// (vLLM's `--max-num-batched-tokens`). Longer prompts are prefilled in chunks.
+    #[arg(long, env = "SHARDLINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Requests waiting in queues (all groups together) before new ones get 429.
+    #[arg(long, env = "SHARDLINE_MAX_QUEUED_REQUESTS", default_value_t = 1024)]
+    pub max_queued_requests: usize,
+    /// Requests admitted at once (queued + running) before new ones get 429.
+    #[arg(long, env = "SHARDLINE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+    /// Most prompt tokens a request may carry (0 = the model's context length).
+    #[arg(long, env = "SHARDLINE_MAX_INPUT_TOKENS", default_value_t = 0)]
+    pub max_input_tokens: usize,
+    /// Most prompt + generated tokens of a request (0 = the model's context length).
+    #[arg(long, env = "SHARDLINE_MAX_TOTAL_TOKENS", default_value_t = 0)]
+    pub max_total_tokens: usize,
+    /// Per-tenant request rate (requests per second, token bucket; 0 = unlimited).
+    /// The tenant is the `x-shardline-tenant` header, else the request's `user`.
+    #[arg(long, env = "SHARDLINE_TENANT_RATE", default_value_t = 0.0)]
+    pub tenant_rate: f64,
+    /// Per-tenant burst size of the token bucket (defaults to max(1, rate)).
+    #[arg(long, env = "SHARDLINE_TENANT_BURST")]
+    pub tenant_burst: Option<f64>,
+    /// Per-tenant concurrent requests (0 = unlimited).
+    #[arg(long, env = "SHARDLINE_TENANT_MAX_CONCURRENT", default_value_t = 0)]
+    pub tenant_max_concurrent: usize,
+    /// Require `Authorization: Bearer <key>` on the API (health and metrics stay open).
+    #[arg(long, env = "SHARDLINE_API_KEY")]
+    pub api_key: Option<String>,
+    /// Model name reported by `/v1/models` and accepted in requests (default: the
+    /// worker's model id).
+    #[arg(long, env = "SHARDLINE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Default per-request deadline in seconds when the request sets none (0 = none).
+    #[arg(long, env = "SHARDLINE_DEFAULT_TIMEOUT_S", default_value_t = 0.0)]
+    pub default_timeout_s: f64,
+    /// Timeout of one `Step` RPC to a worker, in seconds; a group that exceeds it is
+    /// considered failed.
+    #[arg(long, env = "SHARDLINE_STEP_TIMEOUT_S", default_value_t = 60.0)]
+    pub step_timeout_s: f64,
+    /// Most stop strings per request.
+    #[arg(long, env = "SHARDLINE_MAX_STOP_SEQUENCES", default_value_t = 16)]
+    pub max_stop_sequences: usize,
+}
+
+/// Everything the serving code needs, validated once.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_queued_requests: usize,
+    pub max_concurrent_requests: usize,
+    /// 0 = context length.
+    pub max_input_tokens: usize,
+    /// 0 = context length.
+    pub max_total_tokens: usize,
+    pub tenant_rate: f64,
+    pub tenant_burst: f64,
+    pub tenant_max_concurrent: usize,
+    pub api_key: Option<String>,
+    pub served_model_name: Option<String>,
+    pub default_timeout: Option<Duration>,
+    pub step_timeout: Duration,
+    pub max_stop_sequences: usize,
+    /// Body size limit of the HTTP API.
+    pub max_body_bytes: usize,
+}
+
+/// A flag value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid flag --{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            max_queued_requests: 1024,
+            max_concurrent_requests: 512,
+            max_input_tokens: 0,
+            max_total_tokens: 0,
+            tenant_rate: 0.0,
+            tenant_burst: 1.0,
+            tenant_max_concurrent: 0,
+            api_key: None,
+            served_model_name: None,
+            default_timeout: None,
+            step_timeout: Duration::from_secs(60),
+            max_stop_sequences: 16,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+fn secs(flag: &'static str, v: f64) -> Result<Option<Duration>, ConfigError> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(ConfigError { flag, message: format!("{v} is not a non-negative number of seconds") });
+    }
+    Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))
+}
+
+impl CoordinatorArgs {
+    /// Checks the flags and turns them into a [`Config`].
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let positive = |flag: &'static str, v: usize| {
+            if v == 0 { Err(ConfigError { flag, message: "must be at least 1".into() }) } else { Ok(v) }
+        };
+        if !self.tenant_rate.is_finite() || self.tenant_rate < 0.0 {
+            return Err(ConfigError { flag: "tenant-rate", message: "must be >= 0".into() });
+        }
+        let burst = self.tenant_burst.unwrap_or(self.tenant_rate.max(1.0));
+        if !burst.is_finite() || burst < 1.0 {
+            return Err(ConfigError { flag: "tenant-burst", message: "must be >= 1".into() });
+        }
+        Ok(Config {
+            max_num_seqs: positive("max-num-seqs", self.max_num_seqs)?,
+            max_num_batched_tokens: positive("max-num-batched-tokens", self.max_num_batched_tokens)?,
+            max_queued_requests: positive("max-queued-requests", self.max_queued_requests)?,
+            max_concurrent_requests: positive("max-concurrent-requests", self.max_concurrent_requests)?,
+            max_input_tokens: self.max_input_tokens,
+            max_total_tokens: self.max_total_tokens,
+            tenant_rate: self.tenant_rate,
+            tenant_burst: burst,
+            tenant_max_concurrent: self.tenant_max_concurrent,
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            served_model_name: self.served_model_name.clone(),
+            default_timeout: secs("default-timeout-s", self.default_timeout_s)?,
+            step_timeout: secs("step-timeout-s", self.step_timeout_s)?
+                .ok_or(ConfigError { flag: "step-timeout-s", message: "must be > 0".into() })?,
+            max_stop_sequences: self.max_stop_sequences,
+            ..Config::default()
+        })
+    }
+}

@@ -1,0 +1,244 @@
+//! The request owner's side of a generation: receives the scheduler's [`SeqEvent`]s,
+//! detokenizes incrementally, applies stop strings, tracks usage and latency metrics,
+//! and yields [`Chunk`]s to a front end. Dropping a [`Generation`] (client gone) closes
+//! its channel, which the scheduler sees within one iteration and releases the sequence.
+
+use std::sync::Arc;
+
+use shardline_proto::worker::v1::TokenLogprob;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::admission::Permit;
+use crate::detok::{Detokenizer, StopMatcher};
+use crate::error::ApiError;
+use crate::groups::ModelInfo;
+use crate::metrics::Metrics;
+use crate::request::{Finish, SeqEvent, ValidRequest};
+
+/// One token as the API reports it.
+#[derive(Debug, Clone)]
+pub struct TokenOut {
+    pub id: u32,
+    pub text: String,
+    /// `None` for the first prompt token (it has no logprob).
+    pub logprob: Option<f32>,
+    pub top: Vec<(String, f32)>,
+}
+
+/// A piece of output.
+#[derive(Debug, Clone, Default)]
+pub struct Chunk {
+    pub text: String,
+    pub tokens: Vec<TokenOut>,
+    pub finish: Option<Finish>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached_tokens: u32,
+}
+
+impl Usage {
+    pub fn total(&self) -> u32 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// A running request, seen from its front end.
+pub struct Generation {
+    pub request: Arc<ValidRequest>,
+    rx: mpsc::UnboundedReceiver<SeqEvent>,
+    model: Arc<ModelInfo>,
+    metrics: Metrics,
+    detok: Detokenizer,
+    stop: StopMatcher,
+    usage: Usage,
+    prefilled: bool,
+    done: bool,
+    last_token_at: Option<Instant>,
+    /// Tokens received while their text is still held back.
+    pending_tokens: Vec<TokenOut>,
+    /// A stop string ended the output.
+    stop_hit: bool,
+    _permit: Permit,
+}
+
+/// Everything a non-streaming response needs.
+#[derive(Debug, Clone, Default)]
+pub struct Collected {
+    pub text: String,
+    pub tokens: Vec<TokenOut>,
+    pub prompt_tokens: Vec<TokenOut>,
+    pub finish: Option<Finish>,
+    pub usage: Usage,
+}
+
+impl Generation {
+    pub fn new(
+        request: Arc<ValidRequest>,
+        rx: mpsc::UnboundedReceiver<SeqEvent>,
+        model: Arc<ModelInfo>,
+        metrics: Metrics,
+        permit: Permit,
+    ) -> Generation {
+        let stop = StopMatcher::new(request.stop.clone());
+        let usage = Usage { prompt_tokens: request.prompt.len() as u32, ..Default::default() };
+        Generation {
+            request,
+            rx,
+            model,
+            metrics,
+            detok: Detokenizer::default(),
+            stop,
+            usage,
+            prefilled: false,
+            done: false,
+            last_token_at: None,
+            pending_tokens: Vec::new(),
+            stop_hit: false,
+            _permit: permit,
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.model.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    fn token_out(&self, t: &TokenLogprob, with_logprob: bool) -> TokenOut {
+        TokenOut {
+            id: t.token_id,
+            text: self.token_text(t.token_id),
+            logprob: with_logprob.then_some(t.logprob),
+            top: t.top.iter().map(|a| (self.token_text(a.token_id), a.logprob)).collect(),
+        }
+    }
+
+    /// Prompt tokens with their logprobs, for `echo` (the first has none).
+    fn prompt_tokens(&self, logprobs: &[TokenLogprob]) -> Vec<TokenOut> {
+        let prompt = &self.request.prompt;
+        prompt
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let lp = i.checked_sub(1).and_then(|j| logprobs.get(j));
+                TokenOut {
+                    id,
+                    text: self.token_text(id),
+                    logprob: lp.map(|l| l.logprob),
+                    top: lp.map(|l| l.top.iter().map(|a| (self.token_text(a.token_id), a.logprob)).collect()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Ends the output; unless a stop string ended it, held-back text is final now.
+    fn finish(&mut self, mut finish: Finish, mut text: String) -> Chunk {
+        self.done = true;
+        self.rx.close();
+        if !self.stop_hit {
+            let (rest, matched) = self.stop.push(&self.detok.flush(&self.model.tokenizer));
+            text.push_str(&rest);
+            if matched {
+                finish = Finish::Stop;
+            } else {
+                text.push_str(&self.stop.finish());
+            }
+        }
+        self.metrics.e2e_latency.observe(self.request.arrival.elapsed().as_secs_f64());
+        self.metrics.requests.with_label_values(&[finish.as_str()]).inc();
+        Chunk { text, tokens: std::mem::take(&mut self.pending_tokens), finish: Some(finish) }
+    }
+
+    /// The next piece of output; `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<Chunk, ApiError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let Some(event) = self.rx.recv().await else {
+                self.done = true;
+                return Some(Err(ApiError::Internal("the scheduler dropped the request".into())));
+            };
+            match event {
+                SeqEvent::Prefilled { cached_tokens, prompt_logprobs } => {
+                    if !self.prefilled {
+                        self.prefilled = true;
+                        self.usage.cached_tokens = cached_tokens;
+                        if self.request.echo {
+                            let tokens = if self.request.logprobs.is_some() {
+                                self.prompt_tokens(&prompt_logprobs)
+                            } else {
+                                Vec::new()
+                            };
+                            let text = self.model.tokenizer.decode(&self.request.prompt, true).unwrap_or_default();
+                            self.pending_tokens = tokens;
+                            if self.request.params.max_new_tokens == 0 {
+                                return Some(Ok(self.finish(Finish::Length, text)));
+                            }
+                            return Some(Ok(Chunk { text, tokens: std::mem::take(&mut self.pending_tokens), finish: None }));
+                        }
+                    }
+                }
+                SeqEvent::Token { token, finish } => {
+                    let now = Instant::now();
+                    match self.last_token_at {
+                        None => self.metrics.time_to_first_token.observe((now - self.request.arrival).as_secs_f64()),
+                        Some(last) => self.metrics.inter_token_latency.observe((now - last).as_secs_f64()),
+                    }
+                    self.last_token_at = Some(now);
+                    self.usage.completion_tokens += 1;
+                    if self.request.logprobs.is_some() {
+                        let out = self.token_out(&token, true);
+                        self.pending_tokens.push(out);
+                    }
+                    let delta = self.detok.push(&self.model.tokenizer, token.token_id);
+                    let (text, matched) = self.stop.push(&delta);
+                    if matched {
+                        self.stop_hit = true;
+                        return Some(Ok(self.finish(Finish::Stop, text)));
+                    }
+                    if let Some(finish) = finish {
+                        return Some(Ok(self.finish(finish, text)));
+                    }
+                    if !text.is_empty() {
+                        return Some(Ok(Chunk { text, tokens: std::mem::take(&mut self.pending_tokens), finish: None }));
+                    }
+                }
+                SeqEvent::Finished(finish) => return Some(Ok(self.finish(finish, String::new()))),
+                SeqEvent::Error(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+
+    /// Runs to the end (non-streaming responses).
+    pub async fn collect(mut self) -> Result<Collected, ApiError> {
+        let mut out = Collected::default();
+        let mut first = true;
+        while let Some(chunk) = self.next().await {
+            let chunk = chunk?;
+            if first && self.request.echo {
+                out.prompt_tokens = chunk.tokens.iter().take(self.request.prompt.len()).cloned().collect();
+                out.tokens.extend(chunk.tokens.into_iter().skip(self.request.prompt.len()));
+            } else {
+                out.tokens.extend(chunk.tokens);
+            }
+            first = false;
+            out.text.push_str(&chunk.text);
+            if chunk.finish.is_some() {
+                out.finish = chunk.finish;
+            }
+        }
+        out.usage = self.usage;
+        Ok(out)
+    }
+}

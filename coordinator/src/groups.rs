@@ -1,0 +1,310 @@
+//! The dynamic set of worker groups. A group is added by address (today from
+//! `--worker`, later from the etcd watch) and removed the same way. Each group gets a
+//! lifecycle task: connect with backoff, fetch `Info` (tokenizer, chat template, KV
+//! geometry), run a scheduler, and when that scheduler fails hand its requests to
+//! another group (migration) and reconnect.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use shardline_proto::worker::v1::InfoRequest;
+use shardline_proto::worker::v1::worker_client::WorkerClient;
+use tokenizers::Tokenizer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::chat_template::ChatTemplate;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::queue::Limits;
+use crate::request::{Entry, SeqEvent};
+use crate::router::{self, Affinity, Candidate};
+use crate::scheduler::{self, SchedulerHandle, SchedulerTask};
+
+/// A request moves to another group at most this often before it fails with 503.
+pub const MAX_MIGRATIONS: u32 = 3;
+
+/// What the coordinator learns about the model from a worker's `Info`.
+pub struct ModelInfo {
+    pub model_id: String,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub add_bos: bool,
+    pub context_length: usize,
+    pub block_size: u32,
+    pub total_blocks: u32,
+    pub max_num_seqs: u32,
+}
+
+impl std::fmt::Debug for ModelInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelInfo").field("model_id", &self.model_id).field("context_length", &self.context_length).finish()
+    }
+}
+
+/// A ready group.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Address it was added under (the set's key).
+    pub key: String,
+    /// The worker's own group id (metric label).
+    pub id: String,
+    pub info: Arc<ModelInfo>,
+    pub handle: SchedulerHandle,
+}
+
+/// Why connecting to a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid worker address {0}: {1}")]
+    Address(String, String),
+    #[error("connect: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("Info RPC: {0}")]
+    Info(#[from] tonic::Status),
+    #[error("worker sent an unusable tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("worker sent an unusable chat template: {0}")]
+    Template(String),
+}
+
+struct Inner {
+    config: Arc<Config>,
+    metrics: Metrics,
+    /// Every added group's lifecycle token, by address.
+    slots: Mutex<HashMap<String, CancellationToken>>,
+    ready: RwLock<HashMap<String, Group>>,
+    ready_tx: watch::Sender<usize>,
+    affinity: Mutex<Affinity>,
+    shutdown: CancellationToken,
+}
+
+/// Cloneable handle to the group set.
+#[derive(Clone)]
+pub struct GroupSet {
+    inner: Arc<Inner>,
+}
+
+impl GroupSet {
+    pub fn new(config: Arc<Config>, metrics: Metrics, shutdown: CancellationToken) -> GroupSet {
+        let (ready_tx, _) = watch::channel(0);
+        GroupSet {
+            inner: Arc::new(Inner {
+                config,
+                metrics,
+                slots: Mutex::default(),
+                ready: RwLock::default(),
+                ready_tx,
+                affinity: Mutex::default(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// Starts serving the group at `address` (idempotent).
+    pub fn add(&self, address: &str) {
+        let mut slots = self.inner.slots.lock().expect("lock poisoned; this is a bug");
+        if slots.contains_key(address) {
+            return;
+        }
+        let token = self.inner.shutdown.child_token();
+        slots.insert(address.to_string(), token.clone());
+        tokio::spawn(lifecycle(self.clone(), address.to_string(), token));
+    }
+
+    /// Stops using the group at `address`; its requests continue on other groups.
+    pub fn remove(&self, address: &str) {
+        if let Some(token) = self.inner.slots.lock().expect("lock poisoned; this is a bug").remove(address) {
+            token.cancel();
+        }
+    }
+
+    /// Number of ready groups, observable.
+    pub fn ready_count(&self) -> watch::Receiver<usize> {
+        self.inner.ready_tx.subscribe()
+    }
+
+    pub fn ready_groups(&self) -> Vec<Group> {
+        self.inner.ready.read().expect("lock poisoned; this is a bug").values().cloned().collect()
+    }
+
+    /// The model as a ready group describes it.
+    pub fn model(&self) -> Result<Arc<ModelInfo>, ApiError> {
+        let ready = self.inner.ready.read().expect("lock poisoned; this is a bug");
+        let mut groups: Vec<&Group> = ready.values().collect();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        groups.first().map(|g| g.info.clone()).ok_or_else(no_group)
+    }
+
+    /// Requests queued in all groups.
+    pub fn total_waiting(&self) -> i64 {
+        let ready = self.inner.ready.read().expect("lock poisoned; this is a bug");
+        ready.values().map(|g| g.handle.load.waiting.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Routes and queues a request.
+    pub fn submit(&self, mut entry: Entry) -> Result<(), ApiError> {
+        for _ in 0..4 {
+            let group = self.route(&entry).ok_or_else(no_group)?;
+            match group.handle.submit(entry) {
+                Ok(()) => return Ok(()),
+                Err(back) => entry = back, // that scheduler just stopped; pick again
+            }
+        }
+        Err(no_group())
+    }
+
+    fn route(&self, entry: &Entry) -> Option<Group> {
+        let ready = self.inner.ready.read().expect("lock poisoned; this is a bug");
+        let groups: Vec<&Group> = ready.values().collect();
+        let candidates: Vec<Candidate> = groups
+            .iter()
+            .map(|g| Candidate {
+                key: g.key.clone(),
+                free: g.handle.load.free_capacity(),
+                total: g.info.total_blocks as i64,
+            })
+            .collect();
+        let block_size = groups.first()?.info.block_size;
+        let hash = router::prefix_hash(&entry.request.prompt, block_size);
+        let mut affinity = self.inner.affinity.lock().expect("lock poisoned; this is a bug");
+        let chosen = router::pick(&candidates, affinity.get(hash))?;
+        affinity.record(hash, &groups[chosen].key);
+        Some(groups[chosen].clone())
+    }
+
+    /// Continues requests of a failed or removed group elsewhere.
+    fn migrate(&self, group_id: &str, entries: Vec<Entry>) {
+        for mut entry in entries {
+            if entry.is_cancelled() {
+                continue;
+            }
+            entry.migrations += 1;
+            if entry.migrations > MAX_MIGRATIONS {
+                let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable(format!(
+                    "request failed on {MAX_MIGRATIONS} worker groups in a row"
+                ))));
+                continue;
+            }
+            self.inner.metrics.migrations.with_label_values(&[group_id]).inc();
+            entry.seq_id = crate::request::next_seq_id();
+            let tx = entry.tx.clone();
+            if let Err(e) = self.submit(entry) {
+                let _ = tx.send(SeqEvent::Error(e));
+            }
+        }
+    }
+
+    fn set_ready(&self, group: Option<Group>, key: &str) {
+        let mut ready = self.inner.ready.write().expect("lock poisoned; this is a bug");
+        match group {
+            Some(g) => ready.insert(key.to_string(), g),
+            None => ready.remove(key),
+        };
+        self.inner.ready_tx.send_replace(ready.len());
+    }
+}
+
+fn no_group() -> ApiError {
+    ApiError::Unavailable("no worker group is ready".into())
+}
+
+/// Normalises `host:port` to `http://host:port`.
+pub fn worker_url(address: &str) -> String {
+    if address.contains("://") { address.to_string() } else { format!("http://{address}") }
+}
+
+async fn connect(address: &str) -> Result<(WorkerClient<Channel>, ModelInfo, String), ConnectError> {
+    let endpoint = Endpoint::from_shared(worker_url(address))
+        .map_err(|e| ConnectError::Address(address.to_string(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await?;
+    let mut client = WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+    let info = client.info(InfoRequest {}).await?.into_inner();
+    let tokenizer: Tokenizer =
+        info.tokenizer_json.parse().map_err(|e: tokenizers::Error| ConnectError::Tokenizer(e.to_string()))?;
+    let chat_template = ChatTemplate::new(&info.chat_template, &info.bos_token, &info.eos_token)
+        .map_err(|e| ConnectError::Template(e.to_string()))?;
+    let bos_token_id = (!info.bos_token.is_empty()).then(|| tokenizer.token_to_id(&info.bos_token)).flatten();
+    let group_id = if info.group_id.is_empty() { address.to_string() } else { info.group_id.clone() };
+    let model = ModelInfo {
+        model_id: info.model_id,
+        tokenizer,
+        chat_template,
+        eos_token_ids: info.eos_token_ids,
+        bos_token_id,
+        add_bos: info.add_bos,
+        context_length: info.context_length as usize,
+        block_size: info.kv_block_size.max(1),
+        total_blocks: info.kv_blocks_total,
+        max_num_seqs: info.max_num_seqs,
+    };
+    Ok((client, model, group_id))
+}
+
+async fn lifecycle(set: GroupSet, address: String, token: CancellationToken) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let connected = tokio::select! {
+            _ = token.cancelled() => return,
+            c = connect(&address) => c,
+        };
+        let (client, info, id) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(worker = %address, error = %e, retry_in = ?backoff, "worker not reachable yet");
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        let config = &set.inner.config;
+        let limits = Limits {
+            max_num_seqs: match info.max_num_seqs as usize {
+                0 => config.max_num_seqs,
+                n => n.min(config.max_num_seqs),
+            },
+            max_batched_tokens: config.max_num_batched_tokens,
+            block_size: info.block_size,
+            total_blocks: info.total_blocks,
+        };
+        let scheduler_token = token.child_token();
+        let (handle, join) = scheduler::spawn(SchedulerTask {
+            group: id.clone(),
+            limits,
+            client,
+            metrics: set.inner.metrics.clone(),
+            step_timeout: config.step_timeout,
+            cancel: scheduler_token.clone(),
+        });
+        tracing::info!(worker = %address, group = %id, model = %info.model_id, "worker group ready");
+        set.set_ready(Some(Group { key: address.clone(), id: id.clone(), info: Arc::new(info), handle }), &address);
+        let (leftover, error) = join.await.unwrap_or_default();
+        set.set_ready(None, &address);
+        match &error {
+            Some(e) => tracing::error!(worker = %address, group = %id, error = %e, requests = leftover.len(), "worker group failed; migrating its requests"),
+            None => tracing::info!(worker = %address, group = %id, "worker group removed"),
+        }
+        if set.inner.shutdown.is_cancelled() {
+            for entry in leftover {
+                let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable("coordinator shutting down".into())));
+            }
+            return;
+        }
+        set.migrate(&id, leftover);
+        if token.is_cancelled() {
+            return;
+        }
+    }
+}

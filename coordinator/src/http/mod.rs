@@ -1,0 +1,225 @@
+//! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions`
+//! (JSON or SSE), `/v1/models`, `/health`, `/metrics`. Bodies are parsed by hand so every
+//! malformed input gets an OpenAI-style error naming the problem.
+
+mod chat;
+mod completions;
+mod types;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::request::Priority;
+use crate::service::Service;
+use crate::validate::{GenerateParams, served_name};
+
+/// The HTTP router over `service`.
+pub fn router(service: Service) -> axum::Router {
+    let limit = service.config.max_body_bytes;
+    let api = axum::Router::new()
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(service.clone(), auth));
+    axum::Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(service)
+}
+
+/// Serves the HTTP API on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, service: Service, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(service)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+async fn auth(State(service): State<Service>, request: Request, next: Next) -> Response {
+    if let Some(key) = &service.config.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, axum::Json(ApiError::invalid("path", "no such endpoint").to_json())).into_response()
+}
+
+async fn health(State(service): State<Service>) -> Response {
+    let ready = *service.groups.ready_count().borrow();
+    if ready > 0 {
+        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok", "groups": ready}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "no worker group ready"})))
+            .into_response()
+    }
+}
+
+async fn metrics(State(service): State<Service>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], service.metrics.render()).into_response()
+}
+
+async fn models(State(service): State<Service>) -> Response {
+    let data = match service.groups.model() {
+        Ok(model) => vec![serde_json::json!({
+            "id": served_name(&service.config, &model),
+            "object": "model",
+            "created": unix_now(),
+            "owned_by": "shardline",
+            "max_model_len": model.context_length,
+        })],
+        Err(_) => Vec::new(),
+    };
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Parses a JSON body into `T`, with errors that say what is wrong and where.
+pub(crate) fn parse_body<T: DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit }
+        } else {
+            ApiError::Invalid { param: None, message: format!("cannot read the request body: {rejection}") }
+        }
+    })?;
+    let text = std::str::from_utf8(&body).map_err(|e| ApiError::Invalid {
+        param: None,
+        message: format!("the request body is not valid UTF-8 (at byte {})", e.valid_up_to()),
+    })?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::Invalid { param: None, message: format!("malformed JSON in the request body: {e}") })?;
+    let serde_json::Value::Object(map) = &value else {
+        return Err(ApiError::Invalid { param: None, message: "the request body must be a JSON object".into() });
+    };
+    serde_json::from_value::<T>(value.clone()).map_err(|e| {
+        // Find the field at fault: deserialize it alone (every field is optional).
+        for (key, field) in map {
+            let single = serde_json::Value::Object([(key.clone(), field.clone())].into_iter().collect());
+            if let Err(field_error) = serde_json::from_value::<T>(single) {
+                return ApiError::invalid(key.clone(), format!("invalid value for `{key}`: {field_error}"));
+            }
+        }
+        ApiError::Invalid { param: None, message: format!("invalid request body: {e}") }
+    })
+}
+
+/// Applies the shardline extensions from headers and body: priority, timeout, tenant.
+pub(crate) fn extensions(
+    headers: &HeaderMap,
+    params: &mut GenerateParams,
+    priority: Option<String>,
+    timeout: Option<f64>,
+) -> Result<(), ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (priority, priority_field) = match header("x-shardline-priority") {
+        Some(p) => (Some(p), "x-shardline-priority"),
+        None => (priority, "priority"),
+    };
+    if let Some(p) = priority {
+        params.priority = Priority::parse(&p)
+            .ok_or_else(|| ApiError::invalid(priority_field, format!("unknown priority `{p}`; use high, normal or low")))?;
+    }
+    let timeout = match header("x-shardline-timeout") {
+        Some(t) => Some(
+            t.trim()
+                .parse::<f64>()
+                .map_err(|_| ApiError::invalid("x-shardline-timeout", "must be a number of seconds"))?,
+        ),
+        None => timeout,
+    };
+    if let Some(t) = timeout {
+        if !t.is_finite() || t <= 0.0 || t > 86_400.0 * 7.0 {
+            return Err(ApiError::invalid("timeout", "`timeout` must be a positive number of seconds"));
+        }
+        params.timeout = Some(Duration::from_secs_f64(t));
+    }
+    Ok(())
+}
+
+/// The tenant: the `x-shardline-tenant` header, else the body's `user`.
+pub(crate) fn tenant(headers: &HeaderMap, user: Option<&str>) -> Option<String> {
+    headers
+        .get("x-shardline-tenant")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| user.map(str::to_string))
+}
+
+/// `usage` as OpenAI reports it.
+pub(crate) fn usage_json(u: crate::generation::Usage) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total(),
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+/// An SSE response from a stream of JSON events, ending with `data: [DONE]`.
+pub(crate) fn sse<S>(events: S) -> Response
+where
+    S: futures::Stream<Item = serde_json::Value> + Send + 'static,
+{
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let stream = events
+        .map(|v| Event::default().data(v.to_string()))
+        .chain(futures::stream::once(async { Event::default().data("[DONE]") }))
+        .map(Ok::<_, std::convert::Infallible>);
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Error event inside a stream (the status line is already sent).
+pub(crate) fn stream_error(e: &ApiError) -> serde_json::Value {
+    e.to_json()
+}
+
+/// Turns a generation into SSE events: one per chunk (`on_chunk`), then a usage event
+/// (`on_usage`) when asked. Dropping the stream (client gone) drops the generation.
+pub(crate) fn event_stream<C, U>(
+    generation: crate::generation::Generation,
+    include_usage: bool,
+    on_chunk: C,
+    on_usage: U,
+) -> impl futures::Stream<Item = serde_json::Value> + Send + 'static
+where
+    C: Fn(&crate::generation::Chunk) -> serde_json::Value + Send + 'static,
+    U: Fn(crate::generation::Usage) -> serde_json::Value + Send + 'static,
+{
+    futures::stream::unfold((Some(generation), on_chunk, on_usage), move |(state, on_chunk, on_usage)| async move {
+        let mut generation = state?;
+        let (event, next) = match generation.next().await {
+            Some(Ok(chunk)) => (on_chunk(&chunk), Some(generation)),
+            Some(Err(e)) => (stream_error(&e), None),
+            None if include_usage => (on_usage(generation.usage()), None),
+            None => return None,
+        };
+        Some((event, (next, on_chunk, on_usage)))
+    })
+}

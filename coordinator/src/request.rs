@@ -1,0 +1,152 @@
+//! What travels between the front ends and the schedulers: the validated request
+//! ([`ValidRequest`]), the queue entry a scheduler owns ([`Entry`]) and the events a
+//! scheduler sends back to the request's owner ([`SeqEvent`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use shardline_proto::worker::v1::{SequenceParams, TokenLogprob};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+
+/// Scheduling class; lower value runs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Priority {
+    High = 0,
+    #[default]
+    Normal = 1,
+    Low = 2,
+}
+
+impl Priority {
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "high" => Some(Priority::High),
+            "normal" | "" => Some(Priority::Normal),
+            "low" => Some(Priority::Low),
+            _ => None,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// A request that passed validation and admission: tokenized, bounded, ready to queue.
+#[derive(Debug)]
+pub struct ValidRequest {
+    /// Public id (`cmpl-…`), also used in logs.
+    pub id: String,
+    pub prompt: Vec<u32>,
+    /// Sampling and limits as the worker takes them (`num_generated` = 0 here).
+    pub params: SequenceParams,
+    pub stop: Vec<String>,
+    pub priority: Priority,
+    pub deadline: Option<Instant>,
+    /// `Some(k)`: return logprobs with `k` alternatives.
+    pub logprobs: Option<u32>,
+    /// Completions `echo`: prepend the prompt (and its logprobs).
+    pub echo: bool,
+    pub arrival: Instant,
+}
+
+/// What a scheduler tells a request's owner.
+#[derive(Debug)]
+pub enum SeqEvent {
+    /// The prompt is computed (sent once per group the request ran on; the owner keeps
+    /// the first).
+    Prefilled { cached_tokens: u32, prompt_logprobs: Vec<TokenLogprob> },
+    /// One generated token; `finish` set on the last.
+    Token { token: TokenLogprob, finish: Option<Finish> },
+    /// The sequence ended without a further token (e.g. `max_tokens: 0`).
+    Finished(Finish),
+    Error(ApiError),
+}
+
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A worker-side sequence id: random high bits per process so coordinators sharing a
+/// group do not collide, a counter below.
+pub fn next_seq_id() -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| rand::random::<u64>() & 0xffff_ff00_0000_0000);
+    base | (NEXT_SEQ.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff_ffff_ffff)
+}
+
+/// A request as a scheduler queues and runs it. Survives migration between groups:
+/// `generated` holds every token already sent to the client.
+#[derive(Debug)]
+pub struct Entry {
+    pub request: Arc<ValidRequest>,
+    /// Worker sequence id for the current placement.
+    pub seq_id: u64,
+    pub tx: mpsc::UnboundedSender<SeqEvent>,
+    pub generated: Vec<u32>,
+    /// How many times this request moved to another group.
+    pub migrations: u32,
+}
+
+impl Entry {
+    pub fn new(request: Arc<ValidRequest>, tx: mpsc::UnboundedSender<SeqEvent>) -> Entry {
+        Entry { request, seq_id: next_seq_id(), tx, generated: Vec::new(), migrations: 0 }
+    }
+
+    /// Prompt to send to a worker: the original prompt plus what was already generated.
+    pub fn worker_prompt(&self) -> Vec<u32> {
+        let mut p = self.request.prompt.clone();
+        p.extend_from_slice(&self.generated);
+        p
+    }
+
+    pub fn worker_params(&self) -> SequenceParams {
+        let mut params = self.request.params.clone();
+        params.num_generated = self.generated.len() as u32;
+        if !self.generated.is_empty() {
+            // Prompt logprobs were already delivered on the first placement.
+            params.prompt_logprobs = false;
+        }
+        params
+    }
+
+    /// Prompt length on the worker.
+    pub fn prompt_len(&self) -> usize {
+        self.request.prompt.len() + self.generated.len()
+    }
+
+    /// Tokens the sequence can still occupy: prompt + remaining generation.
+    pub fn max_len(&self) -> usize {
+        let remaining = (self.request.params.max_new_tokens as usize).saturating_sub(self.generated.len());
+        self.prompt_len() + remaining
+    }
+
+    /// KV blocks the sequence needs at most.
+    pub fn blocks_needed(&self, block_size: u32) -> u32 {
+        let bs = block_size.max(1) as usize;
+        self.max_len().div_ceil(bs) as u32
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    pub fn expired(&self, now: Instant) -> bool {
+        self.request.deadline.is_some_and(|d| now >= d)
+    }
+}

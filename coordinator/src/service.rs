@@ -1,0 +1,51 @@
+//! The front-end-neutral entry point: validate → admit → route → queue, returning a
+//! [`Generation`] to stream from. HTTP and gRPC both go through [`Service::start`].
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::generation::Generation;
+use crate::groups::GroupSet;
+use crate::metrics::Metrics;
+use crate::request::Entry;
+use crate::validate::{GenerateParams, validate};
+
+/// Shared state of the front ends.
+#[derive(Clone)]
+pub struct Service {
+    pub config: Arc<Config>,
+    pub groups: GroupSet,
+    pub admission: Admission,
+    pub metrics: Metrics,
+}
+
+/// A random request id with a prefix (`cmpl-…`, `chatcmpl-…`).
+pub fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+}
+
+impl Service {
+    pub fn new(config: Arc<Config>, groups: GroupSet, metrics: Metrics) -> Service {
+        let admission = Admission::new(config.clone(), groups.clone(), metrics.clone());
+        Service { config, groups, admission, metrics }
+    }
+
+    /// Starts a request; errors are immediate (bad input, over a limit, no group).
+    pub fn start(&self, id: String, params: GenerateParams, tenant: Option<&str>) -> Result<Generation, ApiError> {
+        let model = self.groups.model().inspect_err(|_| {
+            self.metrics.rejected.with_label_values(&["no_group"]).inc();
+        })?;
+        let request = validate(id, params, &self.config, &model).inspect_err(|_| {
+            self.metrics.rejected.with_label_values(&["invalid"]).inc();
+        })?;
+        let permit = self.admission.admit(tenant)?;
+        let request = Arc::new(request);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.groups.submit(Entry::new(request.clone(), tx))?;
+        Ok(Generation::new(request, rx, model, self.metrics.clone(), permit))
+    }
+}

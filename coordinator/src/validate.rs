@@ -1,0 +1,249 @@
+//! Validation: turns what a front end parsed ([`GenerateParams`]) into a tokenized,
+//! bounded [`ValidRequest`], or an [`ApiError`] naming the offending field.
+
+use std::time::Duration;
+
+use shardline_proto::worker::v1::{SamplingParams, SequenceParams};
+use tokio::time::Instant;
+
+use crate::chat_template::Message;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::groups::ModelInfo;
+use crate::request::{Priority, ValidRequest};
+
+/// The prompt as the client gave it.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Text(String),
+    Tokens(Vec<u32>),
+    Chat(Vec<Message>),
+}
+
+/// Front-end-neutral request parameters (HTTP and gRPC both fill this).
+#[derive(Debug, Clone, Default)]
+pub struct GenerateParams {
+    pub model: Option<String>,
+    pub input: Option<Input>,
+    pub max_tokens: Option<i64>,
+    /// The field name `max_tokens` came from (for messages).
+    pub max_tokens_field: &'static str,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    /// `Some(k)`: logprobs with `k` alternatives.
+    pub logprobs: Option<i64>,
+    pub echo: bool,
+    pub ignore_eos: bool,
+    pub min_tokens: Option<i64>,
+    pub n: Option<i64>,
+    pub priority: Priority,
+    pub timeout: Option<Duration>,
+}
+
+/// Upper bound of `top_logprobs` (OpenAI allows 20).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+
+fn finite(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if !x.is_finite() => Err(ApiError::invalid(field, format!("`{field}` must be a finite number"))),
+        Some(x) if x < lo || x > hi => {
+            Err(ApiError::invalid(field, format!("`{field}` must be between {lo} and {hi}, got {x}")))
+        }
+        Some(x) => Ok(Some(x)),
+    }
+}
+
+/// Model name a request must use (or omit).
+pub fn served_name(config: &Config, model: &ModelInfo) -> String {
+    config.served_model_name.clone().unwrap_or_else(|| model.model_id.clone())
+}
+
+/// Tokenizes and checks a request. `id` becomes the response id.
+pub fn validate(
+    id: String,
+    p: GenerateParams,
+    config: &Config,
+    model: &ModelInfo,
+) -> Result<ValidRequest, ApiError> {
+    let arrival = Instant::now();
+    if let Some(name) = &p.model
+        && !name.is_empty()
+        && *name != served_name(config, model)
+        && *name != model.model_id
+    {
+        return Err(ApiError::ModelNotFound(name.clone()));
+    }
+    match p.n {
+        None | Some(1) => {}
+        Some(n) if n < 1 => return Err(ApiError::invalid("n", "`n` must be at least 1")),
+        Some(n) => return Err(ApiError::invalid("n", format!("`n` = {n} is not supported; only n = 1"))),
+    }
+    let temperature = finite("temperature", p.temperature, 0.0, 100.0)?.unwrap_or(1.0);
+    let top_p = finite("top_p", p.top_p, 0.0, 1.0)?.unwrap_or(1.0);
+    if top_p == 0.0 {
+        return Err(ApiError::invalid("top_p", "`top_p` must be in (0, 1]"));
+    }
+    let min_p = finite("min_p", p.min_p, 0.0, 1.0)?.unwrap_or(0.0);
+    let presence = finite("presence_penalty", p.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    let frequency = finite("frequency_penalty", p.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    let repetition = finite("repetition_penalty", p.repetition_penalty, 0.0, 100.0)?.unwrap_or(1.0);
+    if repetition == 0.0 {
+        return Err(ApiError::invalid("repetition_penalty", "`repetition_penalty` must be > 0"));
+    }
+    let top_k = match p.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k < -1 || k > u32::MAX as i64 => {
+            return Err(ApiError::invalid("top_k", "`top_k` must be -1, 0 or a positive integer"));
+        }
+        Some(k) => k as u32,
+    };
+    let logprobs = match p.logprobs {
+        None => None,
+        Some(k) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                format!("logprobs alternatives must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+            ));
+        }
+        Some(k) => Some(k as u32),
+    };
+    if p.stop.len() > config.max_stop_sequences {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {} stop sequences are allowed, got {}", config.max_stop_sequences, p.stop.len()),
+        ));
+    }
+    if p.stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "stop sequences must not be empty"));
+    }
+    let min_tokens = match p.min_tokens {
+        None => 0,
+        Some(m) if m < 0 || m > u32::MAX as i64 => {
+            return Err(ApiError::invalid("min_tokens", "`min_tokens` must be >= 0"));
+        }
+        Some(m) => m as u32,
+    };
+
+    let prompt = tokenize(p.input, model)?;
+    let context = model.context_length.max(1);
+    let max_input = if config.max_input_tokens == 0 { context } else { config.max_input_tokens.min(context) };
+    let max_total = if config.max_total_tokens == 0 { context } else { config.max_total_tokens.min(context) };
+    if prompt.is_empty() && !p.echo {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if prompt.len() > max_input || prompt.len() >= max_total {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "the prompt has {} tokens, more than this model accepts ({} input tokens, {} in total)",
+                prompt.len(),
+                max_input,
+                max_total
+            ),
+        ));
+    }
+    let room = max_total - prompt.len();
+    let field = if p.max_tokens_field.is_empty() { "max_tokens" } else { p.max_tokens_field };
+    let max_tokens = match p.max_tokens {
+        None => room,
+        Some(m) if m < 0 => return Err(ApiError::invalid(field, format!("`{field}` must be >= 0, got {m}"))),
+        Some(0) if !p.echo => return Err(ApiError::invalid(field, format!("`{field}` must be at least 1"))),
+        Some(m) if m as u64 > room as u64 => {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "`{field}` = {m} is too large: the prompt has {} tokens and the limit is {max_total} in total",
+                    prompt.len()
+                ),
+            ));
+        }
+        Some(m) => m as usize,
+    };
+    if min_tokens as usize > max_tokens {
+        return Err(ApiError::invalid("min_tokens", "`min_tokens` must not exceed `max_tokens`"));
+    }
+    let blocks = (prompt.len() + max_tokens).div_ceil(model.block_size.max(1) as usize);
+    if model.total_blocks > 0 && blocks > model.total_blocks as usize {
+        return Err(ApiError::invalid(
+            field,
+            format!("prompt + `{field}` need {blocks} KV blocks; the worker group has {}", model.total_blocks),
+        ));
+    }
+    let deadline = p.timeout.or(config.default_timeout).map(|t| arrival + t);
+    let seed = p.seed.unwrap_or_else(rand::random);
+    Ok(ValidRequest {
+        id,
+        params: SequenceParams {
+            sampling: Some(SamplingParams {
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                top_k,
+                min_p: min_p as f32,
+                repetition_penalty: repetition as f32,
+                presence_penalty: presence as f32,
+                frequency_penalty: frequency as f32,
+                seed,
+            }),
+            max_new_tokens: max_tokens as u32,
+            stop_token_ids: Vec::new(),
+            ignore_eos: p.ignore_eos,
+            min_tokens,
+            top_logprobs: logprobs.unwrap_or(0),
+            prompt_logprobs: p.echo && logprobs.is_some(),
+            num_generated: 0,
+        },
+        prompt,
+        stop: p.stop,
+        priority: p.priority,
+        deadline,
+        logprobs,
+        echo: p.echo,
+        arrival,
+    })
+}
+
+fn tokenize(input: Option<Input>, model: &ModelInfo) -> Result<Vec<u32>, ApiError> {
+    let encode = |text: &str, field: &str| -> Result<Vec<u32>, ApiError> {
+        let encoding = model
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| ApiError::invalid(field, format!("cannot tokenize `{field}`: {e}")))?;
+        let mut ids = encoding.get_ids().to_vec();
+        if model.add_bos
+            && let Some(bos) = model.bos_token_id
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    };
+    match input {
+        None => Err(ApiError::invalid("prompt", "a prompt (or messages) is required")),
+        Some(Input::Text(text)) => encode(&text, "prompt"),
+        Some(Input::Tokens(ids)) => {
+            let vocab = model.tokenizer.get_vocab_size(true) as u32;
+            if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+                return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary")));
+            }
+            Ok(ids)
+        }
+        Some(Input::Chat(messages)) => {
+            if messages.is_empty() {
+                return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+            }
+            let text = model
+                .chat_template
+                .render(&messages, true)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            encode(&text, "messages")
+        }
+    }
+}
