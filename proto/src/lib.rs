@@ -4,10 +4,14 @@
 //!   in etcd ([`v1::WorkerRecord`]).
 //! - [`worker::v1`]: the coordinator ↔ worker protocol (`shardline.worker.v1.Worker`).
 //! - [`FILE_DESCRIPTOR_SET`]: for gRPC server reflection.
+//! - [`membership`]: worker registration and coordinator watch over etcd (or memory),
+//!   shared by both sides.
 
 pub mod v1 {
     tonic::include_proto!("shardline.v1");
 }
+
+pub mod membership;
 
 pub mod worker {
     pub mod v1 {

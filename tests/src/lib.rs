@@ -6,6 +6,9 @@
 //!   log file for failure messages.
 //! - [`model_path`]: the default model, or a panic saying how to get it.
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping blindly.
+//! - [`etcd::EtcdServer`]: a real etcd on free loopback ports, stoppable and restartable.
+
+pub mod etcd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
