@@ -1,1 +1,16 @@
-//! shardline worker.
+//! shardline worker: one process = one worker group.
+//!
+//! - [`runner`]: the [`runner::ModelRunner`] contract between engine and model.
+//! - [`tokenizer`]: the model's tokenizer (GGUF metadata or `tokenizer.json`).
+//! - [`chat_template`]: the model's Jinja chat template (no candle inside).
+//! - [`sampler`]: penalties, temperature, top-k/p, min-p, seeded draws, logprobs.
+//! - [`engine`]: the engine thread (actor) that batches steps over the runner.
+//! - [`service`]: the `shardline.worker.v1` gRPC service.
+pub mod runner;
+
+// Serving side (engine, sampler, tokenizer, gRPC service).
+pub mod chat_template;
+pub mod engine;
+pub mod sampler;
+pub mod service;
+pub mod tokenizer;

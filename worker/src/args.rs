@@ -1,0 +1,161 @@
+//! `shardline worker`: command-line settings ([`WorkerArgs`]) and [`run`], which loads the
+//! model and its tokenizer, starts the engine thread and serves the worker gRPC API
+//! until shutdown.
+//!
+//! Shutdown drains: the worker reports `draining` (Health and grpc.health NOT_SERVING),
+//! lets the coordinator finish or move the running sequences for up to
+//! `--drain-timeout-secs`, then stops serving.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{EngineConfig, EngineHandle, ModelFacts};
+use crate::loader::{self, LoadOptions, ModelFormat};
+use crate::service::{WorkerService, serve_service};
+use crate::tokenizer::ModelTokenizer;
+
+/// Serve one worker group: a Llama model on this machine.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Model to serve: a GGUF file, or a Hugging Face directory (config.json,
+    /// *.safetensors, tokenizer.json).
+    #[arg(long, env = "SHARDLINE_MODEL")]
+    pub model: PathBuf,
+
+    /// Address the worker gRPC API listens on.
+    #[arg(long, env = "SHARDLINE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Number of KV cache blocks; overrides --kv-cache-bytes.
+    #[arg(long, env = "SHARDLINE_KV_BLOCKS")]
+    pub kv_blocks: Option<usize>,
+
+    /// KV cache budget in bytes, used when --kv-blocks is not given.
+    #[arg(long, env = "SHARDLINE_KV_CACHE_BYTES", default_value_t = 512 << 20)]
+    pub kv_cache_bytes: usize,
+
+    /// Token positions per KV cache block.
+    #[arg(long, env = "SHARDLINE_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Most sequences the worker holds at once.
+    #[arg(long, env = "SHARDLINE_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+
+    /// Id of this worker group as reported in Info (default: the listen address).
+    #[arg(long, env = "SHARDLINE_GROUP_ID")]
+    pub group_id: Option<String>,
+
+    /// Threads for the model's kernels (default: all cores).
+    #[arg(long, env = "SHARDLINE_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Caps the context length below the model's own (saves KV memory per sequence).
+    #[arg(long, env = "SHARDLINE_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+
+    /// Model id reported in Info (default: the file or directory name).
+    #[arg(long, env = "SHARDLINE_MODEL_ID")]
+    pub model_id: Option<String>,
+
+    /// On shutdown, how long running sequences may keep the worker up.
+    #[arg(long, env = "SHARDLINE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+}
+
+/// Loads the tokenizer that goes with a model path (the GGUF's metadata, or the HF
+/// directory's tokenizer files).
+pub fn load_tokenizer(model: &std::path::Path) -> anyhow::Result<ModelTokenizer> {
+    let tokenizer = match loader::detect_format(model)? {
+        ModelFormat::Gguf(file) => ModelTokenizer::from_gguf_file(&file)?,
+        ModelFormat::HfDir(dir) => ModelTokenizer::from_hf_dir(&dir)?,
+    };
+    Ok(tokenizer)
+}
+
+pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let defaults = LoadOptions::default();
+    let opts = LoadOptions {
+        block_size: args.block_size,
+        kv_blocks: args.kv_blocks,
+        kv_cache_bytes: args.kv_cache_bytes,
+        threads: args.threads.unwrap_or(defaults.threads),
+        model_id: args.model_id.clone(),
+        max_context: args.max_context,
+    };
+    let model = args.model.clone();
+    let (runner, tokenizer) = tokio::task::spawn_blocking(move || {
+        let tokenizer = load_tokenizer(&model)
+            .with_context(|| format!("loading the tokenizer of {}", model.display()))?;
+        let runner = loader::load_runner(&model, &opts)
+            .with_context(|| format!("loading the model {}", model.display()))?;
+        anyhow::Ok((runner, tokenizer))
+    })
+    .await
+    .context("model loading task failed")??;
+
+    let config = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        group_id: args
+            .group_id
+            .clone()
+            .unwrap_or_else(|| args.listen.to_string()),
+        model: ModelFacts::from(&tokenizer),
+    };
+    let info = runner.info().clone();
+    tracing::info!(
+        model = %info.model_id,
+        dtype = %info.dtype,
+        context = info.context_length,
+        kv_blocks = info.kv_blocks_total,
+        block_size = info.kv_block_size,
+        "model loaded"
+    );
+    let (engine, engine_thread) = EngineHandle::spawn(runner, config)?;
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let draining = CancellationToken::new();
+    let stop_serving = CancellationToken::new();
+    let service = WorkerService::new(engine.clone(), draining.clone());
+    let mut server = tokio::spawn(serve_service(listener, service, stop_serving.clone()));
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        // A server that stops on its own is an error worth exiting on.
+        res = &mut server => {
+            res.context("server task failed")??;
+            anyhow::bail!("the gRPC server stopped unexpectedly");
+        }
+    }
+    draining.cancel();
+    drain(&engine, Duration::from_secs(args.drain_timeout_secs)).await;
+    stop_serving.cancel();
+    server.await.context("server task failed")??;
+    drop(engine);
+    // The engine thread ends once the last handle is gone (the server's went with it).
+    tokio::task::spawn_blocking(move || engine_thread.join())
+        .await
+        .context("joining the engine thread")?
+        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+    Ok(())
+}
+
+/// Waits until no sequence runs on the engine, or `timeout`.
+async fn drain(engine: &EngineHandle, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match engine.status().await {
+            Ok(s) if s.num_running > 0 && tokio::time::Instant::now() < deadline => {
+                tracing::info!(running = s.num_running, "draining");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The serving engine: an actor that owns the [`ModelRunner`] on its own OS thread.
+//!
+//! [`EngineHandle`] is the cloneable front: each call sends an [`EngineCommand`] over a
+//! bounded channel and awaits the reply on a oneshot. The thread runs one command at a
+//! time against [`EngineState`], which holds every live sequence. The gRPC service only
+//! converts messages and calls the handle.
+//!
+//! A panic inside the model does not take the process down: the step fails with
+//! [`EngineError::Failed`], the engine refuses further steps and `Health` reports it.
+
+pub mod fake;
+mod seq;
+mod state;
+
+use std::panic::AssertUnwindSafe;
+
+use shardline_proto::worker::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+
+pub use state::{EngineConfig, EngineCounters, EngineState, EngineStatus};
+
+use crate::runner::{ModelRunner, RunnerError};
+use crate::tokenizer::ModelTokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the engine has stopped")]
+    Closed,
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    #[error("the engine failed and refuses work: {0}")]
+    Failed(String),
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// What the worker reports about its model in `Info`, besides the runner's own facts.
+#[derive(Debug, Clone, Default)]
+pub struct ModelFacts {
+    pub tokenizer_json: String,
+    pub chat_template: String,
+    /// Tokens that end generation (unless `ignore_eos`).
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token: String,
+    pub eos_token: String,
+    pub add_bos: bool,
+}
+
+impl From<&ModelTokenizer> for ModelFacts {
+    fn from(t: &ModelTokenizer) -> Self {
+        Self {
+            tokenizer_json: t.json.clone(),
+            chat_template: t.chat_template.clone().unwrap_or_default(),
+            eos_token_ids: t.eos_token_ids.clone(),
+            bos_token: t.bos_token.clone().unwrap_or_default(),
+            eos_token: t.eos_token.clone().unwrap_or_default(),
+            add_bos: t.add_bos,
+        }
+    }
+}
+
+/// Requests the engine thread serves.
+pub enum EngineCommand {
+    Step(
+        pb::StepRequest,
+        oneshot::Sender<Result<pb::StepResponse, EngineError>>,
+    ),
+    Release(Vec<u64>, oneshot::Sender<usize>),
+    Info(oneshot::Sender<pb::InfoResponse>),
+    Status(oneshot::Sender<EngineStatus>),
+}
+
+/// Cloneable front of the engine thread. The thread stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<EngineCommand>,
+}
+
+/// Commands waiting for the engine; the coordinator sends one step at a time per group,
+/// so a short queue is plenty and pushes back on misbehaving clients.
+const QUEUE: usize = 64;
+
+impl EngineHandle {
+    /// Starts the engine thread around `runner`.
+    pub fn spawn(
+        runner: Box<dyn ModelRunner>,
+        config: EngineConfig,
+    ) -> Result<(Self, std::thread::JoinHandle<()>), EngineError> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let state = EngineState::new(runner, config);
+        let join = std::thread::Builder::new()
+            .name("shardline-engine".into())
+            .spawn(move || run_engine(state, rx))
+            .map_err(EngineError::Spawn)?;
+        Ok((Self { tx }, join))
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> EngineCommand,
+    ) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        rx.await.map_err(|_| EngineError::Closed)
+    }
+
+    /// One forward over a mixed batch (prefill chunks and decode sequences).
+    pub async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse, EngineError> {
+        self.call(|r| EngineCommand::Step(req, r)).await?
+    }
+
+    /// Drops sequences; returns the free KV block count.
+    pub async fn release(&self, ids: Vec<u64>) -> Result<usize, EngineError> {
+        self.call(|r| EngineCommand::Release(ids, r)).await
+    }
+
+    pub async fn info(&self) -> Result<pb::InfoResponse, EngineError> {
+        self.call(EngineCommand::Info).await
+    }
+
+    pub async fn status(&self) -> Result<EngineStatus, EngineError> {
+        self.call(EngineCommand::Status).await
+    }
+}
+
+fn run_engine(mut state: EngineState, mut rx: mpsc::Receiver<EngineCommand>) {
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            EngineCommand::Step(req, reply) => {
+                let out = std::panic::catch_unwind(AssertUnwindSafe(|| state.step(req)));
+                let out = out.unwrap_or_else(|panic| {
+                    let msg = panic_message(panic.as_ref());
+                    tracing::error!(%msg, "model panicked during a step");
+                    state.poison(format!("model panicked: {msg}"));
+                    Err(EngineError::Failed(format!("model panicked: {msg}")))
+                });
+                // The caller may have gone (client cancelled): nothing to do.
+                let _ = reply.send(out);
+            }
+            EngineCommand::Release(ids, reply) => {
+                let free = std::panic::catch_unwind(AssertUnwindSafe(|| state.release(&ids)));
+                match free {
+                    Ok(free) => {
+                        let _ = reply.send(free);
+                    }
+                    Err(panic) => {
+                        let msg = panic_message(panic.as_ref());
+                        state.poison(format!("model panicked in release: {msg}"));
+                    }
+                }
+            }
+            EngineCommand::Info(reply) => {
+                let _ = reply.send(state.info());
+            }
+            EngineCommand::Status(reply) => {
+                let _ = reply.send(state.status());
+            }
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}

@@ -1,0 +1,202 @@
+//! The `shardline.worker.v1.Worker` gRPC service: converts messages and calls the
+//! [`EngineHandle`]. `Prefill` and `Decode` are a `Step` with one half empty.
+//!
+//! Per-sequence problems (bad prompt, unknown id, no KV room) come back inside the
+//! `StepResponse` as a per-sequence status, so one bad sequence never fails the batch;
+//! only engine-wide failures become a gRPC status.
+//!
+//! `Health` also carries the counter `x-shardline-seqs-admitted` (sequences ever
+//! registered) as response metadata, until the proto has a field for it.
+
+use std::net::SocketAddr;
+
+use shardline_proto::worker::v1 as pb;
+use shardline_proto::worker::v1::worker_server::{Worker, WorkerServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{EngineError, EngineHandle};
+
+/// Response metadata key of `Health` with the number of sequences ever admitted.
+pub const SEQS_ADMITTED_HEADER: &str = "x-shardline-seqs-admitted";
+
+/// Largest request the worker accepts (a long prompt in a step is a few MB at most).
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot read the listener's address: {0}")]
+    Addr(std::io::Error),
+}
+
+pub struct WorkerService {
+    engine: EngineHandle,
+    /// Cancelled when the worker starts draining: `Health` says so, tonic-health reports
+    /// NOT_SERVING, and the coordinator stops sending new sequences.
+    draining: CancellationToken,
+}
+
+impl WorkerService {
+    pub fn new(engine: EngineHandle, draining: CancellationToken) -> Self {
+        Self { engine, draining }
+    }
+}
+
+fn to_status(e: EngineError) -> Status {
+    match e {
+        EngineError::Closed => Status::unavailable(e.to_string()),
+        EngineError::Failed(_) => Status::unavailable(e.to_string()),
+        EngineError::Runner(_) | EngineError::Spawn(_) => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        self.engine
+            .info()
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn prefill(
+        &self,
+        request: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        let req = pb::StepRequest {
+            prefill: request.into_inner().chunks,
+            decode: Vec::new(),
+        };
+        self.engine
+            .step(req)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        let req = pb::StepRequest {
+            prefill: Vec::new(),
+            decode: request.into_inner().seq_ids,
+        };
+        self.engine
+            .step(req)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn step(
+        &self,
+        request: Request<pb::StepRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        self.engine
+            .step(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let free = self
+            .engine
+            .release(request.into_inner().seq_ids)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ReleaseResponse {
+            kv_blocks_free: free as u32,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let draining = self.draining.is_cancelled();
+        let (ready, message, free, running, admitted) = match self.engine.status().await {
+            Ok(s) => {
+                let message = match (&s.healthy, draining) {
+                    (Err(e), _) => e.clone(),
+                    (Ok(()), true) => "draining".to_owned(),
+                    (Ok(()), false) => "ok".to_owned(),
+                };
+                (
+                    s.healthy.is_ok() && !draining,
+                    message,
+                    s.kv_blocks_free,
+                    s.num_running,
+                    s.counters.seqs_admitted,
+                )
+            }
+            Err(e) => (false, e.to_string(), 0, 0, 0),
+        };
+        let mut response = Response::new(pb::HealthResponse {
+            ready,
+            draining,
+            message,
+            kv_blocks_free: free as u32,
+            num_running: running as u32,
+        });
+        response.metadata_mut().insert(
+            SEQS_ADMITTED_HEADER,
+            admitted
+                .to_string()
+                .parse()
+                .expect("a decimal number is valid metadata; this is a bug"),
+        );
+        Ok(response)
+    }
+}
+
+/// Serves the worker API (plus `grpc.health.v1`) on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    engine: EngineHandle,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let draining = shutdown.child_token();
+    serve_service(listener, WorkerService::new(engine, draining), shutdown).await
+}
+
+/// Like [`serve`], with a service whose draining token the caller controls.
+pub async fn serve_service(
+    listener: TcpListener,
+    service: WorkerService,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let addr: SocketAddr = listener.local_addr().map_err(ServeError::Addr)?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    let draining = service.draining.clone();
+    let watch_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = draining.cancelled() => {
+                reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
+            }
+            _ = watch_shutdown.cancelled() => {}
+        }
+    });
+    tracing::info!(%addr, "worker gRPC service listening");
+    let worker = WorkerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await?;
+    Ok(())
+}

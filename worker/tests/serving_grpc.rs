@@ -1,0 +1,178 @@
+//! The worker gRPC service end to end over loopback, with [`FakeRunner`] behind the engine.
+
+use shardline_proto::worker::v1 as pb;
+use shardline_proto::worker::v1::worker_client::WorkerClient;
+use shardline_worker::engine::fake::FakeRunner;
+use shardline_worker::engine::{EngineConfig, EngineHandle, ModelFacts};
+use shardline_worker::service::{SEQS_ADMITTED_HEADER, WorkerService, serve, serve_service};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+fn engine() -> EngineHandle {
+    let config = EngineConfig {
+        max_num_seqs: 8,
+        group_id: "group-a".into(),
+        model: ModelFacts {
+            tokenizer_json: "{}".into(),
+            chat_template: "{{ messages }}".into(),
+            eos_token_ids: vec![31],
+            bos_token: String::new(),
+            eos_token: "<eos>".into(),
+            add_bos: false,
+        },
+    };
+    EngineHandle::spawn(Box::new(FakeRunner::new(32, 64, 4, 16)), config)
+        .expect("engine thread")
+        .0
+}
+
+async fn client(addr: std::net::SocketAddr) -> WorkerClient<Channel> {
+    WorkerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+fn chunk(id: u64, prompt: Vec<u32>) -> pb::PrefillChunk {
+    pb::PrefillChunk {
+        seq_id: id,
+        prompt,
+        params: Some(pb::SequenceParams {
+            max_new_tokens: 3,
+            top_logprobs: 1,
+            ..Default::default()
+        }),
+        max_tokens: 0,
+    }
+}
+
+#[tokio::test]
+async fn round_trip_over_loopback() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, engine(), shutdown.clone()));
+    let mut c = client(addr).await;
+
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model_id, "fake");
+    assert_eq!(info.group_id, "group-a");
+    assert_eq!(
+        (
+            info.kv_blocks_total,
+            info.kv_blocks_free,
+            info.kv_block_size
+        ),
+        (16, 16, 4)
+    );
+    assert_eq!(info.eos_token_ids, vec![31]);
+    assert_eq!(info.vocab_size, 32);
+    assert_eq!(info.context_length, 64);
+
+    let r = c
+        .prefill(pb::PrefillRequest {
+            chunks: vec![chunk(1, vec![1, 2, 3]), chunk(2, vec![1; 70])],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].status, pb::SeqStatus::Ok as i32);
+    let t = r.results[0].token.as_ref().unwrap();
+    assert_eq!(t.token_id, 4);
+    assert!(t.logprob < 0.0 && t.logprob > -1.0, "{t:?}");
+    assert_eq!(t.top[0].token_id, 4);
+    assert_eq!(r.results[1].status, pb::SeqStatus::Invalid as i32);
+    assert!(
+        r.results[1].error.contains("context length"),
+        "{}",
+        r.results[1].error
+    );
+    assert_eq!(r.num_running, 1);
+
+    let r = c
+        .decode(pb::DecodeRequest {
+            seq_ids: vec![1, 77],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].token.as_ref().unwrap().token_id, 5);
+    assert_eq!(r.results[1].status, pb::SeqStatus::Invalid as i32);
+
+    let r = c
+        .step(pb::StepRequest {
+            prefill: vec![chunk(3, vec![10])],
+            decode: vec![1],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].token.as_ref().unwrap().token_id, 11);
+    assert_eq!(r.results[1].token.as_ref().unwrap().token_id, 6);
+    assert_eq!(r.results[1].finish_reason, pb::FinishReason::Length as i32);
+    assert_eq!(r.num_running, 1);
+    assert_eq!(r.batch_tokens, 2);
+
+    let free = c
+        .release(pb::ReleaseRequest {
+            seq_ids: vec![3, 999],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(free.kv_blocks_free, 16);
+
+    let health = c.health(pb::HealthRequest {}).await.unwrap();
+    let admitted = health
+        .metadata()
+        .get(SEQS_ADMITTED_HEADER)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        admitted, "2",
+        "seq 2 was rejected before it reached the runner"
+    );
+    let health = health.into_inner();
+    assert!(health.ready && !health.draining, "{health:?}");
+    assert_eq!(health.num_running, 0);
+
+    // Standard gRPC health too.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+    let s = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "shardline.worker.v1.Worker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn draining_is_reported() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let draining = CancellationToken::new();
+    let service = WorkerService::new(engine(), draining.clone());
+    let server = tokio::spawn(serve_service(listener, service, shutdown.clone()));
+    let mut c = client(addr).await;
+    draining.cancel();
+    let health = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
+    assert!(!health.ready && health.draining, "{health:?}");
+    assert_eq!(health.message, "draining");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
