@@ -1,2 +1,77 @@
-//! The `shardline` command: `up`, `coordinator`, `worker`, `bench`, `generate`.
-fn main() {}
+//! The `shardline` command: `up`, `coordinator`, `worker`, `bench`.
+//!
+//! Thin on purpose: parse flags, set up logging and the shutdown token (Ctrl-C /
+//! SIGTERM), and call the crate that does the work.
+
+mod up;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "shardline", version, about = "Distributed LLM inference: coordinator, worker groups, load generator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster: a coordinator and worker groups in this process.
+    Up(up::UpArgs),
+    /// Run a coordinator (OpenAI-compatible HTTP API, gRPC API) over worker groups.
+    Coordinator(shardline_coordinator::CoordinatorArgs),
+    /// Run one worker group serving a model (`--model sim:<profile>` for the simulator).
+    Worker(shardline_worker::WorkerArgs),
+    /// Load generator against an OpenAI-compatible endpoint, and scaling studies.
+    Bench(shardline_bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        match cli.command {
+            Command::Up(args) => up::run(args, shutdown).await,
+            Command::Coordinator(args) => shardline_coordinator::run(args, shutdown).await,
+            Command::Worker(args) => shardline_worker::run(args, shutdown).await,
+            Command::Bench(args) => shardline_bench::run(args, shutdown).await,
+        }
+    })
+}
+
+/// Cancels `shutdown` on the first Ctrl-C or SIGTERM; a second one exits at once.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler: this is a bug");
+    for round in 0..2 {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!("shutting down (signal again to exit at once)");
+            shutdown.cancel();
+        }
+    }
+    std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -27,28 +27,42 @@ pub const EOS_ID: u32 = 0;
 /// `<|endoftext|>` = 0, `<|im_start|>` = 1, `<|im_end|>` = 2. Multi-byte characters take
 /// several tokens, which is what UTF-8 boundary tests need.
 pub fn test_tokenizer_json() -> String {
+    use tokenizers::AddedToken;
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    use tokenizers::AddedToken;
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort_unstable();
-    let mut vocab: tokenizers::models::bpe::Vocab = specials.iter().enumerate().map(|(i, s)| (s.to_string(), i as u32)).collect();
+    let mut vocab: tokenizers::models::bpe::Vocab = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.to_string(), i as u32))
+        .collect();
     for (i, c) in alphabet.iter().enumerate() {
         vocab.insert(c.to_string(), (specials.len() + i) as u32);
     }
-    let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().expect("static vocabulary; this is a bug");
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .expect("static vocabulary; this is a bug");
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    let added: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(*s, true)).collect();
+    let added: Vec<AddedToken> = specials
+        .iter()
+        .map(|s| AddedToken::from(*s, true))
+        .collect();
     tokenizer.add_special_tokens(&added);
-    tokenizer.to_string(false).expect("serializable; this is a bug")
+    tokenizer
+        .to_string(false)
+        .expect("serializable; this is a bug")
 }
 
 /// The tokenizer of [`test_tokenizer_json`].
 pub fn test_tokenizer() -> Tokenizer {
-    test_tokenizer_json().parse().expect("built above; this is a bug")
+    test_tokenizer_json()
+        .parse()
+        .expect("built above; this is a bug")
 }
 
 /// ChatML without a default system prompt.
@@ -103,8 +117,8 @@ pub struct FakeStats {
     pub releases: AtomicU64,
     /// Sequences per Step, in order.
     pub batch_sizes: Mutex<Vec<usize>>,
-    /// Arrival order of first chunks (seq ids).
-    pub admission_order: Mutex<Vec<u64>>,
+    /// Prompts of first chunks, in arrival order.
+    pub admitted_prompts: Mutex<Vec<Vec<u32>>>,
     /// When set, every RPC fails with UNAVAILABLE.
     pub fail: AtomicBool,
 }
@@ -160,7 +174,10 @@ impl FakeWorker {
         let free_blocks = config.kv_blocks;
         FakeWorker {
             config: Arc::new(config),
-            inner: Arc::new(Mutex::new(Inner { seqs: HashMap::new(), free_blocks })),
+            inner: Arc::new(Mutex::new(Inner {
+                seqs: HashMap::new(),
+                free_blocks,
+            })),
             stats: Arc::default(),
             tokenizer_json: Arc::new(test_tokenizer_json()),
         }
@@ -174,7 +191,9 @@ impl FakeWorker {
 
     /// Serves on `listener` until the handle is dropped.
     pub fn start_on(listener: TcpListener, config: FakeWorkerConfig) -> FakeWorkerHandle {
-        let addr = listener.local_addr().expect("bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
         let worker = FakeWorker::new(config);
         let shutdown = CancellationToken::new();
         let service = WorkerServer::new(worker.clone()).max_decoding_message_size(64 << 20);
@@ -182,14 +201,25 @@ impl FakeWorker {
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    token.cancelled_owned(),
+                )
                 .await;
         });
-        FakeWorkerHandle { addr, worker, shutdown }
+        FakeWorkerHandle {
+            addr,
+            worker,
+            shutdown,
+        }
     }
 
     fn check(&self) -> Result<(), Status> {
-        if self.stats.fail.load(Ordering::SeqCst) { Err(Status::unavailable("fake worker told to fail")) } else { Ok(()) }
+        if self.stats.fail.load(Ordering::SeqCst) {
+            Err(Status::unavailable("fake worker told to fail"))
+        } else {
+            Ok(())
+        }
     }
 
     fn blocks_for(&self, tokens: usize) -> u32 {
@@ -213,10 +243,17 @@ impl FakeWorker {
 
     /// Samples the next output token of `id` into `result`, finishing it when due.
     fn sample(&self, inner: &mut Inner, id: u64, result: &mut SeqResult) {
-        let seq = inner.seqs.get_mut(&id).expect("caller checked; this is a bug");
+        let seq = inner
+            .seqs
+            .get_mut(&id)
+            .expect("caller checked; this is a bug");
         let p = &seq.params;
         let original = seq.prompt.len() - p.num_generated as usize;
-        let shift = p.sampling.as_ref().filter(|s| s.temperature > 0.0).map_or(0, |s| s.seed as usize);
+        let shift = p
+            .sampling
+            .as_ref()
+            .filter(|s| s.temperature > 0.0)
+            .map_or(0, |s| s.seed as usize);
         let i = seq.generated;
         let mut token = seq.prompt[(i as usize + shift) % original.max(1)];
         if let Some(n) = self.config.eos_after
@@ -227,9 +264,18 @@ impl FakeWorker {
             token = EOS_ID;
         }
         seq.generated += 1;
-        let top = (0..p.top_logprobs).map(|k| TopLogprob { token_id: token + k, logprob: -0.5 - k as f32 }).collect();
+        let top = (0..p.top_logprobs)
+            .map(|k| TopLogprob {
+                token_id: token + k,
+                logprob: -0.5 - k as f32,
+            })
+            .collect();
         result.has_token = true;
-        result.token = Some(TokenLogprob { token_id: token, logprob: -0.5, top });
+        result.token = Some(TokenLogprob {
+            token_id: token,
+            logprob: -0.5,
+            top,
+        });
         let len = seq.prompt.len() + (seq.generated - p.num_generated) as usize;
         let finish = if token == EOS_ID && !p.ignore_eos && i >= p.min_tokens {
             FinishReason::Stop
@@ -247,7 +293,11 @@ impl FakeWorker {
 
     fn prefill(&self, inner: &mut Inner, chunk: PrefillChunk) -> SeqResult {
         let id = chunk.seq_id;
-        let mut result = SeqResult { seq_id: id, status: SeqStatus::Ok as i32, ..Default::default() };
+        let mut result = SeqResult {
+            seq_id: id,
+            status: SeqStatus::Ok as i32,
+            ..Default::default()
+        };
         if let Some(params) = chunk.params {
             if inner.seqs.contains_key(&id) || chunk.prompt.is_empty() {
                 result.status = SeqStatus::Invalid as i32;
@@ -255,9 +305,22 @@ impl FakeWorker {
                 return result;
             }
             self.stats.admitted.fetch_add(1, Ordering::SeqCst);
-            self.stats.admission_order.lock().expect("lock poisoned").push(id);
+            self.stats
+                .admitted_prompts
+                .lock()
+                .expect("lock poisoned")
+                .push(chunk.prompt.clone());
             let generated = params.num_generated;
-            inner.seqs.insert(id, Seq { prompt: chunk.prompt, params, computed: 0, generated, blocks: 0 });
+            inner.seqs.insert(
+                id,
+                Seq {
+                    prompt: chunk.prompt,
+                    params,
+                    computed: 0,
+                    generated,
+                    blocks: 0,
+                },
+            );
         }
         let Some(seq) = inner.seqs.get(&id) else {
             result.status = SeqStatus::Invalid as i32;
@@ -265,7 +328,11 @@ impl FakeWorker {
             return result;
         };
         let remaining = seq.prompt.len() - seq.computed;
-        let n = if chunk.max_tokens == 0 { remaining } else { remaining.min(chunk.max_tokens as usize) };
+        let n = if chunk.max_tokens == 0 {
+            remaining
+        } else {
+            remaining.min(chunk.max_tokens as usize)
+        };
         let target = seq.computed + n;
         if !self.grow(inner, id, target) {
             result.status = SeqStatus::OutOfBlocks as i32;
@@ -284,7 +351,12 @@ impl FakeWorker {
                 .map(|&t| TokenLogprob {
                     token_id: t,
                     logprob: -1.0,
-                    top: (0..k).map(|j| TopLogprob { token_id: t + j, logprob: -1.0 - j as f32 }).collect(),
+                    top: (0..k)
+                        .map(|j| TopLogprob {
+                            token_id: t + j,
+                            logprob: -1.0 - j as f32,
+                        })
+                        .collect(),
                 })
                 .collect();
         }
@@ -299,7 +371,11 @@ impl FakeWorker {
     }
 
     fn decode(&self, inner: &mut Inner, id: u64) -> SeqResult {
-        let mut result = SeqResult { seq_id: id, status: SeqStatus::Ok as i32, ..Default::default() };
+        let mut result = SeqResult {
+            seq_id: id,
+            status: SeqStatus::Ok as i32,
+            ..Default::default()
+        };
         let Some(seq) = inner.seqs.get(&id) else {
             result.status = SeqStatus::Invalid as i32;
             result.error = format!("unknown sequence {id}");
@@ -342,11 +418,19 @@ impl Worker for FakeWorker {
     }
 
     async fn prefill(&self, r: Request<PrefillRequest>) -> Result<Response<StepResponse>, Status> {
-        self.step(Request::new(StepRequest { prefill: r.into_inner().chunks, decode: vec![] })).await
+        self.step(Request::new(StepRequest {
+            prefill: r.into_inner().chunks,
+            decode: vec![],
+        }))
+        .await
     }
 
     async fn decode(&self, r: Request<DecodeRequest>) -> Result<Response<StepResponse>, Status> {
-        self.step(Request::new(StepRequest { prefill: vec![], decode: r.into_inner().seq_ids })).await
+        self.step(Request::new(StepRequest {
+            prefill: vec![],
+            decode: r.into_inner().seq_ids,
+        }))
+        .await
     }
 
     async fn step(&self, r: Request<StepRequest>) -> Result<Response<StepResponse>, Status> {
@@ -357,7 +441,11 @@ impl Worker for FakeWorker {
         self.check()?;
         let step = r.into_inner();
         self.stats.steps.fetch_add(1, Ordering::SeqCst);
-        self.stats.batch_sizes.lock().expect("lock poisoned").push(step.prefill.len() + step.decode.len());
+        self.stats
+            .batch_sizes
+            .lock()
+            .expect("lock poisoned")
+            .push(step.prefill.len() + step.decode.len());
         let mut inner = self.inner.lock().expect("lock poisoned");
         let mut results = Vec::new();
         let mut batch_tokens = step.decode.len() as u32;
@@ -377,7 +465,10 @@ impl Worker for FakeWorker {
         }))
     }
 
-    async fn release(&self, r: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        r: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
         self.check()?;
         let mut inner = self.inner.lock().expect("lock poisoned");
         for id in r.into_inner().seq_ids {
@@ -386,7 +477,9 @@ impl Worker for FakeWorker {
                 self.stats.releases.fetch_add(1, Ordering::SeqCst);
             }
         }
-        Ok(Response::new(ReleaseResponse { kv_blocks_free: inner.free_blocks }))
+        Ok(Response::new(ReleaseResponse {
+            kv_blocks_free: inner.free_blocks,
+        }))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
@@ -398,6 +491,7 @@ impl Worker for FakeWorker {
             message: String::new(),
             kv_blocks_free: inner.free_blocks,
             num_running: inner.seqs.len() as u32,
+            sequences_started: self.stats.admitted.load(Ordering::SeqCst),
         }))
     }
 }

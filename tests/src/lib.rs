@@ -8,6 +8,7 @@
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping blindly.
 //! - [`etcd::EtcdServer`]: a real etcd on free loopback ports, stoppable and restartable.
 
+pub mod cluster;
 pub mod etcd;
 
 use std::path::{Path, PathBuf};

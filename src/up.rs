@@ -1,0 +1,121 @@
+//! `shardline up`: a whole cluster in one process for a laptop or a test — worker groups
+//! serving the model on loopback ports and a coordinator routing to them — with the URL
+//! and a ready-to-paste `curl` printed once it is ready.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `shardline up`: the model, how many worker groups, and every coordinator flag.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Model every worker group serves (GGUF file or Hugging Face directory).
+    #[arg(long, env = "SHARDLINE_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Number of worker groups to start in this process.
+    #[arg(long = "workers", env = "SHARDLINE_UP_WORKERS", default_value_t = 1)]
+    num_groups: usize,
+    /// gRPC address of the first worker group; the next groups take the following ports.
+    #[arg(long, env = "SHARDLINE_UP_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
+    worker_listen: SocketAddr,
+    /// KV cache blocks per worker group (default: from the worker's KV memory budget).
+    #[arg(long, env = "SHARDLINE_KV_BLOCKS")]
+    kv_blocks: Option<usize>,
+    /// Kernel threads per worker group (default: all cores).
+    #[arg(long, env = "SHARDLINE_THREADS")]
+    threads: Option<usize>,
+    #[command(flatten)]
+    coordinator: shardline_coordinator::CoordinatorArgs,
+}
+
+pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(args.num_groups >= 1, "--workers must be at least 1");
+    anyhow::ensure!(
+        args.model.exists(),
+        "model {} not found: run deploy/fetch-model.sh first (or pass --model)",
+        args.model.display()
+    );
+    let config = args.coordinator.config()?;
+    let http = TcpListener::bind(args.coordinator.http_listen)
+        .await
+        .with_context(|| format!("bind {}", args.coordinator.http_listen))?;
+    let grpc = TcpListener::bind(args.coordinator.grpc_listen)
+        .await
+        .with_context(|| format!("bind {}", args.coordinator.grpc_listen))?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut addresses = args.coordinator.workers.clone();
+    for i in 0..args.num_groups {
+        let mut listen = args.worker_listen;
+        listen.set_port(listen.port() + i as u16);
+        let worker = shardline_worker::WorkerArgs {
+            model: args.model.clone(),
+            listen,
+            kv_blocks: args.kv_blocks,
+            kv_cache_bytes: 256 << 20,
+            block_size: 16,
+            max_num_seqs: args.coordinator.max_num_seqs,
+            group_id: Some(format!("up-{i}")),
+            threads: args.threads,
+            max_context: None,
+            model_id: None,
+            drain_timeout_secs: 2,
+        };
+        addresses.push(format!("http://{listen}"));
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            shardline_worker::run(worker, token).await.with_context(|| format!("worker group up-{i}"))
+        });
+    }
+
+    let coordinator = shardline_coordinator::Coordinator::start(config, http, grpc, shutdown.clone())?;
+    for address in &addresses {
+        coordinator.groups.add(address);
+    }
+    let url = format!("http://{}", coordinator.http_addr);
+    let ready = wait_ready(&coordinator.groups, &mut tasks, &shutdown).await?;
+    if ready {
+        println!("shardline is up: {url} (OpenAI-compatible API), grpc://{}", coordinator.grpc_addr);
+        println!(
+            "try:\n  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"max_tokens\": 64, \"messages\": [{{\"role\": \"user\", \"content\": \"Write a haiku about Rust.\"}}]}}'"
+        );
+        println!("Ctrl-C stops it.");
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(res) = tasks.join_next() => {
+            shutdown.cancel();
+            res.context("worker task")??;
+            anyhow::bail!("a worker group stopped unexpectedly");
+        }
+    }
+    while let Some(res) = tasks.join_next().await {
+        res.context("worker task")??;
+    }
+    coordinator.wait().await
+}
+
+/// Waits until at least one group is ready; fails if a worker task ends first.
+async fn wait_ready(
+    groups: &shardline_coordinator::GroupSet,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut ready = groups.ready_count();
+    loop {
+        if *ready.borrow_and_update() > 0 {
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            Some(res) = tasks.join_next() => {
+                res.context("worker task")??;
+                anyhow::bail!("a worker group stopped before it was ready");
+            }
+            changed = ready.changed() => changed.context("the group set stopped")?,
+        }
+    }
+}
