@@ -150,6 +150,7 @@ impl Worker for WorkerService {
             message,
             kv_blocks_free: free as u32,
             num_running: running as u32,
+            sequences_started: admitted,
         });
         response.metadata_mut().insert(
             SEQS_ADMITTED_HEADER,
