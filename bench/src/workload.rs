@@ -100,7 +100,7 @@ pub struct PromptMaker {
 }
 
 /// Words that are single tokens (with their leading space) in common BPE vocabularies.
-const WORDS: &[&str] = &[
+pub const WORDS: &[&str] = &[
     "the", "of", "and", "to", "in", "is", "for", "that", "with", "on", "as", "was", "by",
     "at", "from", "this", "are", "be", "or", "an", "have", "not", "but", "they", "which",
     "one", "you", "were", "all", "we", "when", "there", "can", "been", "has", "more", "if",

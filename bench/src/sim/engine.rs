@@ -326,14 +326,17 @@ mod tests {
         let (resp, _) = s.step(&[], &[1, 2, 3, 4]);
         assert!(resp.results.iter().all(|r| status(r) == SeqStatus::Ok));
         assert_eq!(resp.kv_blocks_free, 0);
-        // Tokens 62..64 fit in the 16th block; token 65 does not: all four are refused.
+        // Tokens 62..64 fit in the 16th block; token 65 needs a 17th and none is free:
+        // sequence 1 is refused and dropped, and its 16 blocks let 2, 3 and 4 go on.
         for _ in 0..3 {
             s.step(&[], &[1, 2, 3, 4]);
         }
         let (resp, _) = s.step(&[], &[1, 2, 3, 4]);
         let st: Vec<_> = resp.results.iter().map(status).collect();
-        assert_eq!(st, [SeqStatus::OutOfBlocks; 4]);
-        assert_eq!((resp.kv_blocks_free, resp.num_running), (64, 0));
+        assert_eq!(st, [SeqStatus::OutOfBlocks, SeqStatus::Ok, SeqStatus::Ok, SeqStatus::Ok]);
+        assert_eq!((resp.kv_blocks_free, resp.num_running), (13, 3));
+        s.release(&[2, 3, 4]);
+        assert_eq!(s.free_blocks(), 64);
     }
 
     #[test]
