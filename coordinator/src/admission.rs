@@ -22,7 +22,10 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(burst: f64, now: Instant) -> TokenBucket {
-        TokenBucket { tokens: burst, last: now }
+        TokenBucket {
+            tokens: burst,
+            last: now,
+        }
     }
 
     /// Takes one token, or says how many seconds until one is there.
@@ -69,7 +72,12 @@ impl Drop for Permit {
     fn drop(&mut self) {
         self.inner.concurrent.fetch_sub(1, Ordering::AcqRel);
         if let Some(t) = &self.tenant
-            && let Some(state) = self.inner.tenants.lock().expect("lock poisoned; this is a bug").get_mut(t)
+            && let Some(state) = self
+                .inner
+                .tenants
+                .lock()
+                .expect("lock poisoned; this is a bug")
+                .get_mut(t)
         {
             state.active = state.active.saturating_sub(1);
         }
@@ -94,8 +102,16 @@ impl Admission {
     }
 
     fn reject(&self, reason: &'static str, message: String, retry_after_s: u64) -> ApiError {
-        self.inner.metrics.rejected.with_label_values(&[reason]).inc();
-        ApiError::Overloaded { reason, message, retry_after_s: retry_after_s.max(1) }
+        self.inner
+            .metrics
+            .rejected
+            .with_label_values(&[reason])
+            .inc();
+        ApiError::Overloaded {
+            reason,
+            message,
+            retry_after_s: retry_after_s.max(1),
+        }
     }
 
     /// Admits a request or refuses it at once.
@@ -103,48 +119,72 @@ impl Admission {
         let config = &self.inner.config;
         let previous = self.inner.concurrent.fetch_add(1, Ordering::AcqRel);
         // From here on the slot is taken: the permit gives it back on every path.
-        let mut permit = Permit { inner: self.inner.clone(), tenant: None };
+        let mut permit = Permit {
+            inner: self.inner.clone(),
+            tenant: None,
+        };
         if previous >= config.max_concurrent_requests {
             return Err(self.reject(
                 "max_concurrent_requests",
-                format!("server busy: {} requests in flight (--max-concurrent-requests)", config.max_concurrent_requests),
+                format!(
+                    "server busy: {} requests in flight (--max-concurrent-requests)",
+                    config.max_concurrent_requests
+                ),
                 1,
             ));
         }
         if self.inner.groups.total_waiting() >= config.max_queued_requests as i64 {
             return Err(self.reject(
                 "queue_full",
-                format!("server busy: {} requests queued (--max-queued-requests)", config.max_queued_requests),
+                format!(
+                    "server busy: {} requests queued (--max-queued-requests)",
+                    config.max_queued_requests
+                ),
                 1,
             ));
         }
-        let Some(tenant) = tenant.filter(|t| !t.is_empty()) else { return Ok(permit) };
+        let Some(tenant) = tenant.filter(|t| !t.is_empty()) else {
+            return Ok(permit);
+        };
         if config.tenant_rate <= 0.0 && config.tenant_max_concurrent == 0 {
             return Ok(permit);
         }
-        let mut tenants = self.inner.tenants.lock().expect("lock poisoned; this is a bug");
+        let mut tenants = self
+            .inner
+            .tenants
+            .lock()
+            .expect("lock poisoned; this is a bug");
         if tenants.len() > 100_000 {
             tenants.retain(|_, t| t.active > 0);
         }
         let now = Instant::now();
-        let state = tenants
-            .entry(tenant.to_string())
-            .or_insert_with(|| Tenant { bucket: TokenBucket::new(config.tenant_burst, now), active: 0 });
+        let state = tenants.entry(tenant.to_string()).or_insert_with(|| Tenant {
+            bucket: TokenBucket::new(config.tenant_burst, now),
+            active: 0,
+        });
         if config.tenant_max_concurrent > 0 && state.active >= config.tenant_max_concurrent {
             drop(tenants);
             return Err(self.reject(
                 "tenant_concurrency",
-                format!("tenant `{tenant}` has {} requests in flight (limit)", config.tenant_max_concurrent),
+                format!(
+                    "tenant `{tenant}` has {} requests in flight (limit)",
+                    config.tenant_max_concurrent
+                ),
                 1,
             ));
         }
         if config.tenant_rate > 0.0
-            && let Err(wait) = state.bucket.take(config.tenant_rate, config.tenant_burst, now)
+            && let Err(wait) = state
+                .bucket
+                .take(config.tenant_rate, config.tenant_burst, now)
         {
             drop(tenants);
             return Err(self.reject(
                 "tenant_rate",
-                format!("tenant `{tenant}` is over its rate limit of {} requests/s", config.tenant_rate),
+                format!(
+                    "tenant `{tenant}` is over its rate limit of {} requests/s",
+                    config.tenant_rate
+                ),
                 wait.ceil() as u64,
             ));
         }
@@ -171,6 +211,9 @@ mod tests {
         assert!(b.take(1.0, 2.0, t0 + Duration::from_millis(1500)).is_ok());
         assert!(b.take(1.0, 2.0, t0 + Duration::from_secs(100)).is_ok());
         assert!(b.take(1.0, 2.0, t0 + Duration::from_secs(100)).is_ok());
-        assert!(b.take(1.0, 2.0, t0 + Duration::from_secs(100)).is_err(), "burst caps the refill");
+        assert!(
+            b.take(1.0, 2.0, t0 + Duration::from_secs(100)).is_err(),
+            "burst caps the refill"
+        );
     }
 }

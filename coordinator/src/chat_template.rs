@@ -33,19 +33,39 @@ fn raise_exception(message: String) -> Result<String, minijinja::Error> {
 
 impl ChatTemplate {
     /// Compiles `source` (empty = the ChatML fallback).
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, TemplateError> {
-        let source = if source.trim().is_empty() { FALLBACK } else { source };
+    pub fn new(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<ChatTemplate, TemplateError> {
+        let source = if source.trim().is_empty() {
+            FALLBACK
+        } else {
+            source
+        };
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string()).map_err(|e| TemplateError(e.to_string()))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| TemplateError(e.to_string()))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
     }
 
     /// The prompt text for `messages`.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
-        let template = self.env.get_template("chat").map_err(|e| TemplateError(e.to_string()))?;
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| TemplateError(e.to_string()))?;
         template
             .render(context! {
                 messages => messages,
@@ -55,7 +75,10 @@ impl ChatTemplate {
             })
             .map_err(|e| {
                 // `raise_exception` messages are the useful part.
-                let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
+                let detail = e
+                    .detail()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| e.to_string());
                 TemplateError(detail)
             })
     }
@@ -68,7 +91,10 @@ mod tests {
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn user(text: &str) -> Message {
-        Message { role: "user".into(), content: text.into() }
+        Message {
+            role: "user".into(),
+            content: text.into(),
+        }
     }
 
     #[test]
@@ -83,19 +109,34 @@ mod tests {
     fn raise_exception_becomes_an_error_with_its_message() {
         let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}ok";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
-        let err = t.render(&[Message { role: "assistant".into(), content: "x".into() }], true).unwrap_err();
-        assert!(err.to_string().contains("first message must be user"), "{err}");
+        let err = t
+            .render(
+                &[Message {
+                    role: "assistant".into(),
+                    content: "x".into(),
+                }],
+                true,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("first message must be user"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bos_token_is_available() {
-        let t = ChatTemplate::new("{{ bos_token }}{{ messages[0].content }}", "<s>", "</s>").unwrap();
+        let t =
+            ChatTemplate::new("{{ bos_token }}{{ messages[0].content }}", "<s>", "</s>").unwrap();
         assert_eq!(t.render(&[user("a")], false).unwrap(), "<s>a");
     }
 
     #[test]
     fn empty_template_falls_back_to_chatml() {
         let t = ChatTemplate::new("", "", "").unwrap();
-        assert_eq!(t.render(&[user("a")], true).unwrap(), "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            t.render(&[user("a")], true).unwrap(),
+            "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 }

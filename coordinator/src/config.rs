@@ -121,7 +121,10 @@ impl Default for Config {
 
 fn secs(flag: &'static str, v: f64) -> Result<Option<Duration>, ConfigError> {
     if !v.is_finite() || v < 0.0 {
-        return Err(ConfigError { flag, message: format!("{v} is not a non-negative number of seconds") });
+        return Err(ConfigError {
+            flag,
+            message: format!("{v} is not a non-negative number of seconds"),
+        });
     }
     Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))
 }
@@ -130,20 +133,39 @@ impl CoordinatorArgs {
     /// Checks the flags and turns them into a [`Config`].
     pub fn config(&self) -> Result<Config, ConfigError> {
         let positive = |flag: &'static str, v: usize| {
-            if v == 0 { Err(ConfigError { flag, message: "must be at least 1".into() }) } else { Ok(v) }
+            if v == 0 {
+                Err(ConfigError {
+                    flag,
+                    message: "must be at least 1".into(),
+                })
+            } else {
+                Ok(v)
+            }
         };
         if !self.tenant_rate.is_finite() || self.tenant_rate < 0.0 {
-            return Err(ConfigError { flag: "tenant-rate", message: "must be >= 0".into() });
+            return Err(ConfigError {
+                flag: "tenant-rate",
+                message: "must be >= 0".into(),
+            });
         }
         let burst = self.tenant_burst.unwrap_or(self.tenant_rate.max(1.0));
         if !burst.is_finite() || burst < 1.0 {
-            return Err(ConfigError { flag: "tenant-burst", message: "must be >= 1".into() });
+            return Err(ConfigError {
+                flag: "tenant-burst",
+                message: "must be >= 1".into(),
+            });
         }
         Ok(Config {
             max_num_seqs: positive("max-num-seqs", self.max_num_seqs)?,
-            max_num_batched_tokens: positive("max-num-batched-tokens", self.max_num_batched_tokens)?,
+            max_num_batched_tokens: positive(
+                "max-num-batched-tokens",
+                self.max_num_batched_tokens,
+            )?,
             max_queued_requests: positive("max-queued-requests", self.max_queued_requests)?,
-            max_concurrent_requests: positive("max-concurrent-requests", self.max_concurrent_requests)?,
+            max_concurrent_requests: positive(
+                "max-concurrent-requests",
+                self.max_concurrent_requests,
+            )?,
             max_input_tokens: self.max_input_tokens,
             max_total_tokens: self.max_total_tokens,
             tenant_rate: self.tenant_rate,
@@ -152,8 +174,10 @@ impl CoordinatorArgs {
             api_key: self.api_key.clone().filter(|k| !k.is_empty()),
             served_model_name: self.served_model_name.clone(),
             default_timeout: secs("default-timeout-s", self.default_timeout_s)?,
-            step_timeout: secs("step-timeout-s", self.step_timeout_s)?
-                .ok_or(ConfigError { flag: "step-timeout-s", message: "must be > 0".into() })?,
+            step_timeout: secs("step-timeout-s", self.step_timeout_s)?.ok_or(ConfigError {
+                flag: "step-timeout-s",
+                message: "must be > 0".into(),
+            })?,
             max_stop_sequences: self.max_stop_sequences,
             ..Config::default()
         })

@@ -24,7 +24,10 @@ impl Detokenizer {
         self.ids.push(id);
         let prefix = decode(tokenizer, &self.ids[self.prefix_offset..self.read_offset]);
         let full = decode(tokenizer, &self.ids[self.prefix_offset..]);
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(prefix.as_str()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.starts_with(prefix.as_str())
+        {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -40,7 +43,9 @@ impl Detokenizer {
         let full = decode(tokenizer, &self.ids[self.prefix_offset..]);
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        full.strip_prefix(prefix.as_str()).map(str::to_string).unwrap_or_default()
+        full.strip_prefix(prefix.as_str())
+            .map(str::to_string)
+            .unwrap_or_default()
     }
 }
 
@@ -54,7 +59,10 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> StopMatcher {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
+        StopMatcher {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            ..Default::default()
+        }
     }
 
     /// Feeds new text; returns `(text safe to emit, matched a stop string)`. After a
@@ -64,7 +72,12 @@ impl StopMatcher {
             return (String::new(), true);
         }
         self.pending.push_str(delta);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let out = self.pending[..pos].to_string();
             self.pending.clear();
@@ -84,7 +97,8 @@ impl StopMatcher {
             let max = stop.len().saturating_sub(1).min(self.pending.len());
             for len in (best + 1..=max).rev() {
                 let start = self.pending.len() - len;
-                if self.pending.is_char_boundary(start) && stop.starts_with(&self.pending[start..]) {
+                if self.pending.is_char_boundary(start) && stop.starts_with(&self.pending[start..])
+                {
                     best = len;
                     break;
                 }
@@ -138,7 +152,10 @@ mod tests {
         let tokenizer = crate::testing::test_tokenizer();
         let text = "aé€😀b";
         let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
-        assert!(ids.len() > text.chars().count(), "byte-level tokens split characters");
+        assert!(
+            ids.len() > text.chars().count(),
+            "byte-level tokens split characters"
+        );
         let mut d = Detokenizer::default();
         let mut out = String::new();
         for id in ids {

@@ -9,7 +9,10 @@ use axum::response::{IntoResponse, Response};
 pub enum ApiError {
     /// The request is malformed or a parameter is out of range; `param` names the field.
     #[error("{message}")]
-    Invalid { param: Option<String>, message: String },
+    Invalid {
+        param: Option<String>,
+        message: String,
+    },
     /// The requested model is not served here.
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
@@ -21,7 +24,11 @@ pub enum ApiError {
     Unauthorized,
     /// Over an admission limit; retry after `retry_after_s`.
     #[error("{message}")]
-    Overloaded { reason: &'static str, message: String, retry_after_s: u64 },
+    Overloaded {
+        reason: &'static str,
+        message: String,
+        retry_after_s: u64,
+    },
     /// The request's deadline passed before it finished.
     #[error("request deadline exceeded{0}")]
     DeadlineExceeded(&'static str),
@@ -35,11 +42,18 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::Invalid { param: Some(param.into()), message: message.into() }
+        ApiError::Invalid {
+            param: Some(param.into()),
+            message: message.into(),
+        }
     }
 
     pub fn overloaded(reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError::Overloaded { reason, message: message.into(), retry_after_s: 1 }
+        ApiError::Overloaded {
+            reason,
+            message: message.into(),
+            retry_after_s: 1,
+        }
     }
 
     /// HTTP status of this error.
@@ -87,7 +101,9 @@ impl ApiError {
     pub fn to_status(&self) -> tonic::Status {
         let message = self.to_string();
         let mut status = match self {
-            ApiError::Invalid { .. } | ApiError::TooLarge { .. } => tonic::Status::invalid_argument(message),
+            ApiError::Invalid { .. } | ApiError::TooLarge { .. } => {
+                tonic::Status::invalid_argument(message)
+            }
             ApiError::ModelNotFound(_) => tonic::Status::not_found(message),
             ApiError::Unauthorized => tonic::Status::unauthenticated(message),
             ApiError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
@@ -108,7 +124,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.to_json())).into_response();
         if let ApiError::Overloaded { retry_after_s, .. } = &self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
         }
         response
     }

@@ -85,7 +85,10 @@ impl Generation {
         permit: Permit,
     ) -> Generation {
         let stop = StopMatcher::new(request.stop.clone());
-        let usage = Usage { prompt_tokens: request.prompt.len() as u32, ..Default::default() };
+        let usage = Usage {
+            prompt_tokens: request.prompt.len() as u32,
+            ..Default::default()
+        };
         Generation {
             request,
             rx,
@@ -108,7 +111,10 @@ impl Generation {
     }
 
     fn token_text(&self, id: u32) -> String {
-        self.model.tokenizer.decode(&[id], false).unwrap_or_default()
+        self.model
+            .tokenizer
+            .decode(&[id], false)
+            .unwrap_or_default()
     }
 
     fn token_out(&self, t: &TokenLogprob, with_logprob: bool) -> TokenOut {
@@ -116,7 +122,11 @@ impl Generation {
             id: t.token_id,
             text: self.token_text(t.token_id),
             logprob: with_logprob.then_some(t.logprob),
-            top: t.top.iter().map(|a| (self.token_text(a.token_id), a.logprob)).collect(),
+            top: t
+                .top
+                .iter()
+                .map(|a| (self.token_text(a.token_id), a.logprob))
+                .collect(),
         }
     }
 
@@ -132,7 +142,14 @@ impl Generation {
                     id,
                     text: self.token_text(id),
                     logprob: lp.map(|l| l.logprob),
-                    top: lp.map(|l| l.top.iter().map(|a| (self.token_text(a.token_id), a.logprob)).collect()).unwrap_or_default(),
+                    top: lp
+                        .map(|l| {
+                            l.top
+                                .iter()
+                                .map(|a| (self.token_text(a.token_id), a.logprob))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -151,9 +168,18 @@ impl Generation {
                 text.push_str(&self.stop.finish());
             }
         }
-        self.metrics.e2e_latency.observe(self.request.arrival.elapsed().as_secs_f64());
-        self.metrics.requests.with_label_values(&[finish.as_str()]).inc();
-        Chunk { text, tokens: std::mem::take(&mut self.pending_tokens), finish: Some(finish) }
+        self.metrics
+            .e2e_latency
+            .observe(self.request.arrival.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .with_label_values(&[finish.as_str()])
+            .inc();
+        Chunk {
+            text,
+            tokens: std::mem::take(&mut self.pending_tokens),
+            finish: Some(finish),
+        }
     }
 
     /// The next piece of output; `None` after the last.
@@ -164,10 +190,15 @@ impl Generation {
         loop {
             let Some(event) = self.rx.recv().await else {
                 self.done = true;
-                return Some(Err(ApiError::Internal("the scheduler dropped the request".into())));
+                return Some(Err(ApiError::Internal(
+                    "the scheduler dropped the request".into(),
+                )));
             };
             match event {
-                SeqEvent::Prefilled { cached_tokens, prompt_logprobs } => {
+                SeqEvent::Prefilled {
+                    cached_tokens,
+                    prompt_logprobs,
+                } => {
                     if !self.prefilled {
                         self.prefilled = true;
                         self.usage.cached_tokens = cached_tokens;
@@ -177,20 +208,34 @@ impl Generation {
                             } else {
                                 Vec::new()
                             };
-                            let text = self.model.tokenizer.decode(&self.request.prompt, true).unwrap_or_default();
+                            let text = self
+                                .model
+                                .tokenizer
+                                .decode(&self.request.prompt, true)
+                                .unwrap_or_default();
                             self.pending_tokens = tokens;
                             if self.request.params.max_new_tokens == 0 {
                                 return Some(Ok(self.finish(Finish::Length, text)));
                             }
-                            return Some(Ok(Chunk { text, tokens: std::mem::take(&mut self.pending_tokens), finish: None }));
+                            return Some(Ok(Chunk {
+                                text,
+                                tokens: std::mem::take(&mut self.pending_tokens),
+                                finish: None,
+                            }));
                         }
                     }
                 }
                 SeqEvent::Token { token, finish } => {
                     let now = Instant::now();
                     match self.last_token_at {
-                        None => self.metrics.time_to_first_token.observe((now - self.request.arrival).as_secs_f64()),
-                        Some(last) => self.metrics.inter_token_latency.observe((now - last).as_secs_f64()),
+                        None => self
+                            .metrics
+                            .time_to_first_token
+                            .observe((now - self.request.arrival).as_secs_f64()),
+                        Some(last) => self
+                            .metrics
+                            .inter_token_latency
+                            .observe((now - last).as_secs_f64()),
                     }
                     self.last_token_at = Some(now);
                     self.usage.completion_tokens += 1;
@@ -208,7 +253,11 @@ impl Generation {
                         return Some(Ok(self.finish(finish, text)));
                     }
                     if !text.is_empty() {
-                        return Some(Ok(Chunk { text, tokens: std::mem::take(&mut self.pending_tokens), finish: None }));
+                        return Some(Ok(Chunk {
+                            text,
+                            tokens: std::mem::take(&mut self.pending_tokens),
+                            finish: None,
+                        }));
                     }
                 }
                 SeqEvent::Finished(finish) => return Some(Ok(self.finish(finish, String::new()))),
@@ -227,8 +276,14 @@ impl Generation {
         while let Some(chunk) = self.next().await {
             let chunk = chunk?;
             if first && self.request.echo {
-                out.prompt_tokens = chunk.tokens.iter().take(self.request.prompt.len()).cloned().collect();
-                out.tokens.extend(chunk.tokens.into_iter().skip(self.request.prompt.len()));
+                out.prompt_tokens = chunk
+                    .tokens
+                    .iter()
+                    .take(self.request.prompt.len())
+                    .cloned()
+                    .collect();
+                out.tokens
+                    .extend(chunk.tokens.into_iter().skip(self.request.prompt.len()));
             } else {
                 out.tokens.extend(chunk.tokens);
             }

@@ -44,7 +44,10 @@ pub struct ModelInfo {
 
 impl std::fmt::Debug for ModelInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelInfo").field("model_id", &self.model_id).field("context_length", &self.context_length).finish()
+        f.debug_struct("ModelInfo")
+            .field("model_id", &self.model_id)
+            .field("context_length", &self.context_length)
+            .finish()
     }
 }
 
@@ -109,7 +112,11 @@ impl GroupSet {
 
     /// Starts serving the group at `address` (idempotent).
     pub fn add(&self, address: &str) {
-        let mut slots = self.inner.slots.lock().expect("lock poisoned; this is a bug");
+        let mut slots = self
+            .inner
+            .slots
+            .lock()
+            .expect("lock poisoned; this is a bug");
         if slots.contains_key(address) {
             return;
         }
@@ -120,7 +127,13 @@ impl GroupSet {
 
     /// Stops using the group at `address`; its requests continue on other groups.
     pub fn remove(&self, address: &str) {
-        if let Some(token) = self.inner.slots.lock().expect("lock poisoned; this is a bug").remove(address) {
+        if let Some(token) = self
+            .inner
+            .slots
+            .lock()
+            .expect("lock poisoned; this is a bug")
+            .remove(address)
+        {
             token.cancel();
         }
     }
@@ -131,12 +144,22 @@ impl GroupSet {
     }
 
     pub fn ready_groups(&self) -> Vec<Group> {
-        self.inner.ready.read().expect("lock poisoned; this is a bug").values().cloned().collect()
+        self.inner
+            .ready
+            .read()
+            .expect("lock poisoned; this is a bug")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The model as a ready group describes it.
     pub fn model(&self) -> Result<Arc<ModelInfo>, ApiError> {
-        let ready = self.inner.ready.read().expect("lock poisoned; this is a bug");
+        let ready = self
+            .inner
+            .ready
+            .read()
+            .expect("lock poisoned; this is a bug");
         let mut groups: Vec<&Group> = ready.values().collect();
         groups.sort_by(|a, b| a.key.cmp(&b.key));
         groups.first().map(|g| g.info.clone()).ok_or_else(no_group)
@@ -144,8 +167,15 @@ impl GroupSet {
 
     /// Requests queued in all groups.
     pub fn total_waiting(&self) -> i64 {
-        let ready = self.inner.ready.read().expect("lock poisoned; this is a bug");
-        ready.values().map(|g| g.handle.load.waiting.load(Ordering::Relaxed)).sum()
+        let ready = self
+            .inner
+            .ready
+            .read()
+            .expect("lock poisoned; this is a bug");
+        ready
+            .values()
+            .map(|g| g.handle.load.waiting.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Routes and queues a request.
@@ -161,7 +191,11 @@ impl GroupSet {
     }
 
     fn route(&self, entry: &Entry) -> Option<Group> {
-        let ready = self.inner.ready.read().expect("lock poisoned; this is a bug");
+        let ready = self
+            .inner
+            .ready
+            .read()
+            .expect("lock poisoned; this is a bug");
         let groups: Vec<&Group> = ready.values().collect();
         let candidates: Vec<Candidate> = groups
             .iter()
@@ -173,7 +207,11 @@ impl GroupSet {
             .collect();
         let block_size = groups.first()?.info.block_size;
         let hash = router::prefix_hash(&entry.request.prompt, block_size);
-        let mut affinity = self.inner.affinity.lock().expect("lock poisoned; this is a bug");
+        let mut affinity = self
+            .inner
+            .affinity
+            .lock()
+            .expect("lock poisoned; this is a bug");
         let chosen = router::pick(&candidates, affinity.get(hash))?;
         affinity.record(hash, &groups[chosen].key);
         Some(groups[chosen].clone())
@@ -192,7 +230,11 @@ impl GroupSet {
                 ))));
                 continue;
             }
-            self.inner.metrics.migrations.with_label_values(&[group_id]).inc();
+            self.inner
+                .metrics
+                .migrations
+                .with_label_values(&[group_id])
+                .inc();
             entry.seq_id = crate::request::next_seq_id();
             let tx = entry.tx.clone();
             if let Err(e) = self.submit(entry) {
@@ -202,7 +244,11 @@ impl GroupSet {
     }
 
     fn set_ready(&self, group: Option<Group>, key: &str) {
-        let mut ready = self.inner.ready.write().expect("lock poisoned; this is a bug");
+        let mut ready = self
+            .inner
+            .ready
+            .write()
+            .expect("lock poisoned; this is a bug");
         match group {
             Some(g) => ready.insert(key.to_string(), g),
             None => ready.remove(key),
@@ -217,23 +263,39 @@ fn no_group() -> ApiError {
 
 /// Normalises `host:port` to `http://host:port`.
 pub fn worker_url(address: &str) -> String {
-    if address.contains("://") { address.to_string() } else { format!("http://{address}") }
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
 }
 
-async fn connect(address: &str) -> Result<(WorkerClient<Channel>, ModelInfo, String), ConnectError> {
+async fn connect(
+    address: &str,
+) -> Result<(WorkerClient<Channel>, ModelInfo, String), ConnectError> {
     let endpoint = Endpoint::from_shared(worker_url(address))
         .map_err(|e| ConnectError::Address(address.to_string(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     let channel = endpoint.connect().await?;
-    let mut client = WorkerClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+    let mut client = WorkerClient::new(channel)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
     let info = client.info(InfoRequest {}).await?.into_inner();
-    let tokenizer: Tokenizer =
-        info.tokenizer_json.parse().map_err(|e: tokenizers::Error| ConnectError::Tokenizer(e.to_string()))?;
+    let tokenizer: Tokenizer = info
+        .tokenizer_json
+        .parse()
+        .map_err(|e: tokenizers::Error| ConnectError::Tokenizer(e.to_string()))?;
     let chat_template = ChatTemplate::new(&info.chat_template, &info.bos_token, &info.eos_token)
         .map_err(|e| ConnectError::Template(e.to_string()))?;
-    let bos_token_id = (!info.bos_token.is_empty()).then(|| tokenizer.token_to_id(&info.bos_token)).flatten();
-    let group_id = if info.group_id.is_empty() { address.to_string() } else { info.group_id.clone() };
+    let bos_token_id = (!info.bos_token.is_empty())
+        .then(|| tokenizer.token_to_id(&info.bos_token))
+        .flatten();
+    let group_id = if info.group_id.is_empty() {
+        address.to_string()
+    } else {
+        info.group_id.clone()
+    };
     let model = ModelInfo {
         model_id: info.model_id,
         tokenizer,
@@ -289,16 +351,28 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken) {
             cancel: scheduler_token.clone(),
         });
         tracing::info!(worker = %address, group = %id, model = %info.model_id, "worker group ready");
-        set.set_ready(Some(Group { key: address.clone(), id: id.clone(), info: Arc::new(info), handle }), &address);
+        set.set_ready(
+            Some(Group {
+                key: address.clone(),
+                id: id.clone(),
+                info: Arc::new(info),
+                handle,
+            }),
+            &address,
+        );
         let (leftover, error) = join.await.unwrap_or_default();
         set.set_ready(None, &address);
         match &error {
-            Some(e) => tracing::error!(worker = %address, group = %id, error = %e, requests = leftover.len(), "worker group failed; migrating its requests"),
+            Some(e) => {
+                tracing::error!(worker = %address, group = %id, error = %e, requests = leftover.len(), "worker group failed; migrating its requests")
+            }
             None => tracing::info!(worker = %address, group = %id, "worker group removed"),
         }
         if set.inner.shutdown.is_cancelled() {
             for entry in leftover {
-                let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable("coordinator shutting down".into())));
+                let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable(
+                    "coordinator shutting down".into(),
+                )));
             }
             return;
         }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use futures::Stream;
 use shardline_proto::v1::inference_server::{Inference, InferenceServer};
 use shardline_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse, Priority as PbPriority, TokenInfo, Usage,
+    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse,
+    Priority as PbPriority, TokenInfo, Usage,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -48,23 +49,51 @@ fn usage_pb(u: generation::Usage) -> Usage {
 }
 
 fn tokens_pb(tokens: &[TokenOut]) -> Vec<TokenInfo> {
-    tokens.iter().map(|t| TokenInfo { id: t.id, text: t.text.clone(), logprob: t.logprob.unwrap_or(0.0) }).collect()
+    tokens
+        .iter()
+        .map(|t| TokenInfo {
+            id: t.id,
+            text: t.text.clone(),
+            logprob: t.logprob.unwrap_or(0.0),
+        })
+        .collect()
 }
 
 fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
     let input = match (r.prompt.is_empty(), r.messages.is_empty()) {
         (false, true) => Input::Text(r.prompt),
-        (true, false) => {
-            Input::Chat(r.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect())
+        (true, false) => Input::Chat(
+            r.messages
+                .into_iter()
+                .map(|m| Message {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
+        ),
+        (true, true) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "one of `prompt` or `messages` is required",
+            ));
         }
-        (true, true) => return Err(ApiError::invalid("prompt", "one of `prompt` or `messages` is required")),
-        (false, false) => return Err(ApiError::invalid("messages", "give `prompt` or `messages`, not both")),
+        (false, false) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "give `prompt` or `messages`, not both",
+            ));
+        }
     };
     let priority = match PbPriority::try_from(r.priority) {
         Ok(PbPriority::High) => Priority::High,
         Ok(PbPriority::Low) => Priority::Low,
         Ok(_) => Priority::Normal,
-        Err(_) => return Err(ApiError::invalid("priority", format!("unknown priority {}", r.priority))),
+        Err(_) => {
+            return Err(ApiError::invalid(
+                "priority",
+                format!("unknown priority {}", r.priority),
+            ));
+        }
     };
     Ok(GenerateParams {
         model: Some(r.model).filter(|m| !m.is_empty()),
@@ -92,15 +121,20 @@ fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
 
 impl InferenceService {
     fn start(&self, request: Request<GenerateRequest>) -> Result<generation::Generation, Status> {
-        let metadata_tenant =
-            request.metadata().get("x-shardline-tenant").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let metadata_tenant = request
+            .metadata()
+            .get("x-shardline-tenant")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let r = request.into_inner();
         let tenant = Some(r.tenant.clone())
             .filter(|t| !t.is_empty())
             .or(metadata_tenant)
             .or_else(|| Some(r.user.clone()).filter(|u| !u.is_empty()));
         let params = params(r).map_err(|e| e.to_status())?;
-        self.service.start(request_id("gen"), params, tenant.as_deref()).map_err(|e| e.to_status())
+        self.service
+            .start(request_id("gen"), params, tenant.as_deref())
+            .map_err(|e| e.to_status())
     }
 }
 
@@ -108,7 +142,10 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
         let generation = self.start(request)?;
         let id = generation.request.id.clone();
         let out = generation.collect().await.map_err(|e| e.to_status())?;
@@ -157,7 +194,11 @@ impl Inference for InferenceService {
 }
 
 /// Serves gRPC on `listener` until `shutdown`: inference, health and reflection.
-pub async fn serve(listener: TcpListener, service: Service, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
+pub async fn serve(
+    listener: TcpListener,
+    service: Service,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(shardline_proto::FILE_DESCRIPTOR_SET)
@@ -168,10 +209,15 @@ pub async fn serve(listener: TcpListener, service: Service, shutdown: Cancellati
     tokio::spawn(async move {
         loop {
             let serving = *ready.borrow_and_update() > 0;
-            let status =
-                if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
             reporter.set_service_status("", status).await;
-            reporter.set_service_status("shardline.v1.Inference", status).await;
+            reporter
+                .set_service_status("shardline.v1.Inference", status)
+                .await;
             tokio::select! {
                 _ = token.cancelled() => return,
                 changed = ready.changed() => if changed.is_err() { return },
@@ -179,15 +225,21 @@ pub async fn serve(listener: TcpListener, service: Service, shutdown: Cancellati
         }
     });
     let api_key = service.config.api_key.clone();
-    let inference = InferenceServer::with_interceptor(InferenceService { service }, move |request: Request<()>| {
-        if let Some(key) = &api_key {
-            let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-            if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(key.as_str()) {
-                return Err(ApiError::Unauthorized.to_status());
+    let inference = InferenceServer::with_interceptor(
+        InferenceService { service },
+        move |request: Request<()>| {
+            if let Some(key) = &api_key {
+                let given = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok());
+                if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(key.as_str()) {
+                    return Err(ApiError::Unauthorized.to_status());
+                }
             }
-        }
-        Ok(request)
-    });
+            Ok(request)
+        },
+    );
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)

@@ -18,8 +18,8 @@ pub mod config;
 pub mod detok;
 pub mod error;
 pub mod generation;
-pub mod grpc;
 pub mod groups;
+pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod queue;
@@ -56,7 +56,12 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts serving HTTP on `http` and gRPC on `grpc` until `shutdown`. No group yet:
     /// add them with `groups.add(address)`.
-    pub fn start(config: Config, http: TcpListener, grpc: TcpListener, shutdown: CancellationToken) -> std::io::Result<Coordinator> {
+    pub fn start(
+        config: Config,
+        http: TcpListener,
+        grpc: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Coordinator> {
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
         let config = Arc::new(config);
@@ -65,13 +70,26 @@ impl Coordinator {
         let service = service::Service::new(config, groups.clone(), metrics.clone());
         let http = tokio::spawn(http::serve(http, service.clone(), shutdown.clone()));
         let grpc = tokio::spawn(grpc::serve(grpc, service, shutdown));
-        Ok(Coordinator { groups, metrics, http_addr, grpc_addr, http, grpc })
+        Ok(Coordinator {
+            groups,
+            metrics,
+            http_addr,
+            grpc_addr,
+            http,
+            grpc,
+        })
     }
 
     /// Waits until both servers stopped (after shutdown).
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.http.await.context("HTTP server task")?.context("HTTP server")?;
-        self.grpc.await.context("gRPC server task")?.context("gRPC server")?;
+        self.http
+            .await
+            .context("HTTP server task")?
+            .context("HTTP server")?;
+        self.grpc
+            .await
+            .context("gRPC server task")?
+            .context("gRPC server")?;
         Ok(())
     }
 }
@@ -98,7 +116,11 @@ pub async fn run(args: CoordinatorArgs, shutdown: CancellationToken) -> anyhow::
     if args.workers.is_empty() {
         anyhow::bail!("no worker group given: pass --worker URL (or SHARDLINE_WORKERS)");
     }
-    let http = TcpListener::bind(args.http_listen).await.with_context(|| format!("bind {}", args.http_listen))?;
-    let grpc = TcpListener::bind(args.grpc_listen).await.with_context(|| format!("bind {}", args.grpc_listen))?;
+    let http = TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("bind {}", args.http_listen))?;
+    let grpc = TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("bind {}", args.grpc_listen))?;
     serve(config, http, grpc, &args.workers, shutdown).await
 }

@@ -1,7 +1,10 @@
 //! Prometheus metrics of the coordinator, in a [`prometheus::Registry`] this crate owns
 //! (no globals), named like vLLM's and labelled by group where that makes sense.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, GaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -21,8 +24,10 @@ pub struct Metrics {
     pub requests: IntCounterVec,
 }
 
-const LATENCY_BUCKETS: &[f64] =
-    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
+    60.0,
+];
 
 fn histogram(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
     HistogramOpts::new(name, help).buckets(buckets.to_vec())
@@ -51,17 +56,32 @@ impl Metrics {
                 LATENCY_BUCKETS,
             ))
             .expect("static metric definition; this is a bug"),
-            running: IntGaugeVec::new(Opts::new("shardline_num_requests_running", "Sequences on the worker."), group)
-                .expect("static metric definition; this is a bug"),
-            waiting: IntGaugeVec::new(Opts::new("shardline_num_requests_waiting", "Requests queued for a group."), group)
-                .expect("static metric definition; this is a bug"),
-            kv_usage: GaugeVec::new(
-                Opts::new("shardline_kv_cache_usage_perc", "Fraction of the group's KV blocks in use (0..1)."),
+            running: IntGaugeVec::new(
+                Opts::new("shardline_num_requests_running", "Sequences on the worker."),
                 group,
             )
             .expect("static metric definition; this is a bug"),
-            prompt_tokens: IntCounterVec::new(Opts::new("shardline_prompt_tokens_total", "Prompt tokens prefilled."), group)
-                .expect("static metric definition; this is a bug"),
+            waiting: IntGaugeVec::new(
+                Opts::new(
+                    "shardline_num_requests_waiting",
+                    "Requests queued for a group.",
+                ),
+                group,
+            )
+            .expect("static metric definition; this is a bug"),
+            kv_usage: GaugeVec::new(
+                Opts::new(
+                    "shardline_kv_cache_usage_perc",
+                    "Fraction of the group's KV blocks in use (0..1).",
+                ),
+                group,
+            )
+            .expect("static metric definition; this is a bug"),
+            prompt_tokens: IntCounterVec::new(
+                Opts::new("shardline_prompt_tokens_total", "Prompt tokens prefilled."),
+                group,
+            )
+            .expect("static metric definition; this is a bug"),
             generation_tokens: IntCounterVec::new(
                 Opts::new("shardline_generation_tokens_total", "Tokens generated."),
                 group,
@@ -77,22 +97,35 @@ impl Metrics {
             )
             .expect("static metric definition; this is a bug"),
             step_duration: HistogramVec::new(
-                histogram("shardline_step_duration_seconds", "Step RPC round trip.", LATENCY_BUCKETS),
+                histogram(
+                    "shardline_step_duration_seconds",
+                    "Step RPC round trip.",
+                    LATENCY_BUCKETS,
+                ),
                 group,
             )
             .expect("static metric definition; this is a bug"),
             rejected: IntCounterVec::new(
-                Opts::new("shardline_requests_rejected_total", "Requests refused, by reason."),
+                Opts::new(
+                    "shardline_requests_rejected_total",
+                    "Requests refused, by reason.",
+                ),
                 &["reason"],
             )
             .expect("static metric definition; this is a bug"),
             migrations: IntCounterVec::new(
-                Opts::new("shardline_request_migrations_total", "Requests moved off a failed group."),
+                Opts::new(
+                    "shardline_request_migrations_total",
+                    "Requests moved off a failed group.",
+                ),
                 group,
             )
             .expect("static metric definition; this is a bug"),
             requests: IntCounterVec::new(
-                Opts::new("shardline_requests_total", "Finished requests by finish reason."),
+                Opts::new(
+                    "shardline_requests_total",
+                    "Finished requests by finish reason.",
+                ),
                 &["finish_reason"],
             )
             .expect("static metric definition; this is a bug"),
@@ -114,7 +147,9 @@ impl Metrics {
             Box::new(m.requests.clone()),
         ];
         for c in collectors {
-            m.registry.register(c).expect("metric names are unique; this is a bug");
+            m.registry
+                .register(c)
+                .expect("metric names are unique; this is a bug");
         }
         m
     }

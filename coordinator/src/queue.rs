@@ -14,7 +14,9 @@
 
 use std::collections::VecDeque;
 
-use shardline_proto::worker::v1::{FinishReason, PrefillChunk, SeqStatus, StepRequest, StepResponse};
+use shardline_proto::worker::v1::{
+    FinishReason, PrefillChunk, SeqStatus, StepRequest, StepResponse,
+};
 use tokio::time::Instant;
 
 use crate::error::ApiError;
@@ -78,7 +80,13 @@ pub struct State {
 
 impl State {
     pub fn new(limits: Limits) -> State {
-        State { limits, waiting: Default::default(), running: Vec::new(), reserved: 0, head_skips: 0 }
+        State {
+            limits,
+            waiting: Default::default(),
+            running: Vec::new(),
+            reserved: 0,
+            head_skips: 0,
+        }
     }
 
     pub fn push(&mut self, entry: Entry) {
@@ -99,7 +107,11 @@ impl State {
 
     /// Blocks the waiting requests will need.
     pub fn waiting_blocks(&self) -> u32 {
-        self.waiting.iter().flatten().map(|e| e.blocks_needed(self.limits.block_size)).sum()
+        self.waiting
+            .iter()
+            .flatten()
+            .map(|e| e.blocks_needed(self.limits.block_size))
+            .sum()
     }
 
     pub fn is_idle(&self) -> bool {
@@ -108,7 +120,11 @@ impl State {
 
     /// Earliest deadline among waiting requests (to wake up for it).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.waiting.iter().flatten().filter_map(|e| e.request.deadline).min()
+        self.waiting
+            .iter()
+            .flatten()
+            .filter_map(|e| e.request.deadline)
+            .min()
     }
 
     /// Removes cancelled and expired requests. Expired ones get DEADLINE_EXCEEDED.
@@ -120,7 +136,8 @@ impl State {
                     sweep.dropped_waiting += 1;
                     false
                 } else if e.expired(now) {
-                    let _ = e.tx.send(SeqEvent::Error(ApiError::DeadlineExceeded(" while queued")));
+                    let _ =
+                        e.tx.send(SeqEvent::Error(ApiError::DeadlineExceeded(" while queued")));
                     sweep.dropped_waiting += 1;
                     sweep.expired_waiting += 1;
                     false
@@ -135,7 +152,10 @@ impl State {
             let gone = r.entry.is_cancelled();
             if gone || r.entry.expired(now) {
                 if !gone {
-                    let _ = r.entry.tx.send(SeqEvent::Error(ApiError::DeadlineExceeded("")));
+                    let _ = r
+                        .entry
+                        .tx
+                        .send(SeqEvent::Error(ApiError::DeadlineExceeded("")));
                 }
                 let r = self.running.swap_remove(i);
                 self.reserved -= r.reserved;
@@ -161,8 +181,16 @@ impl State {
         }
         for r in &self.running {
             if r.started && !r.decoding && budget > 0 {
-                let chunk = r.entry.prompt_len().saturating_sub(r.computed).clamp(1, budget);
-                step.prefill.push(PrefillChunk { seq_id: r.entry.seq_id, max_tokens: chunk as u32, ..Default::default() });
+                let chunk = r
+                    .entry
+                    .prompt_len()
+                    .saturating_sub(r.computed)
+                    .clamp(1, budget);
+                step.prefill.push(PrefillChunk {
+                    seq_id: r.entry.seq_id,
+                    max_tokens: chunk as u32,
+                    ..Default::default()
+                });
                 budget -= chunk;
             }
         }
@@ -176,7 +204,10 @@ impl State {
         'classes: for class in 0..self.waiting.len() {
             let mut i = 0;
             while i < self.waiting[class].len() {
-                if *budget == 0 || self.running.len() >= self.limits.max_num_seqs || scanned >= MAX_SCAN {
+                if *budget == 0
+                    || self.running.len() >= self.limits.max_num_seqs
+                    || scanned >= MAX_SCAN
+                {
                     break 'classes;
                 }
                 scanned += 1;
@@ -196,7 +227,9 @@ impl State {
                     self.head_skips = 0;
                 }
                 is_head = false;
-                let entry = self.waiting[class].remove(i).expect("index checked above; this is a bug");
+                let entry = self.waiting[class]
+                    .remove(i)
+                    .expect("index checked above; this is a bug");
                 let chunk = entry.prompt_len().clamp(1, *budget);
                 *budget -= chunk;
                 step.prefill.push(PrefillChunk {
@@ -228,7 +261,11 @@ impl State {
     pub fn apply(&mut self, response: &StepResponse) -> Applied {
         let mut applied = Applied::default();
         for result in &response.results {
-            let Some(index) = self.running.iter().position(|r| r.entry.seq_id == result.seq_id) else {
+            let Some(index) = self
+                .running
+                .iter()
+                .position(|r| r.entry.seq_id == result.seq_id)
+            else {
                 continue; // released meanwhile
             };
             match SeqStatus::try_from(result.status).unwrap_or(SeqStatus::Unspecified) {
@@ -250,14 +287,17 @@ impl State {
                 }
                 SeqStatus::Ok | SeqStatus::Unspecified => {}
             }
-            let finish = match FinishReason::try_from(result.finish_reason).unwrap_or(FinishReason::Unspecified) {
+            let finish = match FinishReason::try_from(result.finish_reason)
+                .unwrap_or(FinishReason::Unspecified)
+            {
                 FinishReason::Stop => Some(Finish::Stop),
                 FinishReason::Length => Some(Finish::Length),
                 FinishReason::Unspecified => None,
             };
             let r = &mut self.running[index];
             r.computed = r.computed.max(result.prompt_computed as usize);
-            let prompt_done = result.has_token || finish.is_some() || r.computed >= r.entry.prompt_len();
+            let prompt_done =
+                result.has_token || finish.is_some() || r.computed >= r.entry.prompt_len();
             if prompt_done && !r.announced {
                 r.announced = true;
                 let _ = r.entry.tx.send(SeqEvent::Prefilled {
@@ -303,11 +343,18 @@ mod tests {
     use super::*;
     use crate::request::{Priority, ValidRequest};
 
-    fn entry(prompt: usize, max_tokens: u32, priority: Priority) -> (Entry, mpsc::UnboundedReceiver<SeqEvent>) {
+    fn entry(
+        prompt: usize,
+        max_tokens: u32,
+        priority: Priority,
+    ) -> (Entry, mpsc::UnboundedReceiver<SeqEvent>) {
         let request = ValidRequest {
             id: "t".into(),
             prompt: vec![7; prompt],
-            params: SequenceParams { max_new_tokens: max_tokens, ..Default::default() },
+            params: SequenceParams {
+                max_new_tokens: max_tokens,
+                ..Default::default()
+            },
             stop: vec![],
             priority,
             deadline: None,
@@ -320,7 +367,12 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { max_num_seqs: 4, max_batched_tokens: 16, block_size: 4, total_blocks: 100 }
+        Limits {
+            max_num_seqs: 4,
+            max_batched_tokens: 16,
+            block_size: 4,
+            total_blocks: 100,
+        }
     }
 
     fn ok(seq_id: u64, computed: u32, token: Option<u32>, finish: FinishReason) -> SeqResult {
@@ -329,7 +381,10 @@ mod tests {
             status: SeqStatus::Ok as i32,
             prompt_computed: computed,
             has_token: token.is_some(),
-            token: token.map(|t| TokenLogprob { token_id: t, ..Default::default() }),
+            token: token.map(|t| TokenLogprob {
+                token_id: t,
+                ..Default::default()
+            }),
             finish_reason: finish as i32,
             ..Default::default()
         }
@@ -343,23 +398,38 @@ mod tests {
         s.push(short);
         let step = s.next_step().unwrap();
         assert_eq!(step.prefill.len(), 1);
-        s.apply(&StepResponse { results: vec![ok(short_id, 2, Some(5), FinishReason::Unspecified)], ..Default::default() });
+        s.apply(&StepResponse {
+            results: vec![ok(short_id, 2, Some(5), FinishReason::Unspecified)],
+            ..Default::default()
+        });
         let (long, _rx2) = entry(40, 10, Priority::Normal);
         let long_id = long.seq_id;
         s.push(long);
         let step = s.next_step().unwrap();
         assert_eq!(step.decode, vec![short_id]);
-        assert_eq!(step.prefill[0].max_tokens, 15, "chunk fits the budget left after the decode");
-        s.apply(&StepResponse { results: vec![ok(long_id, 15, None, FinishReason::Unspecified)], ..Default::default() });
+        assert_eq!(
+            step.prefill[0].max_tokens, 15,
+            "chunk fits the budget left after the decode"
+        );
+        s.apply(&StepResponse {
+            results: vec![ok(long_id, 15, None, FinishReason::Unspecified)],
+            ..Default::default()
+        });
         let step = s.next_step().unwrap();
         assert_eq!(step.decode, vec![short_id]);
         assert_eq!(step.prefill[0].max_tokens, 15);
-        assert!(step.prefill[0].prompt.is_empty(), "later chunks carry only the id");
+        assert!(
+            step.prefill[0].prompt.is_empty(),
+            "later chunks carry only the id"
+        );
     }
 
     #[test]
     fn higher_priority_is_admitted_first() {
-        let mut s = State::new(Limits { max_num_seqs: 1, ..limits() });
+        let mut s = State::new(Limits {
+            max_num_seqs: 1,
+            ..limits()
+        });
         let (low, _a) = entry(2, 2, Priority::Low);
         let (high, _b) = entry(2, 2, Priority::High);
         let high_id = high.seq_id;
@@ -372,12 +442,20 @@ mod tests {
 
     #[test]
     fn kv_reservation_skips_big_request_but_not_forever() {
-        let mut s = State::new(Limits { total_blocks: 10, max_num_seqs: 64, max_batched_tokens: 10_000, ..limits() });
+        let mut s = State::new(Limits {
+            total_blocks: 10,
+            max_num_seqs: 64,
+            max_batched_tokens: 10_000,
+            ..limits()
+        });
         let (first, _a) = entry(4, 20, Priority::Normal); // 6 blocks
         let first_id = first.seq_id;
         s.push(first);
         s.next_step().unwrap();
-        s.apply(&StepResponse { results: vec![ok(first_id, 4, Some(1), FinishReason::Unspecified)], ..Default::default() });
+        s.apply(&StepResponse {
+            results: vec![ok(first_id, 4, Some(1), FinishReason::Unspecified)],
+            ..Default::default()
+        });
         let (big, _b) = entry(4, 20, Priority::Normal); // 6 blocks: does not fit now
         s.push(big);
         for _ in 0..MAX_HEAD_SKIPS {
@@ -386,12 +464,18 @@ mod tests {
             let step = s.next_step().unwrap();
             assert_eq!(step.prefill.len(), 1, "the small one overtakes");
             let id = step.prefill[0].seq_id;
-            s.apply(&StepResponse { results: vec![ok(id, 1, Some(1), FinishReason::Length)], ..Default::default() });
+            s.apply(&StepResponse {
+                results: vec![ok(id, 1, Some(1), FinishReason::Length)],
+                ..Default::default()
+            });
         }
         let (small, _d) = entry(1, 1, Priority::Normal);
         s.push(small);
         let step = s.next_step().unwrap();
-        assert!(step.prefill.is_empty(), "admission now waits for the starved head");
+        assert!(
+            step.prefill.is_empty(),
+            "admission now waits for the starved head"
+        );
     }
 
     #[test]
@@ -418,7 +502,10 @@ mod tests {
         let sweep = s.sweep(Instant::now());
         assert_eq!(sweep.expired_waiting, 1);
         assert!(s.next_step().is_none());
-        assert!(matches!(rx.try_recv(), Ok(SeqEvent::Error(ApiError::DeadlineExceeded(_)))));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(SeqEvent::Error(ApiError::DeadlineExceeded(_)))
+        ));
     }
 
     #[test]
@@ -428,8 +515,15 @@ mod tests {
         let id = e.seq_id;
         s.push(e);
         s.next_step().unwrap();
-        let result = SeqResult { seq_id: id, status: SeqStatus::OutOfBlocks as i32, ..Default::default() };
-        let applied = s.apply(&StepResponse { results: vec![result], ..Default::default() });
+        let result = SeqResult {
+            seq_id: id,
+            status: SeqStatus::OutOfBlocks as i32,
+            ..Default::default()
+        };
+        let applied = s.apply(&StepResponse {
+            results: vec![result],
+            ..Default::default()
+        });
         assert_eq!(applied.requeued, 1);
         assert_eq!(s.num_waiting(), 1);
         let step = s.next_step().unwrap();
@@ -443,7 +537,10 @@ mod tests {
         let id = e.seq_id;
         s.push(e);
         s.next_step().unwrap();
-        s.apply(&StepResponse { results: vec![ok(id, 3, Some(9), FinishReason::Unspecified)], ..Default::default() });
+        s.apply(&StepResponse {
+            results: vec![ok(id, 3, Some(9), FinishReason::Unspecified)],
+            ..Default::default()
+        });
         let drained = s.drain();
         assert_eq!(drained[0].generated, vec![9]);
         assert_eq!(drained[0].worker_prompt(), vec![7, 7, 7, 9]);

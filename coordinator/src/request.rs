@@ -72,9 +72,15 @@ pub struct ValidRequest {
 pub enum SeqEvent {
     /// The prompt is computed (sent once per group the request ran on; the owner keeps
     /// the first).
-    Prefilled { cached_tokens: u32, prompt_logprobs: Vec<TokenLogprob> },
+    Prefilled {
+        cached_tokens: u32,
+        prompt_logprobs: Vec<TokenLogprob>,
+    },
     /// One generated token; `finish` set on the last.
-    Token { token: TokenLogprob, finish: Option<Finish> },
+    Token {
+        token: TokenLogprob,
+        finish: Option<Finish>,
+    },
     /// The sequence ended without a further token (e.g. `max_tokens: 0`).
     Finished(Finish),
     Error(ApiError),
@@ -105,7 +111,13 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(request: Arc<ValidRequest>, tx: mpsc::UnboundedSender<SeqEvent>) -> Entry {
-        Entry { request, seq_id: next_seq_id(), tx, generated: Vec::new(), migrations: 0 }
+        Entry {
+            request,
+            seq_id: next_seq_id(),
+            tx,
+            generated: Vec::new(),
+            migrations: 0,
+        }
     }
 
     /// Prompt to send to a worker: the original prompt plus what was already generated.
@@ -132,7 +144,8 @@ impl Entry {
 
     /// Tokens the sequence can still occupy: prompt + remaining generation.
     pub fn max_len(&self) -> usize {
-        let remaining = (self.request.params.max_new_tokens as usize).saturating_sub(self.generated.len());
+        let remaining =
+            (self.request.params.max_new_tokens as usize).saturating_sub(self.generated.len());
         self.prompt_len() + remaining
     }
 

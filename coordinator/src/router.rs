@@ -64,7 +64,11 @@ mod tests {
     use super::*;
 
     fn c(key: &str, free: i64) -> Candidate {
-        Candidate { key: key.into(), free, total: 160 }
+        Candidate {
+            key: key.into(),
+            free,
+            total: 160,
+        }
     }
 
     #[test]
@@ -81,7 +85,10 @@ mod tests {
 
     #[test]
     fn prefix_hash_looks_at_first_block() {
-        assert_eq!(prefix_hash(&[1, 2, 3, 4, 5], 4), prefix_hash(&[1, 2, 3, 4, 9], 4));
+        assert_eq!(
+            prefix_hash(&[1, 2, 3, 4, 5], 4),
+            prefix_hash(&[1, 2, 3, 4, 9], 4)
+        );
         assert_ne!(prefix_hash(&[1, 2, 3, 4], 4), prefix_hash(&[1, 2, 3, 5], 4));
     }
 }

@@ -51,10 +51,14 @@ impl SchedulerHandle {
     pub fn submit(&self, entry: Entry) -> Result<(), Entry> {
         let blocks = entry.blocks_needed(self.block_size) as i64;
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
-        self.load.waiting_blocks.fetch_add(blocks, Ordering::Relaxed);
+        self.load
+            .waiting_blocks
+            .fetch_add(blocks, Ordering::Relaxed);
         self.tx.send(entry).map_err(|e| {
             self.load.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.load.waiting_blocks.fetch_sub(blocks, Ordering::Relaxed);
+            self.load
+                .waiting_blocks
+                .fetch_sub(blocks, Ordering::Relaxed);
             e.0
         })
     }
@@ -79,14 +83,24 @@ pub struct SchedulerTask {
     pub cancel: CancellationToken,
 }
 
+/// What a stopped scheduler hands back: the requests it still held, and why it stopped
+/// (`None`: removed or shut down).
+pub type Stopped = (Vec<Entry>, Option<SchedulerError>);
+
 /// Starts a scheduler; the join handle yields the requests it still held when it
 /// stopped (group failed or removed), to be continued elsewhere.
-pub fn spawn(task: SchedulerTask) -> (SchedulerHandle, tokio::task::JoinHandle<(Vec<Entry>, Option<SchedulerError>)>) {
+pub fn spawn(task: SchedulerTask) -> (SchedulerHandle, tokio::task::JoinHandle<Stopped>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let load = Arc::new(GroupLoad::default());
-    load.total_blocks.store(task.limits.total_blocks as i64, Ordering::Relaxed);
-    load.kv_blocks_free.store(task.limits.total_blocks as i64, Ordering::Relaxed);
-    let handle = SchedulerHandle { tx, load: load.clone(), block_size: task.limits.block_size };
+    load.total_blocks
+        .store(task.limits.total_blocks as i64, Ordering::Relaxed);
+    load.kv_blocks_free
+        .store(task.limits.total_blocks as i64, Ordering::Relaxed);
+    let handle = SchedulerHandle {
+        tx,
+        load: load.clone(),
+        block_size: task.limits.block_size,
+    };
     let join = tokio::spawn(run(task, rx, load));
     (handle, join)
 }
@@ -98,7 +112,7 @@ async fn run(
     mut task: SchedulerTask,
     mut rx: mpsc::UnboundedReceiver<Entry>,
     load: Arc<GroupLoad>,
-) -> (Vec<Entry>, Option<SchedulerError>) {
+) -> Stopped {
     let mut state = State::new(task.limits);
     let g = task.group.clone();
     let labels = [g.as_str()];
@@ -111,9 +125,13 @@ async fn run(
         }
         let sweep = state.sweep(Instant::now());
         if !sweep.release.is_empty() {
-            let release = task.client.release(ReleaseRequest { seq_ids: sweep.release });
+            let release = task.client.release(ReleaseRequest {
+                seq_ids: sweep.release,
+            });
             match tokio::time::timeout(task.step_timeout, release).await {
-                Ok(Ok(r)) => load.kv_blocks_free.store(r.into_inner().kv_blocks_free as i64, Ordering::Relaxed),
+                Ok(Ok(r)) => load
+                    .kv_blocks_free
+                    .store(r.into_inner().kv_blocks_free as i64, Ordering::Relaxed),
                 Ok(Err(status)) => break Some(SchedulerError::Rpc(status)),
                 Err(_) => break Some(SchedulerError::Timeout(task.step_timeout)),
             }
@@ -121,8 +139,14 @@ async fn run(
         let step = state.next_step();
         publish(&state, &load, &task.metrics, &labels);
         let Some(step) = step else {
-            let wake = state.next_deadline().map_or(IDLE_TICK, |d| d.saturating_duration_since(Instant::now()));
-            let wait = if state.is_idle() { Duration::from_secs(3600) } else { wake.min(IDLE_TICK) };
+            let wake = state
+                .next_deadline()
+                .map_or(IDLE_TICK, |d| d.saturating_duration_since(Instant::now()));
+            let wait = if state.is_idle() {
+                Duration::from_secs(3600)
+            } else {
+                wake.min(IDLE_TICK)
+            };
             tokio::select! {
                 _ = task.cancel.cancelled() => break None,
                 entry = rx.recv() => match entry {
@@ -135,8 +159,14 @@ async fn run(
         };
         let batch = step.decode.len() + step.prefill.len();
         let prompt_tokens: usize = step.prefill.iter().map(|c| c.prompt.len()).sum();
-        task.metrics.batch_size.with_label_values(&labels).observe(batch as f64);
-        task.metrics.prompt_tokens.with_label_values(&labels).inc_by(prompt_tokens as u64);
+        task.metrics
+            .batch_size
+            .with_label_values(&labels)
+            .observe(batch as f64);
+        task.metrics
+            .prompt_tokens
+            .with_label_values(&labels)
+            .inc_by(prompt_tokens as u64);
         let started = std::time::Instant::now();
         let response = tokio::select! {
             _ = task.cancel.cancelled() => break None,
@@ -147,10 +177,17 @@ async fn run(
             Ok(Err(status)) => break Some(SchedulerError::Rpc(status)),
             Err(_) => break Some(SchedulerError::Timeout(task.step_timeout)),
         };
-        task.metrics.step_duration.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
-        load.kv_blocks_free.store(response.kv_blocks_free as i64, Ordering::Relaxed);
+        task.metrics
+            .step_duration
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        load.kv_blocks_free
+            .store(response.kv_blocks_free as i64, Ordering::Relaxed);
         let applied = state.apply(&response);
-        task.metrics.generation_tokens.with_label_values(&labels).inc_by(applied.tokens as u64);
+        task.metrics
+            .generation_tokens
+            .with_label_values(&labels)
+            .inc_by(applied.tokens as u64);
     };
     // Requests submitted but not yet pulled are handed back too.
     rx.close();
@@ -161,7 +198,11 @@ async fn run(
     if error.is_none() && !leftover.is_empty() {
         // Removed deliberately: free whatever still lives on the worker.
         let ids = leftover.iter().map(|e| e.seq_id).collect();
-        let _ = tokio::time::timeout(task.step_timeout, task.client.release(ReleaseRequest { seq_ids: ids })).await;
+        let _ = tokio::time::timeout(
+            task.step_timeout,
+            task.client.release(ReleaseRequest { seq_ids: ids }),
+        )
+        .await;
     }
     for m in [&task.metrics.running, &task.metrics.waiting] {
         let _ = m.remove_label_values(&labels);
@@ -172,12 +213,21 @@ async fn run(
 fn publish(state: &State, load: &GroupLoad, metrics: &Metrics, labels: &[&str]) {
     let waiting = state.num_waiting() as i64;
     load.waiting.store(waiting, Ordering::Relaxed);
-    load.waiting_blocks.store(state.waiting_blocks() as i64, Ordering::Relaxed);
-    load.running.store(state.running.len() as i64, Ordering::Relaxed);
-    load.reserved_blocks.store(state.reserved_blocks() as i64, Ordering::Relaxed);
+    load.waiting_blocks
+        .store(state.waiting_blocks() as i64, Ordering::Relaxed);
+    load.running
+        .store(state.running.len() as i64, Ordering::Relaxed);
+    load.reserved_blocks
+        .store(state.reserved_blocks() as i64, Ordering::Relaxed);
     metrics.waiting.with_label_values(labels).set(waiting);
-    metrics.running.with_label_values(labels).set(state.running.len() as i64);
+    metrics
+        .running
+        .with_label_values(labels)
+        .set(state.running.len() as i64);
     let total = state.limits.total_blocks.max(1) as f64;
     let free = load.kv_blocks_free.load(Ordering::Relaxed) as f64;
-    metrics.kv_usage.with_label_values(labels).set((1.0 - free / total).clamp(0.0, 1.0));
+    metrics
+        .kv_usage
+        .with_label_values(labels)
+        .set((1.0 - free / total).clamp(0.0, 1.0));
 }

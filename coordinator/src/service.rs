@@ -25,17 +25,31 @@ pub struct Service {
 
 /// A random request id with a prefix (`cmpl-…`, `chatcmpl-…`).
 pub fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+    format!(
+        "{prefix}-{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
 }
 
 impl Service {
     pub fn new(config: Arc<Config>, groups: GroupSet, metrics: Metrics) -> Service {
         let admission = Admission::new(config.clone(), groups.clone(), metrics.clone());
-        Service { config, groups, admission, metrics }
+        Service {
+            config,
+            groups,
+            admission,
+            metrics,
+        }
     }
 
     /// Starts a request; errors are immediate (bad input, over a limit, no group).
-    pub fn start(&self, id: String, params: GenerateParams, tenant: Option<&str>) -> Result<Generation, ApiError> {
+    pub fn start(
+        &self,
+        id: String,
+        params: GenerateParams,
+        tenant: Option<&str>,
+    ) -> Result<Generation, ApiError> {
         let model = self.groups.model().inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["no_group"]).inc();
         })?;
@@ -46,6 +60,12 @@ impl Service {
         let request = Arc::new(request);
         let (tx, rx) = mpsc::unbounded_channel();
         self.groups.submit(Entry::new(request.clone(), tx))?;
-        Ok(Generation::new(request, rx, model, self.metrics.clone(), permit))
+        Ok(Generation::new(
+            request,
+            rx,
+            model,
+            self.metrics.clone(),
+            permit,
+        ))
     }
 }

@@ -53,17 +53,24 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 fn finite(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
     match v {
         None => Ok(None),
-        Some(x) if !x.is_finite() => Err(ApiError::invalid(field, format!("`{field}` must be a finite number"))),
-        Some(x) if x < lo || x > hi => {
-            Err(ApiError::invalid(field, format!("`{field}` must be between {lo} and {hi}, got {x}")))
-        }
+        Some(x) if !x.is_finite() => Err(ApiError::invalid(
+            field,
+            format!("`{field}` must be a finite number"),
+        )),
+        Some(x) if x < lo || x > hi => Err(ApiError::invalid(
+            field,
+            format!("`{field}` must be between {lo} and {hi}, got {x}"),
+        )),
         Some(x) => Ok(Some(x)),
     }
 }
 
 /// Model name a request must use (or omit).
 pub fn served_name(config: &Config, model: &ModelInfo) -> String {
-    config.served_model_name.clone().unwrap_or_else(|| model.model_id.clone())
+    config
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| model.model_id.clone())
 }
 
 /// Tokenizes and checks a request. `id` becomes the response id.
@@ -84,7 +91,12 @@ pub fn validate(
     match p.n {
         None | Some(1) => {}
         Some(n) if n < 1 => return Err(ApiError::invalid("n", "`n` must be at least 1")),
-        Some(n) => return Err(ApiError::invalid("n", format!("`n` = {n} is not supported; only n = 1"))),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "n",
+                format!("`n` = {n} is not supported; only n = 1"),
+            ));
+        }
     }
     let temperature = finite("temperature", p.temperature, 0.0, 100.0)?.unwrap_or(1.0);
     let top_p = finite("top_p", p.top_p, 0.0, 1.0)?.unwrap_or(1.0);
@@ -96,12 +108,18 @@ pub fn validate(
     let frequency = finite("frequency_penalty", p.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
     let repetition = finite("repetition_penalty", p.repetition_penalty, 0.0, 100.0)?.unwrap_or(1.0);
     if repetition == 0.0 {
-        return Err(ApiError::invalid("repetition_penalty", "`repetition_penalty` must be > 0"));
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            "`repetition_penalty` must be > 0",
+        ));
     }
     let top_k = match p.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k < -1 || k > u32::MAX as i64 => {
-            return Err(ApiError::invalid("top_k", "`top_k` must be -1, 0 or a positive integer"));
+            return Err(ApiError::invalid(
+                "top_k",
+                "`top_k` must be -1, 0 or a positive integer",
+            ));
         }
         Some(k) => k as u32,
     };
@@ -118,11 +136,18 @@ pub fn validate(
     if p.stop.len() > config.max_stop_sequences {
         return Err(ApiError::invalid(
             "stop",
-            format!("at most {} stop sequences are allowed, got {}", config.max_stop_sequences, p.stop.len()),
+            format!(
+                "at most {} stop sequences are allowed, got {}",
+                config.max_stop_sequences,
+                p.stop.len()
+            ),
         ));
     }
     if p.stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid("stop", "stop sequences must not be empty"));
+        return Err(ApiError::invalid(
+            "stop",
+            "stop sequences must not be empty",
+        ));
     }
     let min_tokens = match p.min_tokens {
         None => 0,
@@ -134,8 +159,16 @@ pub fn validate(
 
     let prompt = tokenize(p.input, model)?;
     let context = model.context_length.max(1);
-    let max_input = if config.max_input_tokens == 0 { context } else { config.max_input_tokens.min(context) };
-    let max_total = if config.max_total_tokens == 0 { context } else { config.max_total_tokens.min(context) };
+    let max_input = if config.max_input_tokens == 0 {
+        context
+    } else {
+        config.max_input_tokens.min(context)
+    };
+    let max_total = if config.max_total_tokens == 0 {
+        context
+    } else {
+        config.max_total_tokens.min(context)
+    };
     if prompt.is_empty() && !p.echo {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
@@ -151,11 +184,25 @@ pub fn validate(
         ));
     }
     let room = max_total - prompt.len();
-    let field = if p.max_tokens_field.is_empty() { "max_tokens" } else { p.max_tokens_field };
+    let field = if p.max_tokens_field.is_empty() {
+        "max_tokens"
+    } else {
+        p.max_tokens_field
+    };
     let max_tokens = match p.max_tokens {
         None => room,
-        Some(m) if m < 0 => return Err(ApiError::invalid(field, format!("`{field}` must be >= 0, got {m}"))),
-        Some(0) if !p.echo => return Err(ApiError::invalid(field, format!("`{field}` must be at least 1"))),
+        Some(m) if m < 0 => {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` must be >= 0, got {m}"),
+            ));
+        }
+        Some(0) if !p.echo => {
+            return Err(ApiError::invalid(
+                field,
+                format!("`{field}` must be at least 1"),
+            ));
+        }
         Some(m) if m as u64 > room as u64 => {
             return Err(ApiError::invalid(
                 field,
@@ -168,13 +215,19 @@ pub fn validate(
         Some(m) => m as usize,
     };
     if min_tokens as usize > max_tokens {
-        return Err(ApiError::invalid("min_tokens", "`min_tokens` must not exceed `max_tokens`"));
+        return Err(ApiError::invalid(
+            "min_tokens",
+            "`min_tokens` must not exceed `max_tokens`",
+        ));
     }
     let blocks = (prompt.len() + max_tokens).div_ceil(model.block_size.max(1) as usize);
     if model.total_blocks > 0 && blocks > model.total_blocks as usize {
         return Err(ApiError::invalid(
             field,
-            format!("prompt + `{field}` need {blocks} KV blocks; the worker group has {}", model.total_blocks),
+            format!(
+                "prompt + `{field}` need {blocks} KV blocks; the worker group has {}",
+                model.total_blocks
+            ),
         ));
     }
     let deadline = p.timeout.or(config.default_timeout).map(|t| arrival + t);
@@ -226,18 +279,27 @@ fn tokenize(input: Option<Input>, model: &ModelInfo) -> Result<Vec<u32>, ApiErro
         Ok(ids)
     };
     match input {
-        None => Err(ApiError::invalid("prompt", "a prompt (or messages) is required")),
+        None => Err(ApiError::invalid(
+            "prompt",
+            "a prompt (or messages) is required",
+        )),
         Some(Input::Text(text)) => encode(&text, "prompt"),
         Some(Input::Tokens(ids)) => {
             let vocab = model.tokenizer.get_vocab_size(true) as u32;
             if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
-                return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary")));
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary"),
+                ));
             }
             Ok(ids)
         }
         Some(Input::Chat(messages)) => {
             if messages.is_empty() {
-                return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+                return Err(ApiError::invalid(
+                    "messages",
+                    "`messages` must not be empty",
+                ));
             }
             let text = model
                 .chat_template

@@ -14,8 +14,14 @@ use crate::generation::TokenOut;
 use crate::service::{Service, request_id};
 use crate::validate::served_name;
 
-pub async fn handle(State(service): State<Service>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    run(service, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+pub async fn handle(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(service, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// The chat `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
@@ -32,19 +38,30 @@ fn logprobs_json(tokens: &[TokenOut]) -> Value {
     json!({ "content": content })
 }
 
-async fn run(service: Service, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn run(
+    service: Service,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let request: ChatRequest = parse_body(body, service.config.max_body_bytes)?;
     let stream = request.common.wants_stream();
     let include_usage = request.common.include_usage();
-    let (priority, timeout, user) =
-        (request.common.priority.clone(), request.common.timeout, request.common.user.clone());
+    let (priority, timeout, user) = (
+        request.common.priority.clone(),
+        request.common.timeout,
+        request.common.user.clone(),
+    );
     let want_logprobs = request.logprobs.unwrap_or(false);
     let mut params = request.into_params()?;
     extensions(&headers, &mut params, priority, timeout)?;
     let tenant = tenant(&headers, user.as_deref());
     let id = request_id("chatcmpl");
     let generation = service.start(id.clone(), params, tenant.as_deref())?;
-    let model = service.groups.model().map(|m| served_name(&service.config, &m)).unwrap_or_default();
+    let model = service
+        .groups
+        .model()
+        .map(|m| served_name(&service.config, &m))
+        .unwrap_or_default();
     let created = unix_now();
     if stream {
         let head = json!({
@@ -77,7 +94,10 @@ async fn run(service: Service, headers: HeaderMap, body: Result<Bytes, BytesReje
                 })
             },
         );
-        return Ok(sse(futures::StreamExt::chain(futures::stream::once(async move { head }), events)));
+        return Ok(sse(futures::StreamExt::chain(
+            futures::stream::once(async move { head }),
+            events,
+        )));
     }
     let out = generation.collect().await?;
     Ok(axum::Json(json!({

@@ -14,8 +14,14 @@ use crate::generation::TokenOut;
 use crate::service::{Service, request_id};
 use crate::validate::served_name;
 
-pub async fn handle(State(service): State<Service>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    run(service, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+pub async fn handle(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(service, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// The legacy `logprobs` object for `tokens`, offsets counted from `offset`.
@@ -37,19 +43,30 @@ fn logprobs_json(tokens: &[TokenOut], mut offset: usize) -> Value {
     })
 }
 
-async fn run(service: Service, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn run(
+    service: Service,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse_body(body, service.config.max_body_bytes)?;
     let stream = request.common.wants_stream();
     let include_usage = request.common.include_usage();
-    let (priority, timeout, user) =
-        (request.common.priority.clone(), request.common.timeout, request.common.user.clone());
+    let (priority, timeout, user) = (
+        request.common.priority.clone(),
+        request.common.timeout,
+        request.common.user.clone(),
+    );
     let want_logprobs = request.logprobs.is_some();
     let mut params = request.into_params()?;
     extensions(&headers, &mut params, priority, timeout)?;
     let tenant = tenant(&headers, user.as_deref());
     let id = request_id("cmpl");
     let generation = service.start(id.clone(), params, tenant.as_deref())?;
-    let model = service.groups.model().map(|m| served_name(&service.config, &m)).unwrap_or_default();
+    let model = service
+        .groups
+        .model()
+        .map(|m| served_name(&service.config, &m))
+        .unwrap_or_default();
     let created = unix_now();
     if stream {
         let (id2, model2) = (id.clone(), model.clone());

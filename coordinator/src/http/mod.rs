@@ -42,8 +42,14 @@ pub fn router(service: Service) -> axum::Router {
 }
 
 /// Serves the HTTP API on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, service: Service, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(service)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(
+    listener: TcpListener,
+    service: Service,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(service))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn auth(State(service): State<Service>, request: Request, next: Next) -> Response {
@@ -61,21 +67,36 @@ async fn auth(State(service): State<Service>, request: Request, next: Next) -> R
 }
 
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, axum::Json(ApiError::invalid("path", "no such endpoint").to_json())).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(ApiError::invalid("path", "no such endpoint").to_json()),
+    )
+        .into_response()
 }
 
 async fn health(State(service): State<Service>) -> Response {
     let ready = *service.groups.ready_count().borrow();
     if ready > 0 {
-        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok", "groups": ready}))).into_response()
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok", "groups": ready})),
+        )
+            .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "no worker group ready"})))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "no worker group ready"})),
+        )
             .into_response()
     }
 }
 
 async fn metrics(State(service): State<Service>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], service.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        service.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn models(State(service): State<Service>) -> Response {
@@ -93,7 +114,10 @@ async fn models(State(service): State<Service>) -> Response {
 }
 
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Parses a JSON body into `T`, with errors that say what is wrong and where.
@@ -105,27 +129,45 @@ pub(crate) fn parse_body<T: DeserializeOwned + Default>(
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit }
         } else {
-            ApiError::Invalid { param: None, message: format!("cannot read the request body: {rejection}") }
+            ApiError::Invalid {
+                param: None,
+                message: format!("cannot read the request body: {rejection}"),
+            }
         }
     })?;
     let text = std::str::from_utf8(&body).map_err(|e| ApiError::Invalid {
         param: None,
-        message: format!("the request body is not valid UTF-8 (at byte {})", e.valid_up_to()),
+        message: format!(
+            "the request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ),
     })?;
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::Invalid { param: None, message: format!("malformed JSON in the request body: {e}") })?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ApiError::Invalid {
+        param: None,
+        message: format!("malformed JSON in the request body: {e}"),
+    })?;
     let serde_json::Value::Object(map) = &value else {
-        return Err(ApiError::Invalid { param: None, message: "the request body must be a JSON object".into() });
+        return Err(ApiError::Invalid {
+            param: None,
+            message: "the request body must be a JSON object".into(),
+        });
     };
     serde_json::from_value::<T>(value.clone()).map_err(|e| {
         // Find the field at fault: deserialize it alone (every field is optional).
         for (key, field) in map {
-            let single = serde_json::Value::Object([(key.clone(), field.clone())].into_iter().collect());
+            let single =
+                serde_json::Value::Object([(key.clone(), field.clone())].into_iter().collect());
             if let Err(field_error) = serde_json::from_value::<T>(single) {
-                return ApiError::invalid(key.clone(), format!("invalid value for `{key}`: {field_error}"));
+                return ApiError::invalid(
+                    key.clone(),
+                    format!("invalid value for `{key}`: {field_error}"),
+                );
             }
         }
-        ApiError::Invalid { param: None, message: format!("invalid request body: {e}") }
+        ApiError::Invalid {
+            param: None,
+            message: format!("invalid request body: {e}"),
+        }
     })
 }
 
@@ -136,26 +178,36 @@ pub(crate) fn extensions(
     priority: Option<String>,
     timeout: Option<f64>,
 ) -> Result<(), ApiError> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let (priority, priority_field) = match header("x-shardline-priority") {
         Some(p) => (Some(p), "x-shardline-priority"),
         None => (priority, "priority"),
     };
     if let Some(p) = priority {
-        params.priority = Priority::parse(&p)
-            .ok_or_else(|| ApiError::invalid(priority_field, format!("unknown priority `{p}`; use high, normal or low")))?;
+        params.priority = Priority::parse(&p).ok_or_else(|| {
+            ApiError::invalid(
+                priority_field,
+                format!("unknown priority `{p}`; use high, normal or low"),
+            )
+        })?;
     }
     let timeout = match header("x-shardline-timeout") {
-        Some(t) => Some(
-            t.trim()
-                .parse::<f64>()
-                .map_err(|_| ApiError::invalid("x-shardline-timeout", "must be a number of seconds"))?,
-        ),
+        Some(t) => Some(t.trim().parse::<f64>().map_err(|_| {
+            ApiError::invalid("x-shardline-timeout", "must be a number of seconds")
+        })?),
         None => timeout,
     };
     if let Some(t) = timeout {
         if !t.is_finite() || t <= 0.0 || t > 86_400.0 * 7.0 {
-            return Err(ApiError::invalid("timeout", "`timeout` must be a positive number of seconds"));
+            return Err(ApiError::invalid(
+                "timeout",
+                "`timeout` must be a positive number of seconds",
+            ));
         }
         params.timeout = Some(Duration::from_secs_f64(t));
     }
@@ -190,9 +242,13 @@ where
     use futures::StreamExt;
     let stream = events
         .map(|v| Event::default().data(v.to_string()))
-        .chain(futures::stream::once(async { Event::default().data("[DONE]") }))
+        .chain(futures::stream::once(async {
+            Event::default().data("[DONE]")
+        }))
         .map(Ok::<_, std::convert::Infallible>);
-    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Error event inside a stream (the status line is already sent).
@@ -212,14 +268,17 @@ where
     C: Fn(&crate::generation::Chunk) -> serde_json::Value + Send + 'static,
     U: Fn(crate::generation::Usage) -> serde_json::Value + Send + 'static,
 {
-    futures::stream::unfold((Some(generation), on_chunk, on_usage), move |(state, on_chunk, on_usage)| async move {
-        let mut generation = state?;
-        let (event, next) = match generation.next().await {
-            Some(Ok(chunk)) => (on_chunk(&chunk), Some(generation)),
-            Some(Err(e)) => (stream_error(&e), None),
-            None if include_usage => (on_usage(generation.usage()), None),
-            None => return None,
-        };
-        Some((event, (next, on_chunk, on_usage)))
-    })
+    futures::stream::unfold(
+        (Some(generation), on_chunk, on_usage),
+        move |(state, on_chunk, on_usage)| async move {
+            let mut generation = state?;
+            let (event, next) = match generation.next().await {
+                Some(Ok(chunk)) => (on_chunk(&chunk), Some(generation)),
+                Some(Err(e)) => (stream_error(&e), None),
+                None if include_usage => (on_usage(generation.usage()), None),
+                None => return None,
+            };
+            Some((event, (next, on_chunk, on_usage)))
+        },
+    )
 }

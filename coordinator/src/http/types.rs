@@ -105,7 +105,10 @@ impl Common {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
     }
 
     fn into_params(self) -> GenerateParams {
@@ -138,7 +141,10 @@ impl Common {
 impl CompletionRequest {
     pub fn into_params(self) -> Result<GenerateParams, ApiError> {
         if self.best_of.is_some_and(|b| b != 1) {
-            return Err(ApiError::invalid("best_of", "`best_of` other than 1 is not supported"));
+            return Err(ApiError::invalid(
+                "best_of",
+                "`best_of` other than 1 is not supported",
+            ));
         }
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
@@ -149,7 +155,12 @@ impl CompletionRequest {
             Some(PromptInput::Tokens(t)) => Input::Tokens(t),
             Some(PromptInput::Texts(mut v)) if v.len() == 1 => Input::Text(v.remove(0)),
             Some(PromptInput::TokenLists(mut v)) if v.len() == 1 => Input::Tokens(v.remove(0)),
-            Some(_) => return Err(ApiError::invalid("prompt", "only one prompt per request is supported")),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "only one prompt per request is supported",
+                ));
+            }
         };
         let mut params = self.common.into_params();
         params.input = Some(input);
@@ -167,7 +178,10 @@ impl ChatRequest {
         let mut out = Vec::with_capacity(messages.len());
         for (i, m) in messages.into_iter().enumerate() {
             if m.role.is_empty() {
-                return Err(ApiError::invalid(format!("messages[{i}].role"), "`role` must not be empty"));
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    "`role` must not be empty",
+                ));
             }
             let content = match m.content {
                 None => String::new(),
@@ -186,7 +200,10 @@ impl ChatRequest {
                     text
                 }
             };
-            out.push(Message { role: m.role, content });
+            out.push(Message {
+                role: m.role,
+                content,
+            });
         }
         let max_completion = self.max_completion_tokens;
         let mut params = self.common.into_params();
@@ -198,7 +215,10 @@ impl ChatRequest {
         params.logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (true, k) => Some(k.unwrap_or(0)),
             (false, Some(k)) if k > 0 => {
-                return Err(ApiError::invalid("top_logprobs", "`top_logprobs` requires `logprobs: true`"));
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "`top_logprobs` requires `logprobs: true`",
+                ));
             }
             (false, _) => None,
         };

@@ -1,0 +1,347 @@
+//! Scheduling behaviour over fake workers: continuous batching, backpressure,
+//! cancellation, deadlines, priorities and migration off a failed group.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::json;
+use shardline_coordinator::Config;
+use shardline_coordinator::testing::{FakeWorkerConfig, test_tokenizer};
+
+fn slow(step_ms: u64) -> FakeWorkerConfig {
+    FakeWorkerConfig {
+        step_delay: Duration::from_millis(step_ms),
+        ..Default::default()
+    }
+}
+
+/// Issue 2, test 2: 16 concurrent streams share steps; each output equals its solo output.
+#[tokio::test]
+async fn concurrent_streams_are_batched() {
+    let c = one_worker(Config::default(), slow(5)).await;
+    let solo = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "solo run 0", "max_tokens": 40, "temperature": 0}),
+        )
+        .await
+        .1;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let http = c.http.clone();
+        let url = format!("{}/v1/completions", c.base);
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("solo run {i}"), "max_tokens": 40, "temperature": 0, "stream": true});
+            let events = sse_events(http.post(url).json(&body).send().await.unwrap()).await;
+            completion_text(&events)
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let text = t.await.unwrap();
+        assert_eq!(text, expected_greedy(&format!("solo run {i}"), 40));
+        if i == 0 {
+            assert_eq!(text, solo["choices"][0]["text"].as_str().unwrap());
+        }
+    }
+    let max_batch = c.workers[0]
+        .stats()
+        .batch_sizes
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .max()
+        .unwrap();
+    assert!(max_batch >= 8, "largest batch was {max_batch}");
+    let metrics = c.metrics().await;
+    assert!(
+        metrics.contains("shardline_batch_size_count{group=\"fake-0\"}"),
+        "{metrics}"
+    );
+}
+
+/// Issue 2, test 3: over --max-concurrent-requests → immediate 429 with Retry-After.
+#[tokio::test]
+async fn excess_requests_get_429_with_retry_after() {
+    let config = Config {
+        max_concurrent_requests: 4,
+        ..Config::default()
+    };
+    let c = one_worker(config, slow(20)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let http = c.http.clone();
+        let url = format!("{}/v1/completions", c.base);
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"prompt": "busy", "max_tokens": 10}))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, retry_after, body)
+        }));
+    }
+    let (mut ok, mut rejected) = (0, 0);
+    for t in tasks {
+        let (status, retry_after, body) = t.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                assert_eq!(body["usage"]["completion_tokens"], 10);
+            }
+            429 => {
+                rejected += 1;
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                assert_eq!(body["error"]["type"], "rate_limit_error");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(ok >= 4, "admitted ones complete ({ok})");
+    assert!(rejected >= 30, "most of the burst is refused ({rejected})");
+    assert!(
+        c.metrics()
+            .await
+            .contains("shardline_requests_rejected_total{reason=\"max_concurrent_requests\"}")
+    );
+}
+
+/// Issue 2, test 4: dropped streams give their KV blocks back.
+#[tokio::test]
+async fn dropped_streams_release_their_kv_blocks() {
+    let c = one_worker(Config::default(), slow(10)).await;
+    let total = c.workers[0].free_blocks();
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let body = json!({"prompt": format!("cancel me {i} ").repeat(10), "max_tokens": 1000, "stream": true});
+        let r = c
+            .http
+            .post(format!("{}/v1/completions", c.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let mut s = r.bytes_stream();
+        let first = s.next().await.unwrap().unwrap();
+        assert!(!first.is_empty());
+        streams.push(s);
+    }
+    assert!(
+        c.workers[0].free_blocks() < total,
+        "sequences hold blocks while streaming"
+    );
+    drop(streams);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.workers[0].free_blocks() != total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "blocks not returned: {} of {total}",
+            c.workers[0].free_blocks()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(c.workers[0].running(), 0);
+    assert!(
+        c.workers[0].stats().releases.load(Ordering::SeqCst) >= 1,
+        "released through Release"
+    );
+}
+
+/// A non-streaming request whose client goes away is released as well.
+#[tokio::test]
+async fn dropped_non_streaming_request_is_released() {
+    let c = one_worker(Config::default(), slow(10)).await;
+    let total = c.workers[0].free_blocks();
+    let http = c.http.clone();
+    let url = format!("{}/v1/completions", c.base);
+    let request = tokio::spawn(async move {
+        let _ = http
+            .post(url)
+            .json(&json!({"prompt": "long one", "max_tokens": 1500}))
+            .send()
+            .await;
+    });
+    while c.workers[0].running() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    request.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.workers[0].free_blocks() != total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "non-streaming request not released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Issue 2, test 5a: a request whose deadline passes in the queue gets 504 and never
+/// reaches the worker.
+#[tokio::test]
+async fn deadline_expired_in_queue_never_reaches_the_worker() {
+    let c = one_worker(
+        Config {
+            max_num_seqs: 1,
+            ..Config::default()
+        },
+        slow(20),
+    )
+    .await;
+    let http = c.http.clone();
+    let url = format!("{}/v1/completions", c.base);
+    let blocker = tokio::spawn(async move {
+        http.post(url)
+            .json(&json!({"prompt": "blocker", "max_tokens": 30}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    while c.workers[0].stats().admitted.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .header("x-shardline-timeout", "0.1")
+        .json(&json!({"prompt": "late", "max_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "deadline_exceeded");
+    assert_eq!(blocker.await.unwrap(), 200);
+    assert_eq!(
+        c.workers[0].stats().admitted.load(Ordering::SeqCst),
+        1,
+        "the expired request never reached the worker"
+    );
+    // The body field works too.
+    let (status, _) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "ok", "max_tokens": 2, "timeout": 30}),
+        )
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// Issue 2, test 5b: with the group saturated, `high` requests run before `low` ones
+/// that arrived earlier.
+#[tokio::test]
+async fn high_priority_overtakes_earlier_low_priority() {
+    let c = one_worker(
+        Config {
+            max_num_seqs: 1,
+            ..Config::default()
+        },
+        slow(10),
+    )
+    .await;
+    let send = |prompt: &str, priority: &str| {
+        let http = c.http.clone();
+        let url = format!("{}/v1/completions", c.base);
+        // The blocker keeps the only slot busy while the others queue.
+        let max_tokens = if prompt == "blocker" { 40 } else { 3 };
+        let body = json!({"prompt": prompt, "max_tokens": max_tokens});
+        let priority = priority.to_string();
+        tokio::spawn(async move {
+            http.post(url)
+                .header("x-shardline-priority", priority)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let blocker = send("blocker", "normal");
+    while c.workers[0].stats().admitted.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut lows = Vec::new();
+    for i in 0..3 {
+        lows.push(send(&format!("low {i}"), "low"));
+    }
+    // Let the low ones reach the queue first.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let high = send("high", "high");
+    assert_eq!(blocker.await.unwrap(), 200);
+    assert_eq!(high.await.unwrap(), 200);
+    for l in lows {
+        assert_eq!(l.await.unwrap(), 200);
+    }
+    let tokenizer = test_tokenizer();
+    let order: Vec<String> = c.workers[0]
+        .stats()
+        .admitted_prompts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| tokenizer.decode(p, false).unwrap())
+        .collect();
+    assert_eq!(order[0], "blocker");
+    assert_eq!(order[1], "high", "admission order: {order:?}");
+}
+
+/// Issue 3's mechanism: when a group's step fails, its requests continue on another group
+/// with nothing lost or duplicated.
+#[tokio::test]
+async fn requests_migrate_off_a_failed_group() {
+    let workers = vec![
+        FakeWorkerConfig {
+            group_id: "a".into(),
+            ..slow(10)
+        },
+        FakeWorkerConfig {
+            group_id: "b".into(),
+            ..slow(10)
+        },
+    ];
+    let c = cluster(Config::default(), workers).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let http = c.http.clone();
+        let url = format!("{}/v1/completions", c.base);
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("migrate {i} "), "max_tokens": 60, "temperature": 0, "stream": true,
+                              "stream_options": {"include_usage": true}});
+            sse_events(http.post(url).json(&body).send().await.unwrap()).await
+        }));
+    }
+    // Fail whichever group holds sequences, mid-generation.
+    let victim = loop {
+        if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    victim.stats().fail.store(true, Ordering::SeqCst);
+    for (i, t) in tasks.into_iter().enumerate() {
+        let events = t.await.unwrap();
+        assert_eq!(
+            completion_text(&events),
+            expected_greedy(&format!("migrate {i} "), 60),
+            "request {i}"
+        );
+        assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 60);
+    }
+    let metrics = c.metrics().await;
+    assert!(
+        metrics.contains("shardline_request_migrations_total"),
+        "{metrics}"
+    );
+}
