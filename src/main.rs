@@ -44,10 +44,34 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Up(args) => up::run(args, shutdown).await,
             Command::Coordinator(args) => shardline_coordinator::run(args, shutdown).await,
-            Command::Worker(args) => shardline_worker::run(args, shutdown).await,
+            Command::Worker(args) => match sim_profile(&args) {
+                Some(profile) => shardline_bench::run_sim(sim_args(args, profile), shutdown).await,
+                None => shardline_worker::run(args, shutdown).await,
+            },
             Command::Bench(args) => shardline_bench::run(args, shutdown).await,
         }
     })
+}
+
+/// `--model sim:<profile>` selects the simulated worker (a cost model, no weights).
+fn sim_profile(args: &shardline_worker::WorkerArgs) -> Option<String> {
+    let model = args.model.to_str()?;
+    model.starts_with("sim:").then(|| model.to_string())
+}
+
+/// The simulated worker with the worker flags that apply to it; its own knobs (time
+/// scale, tokenizer) are flags of `shardline bench sim`.
+fn sim_args(args: shardline_worker::WorkerArgs, profile: String) -> shardline_bench::SimArgs {
+    shardline_bench::SimArgs {
+        profile,
+        listen: args.listen,
+        tokenizer: None,
+        chat_template: None,
+        group_id: args.group_id,
+        time_scale: 1.0,
+        kv_blocks: args.kv_blocks.map(|b| b as u32),
+        max_num_seqs: Some(args.max_num_seqs as u32),
+    }
 }
 
 /// Cancels `shutdown` on the first Ctrl-C or SIGTERM; a second one exits at once.
