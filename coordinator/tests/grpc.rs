@@ -107,3 +107,36 @@ async fn health_service_reports_serving() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+#[tokio::test]
+async fn dropped_grpc_stream_releases_the_sequence() {
+    let c = one_worker(
+        Config::default(),
+        FakeWorkerConfig {
+            step_delay: std::time::Duration::from_millis(10),
+            ..Default::default()
+        },
+    )
+    .await;
+    let total = c.workers[0].free_blocks();
+    let mut client = InferenceClient::connect(format!("http://{}", c.coordinator.grpc_addr))
+        .await
+        .unwrap();
+    let request = GenerateRequest {
+        prompt: "stream then leave ".into(),
+        max_tokens: Some(1000),
+        ..Default::default()
+    };
+    let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap();
+    assert!(c.workers[0].free_blocks() < total);
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while c.workers[0].free_blocks() != total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gRPC stream not released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -486,3 +486,65 @@ async fn bad_inputs_get_clear_4xx_and_serving_continues() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["text"], "sti");
 }
+
+#[tokio::test]
+async fn tenant_limits_apply_per_tenant() {
+    let config = Config {
+        tenant_rate: 0.001,
+        tenant_burst: 2.0,
+        ..Config::default()
+    };
+    let c = one_worker(config, FakeWorkerConfig::default()).await;
+    let send = |tenant: &'static str| {
+        let http = c.http.clone();
+        let url = format!("{}/v1/completions", c.base);
+        async move {
+            let r = http
+                .post(url)
+                .header("x-shardline-tenant", tenant)
+                .json(&json!({"prompt": "t", "max_tokens": 1}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").is_some(),
+            )
+        }
+    };
+    assert_eq!(send("acme").await.0, 200);
+    assert_eq!(send("acme").await.0, 200);
+    assert_eq!(send("acme").await, (429, true), "burst of 2 spent");
+    assert_eq!(
+        send("globex").await.0,
+        200,
+        "other tenants are not affected"
+    );
+    // `user` is the tenant when no header is given.
+    let (s1, _) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "t", "max_tokens": 1, "user": "u1"}),
+        )
+        .await;
+    let (s2, _) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "t", "max_tokens": 1, "user": "u1"}),
+        )
+        .await;
+    let (s3, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "t", "max_tokens": 1, "user": "u1"}),
+        )
+        .await;
+    assert_eq!((s1, s2, s3), (200, 200, 429), "{body}");
+}
+
+#[tokio::test]
+async fn completions_default_to_16_tokens() {
+    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
+    let (_, body) = c.post("/v1/completions", json!({"prompt": "abc"})).await;
+    assert_eq!(body["usage"]["completion_tokens"], 16);
+}

@@ -17,6 +17,10 @@ pub enum PromptInput {
     TokenLists(Vec<Vec<u32>>),
 }
 
+/// `max_tokens` of `/v1/completions` when the request sets none (OpenAI's default).
+/// Chat requests default to the room left in the context instead.
+pub const DEFAULT_COMPLETION_MAX_TOKENS: i64 = 16;
+
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -163,6 +167,8 @@ impl CompletionRequest {
             }
         };
         let mut params = self.common.into_params();
+        // OpenAI's (and vLLM's) legacy completions default.
+        params.max_tokens = params.max_tokens.or(Some(DEFAULT_COMPLETION_MAX_TOKENS));
         params.input = Some(input);
         params.logprobs = self.logprobs;
         params.echo = self.echo.unwrap_or(false);
