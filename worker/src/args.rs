@@ -77,7 +77,21 @@ pub fn load_tokenizer(model: &std::path::Path) -> anyhow::Result<ModelTokenizer>
     Ok(tokenizer)
 }
 
+/// Loads the model, binds `--listen` and serves until `shutdown` (then drains).
 pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    run_with_listener(args, listener, shutdown).await
+}
+
+/// [`run`] on a listener the caller bound (tests bind `127.0.0.1:0`); `args.listen` is
+/// only used as the default group id.
+pub async fn run_with_listener(
+    args: WorkerArgs,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let defaults = LoadOptions::default();
     let opts = LoadOptions {
         block_size: args.block_size,
@@ -117,9 +131,6 @@ pub async fn run(args: WorkerArgs, shutdown: CancellationToken) -> anyhow::Resul
     );
     let (engine, engine_thread) = EngineHandle::spawn(runner, config)?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
     let draining = CancellationToken::new();
     let stop_serving = CancellationToken::new();
     let service = WorkerService::new(engine.clone(), draining.clone());
