@@ -45,6 +45,10 @@ pub async fn serve_fake(listener: TcpListener, cfg: FakeConfig, shutdown: Cancel
         .route("/v1/models", get(|| async { axum::Json(json!({"object": "list", "data": [{"id": "fake", "object": "model"}]})) }))
         .route("/metrics", get(metrics))
         .with_state(state);
+    // Without TCP_NODELAY, Nagle + delayed ACKs hold small SSE writes back ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 

@@ -13,6 +13,14 @@ use crate::metrics::RunSummary;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 const SIZE: (u32, u32) = (1400, 900);
+/// Distinguishable on white (matplotlib's tab10).
+const COLORS: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+];
 
 /// A plot could not be drawn or written.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +93,7 @@ fn lines<DB: DrawingBackend>(
         .label_style(("sans-serif", 14))
         .draw()?;
     for (i, (name, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
             .label(*name)
@@ -174,7 +182,7 @@ fn histogram<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, name: &str, valu
         .draw()?;
     chart.draw_series(counts.iter().enumerate().map(|(i, &c)| {
         let x0 = lo + width * i as f64;
-        Rectangle::new([(x0, 0), (x0 + width, c)], BLUE.mix(0.6).filled())
+        Rectangle::new([(x0, 0), (x0 + width, c)], COLORS[0].mix(0.8).filled())
     }))?;
     Ok(())
 }
