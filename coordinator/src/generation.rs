@@ -214,7 +214,7 @@ impl Generation {
                                 .decode(&self.request.prompt, true)
                                 .unwrap_or_default();
                             self.pending_tokens = tokens;
-                            if self.request.params.max_new_tokens == 0 {
+                            if self.request.max_tokens == 0 {
                                 return Some(Ok(self.finish(Finish::Length, text)));
                             }
                             return Some(Ok(Chunk {

@@ -360,6 +360,7 @@ mod tests {
             deadline: None,
             logprobs: None,
             echo: false,
+            max_tokens,
             arrival: Instant::now(),
         };
         let (tx, rx) = mpsc::unbounded_channel();

@@ -64,6 +64,8 @@ pub struct ValidRequest {
     pub logprobs: Option<u32>,
     /// Completions `echo`: prepend the prompt (and its logprobs).
     pub echo: bool,
+    /// `max_tokens` as the client asked (0 = score the prompt only).
+    pub max_tokens: u32,
     pub arrival: Instant,
 }
 

@@ -279,7 +279,9 @@ impl FakeWorker {
         let len = seq.prompt.len() + (seq.generated - p.num_generated) as usize;
         let finish = if token == EOS_ID && !p.ignore_eos && i >= p.min_tokens {
             FinishReason::Stop
-        } else if seq.generated >= p.max_new_tokens || len >= self.config.context_length as usize {
+        } else if (p.max_new_tokens > 0 && seq.generated >= p.max_new_tokens)
+            || len >= self.config.context_length as usize
+        {
             FinishReason::Length
         } else {
             FinishReason::Unspecified
@@ -360,7 +362,7 @@ impl FakeWorker {
                 })
                 .collect();
         }
-        if seq.generated >= seq.params.max_new_tokens {
+        if seq.params.max_new_tokens > 0 && seq.generated >= seq.params.max_new_tokens {
             result.finish_reason = FinishReason::Length as i32;
             let seq = inner.seqs.remove(&id).expect("present");
             inner.free_blocks += seq.blocks;

@@ -245,7 +245,9 @@ pub fn validate(
                 frequency_penalty: frequency as f32,
                 seed,
             }),
-            max_new_tokens: max_tokens as u32,
+            // The worker reads 0 as "no limit": a prompt-only request (`echo` with
+            // `max_tokens: 0`) runs one token that the coordinator drops.
+            max_new_tokens: max_tokens.max(1) as u32,
             stop_token_ids: Vec::new(),
             ignore_eos: p.ignore_eos,
             min_tokens,
@@ -259,6 +261,7 @@ pub fn validate(
         deadline,
         logprobs,
         echo: p.echo,
+        max_tokens: max_tokens as u32,
         arrival,
     })
 }
