@@ -124,6 +124,8 @@ pub enum BenchCommand {
     FakeServer(FakeServerArgs),
     /// Run a simulated worker group (same as `shardline worker --model sim:<profile>`).
     Sim(crate::sim::SimArgs),
+    /// Write the markdown report and plots of a scaling study (deploy/bench/scaling.sh).
+    ScalingReport(crate::scaling::ScalingReportArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]

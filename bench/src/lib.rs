@@ -10,6 +10,7 @@
 //! - [`report`], [`plot`]: the table, `--json` and PNG/SVG plots.
 //! - [`scrape`]: server gauges from `/metrics` during a run.
 //! - [`fake`]: a fake OpenAI server (tests, generator saturation).
+//! - [`scaling`]: the scaling-study report (`scaling-report`).
 //! - [`sim`]: the simulated worker (`shardline worker --model sim:<profile>`).
 
 pub mod args;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod plot;
 pub mod report;
 pub mod runner;
+pub mod scaling;
 pub mod scrape;
 pub mod sim;
 pub mod workload;
@@ -49,6 +51,10 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result
             Ok(())
         }
         Some(BenchCommand::Sim(s)) => run_sim(s, shutdown).await,
+        Some(BenchCommand::ScalingReport(r)) => {
+            print!("{}", scaling::write_report(&r)?);
+            Ok(())
+        }
         None => run_bench(&args, shutdown).await.map(|_| ()),
     }
 }

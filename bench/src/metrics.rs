@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a request did not complete.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -114,7 +114,7 @@ impl Slo {
 }
 
 /// Summary statistics of one latency metric, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Dist {
     pub count: usize,
     pub mean: f64,
@@ -167,7 +167,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Everything reported for one load point.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunSummary {
     /// The offered load, e.g. "rate=4/s" or "concurrency=8".
     pub load: String,
@@ -196,7 +196,7 @@ pub struct RunSummary {
     /// Share of completed requests that met every SLO.
     pub slo_attainment: Option<f64>,
     /// Server-side gauges scraped during the run, when asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<crate::scrape::ServerStats>,
 }
 

@@ -41,7 +41,8 @@ fn register_font() {
 
 type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-type Series<'a> = (&'a str, Vec<(f64, f64)>);
+/// A named line of (x, y) points.
+pub type Series<'a> = (&'a str, Vec<(f64, f64)>);
 
 /// Write `<dir>/<stem>.png` and `<dir>/<stem>.svg`; returns both paths.
 fn both(
@@ -133,7 +134,12 @@ pub fn sweep(dir: &Path, stem: &str, runs: &[RunSummary], x_desc: &str) -> Resul
         })));
     }
     let panels = [("TTFT", "ms", &ttft[..]), ("TPOT / ITL", "ms", &tpot[..]), ("End-to-end latency", "ms", &e2e[..]), ("Throughput", "tokens/s", &thr[..])];
-    both(dir, stem, |r| draw_grid(r, x_desc, &panels), |r| draw_grid(r, x_desc, &panels))
+    grid(dir, stem, x_desc, &panels)
+}
+
+/// Four panels (title, y axis, series) in a 2 × 2 grid sharing the x axis description.
+pub fn grid(dir: &Path, stem: &str, x_desc: &str, panels: &[(&str, &str, &[Series<'_>])]) -> Result<Vec<PathBuf>, PlotError> {
+    both(dir, stem, |r| draw_grid(r, x_desc, panels), |r| draw_grid(r, x_desc, panels))
 }
 
 fn draw_grid<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, x_desc: &str, panels: &[(&str, &str, &[Series<'_>])]) -> DrawResult<DB> {

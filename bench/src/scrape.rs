@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub const BATCH_SIZE: &str = "shardline_batch_size";
@@ -11,7 +11,7 @@ pub const KV_USAGE: &str = "shardline_kv_cache_usage_perc";
 pub const RUNNING: &str = "shardline_num_requests_running";
 
 /// Server gauges over one run (means and maxima of the samples).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerStats {
     pub samples: u32,
     /// Mean batch size: from the histogram's Δsum/Δcount when the server exports one,
