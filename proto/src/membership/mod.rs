@@ -10,6 +10,38 @@
 //!
 //! `proto/MEMBERSHIP.md` explains the lifecycle, the outage behaviour and the
 //! multi-coordinator design.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), shardline_proto::membership::MembershipError> {
+//! use futures::StreamExt;
+//! use shardline_proto::membership::{Membership, MembershipEvent, MembershipView, DEFAULT_LEASE_TTL};
+//! use shardline_proto::v1::{WorkerRecord, WorkerState};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! // `Membership::etcd(&["http://127.0.0.1:2379"], "/shardline").await?` in a cluster.
+//! let membership = Membership::in_memory();
+//!
+//! // Worker: register, drain, leave.
+//! let record = WorkerRecord { group_id: "g0".into(), address: "http://10.0.0.7:50051".into(), ..Default::default() };
+//! let registration = membership.register(record, DEFAULT_LEASE_TTL)?;
+//! registration.wait_registered().await;
+//!
+//! // Coordinator: fold the events into a view.
+//! let shutdown = CancellationToken::new();
+//! let mut watch = membership.watch(&shutdown);
+//! let mut view = MembershipView::new();
+//! while let Some(event) = watch.next().await {
+//!     let synced = event == MembershipEvent::Synced;
+//!     view.apply(event);
+//!     if synced { break; }
+//! }
+//! assert_eq!(view.ready().count(), 1);
+//!
+//! registration.set_state(WorkerState::Draining);
+//! registration.deregister().await?;
+//! # Ok(()) }
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;

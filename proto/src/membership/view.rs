@@ -13,8 +13,12 @@ use crate::v1::{WorkerRecord, WorkerState};
 pub enum ViewChange {
     /// A group the view did not hold.
     Added(String),
-    /// A held group's record changed (state, address, capacity, version).
+    /// A held group's record changed (state, capacity, version) within the same process.
     Updated(String),
+    /// The group id is now served by another process (start time or address changed):
+    /// every sequence the old process held is gone and must be migrated. A fast restart
+    /// re-registers before the old lease expires, so no `Removed` comes first.
+    Restarted(String),
     Removed(String),
     /// The view is complete (first read or a resync done).
     Synced,
@@ -42,6 +46,12 @@ impl MembershipView {
                 match self.groups.insert(group_id.clone(), record.clone()) {
                     None => ViewChange::Added(group_id),
                     Some(old) if old == record => ViewChange::Unchanged,
+                    Some(old)
+                        if old.start_time_unix_ms != record.start_time_unix_ms
+                            || old.address != record.address =>
+                    {
+                        ViewChange::Restarted(group_id)
+                    }
                     Some(_) => ViewChange::Updated(group_id),
                 }
             }
@@ -116,6 +126,19 @@ mod tests {
         );
         assert_eq!(view.get("a"), Some(&a2));
         assert_eq!(view.len(), 1);
+    }
+
+    #[test]
+    fn a_new_start_time_or_address_is_a_restart() {
+        let mut view = MembershipView::new();
+        view.apply(MembershipEvent::Put(record("a", WorkerState::Ready, 3)));
+        let mut again = record("a", WorkerState::Ready, 1);
+        again.start_time_unix_ms = 42;
+        let change = view.apply(MembershipEvent::Put(again.clone()));
+        assert_eq!(change, ViewChange::Restarted("a".into()));
+        again.address = "http://elsewhere:1".into();
+        let change = view.apply(MembershipEvent::Put(again));
+        assert_eq!(change, ViewChange::Restarted("a".into()));
     }
 
     #[test]
