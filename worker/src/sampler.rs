@@ -237,19 +237,27 @@ pub fn sample(
     index: u64,
     top_logprobs: usize,
 ) -> Result<Sampled, SamplerError> {
-    let mut logits: Vec<f32> = raw.iter().copied().map(clean).collect();
-    if cfg.has_penalties() {
-        penalties.apply(cfg, &mut logits);
-    }
-    for &t in banned {
-        if let Some(l) = logits.get_mut(t as usize) {
-            *l = f32::NEG_INFINITY;
+    // Copy the row only when something modifies it (greedy on raw logits is the hot path).
+    let modified;
+    let logits: &[f32] = if cfg.has_penalties() || !banned.is_empty() {
+        let mut l: Vec<f32> = raw.iter().copied().map(clean).collect();
+        if cfg.has_penalties() {
+            penalties.apply(cfg, &mut l);
         }
-    }
-    let token = if cfg.temperature == 0.0 {
-        greedy(&logits)?
+        for &t in banned {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        modified = l;
+        &modified
     } else {
-        draw(&logits, cfg, uniform(cfg.seed, index))?
+        raw
+    };
+    let token = if cfg.temperature == 0.0 {
+        greedy(logits)?
+    } else {
+        draw(logits, cfg, uniform(cfg.seed, index))?
     };
     let (logprob, top) = logprobs(raw, token, top_logprobs);
     Ok(Sampled {
@@ -288,12 +296,16 @@ const NUCLEUS_GUESS: usize = 256;
 /// Temperature, top-k, top-p, min-p, then inverse-CDF with `u`.
 fn draw(logits: &[f32], cfg: &SamplingConfig, u: f64) -> Result<u32, SamplerError> {
     let inv_t = 1.0 / cfg.temperature;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = logits
+        .iter()
+        .copied()
+        .map(clean)
+        .fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return Err(SamplerError::NoCandidate);
     }
     // Unnormalised probabilities relative to the best token (which gets 1).
-    let weight = |l: f32| (((l - max) * inv_t) as f64).exp();
+    let weight = |l: f32| (((clean(l) - max) * inv_t) as f64).exp();
     let top_k = cfg.top_k as usize;
     let nucleus = cfg.top_p > 0.0 && cfg.top_p < 1.0;
     let mut candidates: Vec<(u32, f32)> = if top_k > 0 && top_k < logits.len() {
@@ -456,6 +468,25 @@ mod tests {
         assert_eq!(err, SamplerError::NoCandidate);
         let err = sample(&[1.0], &cfg(0.7), &none(), &[0], 0, 1).unwrap_err();
         assert_eq!(err, SamplerError::NoCandidate);
+        // NaN never wins, with or without a nucleus.
+        let mut c = cfg(1.0);
+        for i in 0..50 {
+            assert_ne!(
+                sample(&[f32::NAN, 1.0, 2.0], &c, &none(), &[], i, 0)
+                    .unwrap()
+                    .token,
+                0
+            );
+        }
+        c.top_p = 0.9;
+        for i in 0..50 {
+            assert_ne!(
+                sample(&[f32::NAN, 1.0, 2.0], &c, &none(), &[], i, 0)
+                    .unwrap()
+                    .token,
+                0
+            );
+        }
     }
 
     #[test]

@@ -44,6 +44,37 @@ impl WorkerService {
     pub fn new(engine: EngineHandle, draining: CancellationToken) -> Self {
         Self { engine, draining }
     }
+
+    /// Runs a step; while draining, new sequences (chunks carrying a prompt) are refused
+    /// with `SEQ_STATUS_OUT_OF_BLOCKS` so the coordinator starts them elsewhere, and the
+    /// running ones go on.
+    async fn run_step(&self, mut req: pb::StepRequest) -> Result<pb::StepResponse, Status> {
+        if !self.draining.is_cancelled() || req.prefill.iter().all(|c| c.prompt.is_empty()) {
+            return self.engine.step(req).await.map_err(to_status);
+        }
+        let mut refused = Vec::new();
+        let mut kept = Vec::new();
+        for (i, c) in std::mem::take(&mut req.prefill).into_iter().enumerate() {
+            if c.prompt.is_empty() {
+                kept.push(c);
+            } else {
+                refused.push((i, c.seq_id));
+            }
+        }
+        req.prefill = kept;
+        let mut resp = self.engine.step(req).await.map_err(to_status)?;
+        // Ascending original positions: each insert restores request order.
+        for (i, seq_id) in refused {
+            let result = pb::SeqResult {
+                seq_id,
+                status: pb::SeqStatus::OutOfBlocks as i32,
+                error: "the worker is draining; start the sequence elsewhere".into(),
+                ..Default::default()
+            };
+            resp.results.insert(i.min(resp.results.len()), result);
+        }
+        Ok(resp)
+    }
 }
 
 fn to_status(e: EngineError) -> Status {
@@ -75,11 +106,7 @@ impl Worker for WorkerService {
             prefill: request.into_inner().chunks,
             decode: Vec::new(),
         };
-        self.engine
-            .step(req)
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        self.run_step(req).await.map(Response::new)
     }
 
     async fn decode(
@@ -101,11 +128,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::StepRequest>,
     ) -> Result<Response<pb::StepResponse>, Status> {
-        self.engine
-            .step(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        self.run_step(request.into_inner()).await.map(Response::new)
     }
 
     async fn release(

@@ -136,6 +136,7 @@ async fn round_trip_over_loopback() {
     let health = health.into_inner();
     assert!(health.ready && !health.draining, "{health:?}");
     assert_eq!(health.num_running, 0);
+    assert_eq!(health.sequences_started, 2);
 
     // Standard gRPC health too.
     let channel = Channel::from_shared(format!("http://{addr}"))
@@ -169,7 +170,31 @@ async fn draining_is_reported() {
     let service = WorkerService::new(engine(), draining.clone());
     let server = tokio::spawn(serve_service(listener, service, shutdown.clone()));
     let mut c = client(addr).await;
+    let r = c
+        .prefill(pb::PrefillRequest {
+            chunks: vec![chunk(1, vec![1, 2])],
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().results[0].status, pb::SeqStatus::Ok as i32);
     draining.cancel();
+    // Running sequences go on; new ones are turned away, in request order.
+    let r = c
+        .step(pb::StepRequest {
+            prefill: vec![chunk(2, vec![5])],
+            decode: vec![1],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].seq_id, 2);
+    assert_eq!(r.results[0].status, pb::SeqStatus::OutOfBlocks as i32);
+    assert!(
+        r.results[0].error.contains("draining"),
+        "{}",
+        r.results[0].error
+    );
+    assert_eq!(r.results[1].token.as_ref().unwrap().token_id, 4);
     let health = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
     assert!(!health.ready && health.draining, "{health:?}");
     assert_eq!(health.message, "draining");
