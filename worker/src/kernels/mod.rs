@@ -1,0 +1,348 @@
+//! CPU kernels of the model, written for batch invariance: every output element is
+//! reduced in an order that depends only on its own row and column, never on how many
+//! rows a call carries. That is what makes a sequence's logits bitwise identical alone
+//! or in a batch, and whatever its prefill chunking.
+//!
+//! - [`Linear`]: `y = x · Wᵀ` over rows of activations; weights stay in their storage
+//!   format (f32, or ggml quantized blocks with activations quantized per row, as
+//!   llama.cpp does). Parallel over output columns only.
+//! - [`rms_norm`], [`rope`], [`dot_f32`], [`silu_mul`]: per-row elementwise/reduction ops.
+//! - [`q4_1`]: AVX-512 Q4_1 × Q8_1 dot product with a portable fallback.
+
+pub mod q4_1;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+/// Weights of one linear layer, `out_dim` rows of `in_dim` values, in storage format.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q2K(Vec<BlockQ2K>),
+    Q3K(Vec<BlockQ3K>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+/// Errors building kernel inputs from raw checkpoint data.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("dtype {0:?} is not supported for matmul weights")]
+    UnsupportedDType(GgmlDType),
+    #[error("{what}: expected {expected} bytes/elements, got {got}")]
+    Size { what: String, expected: usize, got: usize },
+}
+
+fn blocks_from_bytes<T: GgmlType>(bytes: &[u8], what: &str) -> Result<Vec<T>, KernelError> {
+    let sz = std::mem::size_of::<T>();
+    if sz != T::DTYPE.type_size() || bytes.len() % sz != 0 {
+        return Err(KernelError::Size { what: what.into(), expected: sz, got: bytes.len() });
+    }
+    let n = bytes.len() / sz;
+    let mut v = vec![T::zeros(); n];
+    // SAFETY: `T` is one of candle's `#[repr(C)]` ggml block types, made only of f16 / u8 /
+    // i8 fields, so every bit pattern is a valid value; `v` owns exactly `n * sz` bytes and
+    // does not overlap `bytes`.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), n * sz) };
+    Ok(v)
+}
+
+/// A linear layer without bias: `y[r][o] = Σ_i x[r][i] · W[o][i]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub out_dim: usize,
+    pub in_dim: usize,
+    pub w: WeightData,
+}
+
+macro_rules! dispatch {
+    ($w:expr, $v:ident => $body:expr) => {
+        match $w {
+            WeightData::F32($v) => $body,
+            WeightData::Q4_0($v) => $body,
+            WeightData::Q4_1($v) => $body,
+            WeightData::Q5_0($v) => $body,
+            WeightData::Q5_1($v) => $body,
+            WeightData::Q8_0($v) => $body,
+            WeightData::Q2K($v) => $body,
+            WeightData::Q3K($v) => $body,
+            WeightData::Q4K($v) => $body,
+            WeightData::Q5K($v) => $body,
+            WeightData::Q6K($v) => $body,
+        }
+    };
+}
+
+impl Linear {
+    pub fn from_f32(out_dim: usize, in_dim: usize, w: Vec<f32>) -> Result<Self, KernelError> {
+        if w.len() != out_dim * in_dim {
+            return Err(KernelError::Size { what: "f32 weight".into(), expected: out_dim * in_dim, got: w.len() });
+        }
+        Ok(Linear { out_dim, in_dim, w: WeightData::F32(w) })
+    }
+
+    /// Builds a layer from raw ggml bytes (row-major, `out_dim` rows). F16/BF16 are
+    /// widened to f32.
+    pub fn from_ggml(dtype: GgmlDType, out_dim: usize, in_dim: usize, bytes: &[u8], what: &str) -> Result<Self, KernelError> {
+        let bs = dtype.block_size();
+        if in_dim % bs != 0 {
+            return Err(KernelError::Size { what: format!("{what}: row length vs block size {bs}"), expected: bs, got: in_dim });
+        }
+        let expected = out_dim * in_dim / bs * dtype.type_size();
+        if bytes.len() != expected {
+            return Err(KernelError::Size { what: what.into(), expected, got: bytes.len() });
+        }
+        let w = match dtype {
+            GgmlDType::F32 => WeightData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            GgmlDType::F16 => WeightData::F32(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            GgmlDType::BF16 => WeightData::F32(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            GgmlDType::Q4_0 => WeightData::Q4_0(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q4_1 => WeightData::Q4_1(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q5_0 => WeightData::Q5_0(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q5_1 => WeightData::Q5_1(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q8_0 => WeightData::Q8_0(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q2K => WeightData::Q2K(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q3K => WeightData::Q3K(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q4K => WeightData::Q4K(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q5K => WeightData::Q5K(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q6K => WeightData::Q6K(blocks_from_bytes(bytes, what)?),
+            other => return Err(KernelError::UnsupportedDType(other)),
+        };
+        Ok(Linear { out_dim, in_dim, w })
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        match &self.w {
+            WeightData::F32(_) => "f32",
+            WeightData::Q4_0(_) => "q4_0",
+            WeightData::Q4_1(_) => "q4_1",
+            WeightData::Q5_0(_) => "q5_0",
+            WeightData::Q5_1(_) => "q5_1",
+            WeightData::Q8_0(_) => "q8_0",
+            WeightData::Q2K(_) => "q2_k",
+            WeightData::Q3K(_) => "q3_k",
+            WeightData::Q4K(_) => "q4_k",
+            WeightData::Q5K(_) => "q5_k",
+            WeightData::Q6K(_) => "q6_k",
+        }
+    }
+
+    /// Stacks layers with the same input width and storage format along the output axis
+    /// (q|k|v, gate|up), so one call covers them. `None` if the formats differ.
+    pub fn concat(parts: Vec<Linear>) -> Option<Linear> {
+        let in_dim = parts.first()?.in_dim;
+        let out_dim = parts.iter().map(|p| p.out_dim).sum();
+        let mut it = parts.into_iter();
+        let first = it.next()?;
+        let mut w = first.w;
+        for p in it {
+            if p.in_dim != in_dim {
+                return None;
+            }
+            match (&mut w, p.w) {
+                (WeightData::F32(a), WeightData::F32(b)) => a.extend(b),
+                (WeightData::Q4_0(a), WeightData::Q4_0(b)) => a.extend(b),
+                (WeightData::Q4_1(a), WeightData::Q4_1(b)) => a.extend(b),
+                (WeightData::Q5_0(a), WeightData::Q5_0(b)) => a.extend(b),
+                (WeightData::Q5_1(a), WeightData::Q5_1(b)) => a.extend(b),
+                (WeightData::Q8_0(a), WeightData::Q8_0(b)) => a.extend(b),
+                (WeightData::Q2K(a), WeightData::Q2K(b)) => a.extend(b),
+                (WeightData::Q3K(a), WeightData::Q3K(b)) => a.extend(b),
+                (WeightData::Q4K(a), WeightData::Q4K(b)) => a.extend(b),
+                (WeightData::Q5K(a), WeightData::Q5K(b)) => a.extend(b),
+                (WeightData::Q6K(a), WeightData::Q6K(b)) => a.extend(b),
+                _ => return None,
+            }
+        }
+        Some(Linear { out_dim, in_dim, w })
+    }
+
+    /// Row `o` of the weights as f32 (embedding lookups from a tied, quantized table).
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
+        let n = self.in_dim;
+        dispatch!(&self.w, v => {
+            let per = v.len() / self.out_dim;
+            GgmlType::to_float(&v[o * per..(o + 1) * per], &mut out[..n]);
+        })
+    }
+
+    /// `x`: `rows × in_dim` → `rows × out_dim`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), rows * self.in_dim);
+        match &self.w {
+            WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows),
+            WeightData::Q4_1(w) => matmul_q(w, self.out_dim, self.in_dim, x, rows, q4_1::vec_dot),
+            other => dispatch!(other, v => matmul_q(v, self.out_dim, self.in_dim, x, rows, |n, a, b| GgmlType::vec_dot(n, a, b))),
+        }
+    }
+}
+
+/// Output columns per parallel task: small enough to spread over the threads, large
+/// enough to amortise task overhead. Does not affect numerics.
+fn col_chunk(out_dim: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    out_dim.div_ceil(threads * 4).clamp(8, 256)
+}
+
+/// Runs `f(o, yt_col)` for every output column in parallel, `yt_col` being the column's
+/// `rows` outputs, then lays the result out row-major.
+fn per_column(out_dim: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let ch = col_chunk(out_dim);
+    let mut yt = vec![0f32; out_dim * rows];
+    yt.par_chunks_mut(ch * rows).enumerate().for_each(|(c, chunk)| {
+        for (j, col) in chunk.chunks_mut(rows).enumerate() {
+            f(c * ch + j, col);
+        }
+    });
+    if rows == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; out_dim * rows];
+    for o in 0..out_dim {
+        for r in 0..rows {
+            y[r * out_dim + o] = yt[o * rows + r];
+        }
+    }
+    y
+}
+
+fn matmul_f32(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usize) -> Vec<f32> {
+    per_column(out_dim, rows, |o, col| {
+        let wr = &w[o * in_dim..(o + 1) * in_dim];
+        for (r, y) in col.iter_mut().enumerate() {
+            *y = dot_f32(wr, &x[r * in_dim..(r + 1) * in_dim]);
+        }
+    })
+}
+
+fn matmul_q<T: GgmlType>(
+    w: &[T],
+    out_dim: usize,
+    in_dim: usize,
+    x: &[f32],
+    rows: usize,
+    vec_dot: impl Fn(usize, &[T], &[T::VecDotType]) -> f32 + Sync,
+) -> Vec<f32> {
+    let xb = in_dim / T::VecDotType::BLCK_SIZE;
+    let wb = in_dim / T::BLCK_SIZE;
+    let mut xq = vec![T::VecDotType::zeros(); rows * xb];
+    for r in 0..rows {
+        T::VecDotType::from_float(&x[r * in_dim..(r + 1) * in_dim], &mut xq[r * xb..(r + 1) * xb]);
+    }
+    per_column(out_dim, rows, |o, col| {
+        let wr = &w[o * wb..(o + 1) * wb];
+        for (r, y) in col.iter_mut().enumerate() {
+            *y = vec_dot(in_dim, wr, &xq[r * xb..(r + 1) * xb]);
+        }
+    })
+}
+
+/// Dot product with a fixed reduction order (16 lanes, then a fixed tree), whatever the
+/// caller: the compiler vectorises the lanes without reassociating.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let n16 = a.len() / 16 * 16;
+    for (ca, cb) in a[..n16].chunks_exact(16).zip(b[..n16].chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut tail = 0f32;
+    for i in n16..a.len() {
+        tail += a[i] * b[i];
+    }
+    for w in [8, 4, 2, 1] {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + tail
+}
+
+/// `y = x / rms(x) · w` for each row of `x` (`rows × w.len()`). Sequential sum and a
+/// division, the order candle's `rms_norm` uses, so we track the reference closely.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+        let sum2: f32 = xr.iter().map(|v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for i in 0..n {
+            yr[i] = xr[i] / m * w[i];
+        }
+    }
+    y
+}
+
+/// Rotates one head vector in place; `cos`/`sin` hold one value per pair.
+#[inline]
+pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * cos[i] - x1 * sin[i];
+        x[b] = x0 * sin[i] + x1 * cos[i];
+    }
+}
+
+/// SwiGLU on rows of `gu` = `[gate | up]` (each `ffn` wide) → `rows × ffn`.
+pub fn silu_mul(gu: &[f32], ffn: usize) -> Vec<f32> {
+    let rows = gu.len() / (2 * ffn);
+    let mut out = vec![0f32; rows * ffn];
+    for r in 0..rows {
+        let g = &gu[r * 2 * ffn..r * 2 * ffn + ffn];
+        let u = &gu[r * 2 * ffn + ffn..(r + 1) * 2 * ffn];
+        for i in 0..ffn {
+            out[r * ffn + i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    }
+
+    #[test]
+    fn matmul_rows_are_independent_of_batch() {
+        let mut s = 7;
+        let (out, inn) = (70, 96);
+        let w: Vec<f32> = (0..out * inn).map(|_| lcg(&mut s)).collect();
+        let x: Vec<f32> = (0..5 * inn).map(|_| lcg(&mut s)).collect();
+        let mut q = vec![BlockQ8_0::zeros(); out * inn / 32];
+        BlockQ8_0::from_float(&w, &mut q);
+        for lin in [Linear::from_f32(out, inn, w.clone()).unwrap(), Linear { out_dim: out, in_dim: inn, w: WeightData::Q8_0(q) }] {
+            let all = lin.forward(&x, 5);
+            for r in 0..5 {
+                let one = lin.forward(&x[r * inn..(r + 1) * inn], 1);
+                assert_eq!(one, all[r * out..(r + 1) * out], "{} row {r}", lin.dtype_name());
+            }
+        }
+    }
+
+    #[test]
+    fn concat_stacks_outputs() {
+        let a = Linear::from_f32(2, 3, vec![1., 2., 3., 4., 5., 6.]).unwrap();
+        let b = Linear::from_f32(1, 3, vec![1., 0., 1.]).unwrap();
+        let c = Linear::concat(vec![a, b]).unwrap();
+        assert_eq!(c.forward(&[1., 1., 1.], 1), vec![6., 15., 2.]);
+    }
+}

@@ -1,0 +1,452 @@
+//! Paged KV cache: the block bookkeeping ([`BlockManager`], pure state, no tensors) and the
+//! key/value storage those blocks index ([`KvStore`]).
+//!
+//! A sequence owns a block table (block ids in position order). Blocks hold `block_size`
+//! token positions. Full blocks are keyed by a hash chained over every token up to their
+//! end, so two sequences whose prompts share a prefix share the same physical blocks
+//! (reference counted). A block whose refcount drops to zero while it is in the prefix
+//! cache is *evictable*: it keeps its contents for a later hit, counts as free, and is
+//! reused least-recently-freed first when the truly free list is empty.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use crate::runner::{RunnerError, SeqId};
+
+/// Index of a physical KV block.
+pub type BlockId = u32;
+
+#[derive(Debug, Clone)]
+struct SeqState {
+    /// Physical blocks in position order; may hold reserved, still empty blocks at the end.
+    blocks: Vec<BlockId>,
+    /// Tokens whose K/V are written (cached prefix included).
+    tokens: Vec<u32>,
+    /// Chain hash of each full block, `hashes[i]` covers `tokens[..(i + 1) * block_size]`.
+    hashes: Vec<u64>,
+}
+
+/// Block allocator, block tables and prefix cache.
+#[derive(Debug, Clone)]
+pub struct BlockManager {
+    block_size: usize,
+    refcount: Vec<u32>,
+    /// Blocks with no contents worth keeping.
+    free: Vec<BlockId>,
+    /// Prefix-cache key of a block, if it is registered.
+    block_hash: Vec<Option<u64>>,
+    cache: HashMap<u64, BlockId>,
+    /// Evictable blocks (refcount 0, in the cache) by the tick they were released at.
+    lru: BTreeMap<u64, BlockId>,
+    lru_tick: Vec<u64>,
+    tick: u64,
+    seqs: HashMap<SeqId, SeqState>,
+}
+
+fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+impl BlockManager {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        assert!(block_size > 0, "block size must be > 0; this is a bug");
+        BlockManager {
+            block_size,
+            refcount: vec![0; num_blocks],
+            // Popped from the end: hand out low ids first.
+            free: (0..num_blocks as BlockId).rev().collect(),
+            block_hash: vec![None; num_blocks],
+            cache: HashMap::new(),
+            lru: BTreeMap::new(),
+            lru_tick: vec![0; num_blocks],
+            tick: 0,
+            seqs: HashMap::new(),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.refcount.len()
+    }
+
+    /// Exact count of blocks an allocation can get (truly free + evictable).
+    pub fn free_blocks(&self) -> usize {
+        self.free.len() + self.lru.len()
+    }
+
+    pub fn contains(&self, id: SeqId) -> bool {
+        self.seqs.contains_key(&id)
+    }
+
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Registers `id`; attaches cached full blocks of `prompt`, at most `prompt.len() - 1`
+    /// tokens' worth, and returns how many tokens that covers.
+    pub fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize, RunnerError> {
+        if self.seqs.contains_key(&id) {
+            return Err(RunnerError::DuplicateSequence(id));
+        }
+        let bs = self.block_size;
+        let max_blocks = prompt.len().saturating_sub(1) / bs;
+        let mut state = SeqState { blocks: Vec::new(), tokens: Vec::new(), hashes: Vec::new() };
+        let mut parent = 0u64;
+        for b in 0..max_blocks {
+            let toks = &prompt[b * bs..(b + 1) * bs];
+            let h = chain_hash(parent, toks);
+            let Some(&block) = self.cache.get(&h) else { break };
+            if self.refcount[block as usize] == 0 {
+                self.lru.remove(&self.lru_tick[block as usize]);
+            }
+            self.refcount[block as usize] += 1;
+            state.blocks.push(block);
+            state.tokens.extend_from_slice(toks);
+            state.hashes.push(h);
+            parent = h;
+        }
+        let cached = state.tokens.len();
+        self.seqs.insert(id, state);
+        Ok(cached)
+    }
+
+    /// Tokens with K/V in the cache for `id`.
+    pub fn seq_len(&self, id: SeqId) -> Result<usize, RunnerError> {
+        self.seqs.get(&id).map(|s| s.tokens.len()).ok_or(RunnerError::UnknownSequence(id))
+    }
+
+    /// Block table of `id` (may include reserved blocks past its length).
+    pub fn block_table(&self, id: SeqId) -> Result<&[BlockId], RunnerError> {
+        self.seqs.get(&id).map(|s| s.blocks.as_slice()).ok_or(RunnerError::UnknownSequence(id))
+    }
+
+    /// Blocks needed to append `n` tokens to `id`.
+    pub fn blocks_needed(&self, id: SeqId, n: usize) -> Result<usize, RunnerError> {
+        let s = self.seqs.get(&id).ok_or(RunnerError::UnknownSequence(id))?;
+        let want = (s.tokens.len() + n).div_ceil(self.block_size);
+        Ok(want.saturating_sub(s.blocks.len()))
+    }
+
+    fn alloc_one(&mut self) -> Option<BlockId> {
+        if let Some(b) = self.free.pop() {
+            return Some(b);
+        }
+        let (&tick, &b) = self.lru.iter().next()?;
+        self.lru.remove(&tick);
+        if let Some(h) = self.block_hash[b as usize].take() {
+            self.cache.remove(&h);
+        }
+        Some(b)
+    }
+
+    /// Reserves blocks so that every `(id, n)` can append `n` tokens. All or nothing:
+    /// on error nothing changed. Returns the previous table lengths for [`Self::rollback`].
+    pub fn reserve(&mut self, reqs: &[(SeqId, usize)]) -> Result<Vec<usize>, RunnerError> {
+        let mut needed = 0;
+        for &(id, n) in reqs {
+            needed += self.blocks_needed(id, n)?;
+        }
+        if needed > self.free_blocks() {
+            return Err(RunnerError::OutOfBlocks { needed, free: self.free_blocks() });
+        }
+        let mut prev = Vec::with_capacity(reqs.len());
+        for &(id, n) in reqs {
+            let k = self.blocks_needed(id, n)?;
+            prev.push(self.seqs[&id].blocks.len());
+            for _ in 0..k {
+                let b = self.alloc_one().expect("free count checked above; this is a bug");
+                self.refcount[b as usize] = 1;
+                self.seqs.get_mut(&id).expect("checked above").blocks.push(b);
+            }
+        }
+        Ok(prev)
+    }
+
+    /// Undoes a [`Self::reserve`] (same `reqs`, its return value).
+    pub fn rollback(&mut self, reqs: &[(SeqId, usize)], prev: &[usize]) {
+        for (&(id, _), &len) in reqs.iter().zip(prev) {
+            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            let extra: Vec<BlockId> = s.blocks.drain(len..).collect();
+            for b in extra {
+                self.release_block(b);
+            }
+        }
+    }
+
+    /// Marks `tokens` as written after `id`'s current length (space must be reserved) and
+    /// registers blocks that became full in the prefix cache.
+    pub fn commit(&mut self, id: SeqId, tokens: &[u32]) -> Result<(), RunnerError> {
+        let bs = self.block_size;
+        let s = self.seqs.get_mut(&id).ok_or(RunnerError::UnknownSequence(id))?;
+        if (s.tokens.len() + tokens.len()).div_ceil(bs) > s.blocks.len() {
+            return Err(RunnerError::Model(format!("{id}: commit past reserved blocks; this is a bug")));
+        }
+        s.tokens.extend_from_slice(tokens);
+        while s.hashes.len() < s.tokens.len() / bs {
+            let b = s.hashes.len();
+            let parent = s.hashes.last().copied().unwrap_or(0);
+            let h = chain_hash(parent, &s.tokens[b * bs..(b + 1) * bs]);
+            s.hashes.push(h);
+            let block = s.blocks[b];
+            // First writer wins; a duplicate stays private to its sequence.
+            if self.block_hash[block as usize].is_none() && !self.cache.contains_key(&h) {
+                self.cache.insert(h, block);
+                self.block_hash[block as usize] = Some(h);
+            }
+        }
+        Ok(())
+    }
+
+    fn release_block(&mut self, b: BlockId) {
+        let rc = &mut self.refcount[b as usize];
+        debug_assert!(*rc > 0, "double free of block {b}");
+        *rc = rc.saturating_sub(1);
+        if *rc == 0 {
+            if self.block_hash[b as usize].is_some() {
+                self.tick += 1;
+                self.lru_tick[b as usize] = self.tick;
+                self.lru.insert(self.tick, b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// Drops `id` (unknown ids are ignored); its registered blocks become evictable.
+    pub fn remove_sequence(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.remove(&id) {
+            // Release tail first so that, among one sequence's blocks, the prefix is
+            // evicted last.
+            for &b in s.blocks.iter().rev() {
+                self.release_block(b);
+            }
+        }
+    }
+
+    /// Position → (block, offset in block) for `id`.
+    pub fn slot(&self, id: SeqId, pos: usize) -> Result<(BlockId, usize), RunnerError> {
+        let s = self.seqs.get(&id).ok_or(RunnerError::UnknownSequence(id))?;
+        let b = s.blocks.get(pos / self.block_size).ok_or_else(|| {
+            RunnerError::Model(format!("{id}: position {pos} has no block; this is a bug"))
+        })?;
+        Ok((*b, pos % self.block_size))
+    }
+
+    /// Checks internal invariants (tests): refcounts equal table references, every block
+    /// is exactly one of used / free / evictable.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let n = self.num_blocks();
+        let mut refs = vec![0u32; n];
+        for s in self.seqs.values() {
+            for &b in &s.blocks {
+                refs[b as usize] += 1;
+            }
+        }
+        if refs != self.refcount {
+            return Err("refcounts differ from block-table references".into());
+        }
+        let mut seen = vec![0u8; n];
+        for &b in &self.free {
+            seen[b as usize] += 1;
+            if self.block_hash[b as usize].is_some() {
+                return Err(format!("free block {b} still registered"));
+            }
+        }
+        for &b in self.lru.values() {
+            seen[b as usize] += 1;
+            if self.block_hash[b as usize].is_none() {
+                return Err(format!("evictable block {b} not registered"));
+            }
+        }
+        for b in 0..n {
+            let expect = u8::from(self.refcount[b] == 0);
+            if seen[b] != expect {
+                return Err(format!("block {b}: refcount {} but listed {} times", self.refcount[b], seen[b]));
+            }
+        }
+        for (h, &b) in &self.cache {
+            if self.block_hash[b as usize] != Some(*h) {
+                return Err(format!("cache entry for block {b} does not match"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// K and V of every layer, in `num_blocks` blocks of `block_size` positions, f32.
+///
+/// Layout `[layer][block][kv_head][slot][head_dim]`, so attention for one KV head reads
+/// one contiguous run per block.
+#[derive(Debug)]
+pub struct KvStore {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    num_blocks: usize,
+    block_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl KvStore {
+    pub fn new(layers: usize, num_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let n = layers * num_blocks * block_size * kv_heads * head_dim;
+        KvStore { k: vec![0.0; n], v: vec![0.0; n], num_blocks, block_size, kv_heads, head_dim }
+    }
+
+    /// Bytes one block takes over all layers, K and V.
+    pub fn bytes_per_block(layers: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> usize {
+        2 * layers * block_size * kv_heads * head_dim * std::mem::size_of::<f32>()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Offset of `(layer, block, head, slot)`'s head vector.
+    #[inline]
+    pub fn offset(&self, layer: usize, block: BlockId, head: usize, slot: usize) -> usize {
+        (((layer * self.num_blocks + block as usize) * self.kv_heads + head) * self.block_size + slot)
+            * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fill(m: &mut BlockManager, id: SeqId, toks: &[u32]) {
+        let cached = m.seq_len(id).unwrap();
+        let rest = &toks[cached..];
+        m.reserve(&[(id, rest.len())]).unwrap();
+        m.commit(id, rest).unwrap();
+    }
+
+    #[test]
+    fn allocate_release_and_exhaust() {
+        let mut m = BlockManager::new(4, 4);
+        assert_eq!(m.add_sequence(SeqId(1), &[1, 2, 3]).unwrap(), 0);
+        assert_eq!(m.blocks_needed(SeqId(1), 9).unwrap(), 3);
+        m.reserve(&[(SeqId(1), 9)]).unwrap();
+        assert_eq!(m.free_blocks(), 1);
+        m.add_sequence(SeqId(2), &[7]).unwrap();
+        let err = m.reserve(&[(SeqId(2), 5)]).unwrap_err();
+        assert!(matches!(err, RunnerError::OutOfBlocks { needed: 2, free: 1 }), "{err}");
+        assert_eq!(m.free_blocks(), 1, "failed reserve must not change anything");
+        assert!(matches!(m.reserve(&[(SeqId(9), 1)]), Err(RunnerError::UnknownSequence(_))));
+        m.remove_sequence(SeqId(1));
+        assert_eq!(m.free_blocks(), 4);
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn prefix_blocks_are_shared_and_refcounted() {
+        let mut m = BlockManager::new(8, 4);
+        let prompt: Vec<u32> = (0..10).collect();
+        m.add_sequence(SeqId(1), &prompt).unwrap();
+        fill(&mut m, SeqId(1), &prompt);
+        // Same prompt: two full blocks (8 tokens) are reused, capped below 10.
+        assert_eq!(m.add_sequence(SeqId(2), &prompt).unwrap(), 8);
+        assert_eq!(m.block_table(SeqId(2)).unwrap(), &m.block_table(SeqId(1)).unwrap()[..2]);
+        // Exactly two blocks long: the cap (len - 1) keeps only the first.
+        assert_eq!(m.add_sequence(SeqId(3), &prompt[..8]).unwrap(), 4);
+        // Different second block: only the first is shared.
+        let mut other = prompt.clone();
+        other[5] = 99;
+        assert_eq!(m.add_sequence(SeqId(4), &other).unwrap(), 4);
+        m.check_invariants().unwrap();
+        m.remove_sequence(SeqId(1));
+        m.remove_sequence(SeqId(2));
+        m.remove_sequence(SeqId(3));
+        m.remove_sequence(SeqId(4));
+        assert_eq!(m.free_blocks(), 8);
+        // Freed prompt blocks stay cached.
+        assert_eq!(m.add_sequence(SeqId(5), &prompt).unwrap(), 8);
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn evictable_blocks_are_reused_when_needed() {
+        let mut m = BlockManager::new(3, 2);
+        let p = [1, 2, 3, 4, 5];
+        m.add_sequence(SeqId(1), &p).unwrap();
+        fill(&mut m, SeqId(1), &p);
+        m.remove_sequence(SeqId(1));
+        assert_eq!(m.free_blocks(), 3);
+        m.add_sequence(SeqId(2), &[9]).unwrap();
+        m.reserve(&[(SeqId(2), 6)]).unwrap();
+        assert_eq!(m.free_blocks(), 0);
+        m.check_invariants().unwrap();
+        m.remove_sequence(SeqId(2));
+        assert_eq!(m.add_sequence(SeqId(3), &p).unwrap(), 0, "evicted blocks must not hit");
+        m.check_invariants().unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Join { id: u8, prefix: u8, len: u8 },
+        Grow { id: u8, n: u8 },
+        Leave { id: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..16, 0u8..3, 1u8..40).prop_map(|(id, prefix, len)| Op::Join { id, prefix, len }),
+            (0u8..16, 1u8..20).prop_map(|(id, n)| Op::Grow { id, n }),
+            (0u8..16).prop_map(|id| Op::Leave { id }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn random_join_leave_never_leaks(ops in proptest::collection::vec(op(), 1000)) {
+            let mut m = BlockManager::new(48, 4);
+            for o in ops {
+                match o {
+                    Op::Join { id, prefix, len } => {
+                        let prompt: Vec<u32> = (0..len as u32).map(|i| if i < 12 { prefix as u32 * 100 + i } else { i + id as u32 * 1000 }).collect();
+                        let id = SeqId(id as u64);
+                        if m.contains(id) { continue; }
+                        let free = m.free_blocks();
+                        let cached = m.add_sequence(id, &prompt).unwrap();
+                        prop_assert!(cached < prompt.len());
+                        prop_assert!(m.free_blocks() <= free);
+                        let rest = &prompt[cached..];
+                        match m.reserve(&[(id, rest.len())]) {
+                            Ok(_) => m.commit(id, rest).unwrap(),
+                            Err(RunnerError::OutOfBlocks { .. }) => m.remove_sequence(id),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    Op::Grow { id, n } => {
+                        let id = SeqId(id as u64);
+                        if !m.contains(id) { continue; }
+                        let toks: Vec<u32> = (0..n as u32).collect();
+                        let before = m.free_blocks();
+                        let need = m.blocks_needed(id, toks.len()).unwrap();
+                        match m.reserve(&[(id, toks.len())]) {
+                            Ok(_) => {
+                                prop_assert_eq!(m.free_blocks(), before - need);
+                                m.commit(id, &toks).unwrap();
+                            }
+                            Err(RunnerError::OutOfBlocks { .. }) => prop_assert_eq!(m.free_blocks(), before),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    Op::Leave { id } => m.remove_sequence(SeqId(id as u64)),
+                }
+                if let Err(e) = m.check_invariants() { return Err(TestCaseError::fail(e)); }
+            }
+            for id in 0..16 { m.remove_sequence(SeqId(id)); }
+            prop_assert_eq!(m.free_blocks(), 48);
+            prop_assert!(m.refcount.iter().all(|&r| r == 0));
+            m.check_invariants().map_err(TestCaseError::fail)?;
+        }
+    }
+}

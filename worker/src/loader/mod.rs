@@ -1,0 +1,149 @@
+//! Model loading: a GGUF file ([`gguf`]) or a Hugging Face directory with `config.json`
+//! and `*.safetensors` shards ([`safetensors`]) → [`LlamaModel`] → [`LlamaRunner`].
+//!
+//! ```no_run
+//! use shardline_worker::loader::{load_runner, LoadOptions};
+//! let runner = load_runner("models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), &LoadOptions::default())?;
+//! # Ok::<(), shardline_worker::loader::LoadError>(())
+//! ```
+
+pub mod gguf;
+pub mod safetensors;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::ConfigError;
+use crate::kernels::KernelError;
+use crate::kv::KvStore;
+use crate::model::LlamaModel;
+use crate::model::runner::LlamaRunner;
+use crate::runner::{ModelRunner, RunnerError};
+
+/// How to size and run a loaded model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Number of KV blocks; `None` sizes the cache from `kv_cache_bytes`.
+    pub kv_blocks: Option<usize>,
+    /// KV cache budget in bytes when `kv_blocks` is `None`.
+    pub kv_cache_bytes: usize,
+    /// Model threads (the machine's cores by default).
+    pub threads: usize,
+    /// Reported model id; defaults to the file or directory name.
+    pub model_id: Option<String>,
+    /// Caps the context length below the model's.
+    pub max_context: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            block_size: 16,
+            kv_blocks: None,
+            kv_cache_bytes: 512 << 20,
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            model_id: None,
+            max_context: None,
+        }
+    }
+}
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("model path {0} does not exist")]
+    NotFound(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid {format} file: {msg}")]
+    Corrupt { path: PathBuf, format: &'static str, msg: String },
+    #[error("{0}: neither a .gguf file nor a directory with config.json (or a single .gguf)")]
+    UnknownFormat(PathBuf),
+    #[error("model config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("tensor `{0}` is missing")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("tensor data: {0}")]
+    Kernel(#[from] KernelError),
+    #[error("invalid load options: {0}")]
+    Options(String),
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+}
+
+/// Which loader a path goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf(PathBuf),
+    HfDir(PathBuf),
+}
+
+/// Classifies `path`: a `.gguf` file, a directory with `config.json`, or a directory
+/// holding exactly one `.gguf`.
+pub fn detect_format(path: &Path) -> Result<ModelFormat, LoadError> {
+    if !path.exists() {
+        return Err(LoadError::NotFound(path.to_path_buf()));
+    }
+    if path.is_file() {
+        return Ok(ModelFormat::Gguf(path.to_path_buf()));
+    }
+    if path.join("config.json").is_file() {
+        return Ok(ModelFormat::HfDir(path.to_path_buf()));
+    }
+    let io = |e| LoadError::Io { path: path.to_path_buf(), source: e };
+    let mut ggufs = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        let p = entry.map_err(io)?.path();
+        if p.extension().is_some_and(|e| e == "gguf") {
+            ggufs.push(p);
+        }
+    }
+    match ggufs.len() {
+        1 => Ok(ModelFormat::Gguf(ggufs.remove(0))),
+        _ => Err(LoadError::UnknownFormat(path.to_path_buf())),
+    }
+}
+
+/// Loads the model weights only.
+pub fn load_model(path: &Path) -> Result<LlamaModel, LoadError> {
+    match detect_format(path)? {
+        ModelFormat::Gguf(p) => gguf::load_model(&p),
+        ModelFormat::HfDir(p) => safetensors::load_model(&p),
+    }
+}
+
+/// Loads a model and builds its runner with a KV cache sized by `opts`.
+pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner, LoadError> {
+    if opts.block_size == 0 {
+        return Err(LoadError::Options("block_size must be > 0".into()));
+    }
+    let mut model = load_model(path)?;
+    if let Some(max) = opts.max_context {
+        model.cfg.context_length = model.cfg.context_length.min(max.max(1));
+    }
+    let cfg = &model.cfg;
+    let per_block = KvStore::bytes_per_block(cfg.num_layers, opts.block_size, cfg.num_kv_heads, cfg.head_dim);
+    let blocks = opts.kv_blocks.unwrap_or(opts.kv_cache_bytes / per_block.max(1));
+    if blocks == 0 {
+        return Err(LoadError::Options(format!("KV cache of {} bytes holds no block of {per_block} bytes", opts.kv_cache_bytes)));
+    }
+    let id = opts.model_id.clone().unwrap_or_else(|| {
+        path.file_name().map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string()).unwrap_or_else(|| "model".into())
+    });
+    Ok(LlamaRunner::new(model, id, blocks, opts.block_size, opts.threads)?)
+}
+
+/// [`load_llama_runner`] behind the engine's trait object.
+pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunner>, LoadError> {
+    Ok(Box::new(load_llama_runner(path, opts)?))
+}
+
+fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<(), LoadError> {
+    if got != expected {
+        return Err(LoadError::Shape { name: name.into(), expected: expected.to_vec(), got: got.to_vec() });
+    }
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Llama-family transformer for continuous batching on CPU.
+//!
+//! One [`LlamaModel::forward`] runs a mixed step: prefill chunks and decode tokens of many
+//! sequences, each at its own position. Projections and the MLP are one matmul over all
+//! tokens of the step; attention runs per sequence, per query position, per KV-head group
+//! over that sequence's paged blocks, keys in position order. Every reduction has an order
+//! fixed by its own row, so results are batch- and chunking-invariant (see
+//! [`crate::kernels`]).
+//!
+//! Weights are held per layer ([`LayerWeights`]) and attention loops per KV-head group,
+//! so a tensor-parallel rank can later own a column/row shard of each projection and a
+//! subset of the KV heads.
+
+pub mod runner;
+pub mod tiny;
+
+use rayon::prelude::*;
+
+use crate::config::{LlamaConfig, RopeStyle};
+use crate::kernels::{Linear, dot_f32, rms_norm, rope, silu_mul};
+use crate::kv::{BlockId, KvStore};
+
+/// Input projection that may be fused (one matmul) or, when the parts' storage formats
+/// differ, a list run one after the other and stitched along the output axis.
+#[derive(Debug, Clone)]
+pub enum Projection {
+    Fused(Linear),
+    Split(Vec<Linear>),
+}
+
+impl Projection {
+    pub fn new(parts: Vec<Linear>) -> Self {
+        match Linear::concat(parts.clone()) {
+            Some(l) => Projection::Fused(l),
+            None => Projection::Split(parts),
+        }
+    }
+
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        match self {
+            Projection::Fused(l) => l.forward(x, rows),
+            Projection::Split(parts) => {
+                let total: usize = parts.iter().map(|p| p.out_dim).sum();
+                let mut y = vec![0f32; rows * total];
+                let mut off = 0;
+                for p in parts {
+                    let part = p.forward(x, rows);
+                    for r in 0..rows {
+                        y[r * total + off..r * total + off + p.out_dim]
+                            .copy_from_slice(&part[r * p.out_dim..(r + 1) * p.out_dim]);
+                    }
+                    off += p.out_dim;
+                }
+                y
+            }
+        }
+    }
+}
+
+/// Weights of one decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    /// q | k | v along the output axis.
+    pub qkv: Projection,
+    pub o_proj: Linear,
+    pub ffn_norm: Vec<f32>,
+    /// gate | up along the output axis.
+    pub gate_up: Projection,
+    pub down: Linear,
+}
+
+/// Where the embedding rows come from.
+#[derive(Debug, Clone)]
+pub enum Embeddings {
+    /// f32 table, `vocab × hidden`.
+    Dense(Vec<f32>),
+    /// Rows dequantized on lookup from the (tied) lm_head.
+    FromLmHead,
+}
+
+/// All weights of a Llama model.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub cfg: LlamaConfig,
+    pub embed: Embeddings,
+    pub layers: Vec<LayerWeights>,
+    pub norm: Vec<f32>,
+    pub lm_head: Linear,
+    inv_freq: Vec<f32>,
+}
+
+/// One token of a step: which chunk it belongs to and its absolute position.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPlan {
+    pub chunk: usize,
+    pub pos: usize,
+    pub block: BlockId,
+    pub slot: usize,
+}
+
+/// What the model needs to know about one step.
+#[derive(Debug)]
+pub struct StepPlan<'a> {
+    pub tokens: &'a [u32],
+    pub plan: &'a [TokenPlan],
+    /// Block table of each chunk's sequence (covering every position of the step).
+    pub tables: &'a [&'a [BlockId]],
+    /// Rows (indices into `tokens`) whose logits are wanted, in output order.
+    pub logit_rows: &'a [usize],
+}
+
+impl LlamaModel {
+    pub fn new(cfg: LlamaConfig, embed: Embeddings, layers: Vec<LayerWeights>, norm: Vec<f32>, lm_head: Linear) -> Self {
+        let inv_freq = cfg.rope_inv_freq();
+        LlamaModel { cfg, embed, layers, norm, lm_head, inv_freq }
+    }
+
+    /// Storage formats of the weights, e.g. `q4_1` (for `Info.dtype`).
+    pub fn dtype_name(&self) -> String {
+        let mut names: Vec<&str> = Vec::new();
+        let mut add = |n: &'static str| {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        };
+        for l in &self.layers {
+            match &l.qkv {
+                Projection::Fused(p) => add(p.dtype_name()),
+                Projection::Split(ps) => ps.iter().for_each(|p| add(p.dtype_name())),
+            }
+            add(l.o_proj.dtype_name());
+            add(l.down.dtype_name());
+        }
+        add(self.lm_head.dtype_name());
+        names.join("+")
+    }
+
+    fn embed_rows(&self, tokens: &[u32]) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let mut x = vec![0f32; tokens.len() * h];
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            let t = *t as usize;
+            match &self.embed {
+                Embeddings::Dense(e) => row.copy_from_slice(&e[t * h..(t + 1) * h]),
+                Embeddings::FromLmHead => self.lm_head.dequantize_row(t, row),
+            }
+        }
+        x
+    }
+
+    /// Runs one step. K/V of every token are written to `kv` at its slot; returns the
+    /// logits of `step.logit_rows`, `logit_rows.len() × vocab`.
+    pub fn forward(&self, step: &StepPlan<'_>, kv: &mut KvStore) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let n = step.tokens.len();
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let half = hd / 2;
+        // cos/sin per token, shared by all layers.
+        let mut cos = vec![0f32; n * half];
+        let mut sin = vec![0f32; n * half];
+        for (t, p) in step.plan.iter().enumerate() {
+            for i in 0..half {
+                let a = p.pos as f32 * self.inv_freq[i];
+                cos[t * half + i] = a.cos();
+                sin[t * half + i] = a.sin();
+            }
+        }
+        let interleaved = cfg.rope_style == RopeStyle::Interleaved;
+        let mut x = self.embed_rows(step.tokens);
+        let qkv_dim = cfg.qkv_dim();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let xn = rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps);
+            let mut qkv = layer.qkv.forward(&xn, n);
+            for t in 0..n {
+                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                let row = &mut qkv[t * qkv_dim..(t + 1) * qkv_dim];
+                for head in row[..(nh + nkv) * hd].chunks_exact_mut(hd) {
+                    rope(head, c, s, interleaved);
+                }
+                let p = step.plan[t];
+                for g in 0..nkv {
+                    let off = kv.offset(li, p.block, g, p.slot);
+                    let k = &row[(nh + g) * hd..(nh + g + 1) * hd];
+                    let v = &row[(nh + nkv + g) * hd..(nh + nkv + g + 1) * hd];
+                    kv.k[off..off + hd].copy_from_slice(k);
+                    kv.v[off..off + hd].copy_from_slice(v);
+                }
+            }
+            let attn = self.attention(li, step, &qkv, kv);
+            let o = layer.o_proj.forward(&attn, n);
+            for (a, b) in x.iter_mut().zip(&o) {
+                *a += b;
+            }
+            let xn = rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps);
+            let gu = layer.gate_up.forward(&xn, n);
+            let act = silu_mul(&gu, cfg.intermediate_size);
+            let d = layer.down.forward(&act, n);
+            for (a, b) in x.iter_mut().zip(&d) {
+                *a += b;
+            }
+        }
+        let mut last = Vec::with_capacity(step.logit_rows.len() * h);
+        for &r in step.logit_rows {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        if last.is_empty() {
+            return Vec::new();
+        }
+        let last = rms_norm(&last, &self.norm, cfg.rms_norm_eps);
+        self.lm_head.forward(&last, step.logit_rows.len())
+    }
+
+    /// Causal attention of every token of the step over its own sequence's blocks.
+    /// Parallel over (token, KV-head group); each output is reduced over key positions
+    /// `0..=pos` in order, so it does not depend on the rest of the batch.
+    fn attention(&self, layer: usize, step: &StepPlan<'_>, qkv: &[f32], kv: &KvStore) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let group = nh / nkv;
+        let qkv_dim = cfg.qkv_dim();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let bs = kv.block_size();
+        let mut out = vec![0f32; step.tokens.len() * nh * hd];
+        out.par_chunks_mut(group * hd).enumerate().for_each(|(idx, out_g)| {
+            let (t, g) = (idx / nkv, idx % nkv);
+            let p = step.plan[t];
+            let table = step.tables[p.chunk];
+            let npos = p.pos + 1;
+            let mut scores = vec![0f32; npos];
+            for qi in 0..group {
+                let head = g * group + qi;
+                let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (pos, s) in scores.iter_mut().enumerate() {
+                    let off = kv.offset(layer, table[pos / bs], g, pos % bs);
+                    *s = dot_f32(q, &kv.k[off..off + hd]) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out_g[qi * hd..(qi + 1) * hd];
+                for (pos, s) in scores.iter().enumerate() {
+                    let off = kv.offset(layer, table[pos / bs], g, pos % bs);
+                    let w = s / sum;
+                    for (od, vd) in o.iter_mut().zip(&kv.v[off..off + hd]) {
+                        *od += w * vd;
+                    }
+                }
+            }
+        });
+        out
+    }
+}
