@@ -200,6 +200,51 @@ mod tests {
 
     use super::*;
 
+    fn admission(config: Config) -> Admission {
+        let config = Arc::new(config);
+        let metrics = Metrics::new();
+        let groups = GroupSet::new(
+            config.clone(),
+            metrics.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        Admission::new(config, groups, metrics)
+    }
+
+    #[test]
+    fn concurrency_limit_is_released_by_dropping_the_permit() {
+        let a = admission(Config {
+            max_concurrent_requests: 2,
+            ..Config::default()
+        });
+        let p1 = a.admit(None).unwrap();
+        let _p2 = a.admit(None).unwrap();
+        let e = a.admit(None).err().unwrap();
+        assert!(matches!(
+            e,
+            ApiError::Overloaded {
+                reason: "max_concurrent_requests",
+                ..
+            }
+        ));
+        assert_eq!(a.concurrent(), 2, "a refusal gives its slot back");
+        drop(p1);
+        assert!(a.admit(None).is_ok());
+    }
+
+    #[test]
+    fn tenant_concurrency_is_per_tenant() {
+        let a = admission(Config {
+            tenant_max_concurrent: 1,
+            ..Config::default()
+        });
+        let p = a.admit(Some("t1")).unwrap();
+        assert!(a.admit(Some("t1")).is_err());
+        assert!(a.admit(Some("t2")).is_ok());
+        drop(p);
+        assert!(a.admit(Some("t1")).is_ok());
+    }
+
     #[test]
     fn bucket_refills_at_rate_up_to_burst() {
         let t0 = Instant::now();

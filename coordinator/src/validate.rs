@@ -312,3 +312,194 @@ fn tokenize(input: Option<Input>, model: &ModelInfo) -> Result<Vec<u32>, ApiErro
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat_template::ChatTemplate;
+    use crate::testing::{TEST_CHAT_TEMPLATE, test_tokenizer};
+
+    fn model() -> ModelInfo {
+        ModelInfo {
+            model_id: "m".into(),
+            tokenizer: test_tokenizer(),
+            chat_template: ChatTemplate::new(TEST_CHAT_TEMPLATE, "", "").unwrap(),
+            eos_token_ids: vec![0],
+            bos_token_id: None,
+            add_bos: false,
+            context_length: 64,
+            block_size: 16,
+            total_blocks: 100,
+            max_num_seqs: 8,
+        }
+    }
+
+    fn text(p: &str) -> GenerateParams {
+        GenerateParams {
+            input: Some(Input::Text(p.into())),
+            max_tokens: Some(4),
+            ..Default::default()
+        }
+    }
+
+    fn check(p: GenerateParams) -> Result<ValidRequest, ApiError> {
+        validate("id".into(), p, &Config::default(), &model())
+    }
+
+    fn param_of(e: ApiError) -> String {
+        match e {
+            ApiError::Invalid { param, .. } => param.unwrap_or_default(),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_request_is_tokenized_and_bounded() {
+        let v = check(GenerateParams {
+            temperature: Some(0.0),
+            seed: Some(5),
+            ..text("hey")
+        })
+        .unwrap();
+        assert_eq!(v.prompt.len(), 3);
+        assert_eq!(v.params.max_new_tokens, 4);
+        let sampling = v.params.sampling.unwrap();
+        assert_eq!((sampling.temperature, sampling.seed), (0.0, 5));
+    }
+
+    #[test]
+    fn every_rejection_names_its_field() {
+        let cases: Vec<(GenerateParams, &str)> = vec![
+            (
+                GenerateParams {
+                    temperature: Some(f64::NAN),
+                    ..text("a")
+                },
+                "temperature",
+            ),
+            (
+                GenerateParams {
+                    top_p: Some(1.5),
+                    ..text("a")
+                },
+                "top_p",
+            ),
+            (
+                GenerateParams {
+                    top_k: Some(-3),
+                    ..text("a")
+                },
+                "top_k",
+            ),
+            (
+                GenerateParams {
+                    max_tokens: Some(-1),
+                    ..text("a")
+                },
+                "max_tokens",
+            ),
+            (
+                GenerateParams {
+                    max_tokens: Some(1000),
+                    ..text("a")
+                },
+                "max_tokens",
+            ),
+            (
+                GenerateParams {
+                    n: Some(2),
+                    ..text("a")
+                },
+                "n",
+            ),
+            (
+                GenerateParams {
+                    logprobs: Some(50),
+                    ..text("a")
+                },
+                "top_logprobs",
+            ),
+            (
+                GenerateParams {
+                    stop: vec![String::new()],
+                    ..text("a")
+                },
+                "stop",
+            ),
+            (
+                GenerateParams {
+                    min_tokens: Some(10),
+                    ..text("a")
+                },
+                "min_tokens",
+            ),
+            (text(&"x".repeat(80)), "prompt"),
+            (text(""), "prompt"),
+            (
+                GenerateParams {
+                    input: Some(Input::Chat(vec![])),
+                    ..text("a")
+                },
+                "messages",
+            ),
+            (
+                GenerateParams {
+                    input: Some(Input::Tokens(vec![99_999])),
+                    ..text("a")
+                },
+                "prompt",
+            ),
+        ];
+        for (params, field) in cases {
+            assert_eq!(param_of(check(params).unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn unknown_model_is_404_and_served_names_pass() {
+        let e = check(GenerateParams {
+            model: Some("other".into()),
+            ..text("a")
+        })
+        .unwrap_err();
+        assert!(matches!(e, ApiError::ModelNotFound(_)));
+        assert!(
+            check(GenerateParams {
+                model: Some("m".into()),
+                ..text("a")
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn echo_with_zero_max_tokens_runs_one_token() {
+        let v = check(GenerateParams {
+            echo: true,
+            max_tokens: Some(0),
+            logprobs: Some(0),
+            ..text("ab")
+        })
+        .unwrap();
+        assert_eq!(v.max_tokens, 0);
+        assert_eq!(v.params.max_new_tokens, 1);
+        assert!(v.params.prompt_logprobs);
+    }
+
+    #[test]
+    fn chat_uses_the_template() {
+        let messages = vec![Message {
+            role: "user".into(),
+            content: "q".into(),
+        }];
+        let v = check(GenerateParams {
+            input: Some(Input::Chat(messages)),
+            ..text("")
+        })
+        .unwrap();
+        assert_eq!(
+            model().tokenizer.decode(&v.prompt, false).unwrap(),
+            "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+}
