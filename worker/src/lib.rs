@@ -6,7 +6,17 @@
 //! - [`sampler`]: penalties, temperature, top-k/p, min-p, seeded draws, logprobs.
 //! - [`engine`]: the engine thread (actor) that batches steps over the runner.
 //! - [`service`]: the `shardline.worker.v1` gRPC service.
+//! - [`config`], [`kv`], [`kernels`], [`model`], [`loader`]: the model side — Llama config,
+//!   paged KV cache with prefix caching, batch-invariant CPU kernels, the batched Llama
+//!   and its [`model::runner::LlamaRunner`], GGUF / safetensors loaders.
 pub mod runner;
+
+// Model side (config, KV cache, kernels, model, loaders).
+pub mod config;
+pub mod kernels;
+pub mod kv;
+pub mod loader;
+pub mod model;
 
 // Serving side (engine, sampler, tokenizer, gRPC service).
 pub mod chat_template;
