@@ -3,7 +3,8 @@
 //!
 //! For GGUF we write the equivalent `tokenizer.json` ourselves and load it with the
 //! `tokenizers` crate, so the worker can hand coordinators the exact same JSON in `Info`.
-//! Byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) are supported with these
+//! SentencePiece-BPE vocabularies (`"llama"`: Llama 2, TinyLlama, ...) are built in
+//! [`spm`]. Byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) are supported with these
 //! pre-tokenizers (`tokenizer.ggml.pre`), which follow llama.cpp's definitions:
 //! - `smollm`, `starcoder`, `refact`, `codeshell`, ... : every digit split on its own
 //!   (`\p{N}` isolated), then the GPT-2 byte-level split, no prefix space;
@@ -21,6 +22,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use serde_json::{Value as Json, json};
 use tokenizers::Tokenizer;
+
+mod spm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -110,9 +113,9 @@ impl ModelTokenizer {
         md: &HashMap<String, gguf_file::Value>,
     ) -> Result<Self, TokenizerError> {
         let model = get_str(md, "tokenizer.ggml.model")?.unwrap_or("gpt2");
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(TokenizerError::Unsupported(format!(
-                "tokenizer.ggml.model = {model:?} (only byte-level BPE, \"gpt2\", is supported)"
+                "tokenizer.ggml.model = {model:?} (supported: \"gpt2\" byte-level BPE, \"llama\" SentencePiece BPE)"
             )));
         }
         let pre = get_str(md, "tokenizer.ggml.pre")?.unwrap_or("default");
@@ -151,13 +154,16 @@ impl ModelTokenizer {
         eos_token_ids.sort_unstable();
         eos_token_ids.dedup();
 
-        let json = gguf_tokenizer_json(
-            pre,
-            &tokens,
-            &merges,
-            &token_types,
-            add_bos.then_some(()).and(bos_token.as_deref()).zip(bos_id),
-        )?;
+        let bos = add_bos.then_some(()).and(bos_token.as_deref()).zip(bos_id);
+        let json = if model == "llama" {
+            let scores = get_f32_array(md, "tokenizer.ggml.scores")?.ok_or_else(|| {
+                TokenizerError::Metadata("tokenizer.ggml.scores is missing".into())
+            })?;
+            let add_space_prefix = get_bool(md, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            spm::spm_tokenizer_json(&tokens, &scores, &token_types, add_space_prefix, bos)?
+        } else {
+            gguf_tokenizer_json(pre, &tokens, &merges, &token_types, bos)?
+        };
         let text =
             serde_json::to_string(&json).map_err(|e| TokenizerError::Build(e.to_string()))?;
         let tokenizer: Tokenizer = text
@@ -403,6 +409,22 @@ fn get_str_array<'a>(md: &'a Metadata, key: &str) -> Result<Option<Vec<&'a str>>
         .map(Some)
 }
 
+fn get_f32_array(md: &Metadata, key: &str) -> Result<Option<Vec<f32>>, TokenizerError> {
+    let Some(v) = md.get(key) else {
+        return Ok(None);
+    };
+    let items = v.to_vec().map_err(|_| wrong_type(key, "an array"))?;
+    items
+        .iter()
+        .map(|x| match x {
+            gguf_file::Value::F32(f) => Ok(*f),
+            gguf_file::Value::F64(f) => Ok(*f as f32),
+            _ => Err(wrong_type(key, "an array of floats")),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 fn get_int_array(md: &Metadata, key: &str) -> Result<Option<Vec<i64>>, TokenizerError> {
     let Some(v) = md.get(key) else {
         return Ok(None);
@@ -490,9 +512,9 @@ mod tests {
     #[test]
     fn bad_metadata_is_an_error() {
         let mut md = toy();
-        md.insert("tokenizer.ggml.model".into(), V::String("llama".into()));
+        md.insert("tokenizer.ggml.model".into(), V::String("bert".into()));
         let err = ModelTokenizer::from_gguf_metadata(&md).unwrap_err();
-        assert!(err.to_string().contains("llama"), "{err}");
+        assert!(err.to_string().contains("bert"), "{err}");
         let mut md = toy();
         md.insert("tokenizer.ggml.pre".into(), V::String("martian".into()));
         assert!(ModelTokenizer::from_gguf_metadata(&md).is_err());
