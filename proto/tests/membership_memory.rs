@@ -169,6 +169,35 @@ async fn an_outage_longer_than_the_ttl_keeps_the_view_and_recovers() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_resync_deletes_only_groups_that_are_really_gone() {
+    let (registry, membership) = setup();
+    let a = membership.register(record("a"), TTL).unwrap();
+    let b = membership.register(record("b"), TTL).unwrap();
+    a.wait_registered().await;
+    let RegistrationStatus::Registered { lease: b_lease, .. } = b.wait_registered().await else {
+        panic!("b not registered");
+    };
+    let shutdown = CancellationToken::new();
+    let mut watch = membership.watch(&shutdown);
+    assert_eq!(until_synced(&mut watch).await.len(), 2);
+
+    // b goes away while the watcher is disconnected: only the resync can tell.
+    registry.cut_watches();
+    drop(b);
+    registry.revoke(b_lease).await.unwrap();
+    assert_eq!(
+        until_synced(&mut watch).await,
+        vec![MembershipEvent::Delete("b".into())]
+    );
+    // a is still watched live after the resync.
+    a.set_state(WorkerState::Draining);
+    let Some(MembershipEvent::Put(draining)) = next_event(&mut watch, TTL).await else {
+        panic!("no live event after the resync");
+    };
+    assert_eq!(draining.group_id, "a");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_lost_lease_is_replaced_by_a_new_one() {
     let (registry, membership) = setup();
     let a = membership.register(record("a"), TTL).unwrap();

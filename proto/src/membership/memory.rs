@@ -109,6 +109,16 @@ impl MemoryRegistry {
         self.reaper_wake.notify_one();
     }
 
+    /// Ends every open watch with an error while the store stays up, as a network blip
+    /// between a watcher and etcd does; watchers must resync.
+    pub fn cut_watches(&self) {
+        for watcher in self.lock().watchers.drain(..) {
+            let _ = watcher
+                .tx
+                .send(Err(RegistryError::Unavailable("watch cut".into())));
+        }
+    }
+
     /// The lease a key is attached to (0: none), `None` when the key does not exist.
     pub fn lease_of(&self, key: &str) -> Option<LeaseId> {
         self.lock().kvs.get(key).map(|stored| stored.lease)
