@@ -5,8 +5,8 @@
 //! `StepResponse` as a per-sequence status, so one bad sequence never fails the batch;
 //! only engine-wide failures become a gRPC status.
 //!
-//! `Health` also carries the counter `x-shardline-seqs-admitted` (sequences ever
-//! registered) as response metadata, until the proto has a field for it.
+//! `Health` reports `sequences_started`: sequences ever registered with the model (a
+//! request refused before that, or never sent, does not count).
 
 use std::net::SocketAddr;
 
@@ -18,9 +18,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{EngineError, EngineHandle};
-
-/// Response metadata key of `Health` with the number of sequences ever admitted.
-pub const SEQS_ADMITTED_HEADER: &str = "x-shardline-seqs-admitted";
 
 /// Largest request the worker accepts (a long prompt in a step is a few MB at most).
 const MAX_REQUEST_BYTES: usize = 64 << 20;
@@ -167,22 +164,14 @@ impl Worker for WorkerService {
             }
             Err(e) => (false, e.to_string(), 0, 0, 0),
         };
-        let mut response = Response::new(pb::HealthResponse {
+        Ok(Response::new(pb::HealthResponse {
             ready,
             draining,
             message,
             kv_blocks_free: free as u32,
             num_running: running as u32,
             sequences_started: admitted,
-        });
-        response.metadata_mut().insert(
-            SEQS_ADMITTED_HEADER,
-            admitted
-                .to_string()
-                .parse()
-                .expect("a decimal number is valid metadata; this is a bug"),
-        );
-        Ok(response)
+        }))
     }
 }
 
