@@ -20,7 +20,11 @@ pub struct BenchArgs {
     pub command: Option<BenchCommand>,
 
     /// Server root (an `/v1` suffix is accepted), e.g. http://127.0.0.1:8000.
-    #[arg(long, env = "SHARDLINE_BENCH_BASE_URL", default_value = "http://127.0.0.1:8000")]
+    #[arg(
+        long,
+        env = "SHARDLINE_BENCH_BASE_URL",
+        default_value = "http://127.0.0.1:8000"
+    )]
     pub base_url: String,
     /// Model name to send; default: the first model `GET /v1/models` lists.
     #[arg(long, env = "SHARDLINE_BENCH_MODEL")]
@@ -29,11 +33,21 @@ pub struct BenchArgs {
     #[arg(long, env = "SHARDLINE_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Which endpoint to call.
-    #[arg(long, env = "SHARDLINE_BENCH_ENDPOINT", value_enum, default_value = "completions")]
+    #[arg(
+        long,
+        env = "SHARDLINE_BENCH_ENDPOINT",
+        value_enum,
+        default_value = "completions"
+    )]
     pub endpoint: Endpoint,
 
     /// Closed loop: requests kept in flight; a comma list sweeps (e.g. 1,4,16).
-    #[arg(long, env = "SHARDLINE_BENCH_CONCURRENCY", value_delimiter = ',', conflicts_with = "request_rate")]
+    #[arg(
+        long,
+        env = "SHARDLINE_BENCH_CONCURRENCY",
+        value_delimiter = ',',
+        conflicts_with = "request_rate"
+    )]
     pub concurrency: Vec<usize>,
     /// Open loop: arrivals per second; a comma list sweeps; `inf` sends all at once.
     #[arg(long, env = "SHARDLINE_BENCH_REQUEST_RATE", value_delimiter = ',')]
@@ -58,7 +72,12 @@ pub struct BenchArgs {
     pub timeout: Duration,
 
     /// What to send.
-    #[arg(long, env = "SHARDLINE_BENCH_WORKLOAD", value_enum, default_value = "random")]
+    #[arg(
+        long,
+        env = "SHARDLINE_BENCH_WORKLOAD",
+        value_enum,
+        default_value = "random"
+    )]
     pub workload: WorkloadKind,
     /// Prompt length in tokens: N, fixed:N, uniform:LO:HI or normal:MEAN:STD.
     #[arg(long, env = "SHARDLINE_BENCH_INPUT_LEN", default_value = "256")]
@@ -76,7 +95,11 @@ pub struct BenchArgs {
     #[arg(long, env = "SHARDLINE_BENCH_PREFIX_LEN", default_value_t = 512)]
     pub prefix_len: u32,
     /// Trace: JSONL file of {"timestamp": ms, "input_len": n, "output_len": m}.
-    #[arg(long, env = "SHARDLINE_BENCH_TRACE", required_if_eq("workload", "trace"))]
+    #[arg(
+        long,
+        env = "SHARDLINE_BENCH_TRACE",
+        required_if_eq("workload", "trace")
+    )]
     pub trace: Option<PathBuf>,
     /// Trace: replay speed-up (2 = twice as fast).
     #[arg(long, env = "SHARDLINE_BENCH_TRACE_SPEED", default_value_t = 1.0)]
@@ -151,17 +174,29 @@ pub enum WorkloadKind {
 /// A duration with a unit (ns, us, ms, s, m, h); bare numbers are in `bare_unit`.
 pub fn parse_duration(s: &str, bare_unit: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 30s, 2m"))?;
-    let scale = match if unit.is_empty() { bare_unit } else { unit.trim() } {
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 30s, 2m"))?;
+    let scale = match if unit.is_empty() {
+        bare_unit
+    } else {
+        unit.trim()
+    } {
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,
         "ms" => 1e-3,
         "s" => 1.0,
         "m" | "min" => 60.0,
         "h" => 3600.0,
-        u => return Err(format!("bad duration unit {u:?} in {s:?}: use ns, us, ms, s, m or h")),
+        u => {
+            return Err(format!(
+                "bad duration unit {u:?} in {s:?}: use ns, us, ms, s, m or h"
+            ));
+        }
     };
     Duration::try_from_secs_f64(v * scale).map_err(|e| format!("bad duration {s:?}: {e}"))
 }
@@ -174,7 +209,9 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 pub fn parse_slo(s: &str) -> Result<Slo, String> {
     let mut slo = Slo::default();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (key, value) = part.split_once('=').ok_or_else(|| format!("bad SLO {part:?}: expected name=duration"))?;
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("bad SLO {part:?}: expected name=duration"))?;
         let d = Some(parse_duration(value, "ms")?);
         match key.trim().to_ascii_lowercase().as_str() {
             "ttft" => slo.ttft = d,

@@ -39,7 +39,10 @@ impl Arrivals {
             let scale = 1.0 / (rate * burstiness);
             Some(Gamma::new(burstiness, scale).map_err(|_| ArrivalError::Rate(rate))?)
         };
-        Ok(Self { gamma, rng: StdRng::seed_from_u64(seed) })
+        Ok(Self {
+            gamma,
+            rng: StdRng::seed_from_u64(seed),
+        })
     }
 
     /// The next gap.
@@ -97,7 +100,8 @@ mod tests {
             counts[t as usize] += 1;
         }
         // Bins 0..=1, 2, 3, …, 9, ≥10 so every expected count is large.
-        let pmf = |k: u32| (-5f64).exp() * 5f64.powi(k as i32) / (1..=k).map(f64::from).product::<f64>();
+        let pmf =
+            |k: u32| (-5f64).exp() * 5f64.powi(k as i32) / (1..=k).map(f64::from).product::<f64>();
         let mut expected = vec![pmf(0) + pmf(1)];
         expected.extend((2..=9).map(pmf));
         expected.push(1.0 - expected.iter().sum::<f64>());
@@ -138,7 +142,13 @@ mod tests {
         assert!((0..100).all(|_| a.next_gap() == b.next_gap()));
         let mut inf = Arrivals::new(f64::INFINITY, 1.0, 1).unwrap();
         assert_eq!(inf.next_gap(), Duration::ZERO);
-        assert_eq!(Arrivals::new(0.0, 1.0, 1).err(), Some(ArrivalError::Rate(0.0)));
-        assert_eq!(Arrivals::new(1.0, -1.0, 1).err(), Some(ArrivalError::Burstiness(-1.0)));
+        assert_eq!(
+            Arrivals::new(0.0, 1.0, 1).err(),
+            Some(ArrivalError::Rate(0.0))
+        );
+        assert_eq!(
+            Arrivals::new(1.0, -1.0, 1).err(),
+            Some(ArrivalError::Burstiness(-1.0))
+        );
     }
 }

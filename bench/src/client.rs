@@ -116,8 +116,12 @@ impl ClientConfig {
     /// Send one request and stream its answer. Never fails: failures are in the record.
     pub async fn send(&self, http: &reqwest::Client, spec: &RequestSpec) -> RequestRecord {
         let start = Instant::now();
-        let mut rec = RequestRecord { prompt_tokens: spec.input_len, ..Default::default() };
-        let outcome = tokio::time::timeout(self.timeout, self.stream(http, spec, start, &mut rec)).await;
+        let mut rec = RequestRecord {
+            prompt_tokens: spec.input_len,
+            ..Default::default()
+        };
+        let outcome =
+            tokio::time::timeout(self.timeout, self.stream(http, spec, start, &mut rec)).await;
         rec.end = start.elapsed();
         match outcome {
             Err(_) => fail(&mut rec, FailReason::Timeout, "request timed out".into()),
@@ -141,7 +145,10 @@ impl ClientConfig {
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
         }
-        let resp = req.send().await.map_err(|e| (FailReason::Connect, e.to_string()))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| (FailReason::Connect, e.to_string()))?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
@@ -169,10 +176,18 @@ impl ClientConfig {
                 if let Some(err) = v.get("error") {
                     return Err((FailReason::Stream, err.to_string()));
                 }
-                if let Some(n) = v.get("usage").and_then(|u| u.get("completion_tokens")).and_then(Value::as_u64) {
+                if let Some(n) = v
+                    .get("usage")
+                    .and_then(|u| u.get("completion_tokens"))
+                    .and_then(Value::as_u64)
+                {
                     usage_tokens = Some(n as u32);
                 }
-                if let Some(n) = v.get("usage").and_then(|u| u.get("prompt_tokens")).and_then(Value::as_u64) {
+                if let Some(n) = v
+                    .get("usage")
+                    .and_then(|u| u.get("prompt_tokens"))
+                    .and_then(Value::as_u64)
+                {
                     rec.prompt_tokens = n as u32;
                 }
                 if chunk_text(&v).is_some_and(|t| !t.is_empty()) {
@@ -200,7 +215,10 @@ mod tests {
     fn sse_parser_handles_split_lines_and_crlf() {
         let mut p = SseParser::default();
         assert!(p.feed(b"data: {\"a\"").is_empty());
-        assert_eq!(p.feed(b":1}\r\n\r\n: comment\ndata:[DONE]\n"), vec!["{\"a\":1}", "[DONE]"]);
+        assert_eq!(
+            p.feed(b":1}\r\n\r\n: comment\ndata:[DONE]\n"),
+            vec!["{\"a\":1}", "[DONE]"]
+        );
         assert!(p.feed(b"event: x\n").is_empty());
     }
 

@@ -37,23 +37,40 @@ struct FakeState {
 }
 
 /// Serve the fake on `listener` until `shutdown`.
-pub async fn serve_fake(listener: TcpListener, cfg: FakeConfig, shutdown: CancellationToken) -> std::io::Result<()> {
-    let state = Arc::new(FakeState { cfg, requests: AtomicU64::new(0) });
+pub async fn serve_fake(
+    listener: TcpListener,
+    cfg: FakeConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = Arc::new(FakeState {
+        cfg,
+        requests: AtomicU64::new(0),
+    });
     let app = Router::new()
         .route("/v1/completions", post(complete))
         .route("/v1/chat/completions", post(complete))
-        .route("/v1/models", get(|| async { axum::Json(json!({"object": "list", "data": [{"id": "fake", "object": "model"}]})) }))
+        .route(
+            "/v1/models",
+            get(|| async {
+                axum::Json(json!({"object": "list", "data": [{"id": "fake", "object": "model"}]}))
+            }),
+        )
         .route("/metrics", get(metrics))
         .with_state(state);
     // Without TCP_NODELAY, Nagle + delayed ACKs hold small SSE writes back ~40 ms.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 /// Bind `127.0.0.1:0`, serve in the background; returns the address.
-pub async fn spawn_fake(cfg: FakeConfig, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn spawn_fake(
+    cfg: FakeConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -74,30 +91,53 @@ async fn metrics(State(s): State<Arc<FakeState>>) -> String {
     )
 }
 
-async fn complete(State(s): State<Arc<FakeState>>, axum::Json(body): axum::Json<Value>) -> Response {
+async fn complete(
+    State(s): State<Arc<FakeState>>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     let n = s.requests.fetch_add(1, Ordering::Relaxed) + 1;
     if s.cfg.reject_every > 0 && n % s.cfg.reject_every == 0 {
         let err = json!({"error": {"message": "over capacity", "type": "rate_limit", "code": 429}});
-        return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], axum::Json(err)).into_response();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            axum::Json(err),
+        )
+            .into_response();
     }
     let chat = body.get("messages").is_some();
-    let max_tokens = body.get("max_tokens").and_then(Value::as_u64).unwrap_or(16).max(1);
-    let prompt_tokens = body.get("prompt").and_then(Value::as_str).map_or(1, |p| p.split_whitespace().count());
+    let max_tokens = body
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(16)
+        .max(1);
+    let prompt_tokens = body
+        .get("prompt")
+        .and_then(Value::as_str)
+        .map_or(1, |p| p.split_whitespace().count());
     let chunk = move |i: u64| {
         let choice = if chat {
             json!({"index": 0, "delta": {"content": format!(" t{i}")}, "finish_reason": Value::Null})
         } else {
             json!({"index": 0, "text": format!(" t{i}"), "finish_reason": Value::Null})
         };
-        format!("data: {}\n\n", json!({"id": "fake", "object": "chunk", "model": "fake", "choices": [choice]}))
+        format!(
+            "data: {}\n\n",
+            json!({"id": "fake", "object": "chunk", "model": "fake", "choices": [choice]})
+        )
     };
     if body.get("stream").and_then(Value::as_bool) != Some(true) {
         let text: String = (0..max_tokens).map(|i| format!(" t{i}")).collect();
-        return axum::Json(json!({"choices": [{"index": 0, "text": text, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens}}))
+        return axum::Json(
+            json!({"choices": [{"index": 0, "text": text, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens}}),
+        )
         .into_response();
     }
-    let (ttft, itl) = (Duration::from_millis(s.cfg.ttft_ms), Duration::from_millis(s.cfg.itl_ms));
+    let (ttft, itl) = (
+        Duration::from_millis(s.cfg.ttft_ms),
+        Duration::from_millis(s.cfg.itl_ms),
+    );
     let stream = futures::stream::unfold(0u64, move |i| async move {
         let text = match i {
             i if i < max_tokens => {

@@ -45,7 +45,9 @@ use workload::{PromptMaker, RequestSpec};
 pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     match args.command.clone() {
         Some(BenchCommand::FakeServer(f)) => {
-            let listener = tokio::net::TcpListener::bind(f.listen).await.with_context(|| format!("binding {}", f.listen))?;
+            let listener = tokio::net::TcpListener::bind(f.listen)
+                .await
+                .with_context(|| format!("binding {}", f.listen))?;
             eprintln!("fake OpenAI server on http://{}", listener.local_addr()?);
             fake::serve_fake(listener, f.fake, shutdown).await?;
             Ok(())
@@ -60,8 +62,13 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result
 }
 
 /// The load generator: every load point in turn; prints, writes JSON and plots.
-pub async fn run_bench(args: &BenchArgs, shutdown: CancellationToken) -> anyhow::Result<Vec<RunSummary>> {
-    let http = reqwest::Client::builder().build().context("building the HTTP client")?;
+pub async fn run_bench(
+    args: &BenchArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<RunSummary>> {
+    let http = reqwest::Client::builder()
+        .build()
+        .context("building the HTTP client")?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => first_model(&http, &args.base_url).await?,
@@ -98,19 +105,54 @@ pub async fn run_bench(args: &BenchArgs, shutdown: CancellationToken) -> anyhow:
         if args.warmup_requests > 0 {
             let c = match *load {
                 Load::Concurrency(c) => c,
-                Load::Rate { max_concurrency, .. } => max_concurrency.unwrap_or(8),
+                Load::Rate {
+                    max_concurrency, ..
+                } => max_concurrency.unwrap_or(8),
                 Load::Trace => 8,
             };
-            let warm = Point { load: Load::Concurrency(c.min(args.warmup_requests)), num_requests: Some(args.warmup_requests), duration: None, seed: args.seed, progress: false };
-            runner::run_point(client.clone(), http.clone(), requests.clone(), &warm, shutdown.clone()).await?;
+            let warm = Point {
+                load: Load::Concurrency(c.min(args.warmup_requests)),
+                num_requests: Some(args.warmup_requests),
+                duration: None,
+                seed: args.seed,
+                progress: false,
+            };
+            runner::run_point(
+                client.clone(),
+                http.clone(),
+                requests.clone(),
+                &warm,
+                shutdown.clone(),
+            )
+            .await?;
         }
-        let point = Point { load: *load, num_requests, duration: args.duration, seed: args.seed.wrapping_add(i as u64), progress: !args.no_progress };
+        let point = Point {
+            load: *load,
+            num_requests,
+            duration: args.duration,
+            seed: args.seed.wrapping_add(i as u64),
+            progress: !args.no_progress,
+        };
         let scrape_stop = CancellationToken::new();
         let scraper = args.scrape_metrics.then(|| {
-            let url = args.metrics_url.clone().unwrap_or_else(|| format!("{}/metrics", root_url(&args.base_url)));
-            tokio::spawn(scrape::sample(url, Duration::from_secs(1), scrape_stop.clone()))
+            let url = args
+                .metrics_url
+                .clone()
+                .unwrap_or_else(|| format!("{}/metrics", root_url(&args.base_url)));
+            tokio::spawn(scrape::sample(
+                url,
+                Duration::from_secs(1),
+                scrape_stop.clone(),
+            ))
         });
-        let records = runner::run_point(client.clone(), http.clone(), requests.clone(), &point, shutdown.clone()).await?;
+        let records = runner::run_point(
+            client.clone(),
+            http.clone(),
+            requests.clone(),
+            &point,
+            shutdown.clone(),
+        )
+        .await?;
         scrape_stop.cancel();
         let mut summary = metrics::summarize(&load.label(), load.value(), &records, &slo);
         if load.value() == 0.0 {
@@ -126,7 +168,9 @@ pub async fn run_bench(args: &BenchArgs, shutdown: CancellationToken) -> anyhow:
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ok = records.iter().filter(|r| r.failure.is_none());
         let ttft: Vec<f64> = ok.clone().filter_map(|r| r.ttft()).map(ms).collect();
-        let itl: Vec<f64> = ok.flat_map(|r| r.itls().map(ms).collect::<Vec<_>>()).collect();
+        let itl: Vec<f64> = ok
+            .flat_map(|r| r.itls().map(ms).collect::<Vec<_>>())
+            .collect();
         dists.push((ttft, itl));
         runs.push(summary);
     }
@@ -139,7 +183,10 @@ pub async fn run_bench(args: &BenchArgs, shutdown: CancellationToken) -> anyhow:
             base_url: &args.base_url,
             model: &model,
             endpoint: args.endpoint,
-            workload: format!("{:?} input={:?} output={:?}", args.workload, args.input_len, args.output_len),
+            workload: format!(
+                "{:?} input={:?} output={:?}",
+                args.workload, args.input_len, args.output_len
+            ),
             slo,
             runs: &runs,
         };
@@ -153,7 +200,11 @@ pub async fn run_bench(args: &BenchArgs, shutdown: CancellationToken) -> anyhow:
             plot::distributions(dir, &stem, &format!("{model} {}", run.load), ttft, itl)?;
         }
         if runs.len() > 1 {
-            let x = if args.concurrency.is_empty() { "offered request rate (req/s)" } else { "concurrency" };
+            let x = if args.concurrency.is_empty() {
+                "offered request rate (req/s)"
+            } else {
+                "concurrency"
+            };
             plot::sweep(dir, "sweep", &runs, x)?;
         }
         eprintln!("plots written to {}", dir.display());
@@ -168,8 +219,19 @@ fn root_url(base: &str) -> &str {
 
 async fn first_model(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
     let url = format!("{}/v1/models", root_url(base));
-    let v: serde_json::Value = http.get(&url).send().await.and_then(|r| r.error_for_status()).with_context(|| format!("GET {url} (or pass --model)"))?.json().await.with_context(|| format!("GET {url}: not JSON (pass --model)"))?;
-    v["data"][0]["id"].as_str().map(str::to_string).with_context(|| format!("{url} lists no model; pass --model"))
+    let v: serde_json::Value = http
+        .get(&url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("GET {url} (or pass --model)"))?
+        .json()
+        .await
+        .with_context(|| format!("GET {url}: not JSON (pass --model)"))?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("{url} lists no model; pass --model"))
 }
 
 fn loads(args: &BenchArgs) -> anyhow::Result<Vec<Load>> {
@@ -188,26 +250,56 @@ fn loads(args: &BenchArgs) -> anyhow::Result<Vec<Load>> {
     if !(args.burstiness > 0.0 && args.burstiness.is_finite()) {
         bail!("--burstiness must be > 0");
     }
-    let mut loads: Vec<Load> = args.concurrency.iter().map(|&c| Load::Concurrency(c)).collect();
-    loads.extend(args.request_rate.iter().map(|&rate| Load::Rate { rate, burstiness: args.burstiness, max_concurrency: args.max_concurrency }));
+    let mut loads: Vec<Load> = args
+        .concurrency
+        .iter()
+        .map(|&c| Load::Concurrency(c))
+        .collect();
+    loads.extend(args.request_rate.iter().map(|&rate| Load::Rate {
+        rate,
+        burstiness: args.burstiness,
+        max_concurrency: args.max_concurrency,
+    }));
     if loads.is_empty() {
         loads.push(Load::Concurrency(1));
     }
     Ok(loads)
 }
 
-fn build_workload(args: &BenchArgs, num_requests: Option<usize>) -> anyhow::Result<Vec<RequestSpec>> {
+fn build_workload(
+    args: &BenchArgs,
+    num_requests: Option<usize>,
+) -> anyhow::Result<Vec<RequestSpec>> {
     let tokenizer = match &args.tokenizer {
         None => None,
-        Some(p) => Some(tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", p.display()))?),
+        Some(p) => Some(
+            tokenizers::Tokenizer::from_file(p)
+                .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", p.display()))?,
+        ),
     };
     let maker = PromptMaker::new(tokenizer);
-    let n = args.num_prompts.unwrap_or_else(|| num_requests.unwrap_or(1000).min(1000)).max(1);
+    let n = args
+        .num_prompts
+        .unwrap_or_else(|| num_requests.unwrap_or(1000).min(1000))
+        .max(1);
     let reqs = match args.workload {
-        WorkloadKind::Random => workload::random(&maker, n, args.input_len, args.output_len, args.seed)?,
-        WorkloadKind::SharedPrefix => workload::shared_prefix(&maker, args.prefix_groups.max(1), args.prefix_questions.max(1), args.prefix_len, args.input_len, args.output_len, args.seed)?,
+        WorkloadKind::Random => {
+            workload::random(&maker, n, args.input_len, args.output_len, args.seed)?
+        }
+        WorkloadKind::SharedPrefix => workload::shared_prefix(
+            &maker,
+            args.prefix_groups.max(1),
+            args.prefix_questions.max(1),
+            args.prefix_len,
+            args.input_len,
+            args.output_len,
+            args.seed,
+        )?,
         WorkloadKind::Trace => {
-            let path = args.trace.as_ref().context("--workload trace needs --trace PATH")?;
+            let path = args
+                .trace
+                .as_ref()
+                .context("--workload trace needs --trace PATH")?;
             workload::trace(&maker, path, args.trace_speed, args.seed)?
         }
     };

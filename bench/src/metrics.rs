@@ -68,7 +68,9 @@ impl RequestRecord {
 
     /// Gaps between successive output chunks.
     pub fn itls(&self) -> impl Iterator<Item = Duration> + '_ {
-        self.chunk_arrivals.windows(2).map(|w| w[1].saturating_sub(w[0]))
+        self.chunk_arrivals
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
     }
 
     /// Time per output token after the first: (e2e − ttft) / (output_tokens − 1).
@@ -202,11 +204,19 @@ pub struct RunSummary {
 
 /// Summarise one run's records.
 pub fn summarize(load: &str, load_value: f64, records: &[RequestRecord], slo: &Slo) -> RunSummary {
-    let mut s = RunSummary { load: load.to_string(), load_value, ..Default::default() };
+    let mut s = RunSummary {
+        load: load.to_string(),
+        load_value,
+        ..Default::default()
+    };
     let (mut ttft, mut itl, mut tpot, mut e2e) = (vec![], vec![], vec![], vec![]);
     let mut good = 0u64;
     let first = records.iter().map(|r| r.sent_at).min().unwrap_or_default();
-    let last = records.iter().map(|r| r.sent_at + r.end).max().unwrap_or_default();
+    let last = records
+        .iter()
+        .map(|r| r.sent_at + r.end)
+        .max()
+        .unwrap_or_default();
     for r in records {
         match &r.failure {
             Some(FailReason::RateLimited) => s.rate_limited += 1,
@@ -234,9 +244,16 @@ pub fn summarize(load: &str, load_value: f64, records: &[RequestRecord], slo: &S
             (s.total_input_tokens + s.total_output_tokens) as f64 / s.duration_s;
     }
     if !slo.is_empty() {
-        s.goodput = Some(if s.duration_s > 0.0 { good as f64 / s.duration_s } else { 0.0 });
-        s.slo_attainment =
-            Some(if s.completed > 0 { good as f64 / s.completed as f64 } else { 0.0 });
+        s.goodput = Some(if s.duration_s > 0.0 {
+            good as f64 / s.duration_s
+        } else {
+            0.0
+        });
+        s.slo_attainment = Some(if s.completed > 0 {
+            good as f64 / s.completed as f64
+        } else {
+            0.0
+        });
     }
     s.ttft_ms = Dist::from_ms(ttft);
     s.itl_ms = Dist::from_ms(itl);
@@ -322,7 +339,11 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let slo = Slo { ttft: Some(d(500)), tpot: Some(d(50)), ..Default::default() };
+        let slo = Slo {
+            ttft: Some(d(500)),
+            tpot: Some(d(50)),
+            ..Default::default()
+        };
         let s = summarize("rate=1/s", 1.0, &records, &slo);
         assert_eq!((s.completed, s.failed, s.rate_limited), (3, 1, 1));
         assert_eq!(s.failed_by_reason.get("http_500"), Some(&1));

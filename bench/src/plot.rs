@@ -54,7 +54,10 @@ fn both(
     register_font();
     let png = dir.join(format!("{stem}.png"));
     let svg = dir.join(format!("{stem}.svg"));
-    let err = |p: &Path, e: String| PlotError { path: p.display().to_string(), msg: e };
+    let err = |p: &Path, e: String| PlotError {
+        path: p.display().to_string(),
+        msg: e,
+    };
     {
         let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
         png_draw(root.clone()).map_err(|e| err(&png, e.to_string()))?;
@@ -98,7 +101,9 @@ fn lines<DB: DrawingBackend>(
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
             .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
     chart
@@ -112,8 +117,17 @@ fn lines<DB: DrawingBackend>(
 }
 
 /// Latency percentiles and throughput against load, one point per run.
-pub fn sweep(dir: &Path, stem: &str, runs: &[RunSummary], x_desc: &str) -> Result<Vec<PathBuf>, PlotError> {
-    let pts = |f: &dyn Fn(&RunSummary) -> f64| runs.iter().map(|r| (r.load_value, f(r))).collect::<Vec<_>>();
+pub fn sweep(
+    dir: &Path,
+    stem: &str,
+    runs: &[RunSummary],
+    x_desc: &str,
+) -> Result<Vec<PathBuf>, PlotError> {
+    let pts = |f: &dyn Fn(&RunSummary) -> f64| {
+        runs.iter()
+            .map(|r| (r.load_value, f(r)))
+            .collect::<Vec<_>>()
+    };
     let ttft = [
         ("p50", pts(&|r| r.ttft_ms.p50)),
         ("p90", pts(&|r| r.ttft_ms.p90)),
@@ -124,25 +138,50 @@ pub fn sweep(dir: &Path, stem: &str, runs: &[RunSummary], x_desc: &str) -> Resul
         ("TPOT p99", pts(&|r| r.tpot_ms.p99)),
         ("ITL p99", pts(&|r| r.itl_ms.p99)),
     ];
-    let e2e = [("p50", pts(&|r| r.e2e_ms.p50)), ("p99", pts(&|r| r.e2e_ms.p99))];
+    let e2e = [
+        ("p50", pts(&|r| r.e2e_ms.p50)),
+        ("p99", pts(&|r| r.e2e_ms.p99)),
+    ];
     let mut thr = vec![("output tok/s", pts(&|r| r.output_throughput))];
     if runs.iter().any(|r| r.goodput.is_some()) {
         // Goodput is in requests/s; scale it to tokens/s by the mean output length.
-        thr.push(("goodput (req/s x mean out len)", pts(&|r| {
-            let per_req = r.total_output_tokens as f64 / (r.completed.max(1) as f64);
-            r.goodput.unwrap_or(0.0) * per_req
-        })));
+        thr.push((
+            "goodput (req/s x mean out len)",
+            pts(&|r| {
+                let per_req = r.total_output_tokens as f64 / (r.completed.max(1) as f64);
+                r.goodput.unwrap_or(0.0) * per_req
+            }),
+        ));
     }
-    let panels = [("TTFT", "ms", &ttft[..]), ("TPOT / ITL", "ms", &tpot[..]), ("End-to-end latency", "ms", &e2e[..]), ("Throughput", "tokens/s", &thr[..])];
+    let panels = [
+        ("TTFT", "ms", &ttft[..]),
+        ("TPOT / ITL", "ms", &tpot[..]),
+        ("End-to-end latency", "ms", &e2e[..]),
+        ("Throughput", "tokens/s", &thr[..]),
+    ];
     grid(dir, stem, x_desc, &panels)
 }
 
 /// Four panels (title, y axis, series) in a 2 × 2 grid sharing the x axis description.
-pub fn grid(dir: &Path, stem: &str, x_desc: &str, panels: &[(&str, &str, &[Series<'_>])]) -> Result<Vec<PathBuf>, PlotError> {
-    both(dir, stem, |r| draw_grid(r, x_desc, panels), |r| draw_grid(r, x_desc, panels))
+pub fn grid(
+    dir: &Path,
+    stem: &str,
+    x_desc: &str,
+    panels: &[(&str, &str, &[Series<'_>])],
+) -> Result<Vec<PathBuf>, PlotError> {
+    both(
+        dir,
+        stem,
+        |r| draw_grid(r, x_desc, panels),
+        |r| draw_grid(r, x_desc, panels),
+    )
 }
 
-fn draw_grid<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, x_desc: &str, panels: &[(&str, &str, &[Series<'_>])]) -> DrawResult<DB> {
+fn draw_grid<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    x_desc: &str,
+    panels: &[(&str, &str, &[Series<'_>])],
+) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     for (area, (title, y_desc, series)) in root.split_evenly((2, 2)).iter().zip(panels) {
         lines(area, title, x_desc, y_desc, series)?;
@@ -151,11 +190,27 @@ fn draw_grid<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, x_desc: &str, pan
 }
 
 /// TTFT and ITL histograms of one run (values in ms).
-pub fn distributions(dir: &Path, stem: &str, title: &str, ttft_ms: &[f64], itl_ms: &[f64]) -> Result<Vec<PathBuf>, PlotError> {
-    both(dir, stem, |r| draw_hists(r, title, ttft_ms, itl_ms), |r| draw_hists(r, title, ttft_ms, itl_ms))
+pub fn distributions(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    ttft_ms: &[f64],
+    itl_ms: &[f64],
+) -> Result<Vec<PathBuf>, PlotError> {
+    both(
+        dir,
+        stem,
+        |r| draw_hists(r, title, ttft_ms, itl_ms),
+        |r| draw_hists(r, title, ttft_ms, itl_ms),
+    )
 }
 
-fn draw_hists<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, ttft_ms: &[f64], itl_ms: &[f64]) -> DrawResult<DB> {
+fn draw_hists<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    ttft_ms: &[f64],
+    itl_ms: &[f64],
+) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 26))?;
     let panels = root.split_evenly((1, 2));
@@ -163,9 +218,17 @@ fn draw_hists<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, ttf
     histogram(&panels[1], "ITL", itl_ms)
 }
 
-fn histogram<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, name: &str, values: &[f64]) -> DrawResult<DB> {
+fn histogram<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    name: &str,
+    values: &[f64],
+) -> DrawResult<DB> {
     const BINS: usize = 40;
-    let lo = values.iter().copied().fold(f64::MAX, f64::min).min(f64::MAX);
+    let lo = values
+        .iter()
+        .copied()
+        .fold(f64::MAX, f64::min)
+        .min(f64::MAX);
     let lo = if values.is_empty() { 0.0 } else { lo };
     let hi = values.iter().copied().fold(lo, f64::max);
     let width = ((hi - lo) / BINS as f64).max(1e-6);
@@ -175,7 +238,10 @@ fn histogram<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, name: &str, valu
     }
     let top = counts.iter().copied().max().unwrap_or(0).max(1);
     let mut chart = ChartBuilder::on(area)
-        .caption(format!("{name} ({} samples)", values.len()), ("sans-serif", 22))
+        .caption(
+            format!("{name} ({} samples)", values.len()),
+            ("sans-serif", 22),
+        )
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(60)

@@ -23,14 +23,20 @@ pub struct Results<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("writing {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("encoding JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
 
 pub fn write_json(path: &Path, results: &Results<'_>) -> Result<(), ReportError> {
     let text = serde_json::to_string_pretty(results)?;
-    std::fs::write(path, text).map_err(|source| ReportError::Io { path: path.display().to_string(), source })
+    std::fs::write(path, text).map_err(|source| ReportError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn dist_row(out: &mut String, name: &str, d: &Dist) {
@@ -59,7 +65,11 @@ pub fn point_table(s: &RunSummary) -> String {
         s.request_throughput, s.output_throughput, s.total_token_throughput
     );
     if let (Some(g), Some(a)) = (s.goodput, s.slo_attainment) {
-        let _ = writeln!(out, "  goodput: {g:.2} req/s ({:.1}% of completed met the SLO)", a * 100.0);
+        let _ = writeln!(
+            out,
+            "  goodput: {g:.2} req/s ({:.1}% of completed met the SLO)",
+            a * 100.0
+        );
     }
     let _ = writeln!(
         out,
@@ -92,7 +102,16 @@ pub fn sweep_table(runs: &[RunSummary]) -> String {
     let _ = writeln!(
         out,
         "{:<18} {:>6} {:>5} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
-        "load", "ok", "fail", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "goodput"
+        "load",
+        "ok",
+        "fail",
+        "req/s",
+        "out tok/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "goodput"
     );
     for s in runs {
         let _ = writeln!(
@@ -119,7 +138,13 @@ mod tests {
 
     #[test]
     fn tables_name_every_metric() {
-        let s = RunSummary { load: "rate=1/s".into(), completed: 3, goodput: Some(1.5), slo_attainment: Some(0.5), ..Default::default() };
+        let s = RunSummary {
+            load: "rate=1/s".into(),
+            completed: 3,
+            goodput: Some(1.5),
+            slo_attainment: Some(0.5),
+            ..Default::default()
+        };
         let t = point_table(&s);
         for word in ["TTFT", "ITL", "TPOT", "E2E", "goodput", "rate-limited"] {
             assert!(t.contains(word), "{word} missing in\n{t}");

@@ -21,7 +21,11 @@ pub enum Load {
     /// Closed loop: this many requests in flight at all times.
     Concurrency(usize),
     /// Open loop: arrivals at `rate`/s (∞ = all at once), at most `max_concurrency` in flight.
-    Rate { rate: f64, burstiness: f64, max_concurrency: Option<usize> },
+    Rate {
+        rate: f64,
+        burstiness: f64,
+        max_concurrency: Option<usize>,
+    },
     /// Replay the workload's own timestamps.
     Trace,
 }
@@ -75,7 +79,9 @@ pub async fn run_point(
     let bar = progress_bar(point);
     let times: Vec<Option<Duration>> = requests.iter().map(|r| r.at).collect();
     let stop = shutdown.child_token();
-    let send = move |i: usize, tasks: &mut JoinSet<()>, permit: Option<tokio::sync::OwnedSemaphorePermit>| {
+    let send = move |i: usize,
+                     tasks: &mut JoinSet<()>,
+                     permit: Option<tokio::sync::OwnedSemaphorePermit>| {
         let (client, http, tx, spec) = (client.clone(), http.clone(), tx.clone(), requests.clone());
         let stop = stop.clone();
         tasks.spawn(async move {
@@ -118,7 +124,11 @@ pub async fn run_point(
                         reap(&mut tasks);
                     }
                 }
-                Load::Rate { rate, burstiness, max_concurrency } => {
+                Load::Rate {
+                    rate,
+                    burstiness,
+                    max_concurrency,
+                } => {
                     let mut arrivals = Arrivals::new(rate, burstiness, seed)?;
                     let sem = max_concurrency.map(|c| Arc::new(Semaphore::new(c.max(1))));
                     let mut at = Duration::ZERO;
@@ -126,7 +136,9 @@ pub async fn run_point(
                         if i > 0 {
                             at += arrivals.next_gap();
                         }
-                        if deadline.is_some_and(|d| start + at >= d) || !wait_until(start + at, &shutdown).await {
+                        if deadline.is_some_and(|d| start + at >= d)
+                            || !wait_until(start + at, &shutdown).await
+                        {
                             break;
                         }
                         let permit = match &sem {
@@ -143,7 +155,9 @@ pub async fn run_point(
                 Load::Trace => {
                     for (i, at) in times.iter().enumerate().take(limit) {
                         let at = at.unwrap_or_default();
-                        if deadline.is_some_and(|d| start + at >= d) || !wait_until(start + at, &shutdown).await {
+                        if deadline.is_some_and(|d| start + at >= d)
+                            || !wait_until(start + at, &shutdown).await
+                        {
                             break;
                         }
                         send(i, &mut tasks, None);
@@ -168,14 +182,20 @@ pub async fn run_point(
         let done = records.len() as u64;
         let ok = done - errors;
         let secs = start.elapsed().as_secs_f64().max(1e-9);
-        bar.set_position(match point.duration.filter(|_| point.num_requests.is_none()) {
-            Some(_) => start.elapsed().as_secs(),
-            None => done,
-        });
+        bar.set_position(
+            match point.duration.filter(|_| point.num_requests.is_none()) {
+                Some(_) => start.elapsed().as_secs(),
+                None => done,
+            },
+        );
         bar.set_message(format!(
             "{done} done  {:.1} req/s  mean TTFT {:.0} ms  errors {errors}",
             done as f64 / secs,
-            if ok > 0 { ttft_sum / ok as f64 * 1e3 } else { 0.0 },
+            if ok > 0 {
+                ttft_sum / ok as f64 * 1e3
+            } else {
+                0.0
+            },
         ));
     }
     bar.finish_and_clear();
@@ -209,7 +229,8 @@ fn progress_bar(point: &Point) -> ProgressBar {
         (None, None) => (0, "req"),
     };
     let bar = ProgressBar::new(len);
-    let template = format!("{{prefix}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}");
+    let template =
+        format!("{{prefix}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}");
     if let Ok(style) = ProgressStyle::with_template(&template) {
         bar.set_style(style);
     }
@@ -225,9 +246,17 @@ mod tests {
     #[test]
     fn load_labels_and_values() {
         assert_eq!(Load::Concurrency(8).label(), "concurrency=8");
-        let r = Load::Rate { rate: 2.5, burstiness: 1.0, max_concurrency: None };
+        let r = Load::Rate {
+            rate: 2.5,
+            burstiness: 1.0,
+            max_concurrency: None,
+        };
         assert_eq!((r.label(), r.value()), ("rate=2.5/s".to_string(), 2.5));
-        let inf = Load::Rate { rate: f64::INFINITY, burstiness: 1.0, max_concurrency: None };
+        let inf = Load::Rate {
+            rate: f64::INFINITY,
+            burstiness: 1.0,
+            max_concurrency: None,
+        };
         assert_eq!((inf.label(), inf.value()), ("rate=inf".to_string(), 0.0));
     }
 }

@@ -15,7 +15,12 @@ use crate::metrics::RunSummary;
 pub struct ScalingReportArgs {
     /// One study size: GROUPS=RESULTS.json[:COORDINATOR_CPU_SECONDS] (repeatable), where
     /// the CPU seconds are the coordinator's user + system time over that bench run.
-    #[arg(long = "size", env = "SHARDLINE_SCALING_SIZES", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "size",
+        env = "SHARDLINE_SCALING_SIZES",
+        value_delimiter = ',',
+        required = true
+    )]
     pub sizes: Vec<String>,
     /// Modelled time of one request's prefill alone (ms), subtracted from TTFT to estimate
     /// the latency the coordinator adds.
@@ -42,28 +47,44 @@ struct Size {
 }
 
 fn load(spec: &str) -> anyhow::Result<Size> {
-    let (groups, rest) = spec.split_once('=').with_context(|| format!("bad --size {spec:?}: expected GROUPS=FILE[:CPU]"))?;
-    let groups: u32 = groups.parse().with_context(|| format!("bad group count in {spec:?}"))?;
+    let (groups, rest) = spec
+        .split_once('=')
+        .with_context(|| format!("bad --size {spec:?}: expected GROUPS=FILE[:CPU]"))?;
+    let groups: u32 = groups
+        .parse()
+        .with_context(|| format!("bad group count in {spec:?}"))?;
     let (path, cpu) = match rest.rsplit_once(':') {
         Some((p, c)) if c.parse::<f64>().is_ok() => (p, c.parse().ok()),
         _ => (rest, None),
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    let file: ResultsFile = serde_json::from_str(&text).with_context(|| format!("{path} is not a shardline bench --json file"))?;
+    let file: ResultsFile = serde_json::from_str(&text)
+        .with_context(|| format!("{path} is not a shardline bench --json file"))?;
     if groups == 0 || file.runs.is_empty() {
         bail!("{spec}: no groups or no runs");
     }
-    Ok(Size { groups, cpu_s: cpu, runs: file.runs })
+    Ok(Size {
+        groups,
+        cpu_s: cpu,
+        runs: file.runs,
+    })
 }
 
 /// Write `<out>/report.md`, `<out>/scaling.{png,svg}`; returns the markdown.
 pub fn write_report(args: &ScalingReportArgs) -> anyhow::Result<String> {
-    let mut sizes: Vec<Size> = args.sizes.iter().map(|s| load(s)).collect::<anyhow::Result<_>>()?;
+    let mut sizes: Vec<Size> = args
+        .sizes
+        .iter()
+        .map(|s| load(s))
+        .collect::<anyhow::Result<_>>()?;
     sizes.sort_by_key(|s| s.groups);
     let points = sizes.iter().map(|s| s.runs.len()).min().unwrap_or(0);
     let base = &sizes[0];
     let mut md = String::new();
-    let _ = writeln!(md, "# Scaling study: coordinator + simulated worker groups\n");
+    let _ = writeln!(
+        md,
+        "# Scaling study: coordinator + simulated worker groups\n"
+    );
     if !args.command.is_empty() {
         let _ = writeln!(md, "Command:\n\n```\n{}\n```\n", args.command);
     }
@@ -72,22 +93,35 @@ pub fn write_report(args: &ScalingReportArgs) -> anyhow::Result<String> {
         "Load point k offers the same per-group rate at every size (the total rate is per-group rate × groups). \
          Efficiency = throughput / (groups × {}-group throughput at the same per-group load). \
          Added TTFT = TTFT − {:.1} ms (one request's modelled prefill alone): the coordinator, the network and \
-         waiting for a running step to end. CPU/token = coordinator user+system CPU over the whole sweep ÷ output tokens.\n",
+         waiting for a running step to end. Achieved/offered = completed req/s ÷ offered rate; with Poisson \
+         arrivals a point of n requests varies by about 1/√n on its own. CPU/token = coordinator user+system CPU over the whole sweep ÷ output tokens.\n",
         base.groups, args.prefill_ms
     );
-    let _ = writeln!(md, "| point | groups | offered | req/s | out tok/s | tok/s per group | efficiency | TTFT p50 | TTFT p99 | added TTFT p99 | TPOT p50 | TPOT p99 | failed+429 |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| point | groups | offered | req/s | achieved/offered | out tok/s | tok/s per group | efficiency | TTFT p50 | TTFT p99 | added TTFT p99 | TPOT p50 | TPOT p99 | failed+429 |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for k in 0..points {
         for s in &sizes {
             let r = &s.runs[k];
             let b = &base.runs[k];
-            let eff = r.output_throughput / (b.output_throughput * f64::from(s.groups) / f64::from(base.groups)).max(1e-9);
+            let eff = r.output_throughput
+                / (b.output_throughput * f64::from(s.groups) / f64::from(base.groups)).max(1e-9);
             let _ = writeln!(
                 md,
-                "| {k} | {} | {} | {:.1} | {:.0} | {:.0} | {:.1}% | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} |",
+                "| {k} | {} | {} | {:.1} | {} | {:.0} | {:.0} | {:.1}% | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} |",
                 s.groups,
                 r.load,
                 r.request_throughput,
+                if r.load_value > 0.0 {
+                    format!("{:.1}%", r.request_throughput / r.load_value * 100.0)
+                } else {
+                    "-".into()
+                },
                 r.output_throughput,
                 r.output_throughput / f64::from(s.groups),
                 eff * 100.0,
@@ -100,14 +134,25 @@ pub fn write_report(args: &ScalingReportArgs) -> anyhow::Result<String> {
             );
         }
     }
-    let _ = writeln!(md, "\n| groups | coordinator CPU s | output tokens (all points) | CPU µs / output token |");
+    let _ = writeln!(
+        md,
+        "\n| groups | coordinator CPU s | output tokens (all points) | CPU µs / output token |"
+    );
     let _ = writeln!(md, "|---|---|---|---|");
     for s in &sizes {
         let tokens: u64 = s.runs.iter().map(|r| r.total_output_tokens).sum();
-        let per = s.cpu_s.map_or("-".into(), |c| format!("{:.1}", c * 1e6 / tokens.max(1) as f64));
-        let _ = writeln!(md, "| {} | {} | {tokens} | {per} |", s.groups, s.cpu_s.map_or("-".into(), |c| format!("{c:.2}")));
+        let per = s.cpu_s.map_or("-".into(), |c| {
+            format!("{:.1}", c * 1e6 / tokens.max(1) as f64)
+        });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {tokens} | {per} |",
+            s.groups,
+            s.cpu_s.map_or("-".into(), |c| format!("{c:.2}"))
+        );
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     plots(&args.out, &sizes, points, args.prefill_ms)?;
     let _ = writeln!(md, "\n![scaling](scaling.png)");
     let path = args.out.join("report.md");
@@ -116,10 +161,25 @@ pub fn write_report(args: &ScalingReportArgs) -> anyhow::Result<String> {
 }
 
 fn plots(dir: &Path, sizes: &[Size], points: usize, prefill_ms: f64) -> anyhow::Result<()> {
-    let labels: Vec<String> = (0..points).map(|k| format!("point {k} ({}/group)", per_group(&sizes[0].runs[k], sizes[0].groups))).collect();
+    let labels: Vec<String> = (0..points)
+        .map(|k| {
+            format!(
+                "point {k} ({}/group)",
+                per_group(&sizes[0].runs[k], sizes[0].groups)
+            )
+        })
+        .collect();
     let series = |f: &dyn Fn(&RunSummary, u32) -> f64| -> Vec<crate::plot::Series<'_>> {
         (0..points)
-            .map(|k| (labels[k].as_str(), sizes.iter().map(|s| (f64::from(s.groups), f(&s.runs[k], s.groups))).collect()))
+            .map(|k| {
+                (
+                    labels[k].as_str(),
+                    sizes
+                        .iter()
+                        .map(|s| (f64::from(s.groups), f(&s.runs[k], s.groups)))
+                        .collect(),
+                )
+            })
             .collect()
     };
     let per_group_tput = series(&|r, g| r.output_throughput / f64::from(g));
@@ -137,7 +197,11 @@ fn plots(dir: &Path, sizes: &[Size], points: usize, prefill_ms: f64) -> anyhow::
 }
 
 fn per_group(r: &RunSummary, groups: u32) -> String {
-    if r.load_value > 0.0 { format!("{:.1} req/s", r.load_value / f64::from(groups)) } else { r.load.clone() }
+    if r.load_value > 0.0 {
+        format!("{:.1} req/s", r.load_value / f64::from(groups))
+    } else {
+        r.load.clone()
+    }
 }
 
 #[cfg(test)]
@@ -156,7 +220,11 @@ mod tests {
         };
         for (g, tput) in [(1, 100.0), (2, 190.0)] {
             let runs = vec![run(f64::from(g) * 2.0, tput)];
-            std::fs::write(dir.path().join(format!("n{g}.json")), serde_json::json!({ "runs": runs }).to_string()).unwrap();
+            std::fs::write(
+                dir.path().join(format!("n{g}.json")),
+                serde_json::json!({ "runs": runs }).to_string(),
+            )
+            .unwrap();
         }
         let d = dir.path().display();
         let args = ScalingReportArgs {
@@ -169,8 +237,14 @@ mod tests {
         // 190 / (2 × 100) = 95 %; 0.5 s / 1000 tokens = 500 µs.
         assert!(md.contains("| 95.0% |"), "{md}");
         assert!(md.contains("| 2 | 0.50 | 1000 | 500.0 |"), "{md}");
-        assert!(dir.path().join("out/scaling.png").exists() && dir.path().join("out/report.md").exists());
-        let bad = ScalingReportArgs { sizes: vec!["x".into()], ..args };
+        assert!(
+            dir.path().join("out/scaling.png").exists()
+                && dir.path().join("out/report.md").exists()
+        );
+        let bad = ScalingReportArgs {
+            sizes: vec!["x".into()],
+            ..args
+        };
         assert!(write_report(&bad).is_err());
     }
 }

@@ -28,11 +28,17 @@ pub struct ServerStats {
 pub fn sum_series(text: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else { continue };
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
         if !(rest.starts_with('{') || rest.starts_with(' ')) {
             continue;
         }
-        let value = rest.rsplit_once('}').map_or(rest, |(_, v)| v).split_whitespace().next();
+        let value = rest
+            .rsplit_once('}')
+            .map_or(rest, |(_, v)| v)
+            .split_whitespace()
+            .next();
         if let Some(v) = value.and_then(|v| v.parse::<f64>().ok()) {
             *found.get_or_insert(0.0) += v;
         }
@@ -44,7 +50,10 @@ pub fn sum_series(text: &str, name: &str) -> Option<f64> {
 fn mean_series(text: &str, name: &str) -> Option<f64> {
     let n = text
         .lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{') || r.starts_with(' ')))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
         .count();
     sum_series(text, name).map(|s| s / n.max(1) as f64)
 }
@@ -77,9 +86,17 @@ pub async fn sample(url: String, every: Duration, stop: CancellationToken) -> Se
         running.extend(sum_series(&text, RUNNING));
         last = Some(text);
     }
-    let mut stats = ServerStats { samples: kv.len().max(batch.len()).max(running.len()) as u32, ..Default::default() };
+    let mut stats = ServerStats {
+        samples: kv.len().max(batch.len()).max(running.len()) as u32,
+        ..Default::default()
+    };
     let stat = |v: &[f64]| {
-        (!v.is_empty()).then(|| (v.iter().sum::<f64>() / v.len() as f64, v.iter().copied().fold(f64::MIN, f64::max)))
+        (!v.is_empty()).then(|| {
+            (
+                v.iter().sum::<f64>() / v.len() as f64,
+                v.iter().copied().fold(f64::MIN, f64::max),
+            )
+        })
     };
     (stats.batch_size_mean, stats.batch_size_max) = stat(&batch).unzip();
     (stats.kv_usage_mean, stats.kv_usage_max) = stat(&kv).unzip();
@@ -88,10 +105,10 @@ pub async fn sample(url: String, every: Duration, stop: CancellationToken) -> Se
         let delta = |n: &str| Some(sum_series(&b, n)? - sum_series(&a, n)?);
         let sum = delta(&format!("{BATCH_SIZE}_sum"));
         let count = delta(&format!("{BATCH_SIZE}_count"));
-        if let (Some(s), Some(c)) = (sum, count) {
-            if c > 0.0 {
-                stats.batch_size_mean = Some(s / c);
-            }
+        if let (Some(s), Some(c)) = (sum, count)
+            && c > 0.0
+        {
+            stats.batch_size_mean = Some(s / c);
         }
     }
     stats

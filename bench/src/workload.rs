@@ -25,9 +25,16 @@ pub enum WorkloadError {
     #[error("bad length distribution {0:?}: expected fixed:N, uniform:LO:HI or normal:MEAN:STD")]
     LenDist(String),
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("trace {path} line {line}: {msg}")]
-    Trace { path: String, line: usize, msg: String },
+    Trace {
+        path: String,
+        line: usize,
+        msg: String,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("workload is empty")]
@@ -101,11 +108,11 @@ pub struct PromptMaker {
 
 /// Words that are single tokens (with their leading space) in common BPE vocabularies.
 pub const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "for", "that", "with", "on", "as", "was", "by",
-    "at", "from", "this", "are", "be", "or", "an", "have", "not", "but", "they", "which",
-    "one", "you", "were", "all", "we", "when", "there", "can", "been", "has", "more", "if",
-    "will", "time", "would", "about", "what", "so", "some", "into", "first", "new", "two",
-    "other", "people", "like", "only", "after", "over", "year", "such", "most", "also",
+    "the", "of", "and", "to", "in", "is", "for", "that", "with", "on", "as", "was", "by", "at",
+    "from", "this", "are", "be", "or", "an", "have", "not", "but", "they", "which", "one", "you",
+    "were", "all", "we", "when", "there", "can", "been", "has", "more", "if", "will", "time",
+    "would", "about", "what", "so", "some", "into", "first", "new", "two", "other", "people",
+    "like", "only", "after", "over", "year", "such", "most", "also",
 ];
 
 impl PromptMaker {
@@ -119,7 +126,10 @@ impl PromptMaker {
                     .get_vocab(false)
                     .into_iter()
                     .filter(|(tok, id)| {
-                        !special.contains(id) && tok.chars().all(|c| c.is_alphanumeric() || c == 'Ġ' || c == '▁')
+                        !special.contains(id)
+                            && tok
+                                .chars()
+                                .all(|c| c.is_alphanumeric() || c == 'Ġ' || c == '▁')
                     })
                     .map(|(_, id)| id)
                     .collect();
@@ -141,13 +151,15 @@ impl PromptMaker {
     /// Random text of `len` tokens.
     pub fn make(&self, len: u32, rng: &mut StdRng) -> Result<String, WorkloadError> {
         let Some(tok) = self.tokenizer.as_ref().filter(|_| !self.vocab.is_empty()) else {
-            let words: Vec<&str> =
-                (0..len).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+            let words: Vec<&str> = (0..len)
+                .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+                .collect();
             return Ok(words.join(" "));
         };
         let terr = |e: tokenizers::Error| WorkloadError::Tokenizer(e.to_string());
-        let ids: Vec<u32> =
-            (0..len).map(|_| self.vocab[rng.random_range(0..self.vocab.len())]).collect();
+        let ids: Vec<u32> = (0..len)
+            .map(|_| self.vocab[rng.random_range(0..self.vocab.len())])
+            .collect();
         let mut text = tok.decode(&ids, true).map_err(terr)?;
         // Decoding then re-encoding can merge or split tokens: trim or pad to the length.
         for _ in 0..4 {
@@ -156,7 +168,9 @@ impl PromptMaker {
             if n == len {
                 break;
             } else if n > len {
-                text = tok.decode(&enc.get_ids()[..len as usize], true).map_err(terr)?;
+                text = tok
+                    .decode(&enc.get_ids()[..len as usize], true)
+                    .map_err(terr)?;
             } else {
                 let extra: Vec<u32> = (0..len - n)
                     .map(|_| self.vocab[rng.random_range(0..self.vocab.len())])
@@ -205,8 +219,9 @@ pub fn shared_prefix(
     seed: u64,
 ) -> Result<Vec<RequestSpec>, WorkloadError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let systems: Vec<String> =
-        (0..groups).map(|_| maker.make(prefix_len, &mut rng)).collect::<Result<_, _>>()?;
+    let systems: Vec<String> = (0..groups)
+        .map(|_| maker.make(prefix_len, &mut rng))
+        .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(groups * per_group);
     for _ in 0..per_group {
         for sys in &systems {
@@ -242,12 +257,23 @@ pub fn trace(
     seed: u64,
 ) -> Result<Vec<RequestSpec>, WorkloadError> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Io { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Io {
+        path: p.clone(),
+        source,
+    })?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
     let mut origin = None;
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let err = |msg: String| WorkloadError::Trace { path: p.clone(), line: i + 1, msg };
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let err = |msg: String| WorkloadError::Trace {
+            path: p.clone(),
+            line: i + 1,
+            msg,
+        };
         let t: TraceLine = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
         if t.input_len == 0 || t.output_len == 0 {
             return Err(err("input_len and output_len must be > 0".into()));
@@ -279,14 +305,24 @@ mod tests {
     fn len_dist_parses_and_samples_in_range() {
         assert_eq!("128".parse::<LenDist>().unwrap(), LenDist::Fixed(128));
         assert_eq!("fixed:5".parse::<LenDist>().unwrap(), LenDist::Fixed(5));
-        assert_eq!("uniform:2:9".parse::<LenDist>().unwrap(), LenDist::Uniform(2, 9));
-        assert_eq!("normal:100:10".parse::<LenDist>().unwrap(), LenDist::Normal(100.0, 10.0));
+        assert_eq!(
+            "uniform:2:9".parse::<LenDist>().unwrap(),
+            LenDist::Uniform(2, 9)
+        );
+        assert_eq!(
+            "normal:100:10".parse::<LenDist>().unwrap(),
+            LenDist::Normal(100.0, 10.0)
+        );
         for bad in ["", "0", "uniform:9:2", "normal:1", "poisson:3", "x"] {
             assert!(bad.parse::<LenDist>().is_err(), "{bad}");
         }
         let mut rng = StdRng::seed_from_u64(1);
         let d = LenDist::Uniform(2, 9);
-        assert!((0..1000).map(|_| d.sample(&mut rng)).all(|n| (2..=9).contains(&n)));
+        assert!(
+            (0..1000)
+                .map(|_| d.sample(&mut rng))
+                .all(|n| (2..=9).contains(&n))
+        );
     }
 
     #[test]
@@ -294,14 +330,16 @@ mod tests {
         let m = PromptMaker::new(None);
         let reqs = random(&m, 3, LenDist::Fixed(7), LenDist::Fixed(4), 1).unwrap();
         assert!(reqs.iter().all(|r| r.input_len == 7 && r.output_len == 4));
-        assert_eq!(reqs, random(&m, 3, LenDist::Fixed(7), LenDist::Fixed(4), 1).unwrap());
+        assert_eq!(
+            reqs,
+            random(&m, 3, LenDist::Fixed(7), LenDist::Fixed(4), 1).unwrap()
+        );
     }
 
     #[test]
     fn shared_prefix_reuses_n_system_prompts() {
         let m = PromptMaker::new(None);
-        let reqs =
-            shared_prefix(&m, 2, 3, 20, LenDist::Fixed(5), LenDist::Fixed(1), 1).unwrap();
+        let reqs = shared_prefix(&m, 2, 3, 20, LenDist::Fixed(5), LenDist::Fixed(1), 1).unwrap();
         assert_eq!(reqs.len(), 6);
         let systems: std::collections::HashSet<_> =
             reqs.iter().map(|r| r.system.clone().unwrap()).collect();

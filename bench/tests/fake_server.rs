@@ -19,7 +19,9 @@ fn args(extra: &[&str]) -> BenchArgs {
 
 async fn fake(cfg: FakeConfig) -> (String, CancellationToken) {
     let stop = CancellationToken::new();
-    let addr = spawn_fake(cfg, stop.clone()).await.expect("fake server binds");
+    let addr = spawn_fake(cfg, stop.clone())
+        .await
+        .expect("fake server binds");
     (format!("http://{addr}"), stop)
 }
 
@@ -30,12 +32,28 @@ async fn open_loop_sweep_writes_json_png_and_svg() {
     let json = dir.path().join("out.json");
     let plots = dir.path().join("plots");
     let a = args(&[
-        "--base-url", &url, "--request-rate", "200,inf", "--num-requests", "20",
-        "--input-len", "uniform:4:12", "--output-len", "5", "--warmup-requests", "3",
-        "--slo", "ttft=10s,tpot=1s",
-        "--json", json.to_str().unwrap(), "--plots", plots.to_str().unwrap(),
+        "--base-url",
+        &url,
+        "--request-rate",
+        "200,inf",
+        "--num-requests",
+        "20",
+        "--input-len",
+        "uniform:4:12",
+        "--output-len",
+        "5",
+        "--warmup-requests",
+        "3",
+        "--slo",
+        "ttft=10s,tpot=1s",
+        "--json",
+        json.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
     ]);
-    let runs = run_bench(&a, CancellationToken::new()).await.expect("bench runs");
+    let runs = run_bench(&a, CancellationToken::new())
+        .await
+        .expect("bench runs");
     assert_eq!(runs.len(), 2);
     for r in &runs {
         assert_eq!((r.completed, r.failed, r.rate_limited), (20, 0, 0), "{r:?}");
@@ -48,7 +66,8 @@ async fn open_loop_sweep_writes_json_png_and_svg() {
         // A zero-latency fake meets generous SLOs.
         assert_eq!(r.slo_attainment, Some(1.0));
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("valid JSON");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("valid JSON");
     assert_eq!(v["model"], "fake");
     assert_eq!(v["runs"].as_array().unwrap().len(), 2);
     assert_eq!(v["runs"][1]["load"], "rate=inf");
@@ -58,16 +77,36 @@ async fn open_loop_sweep_writes_json_png_and_svg() {
         assert!(png.len() > 10_000, "{stem}.png is {} bytes", png.len());
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         let svg = std::fs::read_to_string(plots.join(format!("{stem}.svg"))).expect("SVG written");
-        assert!(svg.contains("<svg") && svg.contains("TTFT"), "{stem}.svg lacks its labels");
+        assert!(
+            svg.contains("<svg") && svg.contains("TTFT"),
+            "{stem}.svg lacks its labels"
+        );
     }
     stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_loop_counts_429s_apart() {
-    let (url, stop) = fake(FakeConfig { reject_every: 5, ..Default::default() }).await;
-    let a = args(&["--base-url", &url, "--model", "m", "--concurrency", "4", "--num-requests", "20", "--output-len", "3"]);
-    let runs = run_bench(&a, CancellationToken::new()).await.expect("bench runs");
+    let (url, stop) = fake(FakeConfig {
+        reject_every: 5,
+        ..Default::default()
+    })
+    .await;
+    let a = args(&[
+        "--base-url",
+        &url,
+        "--model",
+        "m",
+        "--concurrency",
+        "4",
+        "--num-requests",
+        "20",
+        "--output-len",
+        "3",
+    ]);
+    let runs = run_bench(&a, CancellationToken::new())
+        .await
+        .expect("bench runs");
     let r = &runs[0];
     assert_eq!((r.completed, r.rate_limited, r.failed), (16, 4, 0), "{r:?}");
     assert!(r.failed_by_reason.is_empty());
@@ -78,11 +117,31 @@ async fn closed_loop_counts_429s_apart() {
 async fn chat_shared_prefix_with_metrics_scrape() {
     let (url, stop) = fake(FakeConfig::default()).await;
     let a = args(&[
-        "--base-url", &format!("{url}/v1"), "--endpoint", "chat", "--workload", "shared-prefix",
-        "--prefix-groups", "2", "--prefix-questions", "3", "--prefix-len", "8", "--input-len", "4",
-        "--output-len", "2", "--concurrency", "2", "--num-requests", "6", "--scrape-metrics",
+        "--base-url",
+        &format!("{url}/v1"),
+        "--endpoint",
+        "chat",
+        "--workload",
+        "shared-prefix",
+        "--prefix-groups",
+        "2",
+        "--prefix-questions",
+        "3",
+        "--prefix-len",
+        "8",
+        "--input-len",
+        "4",
+        "--output-len",
+        "2",
+        "--concurrency",
+        "2",
+        "--num-requests",
+        "6",
+        "--scrape-metrics",
     ]);
-    let runs = run_bench(&a, CancellationToken::new()).await.expect("bench runs");
+    let runs = run_bench(&a, CancellationToken::new())
+        .await
+        .expect("bench runs");
     let r = &runs[0];
     assert_eq!(r.completed, 6);
     let srv = r.server.as_ref().expect("scraped");
@@ -98,8 +157,17 @@ async fn trace_replay_sends_every_line() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("t.jsonl");
     std::fs::write(&trace, "{\"timestamp\":0,\"input_len\":5,\"output_len\":2}\n{\"timestamp\":20,\"input_len\":7,\"output_len\":3}\n{\"timestamp\":40,\"input_len\":3,\"output_len\":1}\n").unwrap();
-    let a = args(&["--base-url", &url, "--workload", "trace", "--trace", trace.to_str().unwrap()]);
-    let runs = run_bench(&a, CancellationToken::new()).await.expect("bench runs");
+    let a = args(&[
+        "--base-url",
+        &url,
+        "--workload",
+        "trace",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    let runs = run_bench(&a, CancellationToken::new())
+        .await
+        .expect("bench runs");
     assert_eq!(runs[0].completed, 3);
     assert_eq!(runs[0].total_output_tokens, 6);
     assert_eq!(runs[0].load, "trace");
@@ -109,9 +177,19 @@ async fn trace_replay_sends_every_line() {
 #[tokio::test]
 async fn bad_input_is_an_error_not_a_panic() {
     let (url, stop) = fake(FakeConfig::default()).await;
-    let e = run_bench(&args(&["--base-url", &url, "--concurrency", "0"]), CancellationToken::new()).await.unwrap_err();
+    let e = run_bench(
+        &args(&["--base-url", &url, "--concurrency", "0"]),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("concurrency"), "{e}");
-    let e = run_bench(&args(&["--base-url", &url, "--extra-body", "[1]"]), CancellationToken::new()).await.unwrap_err();
+    let e = run_bench(
+        &args(&["--base-url", &url, "--extra-body", "[1]"]),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("extra-body"), "{e}");
     assert!(Cli::try_parse_from(["bench", "--input-len", "uniform:9:1"]).is_err());
     stop.cancel();

@@ -21,7 +21,9 @@ async fn start(profile: &str) -> (WorkerClient<tonic::transport::Channel>, Cance
     let worker = sim::build(&args, addr).expect("sim builds");
     let stop = CancellationToken::new();
     tokio::spawn(sim::serve_sim(listener, worker, stop.clone()));
-    let client = WorkerClient::connect(format!("http://{addr}")).await.expect("connects");
+    let client = WorkerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connects");
     (client, stop)
 }
 
@@ -29,35 +31,93 @@ async fn start(profile: &str) -> (WorkerClient<tonic::transport::Channel>, Cance
 async fn sim_speaks_the_worker_protocol() {
     let (mut c, stop) = start("sim:tiny").await;
     let info = c.info(InfoRequest {}).await.unwrap().into_inner();
-    assert_eq!((info.model_id.as_str(), info.group_id.as_str()), ("sim:tiny", "g1"));
-    assert_eq!((info.kv_block_size, info.kv_blocks_total, info.kv_blocks_free), (4, 64, 64));
-    let tok = tokenizers::Tokenizer::from_bytes(info.tokenizer_json.as_bytes()).expect("Info serves a loadable tokenizer");
+    assert_eq!(
+        (info.model_id.as_str(), info.group_id.as_str()),
+        ("sim:tiny", "g1")
+    );
+    assert_eq!(
+        (
+            info.kv_block_size,
+            info.kv_blocks_total,
+            info.kv_blocks_free
+        ),
+        (4, 64, 64)
+    );
+    let tok = tokenizers::Tokenizer::from_bytes(info.tokenizer_json.as_bytes())
+        .expect("Info serves a loadable tokenizer");
     assert_eq!(tok.get_vocab_size(true) as u32, info.vocab_size);
     assert!(info.chat_template.contains("im_start"));
 
-    let params = SequenceParams { max_new_tokens: 3, ignore_eos: true, top_logprobs: 2, ..Default::default() };
-    let chunk = PrefillChunk { seq_id: 7, prompt: vec![10, 11, 12, 13, 14], params: Some(params), max_tokens: 0 };
-    let r = c.prefill(PrefillRequest { chunks: vec![chunk] }).await.unwrap().into_inner();
-    assert_eq!((r.kv_blocks_free, r.num_running, r.batch_tokens), (62, 1, 5));
+    let params = SequenceParams {
+        max_new_tokens: 3,
+        ignore_eos: true,
+        top_logprobs: 2,
+        ..Default::default()
+    };
+    let chunk = PrefillChunk {
+        seq_id: 7,
+        prompt: vec![10, 11, 12, 13, 14],
+        params: Some(params),
+        max_tokens: 0,
+    };
+    let r = c
+        .prefill(PrefillRequest {
+            chunks: vec![chunk],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.kv_blocks_free, r.num_running, r.batch_tokens),
+        (62, 1, 5)
+    );
     assert!(r.step_time_ns > 0);
     let res = &r.results[0];
-    assert_eq!((res.status, res.prompt_computed, res.has_token), (SeqStatus::Ok as i32, 5, true));
+    assert_eq!(
+        (res.status, res.prompt_computed, res.has_token),
+        (SeqStatus::Ok as i32, 5, true)
+    );
     assert_eq!(res.token.as_ref().unwrap().top.len(), 2);
 
-    let r = c.step(StepRequest { prefill: vec![], decode: vec![7] }).await.unwrap().into_inner();
+    let r = c
+        .step(StepRequest {
+            prefill: vec![],
+            decode: vec![7],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.results[0].finish_reason, FinishReason::Unspecified as i32);
-    let r = c.decode(DecodeRequest { seq_ids: vec![7] }).await.unwrap().into_inner();
+    let r = c
+        .decode(DecodeRequest { seq_ids: vec![7] })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.results[0].finish_reason, FinishReason::Length as i32);
     assert_eq!((r.kv_blocks_free, r.num_running), (64, 0));
 
     let again = PrefillChunk {
         seq_id: 8,
         prompt: vec![1; 8],
-        params: Some(SequenceParams { max_new_tokens: 10, ..Default::default() }),
+        params: Some(SequenceParams {
+            max_new_tokens: 10,
+            ..Default::default()
+        }),
         max_tokens: 0,
     };
-    c.step(StepRequest { prefill: vec![again], decode: vec![] }).await.unwrap();
-    let rel = c.release(ReleaseRequest { seq_ids: vec![8, 999] }).await.unwrap().into_inner();
+    c.step(StepRequest {
+        prefill: vec![again],
+        decode: vec![],
+    })
+    .await
+    .unwrap();
+    let rel = c
+        .release(ReleaseRequest {
+            seq_ids: vec![8, 999],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rel.kv_blocks_free, 64);
     let h = c.health(HealthRequest {}).await.unwrap().into_inner();
     assert!(h.ready && !h.draining);
@@ -77,6 +137,12 @@ fn unknown_profile_names_the_known_ones() {
         kv_blocks: None,
         max_num_seqs: None,
     };
-    let err = sim::build(&args, args.listen).err().expect("unknown profile").to_string();
-    assert!(err.contains("h100-llama3-8b") && err.contains("4xh100-llama3-70b"), "{err}");
+    let err = sim::build(&args, args.listen)
+        .err()
+        .expect("unknown profile")
+        .to_string();
+    assert!(
+        err.contains("h100-llama3-8b") && err.contains("4xh100-llama3-70b"),
+        "{err}"
+    );
 }

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use shardline_proto::worker::v1::{
-    FinishReason, PrefillChunk, SeqResult, SeqStatus, SequenceParams, StepResponse, TokenLogprob, TopLogprob,
+    FinishReason, PrefillChunk, SeqResult, SeqStatus, SequenceParams, StepResponse, TokenLogprob,
+    TopLogprob,
 };
 
 use super::profile::Profile;
@@ -52,17 +53,27 @@ fn mix(mut x: u64) -> u64 {
 }
 
 fn prompt_hash(tokens: &[u32]) -> u64 {
-    tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| mix(h ^ u64::from(t)))
+    tokens
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &t| mix(h ^ u64::from(t)))
 }
 
 impl SimState {
     /// `vocab`: ids to draw outputs from (empty = 0..profile.vocab_size without `eos`).
     pub fn new(profile: Profile, mut vocab: Vec<u32>, eos: Vec<u32>) -> Self {
         if vocab.is_empty() {
-            vocab = (0..profile.vocab_size).filter(|t| !eos.contains(t)).collect();
+            vocab = (0..profile.vocab_size)
+                .filter(|t| !eos.contains(t))
+                .collect();
         }
         let free_blocks = profile.kv_blocks;
-        Self { profile, vocab, eos, seqs: HashMap::new(), free_blocks }
+        Self {
+            profile,
+            vocab,
+            eos,
+            seqs: HashMap::new(),
+            free_blocks,
+        }
     }
 
     pub fn free_blocks(&self) -> u32 {
@@ -86,7 +97,9 @@ impl SimState {
     /// Grow `seq` to `kv_tokens`; false (nothing changed) when the blocks are not free.
     fn grow(&mut self, id: u64, kv_tokens: u32) -> bool {
         let need = self.blocks_for(kv_tokens);
-        let Some(seq) = self.seqs.get(&id) else { return false };
+        let Some(seq) = self.seqs.get(&id) else {
+            return false;
+        };
         let extra = need.saturating_sub(seq.blocks);
         if extra > self.free_blocks {
             return false;
@@ -113,21 +126,38 @@ impl SimState {
 
     /// Sample the next output token of `id` and finish it if it is done.
     fn sample(&mut self, id: u64, r: &mut SeqResult) {
-        let seq = self.seqs.get(&id).expect("caller checked the sequence exists");
+        let seq = self
+            .seqs
+            .get(&id)
+            .expect("caller checked the sequence exists");
         let token = self.token_at(seq.origin, seq.generated);
         let generated = seq.generated + 1;
         let p = &seq.params;
-        let stop = !p.ignore_eos && generated > p.min_tokens && (self.eos.contains(&token) || p.stop_token_ids.contains(&token));
+        let stop = !p.ignore_eos
+            && generated > p.min_tokens
+            && (self.eos.contains(&token) || p.stop_token_ids.contains(&token));
         let length = (p.max_new_tokens > 0 && generated >= p.max_new_tokens)
-            || seq.prompt.len() as u32 - p.num_generated.min(seq.prompt.len() as u32) + generated >= self.profile.context_length;
+            || seq.prompt.len() as u32 - p.num_generated.min(seq.prompt.len() as u32) + generated
+                >= self.profile.context_length;
         let top = (0..p.top_logprobs)
-            .map(|i| TopLogprob { token_id: self.token_at(seq.origin ^ 0x5eed, seq.generated + i), logprob: -1.0 - i as f32 })
+            .map(|i| TopLogprob {
+                token_id: self.token_at(seq.origin ^ 0x5eed, seq.generated + i),
+                logprob: -1.0 - i as f32,
+            })
             .collect();
         r.has_token = true;
-        r.token = Some(TokenLogprob { token_id: token, logprob: -0.5, top });
+        r.token = Some(TokenLogprob {
+            token_id: token,
+            logprob: -0.5,
+            top,
+        });
         self.seqs.get_mut(&id).expect("exists").generated = generated;
         if stop || length {
-            r.finish_reason = if stop { FinishReason::Stop } else { FinishReason::Length } as i32;
+            r.finish_reason = if stop {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            } as i32;
             self.drop_seq(id);
         }
     }
@@ -142,7 +172,11 @@ impl SimState {
         let id = c.seq_id;
         if !c.prompt.is_empty() {
             if self.seqs.contains_key(&id) {
-                Self::refuse(r, SeqStatus::Invalid, format!("sequence {id} already exists"));
+                Self::refuse(
+                    r,
+                    SeqStatus::Invalid,
+                    format!("sequence {id} already exists"),
+                );
                 return (0, 0);
             }
             let Some(params) = c.params.clone() else {
@@ -150,7 +184,15 @@ impl SimState {
                 return (0, 0);
             };
             if c.prompt.len() as u32 >= self.profile.context_length {
-                Self::refuse(r, SeqStatus::Invalid, format!("prompt of {} tokens exceeds the context length {}", c.prompt.len(), self.profile.context_length));
+                Self::refuse(
+                    r,
+                    SeqStatus::Invalid,
+                    format!(
+                        "prompt of {} tokens exceeds the context length {}",
+                        c.prompt.len(),
+                        self.profile.context_length
+                    ),
+                );
                 return (0, 0);
             }
             if params.num_generated as usize > c.prompt.len() {
@@ -158,20 +200,43 @@ impl SimState {
                 return (0, 0);
             }
             if self.seqs.len() as u32 >= self.profile.max_num_seqs {
-                Self::refuse(r, SeqStatus::OutOfBlocks, "max_num_seqs sequences are running");
+                Self::refuse(
+                    r,
+                    SeqStatus::OutOfBlocks,
+                    "max_num_seqs sequences are running",
+                );
                 return (0, 0);
             }
             let origin = prompt_hash(&c.prompt[..c.prompt.len() - params.num_generated as usize]);
             let generated = params.num_generated;
-            self.seqs.insert(id, Seq { prompt: c.prompt.clone(), params, origin, computed: 0, generated, kv_tokens: 0, blocks: 0 });
+            self.seqs.insert(
+                id,
+                Seq {
+                    prompt: c.prompt.clone(),
+                    params,
+                    origin,
+                    computed: 0,
+                    generated,
+                    kv_tokens: 0,
+                    blocks: 0,
+                },
+            );
         }
         let Some(seq) = self.seqs.get(&id) else {
-            Self::refuse(r, SeqStatus::Invalid, format!("unknown sequence {id} (the first chunk carries the prompt)"));
+            Self::refuse(
+                r,
+                SeqStatus::Invalid,
+                format!("unknown sequence {id} (the first chunk carries the prompt)"),
+            );
             return (0, 0);
         };
         let total = seq.prompt.len() as u32;
         if seq.computed >= total {
-            Self::refuse(r, SeqStatus::Invalid, format!("sequence {id} has no prompt left to prefill"));
+            Self::refuse(
+                r,
+                SeqStatus::Invalid,
+                format!("sequence {id} has no prompt left to prefill"),
+            );
             return (0, 0);
         }
         let n = match c.max_tokens {
@@ -189,7 +254,14 @@ impl SimState {
         r.prompt_computed = computed;
         if computed == total {
             if seq.params.prompt_logprobs {
-                r.prompt_logprobs = seq.prompt[1..].iter().map(|&t| TokenLogprob { token_id: t, logprob: -1.0, top: vec![] }).collect();
+                r.prompt_logprobs = seq.prompt[1..]
+                    .iter()
+                    .map(|&t| TokenLogprob {
+                        token_id: t,
+                        logprob: -1.0,
+                        top: vec![],
+                    })
+                    .collect();
             }
             self.sample(id, r);
         }
@@ -203,7 +275,11 @@ impl SimState {
             return (0, 0);
         };
         if seq.computed < seq.prompt.len() as u32 {
-            Self::refuse(r, SeqStatus::Invalid, format!("sequence {id} is still in prefill"));
+            Self::refuse(
+                r,
+                SeqStatus::Invalid,
+                format!("sequence {id} is still in prefill"),
+            );
             return (0, 0);
         }
         let kv = seq.kv_tokens + 1;
@@ -222,13 +298,21 @@ impl SimState {
         let (mut tokens, mut ctx) = (0u64, 0u64);
         let mut results = Vec::with_capacity(prefill.len() + decode.len());
         for c in prefill {
-            let mut r = SeqResult { seq_id: c.seq_id, status: SeqStatus::Ok as i32, ..Default::default() };
+            let mut r = SeqResult {
+                seq_id: c.seq_id,
+                status: SeqStatus::Ok as i32,
+                ..Default::default()
+            };
             let (t, x) = self.prefill(c, &mut r);
             (tokens, ctx) = (tokens + t, ctx + x);
             results.push(r);
         }
         for &id in decode {
-            let mut r = SeqResult { seq_id: id, status: SeqStatus::Ok as i32, ..Default::default() };
+            let mut r = SeqResult {
+                seq_id: id,
+                status: SeqStatus::Ok as i32,
+                ..Default::default()
+            };
             let (t, x) = self.decode(id, &mut r);
             (tokens, ctx) = (tokens + t, ctx + x);
             results.push(r);
@@ -258,7 +342,11 @@ mod tests {
         PrefillChunk {
             seq_id: id,
             prompt: (1..=prompt_len).collect(),
-            params: Some(SequenceParams { max_new_tokens: max_new, ignore_eos: true, ..Default::default() }),
+            params: Some(SequenceParams {
+                max_new_tokens: max_new,
+                ignore_eos: true,
+                ..Default::default()
+            }),
             max_tokens,
         }
     }
@@ -272,17 +360,30 @@ mod tests {
         let mut s = tiny();
         // 10 prompt tokens in chunks of 6 and 4: 2 blocks, then 3 blocks.
         let (resp, _) = s.step(&[first(1, 10, 3, 6)], &[]);
-        assert_eq!((resp.results[0].prompt_computed, resp.results[0].has_token), (6, false));
+        assert_eq!(
+            (resp.results[0].prompt_computed, resp.results[0].has_token),
+            (6, false)
+        );
         assert_eq!(s.free_blocks(), 62);
-        let chunk = PrefillChunk { seq_id: 1, max_tokens: 6, ..Default::default() };
+        let chunk = PrefillChunk {
+            seq_id: 1,
+            max_tokens: 6,
+            ..Default::default()
+        };
         let (resp, cost) = s.step(&[chunk], &[]);
         let r = &resp.results[0];
-        assert_eq!((r.prompt_computed, r.has_token, resp.batch_tokens), (10, true, 4));
+        assert_eq!(
+            (r.prompt_computed, r.has_token, resp.batch_tokens),
+            (10, true, 4)
+        );
         assert_eq!(cost, Duration::from_millis(1));
         assert_eq!(s.free_blocks(), 61);
         // Decode: KV 11 tokens → still 3 blocks; output 2 of 3.
         let (resp, _) = s.step(&[], &[1]);
-        assert_eq!(resp.results[0].finish_reason, FinishReason::Unspecified as i32);
+        assert_eq!(
+            resp.results[0].finish_reason,
+            FinishReason::Unspecified as i32
+        );
         assert_eq!(s.free_blocks(), 61);
         // Output 3 = max_new_tokens: finished, blocks back.
         let (resp, _) = s.step(&[], &[1]);
@@ -294,9 +395,21 @@ mod tests {
     fn tokens_are_deterministic_and_migration_continues_the_stream() {
         let run = |s: &mut SimState, chunk: PrefillChunk, n: usize| {
             let id = chunk.seq_id;
-            let mut out = vec![s.step(&[chunk], &[]).0.results[0].token.as_ref().unwrap().token_id];
+            let mut out = vec![
+                s.step(&[chunk], &[]).0.results[0]
+                    .token
+                    .as_ref()
+                    .unwrap()
+                    .token_id,
+            ];
             for _ in 1..n {
-                out.push(s.step(&[], &[id]).0.results[0].token.as_ref().unwrap().token_id);
+                out.push(
+                    s.step(&[], &[id]).0.results[0]
+                        .token
+                        .as_ref()
+                        .unwrap()
+                        .token_id,
+                );
             }
             out
         };
@@ -307,8 +420,18 @@ mod tests {
         // Migrated: the prompt plus the first 2 outputs, num_generated = 2.
         let mut prompt: Vec<u32> = (1..=5).collect();
         prompt.extend(&a[..2]);
-        let params = SequenceParams { num_generated: 2, max_new_tokens: 6, ignore_eos: true, ..Default::default() };
-        let moved = PrefillChunk { seq_id: 3, prompt, params: Some(params), max_tokens: 0 };
+        let params = SequenceParams {
+            num_generated: 2,
+            max_new_tokens: 6,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let moved = PrefillChunk {
+            seq_id: 3,
+            prompt,
+            params: Some(params),
+            max_tokens: 0,
+        };
         assert_eq!(run(&mut s, moved, 4), a[2..].to_vec());
     }
 
@@ -333,7 +456,15 @@ mod tests {
         }
         let (resp, _) = s.step(&[], &[1, 2, 3, 4]);
         let st: Vec<_> = resp.results.iter().map(status).collect();
-        assert_eq!(st, [SeqStatus::OutOfBlocks, SeqStatus::Ok, SeqStatus::Ok, SeqStatus::Ok]);
+        assert_eq!(
+            st,
+            [
+                SeqStatus::OutOfBlocks,
+                SeqStatus::Ok,
+                SeqStatus::Ok,
+                SeqStatus::Ok
+            ]
+        );
         assert_eq!((resp.kv_blocks_free, resp.num_running), (13, 3));
         s.release(&[2, 3, 4]);
         assert_eq!(s.free_blocks(), 64);
@@ -342,11 +473,23 @@ mod tests {
     #[test]
     fn bad_chunks_are_invalid_and_release_is_idempotent() {
         let mut s = tiny();
-        let no_params = PrefillChunk { seq_id: 1, prompt: vec![1], params: None, max_tokens: 0 };
-        let unknown = PrefillChunk { seq_id: 9, ..Default::default() };
+        let no_params = PrefillChunk {
+            seq_id: 1,
+            prompt: vec![1],
+            params: None,
+            max_tokens: 0,
+        };
+        let unknown = PrefillChunk {
+            seq_id: 9,
+            ..Default::default()
+        };
         let too_long = first(2, 300, 1, 0);
         let (resp, _) = s.step(&[no_params, unknown, too_long], &[42]);
-        assert!(resp.results.iter().all(|r| status(r) == SeqStatus::Invalid && !r.error.is_empty()));
+        assert!(
+            resp.results
+                .iter()
+                .all(|r| status(r) == SeqStatus::Invalid && !r.error.is_empty())
+        );
         s.step(&[first(3, 8, 5, 4)], &[]);
         // Still in prefill: decode is invalid.
         assert_eq!(status(&s.step(&[], &[3]).0.results[0]), SeqStatus::Invalid);
@@ -358,8 +501,18 @@ mod tests {
     fn stop_tokens_end_a_sequence_after_min_tokens() {
         let mut s = tiny();
         let probe = s.token_at(prompt_hash(&[1, 2, 3]), 1);
-        let params = SequenceParams { stop_token_ids: vec![probe], min_tokens: 0, max_new_tokens: 50, ..Default::default() };
-        let c = PrefillChunk { seq_id: 1, prompt: vec![1, 2, 3], params: Some(params), max_tokens: 0 };
+        let params = SequenceParams {
+            stop_token_ids: vec![probe],
+            min_tokens: 0,
+            max_new_tokens: 50,
+            ..Default::default()
+        };
+        let c = PrefillChunk {
+            seq_id: 1,
+            prompt: vec![1, 2, 3],
+            params: Some(params),
+            max_tokens: 0,
+        };
         s.step(&[c], &[]);
         let (resp, _) = s.step(&[], &[1]);
         assert_eq!(resp.results[0].finish_reason, FinishReason::Stop as i32);

@@ -32,9 +32,15 @@ pub enum SimError {
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: String, msg: String },
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("serving: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -89,7 +95,10 @@ pub fn build(args: &SimArgs, bound: SocketAddr) -> Result<SimWorker, SimError> {
         None => vocab::Vocab::synthetic(profile.vocab_size.min(vocab::SYNTHETIC_MAX)),
     };
     let chat_template = match &args.chat_template {
-        Some(p) => std::fs::read_to_string(p).map_err(|source| SimError::Io { path: p.display().to_string(), source })?,
+        Some(p) => std::fs::read_to_string(p).map_err(|source| SimError::Io {
+            path: p.display().to_string(),
+            source,
+        })?,
         None => CHATML.to_string(),
     };
     let info = InfoResponse {
@@ -107,7 +116,10 @@ pub fn build(args: &SimArgs, bound: SocketAddr) -> Result<SimWorker, SimError> {
         eos_token: vocab.eos_token.clone(),
         vocab_size: vocab.size,
         max_num_seqs: profile.max_num_seqs,
-        group_id: args.group_id.clone().unwrap_or_else(|| format!("sim-{}", bound.port())),
+        group_id: args
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("sim-{}", bound.port())),
         add_bos: false,
     };
     let state = SimState::new(profile, vocab.output_ids, vocab.eos_ids);
@@ -115,7 +127,11 @@ pub fn build(args: &SimArgs, bound: SocketAddr) -> Result<SimWorker, SimError> {
 }
 
 /// Serve `worker` on `listener` until `shutdown`.
-pub async fn serve_sim(listener: TcpListener, worker: SimWorker, shutdown: CancellationToken) -> Result<(), SimError> {
+pub async fn serve_sim(
+    listener: TcpListener,
+    worker: SimWorker,
+    shutdown: CancellationToken,
+) -> Result<(), SimError> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -127,7 +143,12 @@ pub async fn serve_sim(listener: TcpListener, worker: SimWorker, shutdown: Cance
 
 /// Bind, build and serve a simulated worker until `shutdown`.
 pub async fn run_sim(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen).await.map_err(|source| SimError::Bind { addr: args.listen, source })?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| SimError::Bind {
+            addr: args.listen,
+            source,
+        })?;
     let addr = listener.local_addr()?;
     let worker = build(&args, addr)?;
     let info: &InfoResponse = worker.info();

@@ -110,7 +110,9 @@ impl Profile {
         if tokens == 0 {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64(self.a_s + self.b_s_per_token * tokens as f64 + self.c_s_per_ctx_token * ctx as f64)
+        Duration::from_secs_f64(
+            self.a_s + self.b_s_per_token * tokens as f64 + self.c_s_per_ctx_token * ctx as f64,
+        )
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use shardline_proto::worker::v1::worker_server::Worker;
 use shardline_proto::worker::v1::{
-    DecodeRequest, HealthRequest, HealthResponse, InfoRequest, InfoResponse, PrefillRequest, ReleaseRequest,
-    ReleaseResponse, StepRequest, StepResponse,
+    DecodeRequest, HealthRequest, HealthResponse, InfoRequest, InfoResponse, PrefillRequest,
+    ReleaseRequest, ReleaseResponse, StepRequest, StepResponse,
 };
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -51,7 +51,8 @@ impl SimWorker {
         let mut state = self.state.lock().await;
         let started = Instant::now();
         let (resp, cost) = state.step(&req.prefill, &req.decode);
-        self.busy.fetch_add(cost.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.busy
+            .fetch_add(cost.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         if self.time_scale > 0.0 && !cost.is_zero() {
             // Sleep to an absolute deadline so the bookkeeping above is inside the step.
             tokio::time::sleep_until(started + cost.mul_f64(self.time_scale)).await;
@@ -68,22 +69,38 @@ impl Worker for SimWorker {
         Ok(Response::new(info))
     }
 
-    async fn prefill(&self, req: Request<PrefillRequest>) -> Result<Response<StepResponse>, Status> {
-        self.run_step(StepRequest { prefill: req.into_inner().chunks, decode: vec![] }).await
+    async fn prefill(
+        &self,
+        req: Request<PrefillRequest>,
+    ) -> Result<Response<StepResponse>, Status> {
+        self.run_step(StepRequest {
+            prefill: req.into_inner().chunks,
+            decode: vec![],
+        })
+        .await
     }
 
     async fn decode(&self, req: Request<DecodeRequest>) -> Result<Response<StepResponse>, Status> {
-        self.run_step(StepRequest { prefill: vec![], decode: req.into_inner().seq_ids }).await
+        self.run_step(StepRequest {
+            prefill: vec![],
+            decode: req.into_inner().seq_ids,
+        })
+        .await
     }
 
     async fn step(&self, req: Request<StepRequest>) -> Result<Response<StepResponse>, Status> {
         self.run_step(req.into_inner()).await
     }
 
-    async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
         let mut state = self.state.lock().await;
         state.release(&req.into_inner().seq_ids);
-        Ok(Response::new(ReleaseResponse { kv_blocks_free: state.free_blocks() }))
+        Ok(Response::new(ReleaseResponse {
+            kv_blocks_free: state.free_blocks(),
+        }))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

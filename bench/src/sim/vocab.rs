@@ -14,7 +14,14 @@ use super::SimError;
 pub const SYNTHETIC_MAX: u32 = 4096;
 
 /// Names of end-of-sequence tokens across Llama 3, ChatML, GPT-2 and SentencePiece models.
-const EOS_NAMES: &[&str] = &["<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>", "<eos>"];
+const EOS_NAMES: &[&str] = &[
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+];
 
 /// A tokenizer and what the simulator needs of it.
 #[derive(Debug, Clone)]
@@ -31,17 +38,31 @@ pub struct Vocab {
 impl Vocab {
     pub fn from_file(path: &Path) -> Result<Self, SimError> {
         let p = path.display().to_string();
-        let json = std::fs::read_to_string(path).map_err(|source| SimError::Io { path: p.clone(), source })?;
+        let json = std::fs::read_to_string(path).map_err(|source| SimError::Io {
+            path: p.clone(),
+            source,
+        })?;
         Self::from_json(json).map_err(|msg| SimError::Tokenizer { path: p, msg })
     }
 
     fn from_json(json: String) -> Result<Self, String> {
         let tok = Tokenizer::from_str(&json).map_err(|e| e.to_string())?;
-        let special: std::collections::HashSet<u32> =
-            tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
-        let mut output_ids: Vec<u32> = tok.get_vocab(false).into_values().filter(|id| !special.contains(id)).collect();
+        let special: std::collections::HashSet<u32> = tok
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut output_ids: Vec<u32> = tok
+            .get_vocab(false)
+            .into_values()
+            .filter(|id| !special.contains(id))
+            .collect();
         output_ids.sort_unstable();
-        let eos: Vec<(&str, u32)> = EOS_NAMES.iter().filter_map(|n| Some((*n, tok.token_to_id(n)?))).collect();
+        let eos: Vec<(&str, u32)> = EOS_NAMES
+            .iter()
+            .filter_map(|n| Some((*n, tok.token_to_id(n)?)))
+            .collect();
         output_ids.retain(|id| !eos.iter().any(|(_, e)| e == id));
         if output_ids.is_empty() {
             return Err("the vocabulary has no ordinary tokens".into());
@@ -60,7 +81,10 @@ impl Vocab {
     pub fn synthetic(size: u32) -> Self {
         let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"];
         let mut words: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
-        for w in ["system", "user", "assistant"].iter().chain(crate::workload::WORDS) {
+        for w in ["system", "user", "assistant"]
+            .iter()
+            .chain(crate::workload::WORDS)
+        {
             if !words.iter().any(|x| x == w) {
                 words.push(w.to_string());
             }
@@ -71,8 +95,11 @@ impl Vocab {
             words.push(format!("w{i}"));
             i += 1;
         }
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            words.iter().enumerate().map(|(id, w)| (w.clone(), json!(id))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = words
+            .iter()
+            .enumerate()
+            .map(|(id, w)| (w.clone(), json!(id)))
+            .collect();
         let added: Vec<_> = specials
             .iter()
             .enumerate()
@@ -102,8 +129,14 @@ mod tests {
         let tok = Tokenizer::from_str(&v.json).unwrap();
         let enc = tok.encode("the people of the first year", false).unwrap();
         assert_eq!(enc.len(), 6);
-        assert!(!enc.get_ids().contains(&3), "unknown word in {:?}", enc.get_ids());
-        let chat = tok.encode("<|im_start|>user\nhello<|im_end|>", false).unwrap();
+        assert!(
+            !enc.get_ids().contains(&3),
+            "unknown word in {:?}",
+            enc.get_ids()
+        );
+        let chat = tok
+            .encode("<|im_start|>user\nhello<|im_end|>", false)
+            .unwrap();
         assert_eq!(chat.get_ids()[0], 1);
         assert_eq!(tok.decode(&[40, 41], true).unwrap().split(' ').count(), 2);
     }
@@ -113,7 +146,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tokenizer.json");
         std::fs::write(&p, "{not json").unwrap();
-        assert!(matches!(Vocab::from_file(&p), Err(SimError::Tokenizer { .. })));
-        assert!(matches!(Vocab::from_file(&dir.path().join("none")), Err(SimError::Io { .. })));
+        assert!(matches!(
+            Vocab::from_file(&p),
+            Err(SimError::Tokenizer { .. })
+        ));
+        assert!(matches!(
+            Vocab::from_file(&dir.path().join("none")),
+            Err(SimError::Io { .. })
+        ));
     }
 }
