@@ -5,7 +5,7 @@
 //! - [`chat_template`]: the model's Jinja chat template (no candle inside).
 //! - [`sampler`]: penalties, temperature, top-k/p, min-p, seeded draws, logprobs.
 //! - [`engine`]: the engine thread (actor) that batches steps over the runner.
-//! - [`service`]: the `shardline.worker.v1` gRPC service.
+//! - [`service`]: the `shardline.worker.v1` gRPC service; [`args`]: `WorkerArgs` + `run`.
 //! - [`config`], [`kv`], [`kernels`], [`model`], [`loader`]: the model side — Llama config,
 //!   paged KV cache with prefix caching, batch-invariant CPU kernels, the batched Llama
 //!   and its [`model::runner::LlamaRunner`], GGUF / safetensors loaders.
@@ -19,8 +19,12 @@ pub mod loader;
 pub mod model;
 
 // Serving side (engine, sampler, tokenizer, gRPC service).
+pub mod args;
 pub mod chat_template;
 pub mod engine;
+pub mod registration;
 pub mod sampler;
 pub mod service;
 pub mod tokenizer;
+
+pub use args::{WorkerArgs, run};
