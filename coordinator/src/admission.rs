@@ -114,8 +114,8 @@ impl Admission {
         }
     }
 
-    /// Admits a request or refuses it at once.
-    pub fn admit(&self, tenant: Option<&str>) -> Result<Permit, ApiError> {
+    /// Admits a request needing `kv_blocks` or refuses it at once.
+    pub fn admit(&self, tenant: Option<&str>, kv_blocks: u32) -> Result<Permit, ApiError> {
         let config = &self.inner.config;
         let previous = self.inner.concurrent.fetch_add(1, Ordering::AcqRel);
         // From here on the slot is taken: the permit gives it back on every path.
@@ -139,6 +139,20 @@ impl Admission {
                 format!(
                     "server busy: {} requests queued (--max-queued-requests)",
                     config.max_queued_requests
+                ),
+                1,
+            ));
+        }
+        if !self
+            .inner
+            .groups
+            .kv_room(kv_blocks, config.max_kv_demand_ratio)
+        {
+            return Err(self.reject(
+                "kv_budget",
+                format!(
+                    "server busy: queued requests already want {}x the KV cache (--max-kv-demand-ratio)",
+                    config.max_kv_demand_ratio
                 ),
                 1,
             ));
@@ -217,9 +231,9 @@ mod tests {
             max_concurrent_requests: 2,
             ..Config::default()
         });
-        let p1 = a.admit(None).unwrap();
-        let _p2 = a.admit(None).unwrap();
-        let e = a.admit(None).err().unwrap();
+        let p1 = a.admit(None, 0).unwrap();
+        let _p2 = a.admit(None, 0).unwrap();
+        let e = a.admit(None, 0).err().unwrap();
         assert!(matches!(
             e,
             ApiError::Overloaded {
@@ -229,7 +243,7 @@ mod tests {
         ));
         assert_eq!(a.concurrent(), 2, "a refusal gives its slot back");
         drop(p1);
-        assert!(a.admit(None).is_ok());
+        assert!(a.admit(None, 0).is_ok());
     }
 
     #[test]
@@ -238,11 +252,11 @@ mod tests {
             tenant_max_concurrent: 1,
             ..Config::default()
         });
-        let p = a.admit(Some("t1")).unwrap();
-        assert!(a.admit(Some("t1")).is_err());
-        assert!(a.admit(Some("t2")).is_ok());
+        let p = a.admit(Some("t1"), 0).unwrap();
+        assert!(a.admit(Some("t1"), 0).is_err());
+        assert!(a.admit(Some("t2"), 0).is_ok());
         drop(p);
-        assert!(a.admit(Some("t1")).is_ok());
+        assert!(a.admit(Some("t1"), 0).is_ok());
     }
 
     #[test]

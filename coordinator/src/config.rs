@@ -64,6 +64,11 @@ pub struct CoordinatorArgs {
     /// Most stop strings per request.
     #[arg(long, env = "SHARDLINE_MAX_STOP_SEQUENCES", default_value_t = 16)]
     pub max_stop_sequences: usize,
+    /// KV budget of admission: a request gets 429 when, on every group, the KV blocks
+    /// reserved by running sequences plus those wanted by queued ones would exceed this
+    /// many times the group's KV cache.
+    #[arg(long, env = "SHARDLINE_MAX_KV_DEMAND_RATIO", default_value_t = 4.0)]
+    pub max_kv_demand_ratio: f64,
 }
 
 /// Everything the serving code needs, validated once.
@@ -85,6 +90,8 @@ pub struct Config {
     pub default_timeout: Option<Duration>,
     pub step_timeout: Duration,
     pub max_stop_sequences: usize,
+    /// See `--max-kv-demand-ratio`.
+    pub max_kv_demand_ratio: f64,
     /// Body size limit of the HTTP API.
     pub max_body_bytes: usize,
 }
@@ -114,6 +121,7 @@ impl Default for Config {
             default_timeout: None,
             step_timeout: Duration::from_secs(60),
             max_stop_sequences: 16,
+            max_kv_demand_ratio: 4.0,
             max_body_bytes: 4 * 1024 * 1024,
         }
     }
@@ -179,7 +187,61 @@ impl CoordinatorArgs {
                 message: "must be > 0".into(),
             })?,
             max_stop_sequences: self.max_stop_sequences,
+            max_kv_demand_ratio: if self.max_kv_demand_ratio.is_finite()
+                && self.max_kv_demand_ratio >= 1.0
+            {
+                self.max_kv_demand_ratio
+            } else {
+                return Err(ConfigError {
+                    flag: "max-kv-demand-ratio",
+                    message: "must be >= 1".into(),
+                });
+            },
             ..Config::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CoordinatorArgs,
+    }
+
+    #[test]
+    fn flags_parse_into_a_config() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--worker",
+            "http://a:1",
+            "--worker",
+            "b:2",
+            "--max-num-seqs",
+            "8",
+            "--default-timeout-s",
+            "2.5",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.workers, vec!["http://a:1", "b:2"]);
+        let config = cli.args.config().unwrap();
+        assert_eq!(config.max_num_seqs, 8);
+        assert_eq!(config.default_timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn impossible_values_name_the_flag() {
+        let cli = Cli::try_parse_from(["x", "--max-num-batched-tokens", "0"]).unwrap();
+        assert_eq!(
+            cli.args.config().unwrap_err().flag,
+            "max-num-batched-tokens"
+        );
+        let cli = Cli::try_parse_from(["x", "--step-timeout-s", "0"]).unwrap();
+        assert_eq!(cli.args.config().unwrap_err().flag, "step-timeout-s");
     }
 }

@@ -138,6 +138,17 @@ impl GroupSet {
         }
     }
 
+    /// Addresses of every added group (ready or still connecting).
+    pub fn addresses(&self) -> Vec<String> {
+        self.inner
+            .slots
+            .lock()
+            .expect("lock poisoned; this is a bug")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Number of ready groups, observable.
     pub fn ready_count(&self) -> watch::Receiver<usize> {
         self.inner.ready_tx.subscribe()
@@ -176,6 +187,24 @@ impl GroupSet {
             .values()
             .map(|g| g.handle.load.waiting.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Whether some ready group can still take `blocks` more KV demand within `ratio`
+    /// times its cache (reserved + queued + this request).
+    pub fn kv_room(&self, blocks: u32, ratio: f64) -> bool {
+        let ready = self
+            .inner
+            .ready
+            .read()
+            .expect("lock poisoned; this is a bug");
+        // No group at all is a different error (503), reported by the caller.
+        ready.is_empty()
+            || ready.values().any(|g| {
+                let load = &g.handle.load;
+                let total = load.total_blocks.load(Ordering::Relaxed) as f64;
+                let demand = total - load.free_capacity() as f64 + blocks as f64;
+                demand <= total * ratio
+            })
     }
 
     /// Routes and queues a request.
@@ -339,7 +368,12 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken) {
             },
             max_batched_tokens: config.max_num_batched_tokens,
             block_size: info.block_size,
-            total_blocks: info.total_blocks,
+            // A worker that does not report its KV size is not budgeted here.
+            total_blocks: if info.total_blocks == 0 {
+                u32::MAX / 2
+            } else {
+                info.total_blocks
+            },
         };
         let scheduler_token = token.child_token();
         let (handle, join) = scheduler::spawn(SchedulerTask {

@@ -56,7 +56,9 @@ impl Service {
         let request = validate(id, params, &self.config, &model).inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["invalid"]).inc();
         })?;
-        let permit = self.admission.admit(tenant)?;
+        let blocks = (request.prompt.len() + request.params.max_new_tokens as usize)
+            .div_ceil(model.block_size as usize);
+        let permit = self.admission.admit(tenant, blocks as u32)?;
         let request = Arc::new(request);
         let (tx, rx) = mpsc::unbounded_channel();
         self.groups.submit(Entry::new(request.clone(), tx))?;

@@ -345,3 +345,45 @@ async fn requests_migrate_off_a_failed_group() {
         "{metrics}"
     );
 }
+
+/// The KV-budget check: queued demand beyond the ratio gets an immediate 429.
+#[tokio::test]
+async fn kv_demand_over_budget_gets_429() {
+    let config = Config {
+        max_kv_demand_ratio: 1.0,
+        ..Config::default()
+    };
+    let worker = FakeWorkerConfig {
+        kv_blocks: 8,
+        block_size: 16,
+        ..slow(10)
+    };
+    let c = one_worker(config, worker).await;
+    let http = c.http.clone();
+    let url = format!("{}/v1/completions", c.base);
+    // 8 prompt tokens + 120 new = 128 tokens = all 8 blocks.
+    let first = tokio::spawn(async move {
+        http.post(url)
+            .json(&json!({"prompt": "12345678", "max_tokens": 120}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    while c.workers[0].running() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "again", "max_tokens": 20}),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("KV"),
+        "{body}"
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    assert!(c.metrics().await.contains("reason=\"kv_budget\""));
+}
