@@ -12,6 +12,13 @@ pub struct CoordinatorArgs {
     /// `http://127.0.0.1:50061`.
     #[arg(long = "worker", env = "SHARDLINE_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
+    /// etcd endpoints (comma-separated or repeated) to discover worker groups from, in
+    /// addition to any `--worker`; groups come and go as they register and leave.
+    #[arg(long = "etcd", env = "SHARDLINE_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd.
+    #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_proto::membership::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
     /// Address the OpenAI-compatible HTTP API listens on.
     #[arg(long, env = "SHARDLINE_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
     pub http_listen: SocketAddr,

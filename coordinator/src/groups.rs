@@ -85,6 +85,8 @@ struct Inner {
     ready: RwLock<HashMap<String, Group>>,
     ready_tx: watch::Sender<usize>,
     affinity: Mutex<Affinity>,
+    /// Addresses of groups that take no new requests (membership says DRAINING).
+    draining: Mutex<std::collections::HashSet<String>>,
     shutdown: CancellationToken,
 }
 
@@ -105,6 +107,7 @@ impl GroupSet {
                 ready: RwLock::default(),
                 ready_tx,
                 affinity: Mutex::default(),
+                draining: Mutex::default(),
                 shutdown,
             }),
         }
@@ -112,6 +115,12 @@ impl GroupSet {
 
     /// Starts serving the group at `address` (idempotent).
     pub fn add(&self, address: &str) {
+        self.add_with(address, true)
+    }
+
+    /// Like [`Self::add`]. With `reconnect` false a group whose step fails stays gone
+    /// until added again (membership from etcd: it comes back by re-registering).
+    pub fn add_with(&self, address: &str, reconnect: bool) {
         let mut slots = self
             .inner
             .slots
@@ -122,7 +131,12 @@ impl GroupSet {
         }
         let token = self.inner.shutdown.child_token();
         slots.insert(address.to_string(), token.clone());
-        tokio::spawn(lifecycle(self.clone(), address.to_string(), token));
+        tokio::spawn(lifecycle(
+            self.clone(),
+            address.to_string(),
+            token,
+            reconnect,
+        ));
     }
 
     /// Stops using the group at `address`; its requests continue on other groups.
@@ -147,6 +161,30 @@ impl GroupSet {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// Marks the group at `address` as draining (no new requests are routed there; its
+    /// queued and running ones stay) or not.
+    pub fn set_draining(&self, address: &str, draining: bool) {
+        let mut set = self
+            .inner
+            .draining
+            .lock()
+            .expect("lock poisoned; this is a bug");
+        if draining {
+            set.insert(address.to_string());
+        } else {
+            set.remove(address);
+        }
+    }
+
+    pub fn is_draining(&self, address: &str) -> bool {
+        let set = self
+            .inner
+            .draining
+            .lock()
+            .expect("lock poisoned; this is a bug");
+        set.contains(address)
     }
 
     /// Number of ready groups, observable.
@@ -225,7 +263,16 @@ impl GroupSet {
             .ready
             .read()
             .expect("lock poisoned; this is a bug");
-        let groups: Vec<&Group> = ready.values().collect();
+        let draining = self
+            .inner
+            .draining
+            .lock()
+            .expect("lock poisoned; this is a bug");
+        let groups: Vec<&Group> = ready
+            .values()
+            .filter(|g| !draining.contains(&g.key))
+            .collect();
+        drop(draining);
         let candidates: Vec<Candidate> = groups
             .iter()
             .map(|g| Candidate {
@@ -264,6 +311,12 @@ impl GroupSet {
                 .migrations
                 .with_label_values(&[group_id])
                 .inc();
+            tracing::info!(
+                from = %group_id,
+                migration = entry.migrations,
+                tokens_sent = entry.generated.len(),
+                "migrating a request to another group"
+            );
             entry.seq_id = crate::request::next_seq_id();
             let tx = entry.tx.clone();
             if let Err(e) = self.submit(entry) {
@@ -340,7 +393,7 @@ async fn connect(
     Ok((client, model, group_id))
 }
 
-async fn lifecycle(set: GroupSet, address: String, token: CancellationToken) {
+async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, reconnect: bool) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let connected = tokio::select! {
@@ -412,6 +465,16 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken) {
         }
         set.migrate(&id, leftover);
         if token.is_cancelled() {
+            return; // `remove` already forgot the slot
+        }
+        if !reconnect {
+            // Forget our slot so a later `add` starts afresh (nobody else could have
+            // added this address while the slot existed).
+            set.inner
+                .slots
+                .lock()
+                .expect("lock poisoned; this is a bug")
+                .remove(&address);
             return;
         }
     }

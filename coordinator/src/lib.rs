@@ -9,6 +9,7 @@
 //!   [`queue::State`]; [`request`] holds the queue entry and the events it emits;
 //! - [`generation`] is the request owner's side: streaming detokenization ([`detok`]),
 //!   stop strings, usage;
+//! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
 //! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags);
 //! - [`testing`]: an in-process fake worker for tests (feature `testing`).
 
@@ -21,6 +22,7 @@ pub mod generation;
 pub mod groups;
 pub mod grpc;
 pub mod http;
+pub mod membership;
 pub mod metrics;
 pub mod queue;
 pub mod request;
@@ -113,8 +115,10 @@ pub async fn serve(
 /// `shardline coordinator`: binds the configured addresses and serves until `shutdown`.
 pub async fn run(args: CoordinatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = args.config()?;
-    if args.workers.is_empty() {
-        anyhow::bail!("no worker group given: pass --worker URL (or SHARDLINE_WORKERS)");
+    if args.workers.is_empty() && args.etcd.is_empty() {
+        anyhow::bail!(
+            "no worker group given: pass --worker URL (or SHARDLINE_WORKERS) or --etcd URL"
+        );
     }
     let http = TcpListener::bind(args.http_listen)
         .await
@@ -122,5 +126,17 @@ pub async fn run(args: CoordinatorArgs, shutdown: CancellationToken) -> anyhow::
     let grpc = TcpListener::bind(args.grpc_listen)
         .await
         .with_context(|| format!("bind {}", args.grpc_listen))?;
-    serve(config, http, grpc, &args.workers, shutdown).await
+    if args.etcd.is_empty() {
+        return serve(config, http, grpc, &args.workers, shutdown).await;
+    }
+    let membership = shardline_proto::membership::Membership::etcd(&args.etcd, &args.etcd_prefix)
+        .await
+        .context("--etcd")?;
+    let coordinator = Coordinator::start(config, http, grpc, shutdown.clone())?;
+    for worker in &args.workers {
+        coordinator.groups.add(worker);
+    }
+    membership::spawn(membership, coordinator.groups.clone(), shutdown);
+    tracing::info!(http = %coordinator.http_addr, grpc = %coordinator.grpc_addr, etcd = ?args.etcd, "coordinator listening");
+    coordinator.wait().await
 }

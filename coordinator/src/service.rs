@@ -59,6 +59,14 @@ impl Service {
         let blocks = (request.prompt.len() + request.params.max_new_tokens as usize)
             .div_ceil(model.block_size as usize);
         let permit = self.admission.admit(tenant, blocks as u32)?;
+        tracing::debug!(
+            id = %request.id,
+            prompt_tokens = request.prompt.len(),
+            max_tokens = request.max_tokens,
+            priority = ?request.priority,
+            tenant = tenant.unwrap_or(""),
+            "request admitted"
+        );
         let request = Arc::new(request);
         let (tx, rx) = mpsc::unbounded_channel();
         self.groups.submit(Entry::new(request.clone(), tx))?;

@@ -387,3 +387,59 @@ async fn kv_demand_over_budget_gets_429() {
     assert_eq!(first.await.unwrap(), 200);
     assert!(c.metrics().await.contains("reason=\"kv_budget\""));
 }
+
+/// Removing a group (membership delete) moves its requests to the remaining group.
+#[tokio::test]
+async fn removed_group_hands_its_requests_over() {
+    let workers = vec![
+        FakeWorkerConfig {
+            group_id: "a".into(),
+            ..slow(10)
+        },
+        FakeWorkerConfig {
+            group_id: "b".into(),
+            ..slow(10)
+        },
+    ];
+    let c = cluster(Config::default(), workers).await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let http = c.http.clone();
+        let url = format!("{}/v1/completions", c.base);
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("move {i} "), "max_tokens": 40, "temperature": 0});
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }));
+    }
+    let victim = loop {
+        if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    c.coordinator.groups.remove(&victim.url());
+    for (i, t) in tasks.into_iter().enumerate() {
+        let body = t.await.unwrap();
+        assert_eq!(
+            body["choices"][0]["text"],
+            expected_greedy(&format!("move {i} "), 40),
+            "{body}"
+        );
+    }
+    assert_eq!(c.coordinator.groups.ready_groups().len(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while victim.running() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "removed group's sequences were not released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
