@@ -271,6 +271,48 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
+/// Dot product as a sequential chain of fused multiply-adds, the per-output order of a
+/// gemm micro-kernel (what candle's attention matmuls do), used for attention scores.
+#[inline]
+pub fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        acc = x.mul_add(*y, acc);
+    }
+    acc
+}
+
+/// Sum in a fixed order: 32 lane accumulators, a fixed tree, then the tail in sequence
+/// (the order of candle's vectorised `vec_sum`, which its softmax uses).
+#[inline]
+pub fn sum_lanes(xs: &[f32]) -> f32 {
+    let np = xs.len() & !31;
+    let mut acc = [0f32; 32];
+    for c in xs[..np].chunks_exact(32) {
+        for l in 0..32 {
+            acc[l] += c[l];
+        }
+    }
+    let mut a = [0f32; 8];
+    for l in 0..8 {
+        a[l] = (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]);
+    }
+    let t = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let mut total = (t[0] + t[1]) + (t[2] + t[3]);
+    for x in &xs[np..] {
+        total += x;
+    }
+    total
+}
+
+/// `acc[i] = w·v[i] + acc[i]`, fused (attention's weighted sum of values).
+#[inline]
+pub fn axpy_fma(acc: &mut [f32], w: f32, v: &[f32]) {
+    for (o, x) in acc.iter_mut().zip(v) {
+        *o = w.mul_add(*x, *o);
+    }
+}
+
 /// `y = x / rms(x) · w` for each row of `x` (`rows × w.len()`). Sequential sum and a
 /// division, the order candle's `rms_norm` uses, so we track the reference closely.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {

@@ -11,13 +11,14 @@
 //! so a tensor-parallel rank can later own a column/row shard of each projection and a
 //! subset of the KV heads.
 
+pub mod bench;
 pub mod runner;
 pub mod tiny;
 
 use rayon::prelude::*;
 
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels::{Linear, dot_f32, rms_norm, rope, silu_mul};
+use crate::kernels::{Linear, axpy_fma, dot_fma, rms_norm, rope, silu_mul, sum_lanes};
 use crate::kv::{BlockId, KvStore};
 
 /// Input projection that may be fused (one matmul) or, when the parts' storage formats
@@ -235,21 +236,17 @@ impl LlamaModel {
                 let mut max = f32::NEG_INFINITY;
                 for (pos, s) in scores.iter_mut().enumerate() {
                     let off = kv.offset(layer, table[pos / bs], g, pos % bs);
-                    *s = dot_f32(q, &kv.k[off..off + hd]) * scale;
+                    *s = dot_fma(q, &kv.k[off..off + hd]) * scale;
                     max = max.max(*s);
                 }
-                let mut sum = 0f32;
                 for s in scores.iter_mut() {
                     *s = (*s - max).exp();
-                    sum += *s;
                 }
+                let sum = sum_lanes(&scores);
                 let o = &mut out_g[qi * hd..(qi + 1) * hd];
                 for (pos, s) in scores.iter().enumerate() {
                     let off = kv.offset(layer, table[pos / bs], g, pos % bs);
-                    let w = s / sum;
-                    for (od, vd) in o.iter_mut().zip(&kv.v[off..off + hd]) {
-                        *od += w * vd;
-                    }
+                    axpy_fma(o, s / sum, &kv.v[off..off + hd]);
                 }
             }
         });
