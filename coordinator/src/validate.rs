@@ -158,7 +158,13 @@ pub fn validate(
     };
 
     let prompt = tokenize(p.input, model)?;
-    let context = model.context_length.max(1);
+    // A sequence can never hold more tokens than the group's whole KV cache, so that is
+    // the usable context too (and what an unset `max_tokens` defaults up to).
+    let kv_tokens = model.total_blocks as usize * model.block_size.max(1) as usize;
+    let context = match kv_tokens {
+        0 => model.context_length.max(1),
+        kv => model.context_length.min(kv).max(1),
+    };
     let max_input = if config.max_input_tokens == 0 {
         context
     } else {
