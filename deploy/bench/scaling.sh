@@ -20,6 +20,9 @@ OUTPUT_LEN=${OUTPUT_LEN:-128}
 PREFILL_MS=${PREFILL_MS:-14.2}
 OUT=${OUT:-deploy/bench/scaling}
 SHARDLINE=${SHARDLINE:-target/debug/shardline}
+# The load generator, simulator and report (`shardline bench`, or the crate's example
+# binary: BENCH=target/debug/examples/shardline-bench).
+BENCH=${BENCH:-"$SHARDLINE bench"}
 HTTP_PORT=${HTTP_PORT:-18080}
 GRPC_PORT=${GRPC_PORT:-18081}
 SIM_BASE_PORT=${SIM_BASE_PORT:-51000}
@@ -34,6 +37,7 @@ cleanup() {
   PIDS=()
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # user + system CPU seconds of a process so far.
 cpu_s() { awk -v t="$TICKS" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
@@ -53,7 +57,7 @@ for n in $SIZES; do
   workers=()
   for i in $(seq 0 $((n - 1))); do
     port=$((SIM_BASE_PORT + i))
-    "$SHARDLINE" bench sim --profile "$PROFILE" --listen "127.0.0.1:$port" --group-id "sim-$i" \
+    $BENCH sim --profile "$PROFILE" --listen "127.0.0.1:$port" --group-id "sim-$i" \
       >"$OUT/sim-$n-$i.log" 2>&1 &
     PIDS+=($!)
     workers+=("http://127.0.0.1:$port")
@@ -68,7 +72,7 @@ for n in $SIZES; do
   wait_http "$n"
   rates=$(echo "$PER_GROUP_RATES" | tr ',' '\n' | awk -v n="$n" '{ printf "%s%g", sep, $1 * n; sep="," }')
   before=$(cpu_s "$coord")
-  "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --request-rate "$rates" \
+  $BENCH --base-url "http://127.0.0.1:$HTTP_PORT" --request-rate "$rates" \
     --duration "$DURATION" --warmup-requests $((4 * n)) --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
     --slo ttft=500ms,tpot=50ms --json "$OUT/n$n.json" --plots "$OUT/n$n" --no-progress \
     | tee "$OUT/bench-$n.txt"
@@ -79,6 +83,6 @@ for n in $SIZES; do
   sleep 1
 done
 
-"$SHARDLINE" bench scaling-report "${REPORT_ARGS[@]}" --prefill-ms "$PREFILL_MS" --out "$OUT" \
+$BENCH scaling-report "${REPORT_ARGS[@]}" --prefill-ms "$PREFILL_MS" --out "$OUT" \
   --command "SIZES=\"$SIZES\" PROFILE=$PROFILE PER_GROUP_RATES=$PER_GROUP_RATES DURATION=$DURATION INPUT_LEN=$INPUT_LEN OUTPUT_LEN=$OUTPUT_LEN deploy/bench/scaling.sh"
 echo "report: $OUT/report.md"

@@ -132,9 +132,10 @@ pub async fn serve_sim(
     worker: SimWorker,
     shutdown: CancellationToken,
 ) -> Result<(), SimError> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // TCP_NODELAY on accepted sockets (the builder's flag only applies when tonic binds):
+    // without it Nagle + delayed ACKs add ~40 ms to steps whose response spans writes.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(WorkerServer::new(worker))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
