@@ -368,8 +368,12 @@ async fn connect(
         .tokenizer_json
         .parse()
         .map_err(|e: tokenizers::Error| ConnectError::Tokenizer(e.to_string()))?;
-    let chat_template = ChatTemplate::new(&info.chat_template, &info.bos_token, &info.eos_token)
-        .map_err(|e| ConnectError::Template(e.to_string()))?;
+    let chat_template = ChatTemplate::new(
+        &info.chat_template,
+        Some(&info.bos_token),
+        Some(&info.eos_token),
+    )
+    .map_err(|e| ConnectError::Template(e.to_string()))?;
     let bos_token_id = (!info.bos_token.is_empty())
         .then(|| tokenizer.token_to_id(&info.bos_token))
         .flatten();

@@ -329,7 +329,7 @@ mod tests {
         ModelInfo {
             model_id: "m".into(),
             tokenizer: test_tokenizer(),
-            chat_template: ChatTemplate::new(TEST_CHAT_TEMPLATE, "", "").unwrap(),
+            chat_template: ChatTemplate::new(TEST_CHAT_TEMPLATE, None, None).unwrap(),
             eos_token_ids: vec![0],
             bos_token_id: None,
             add_bos: false,

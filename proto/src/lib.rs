@@ -4,6 +4,8 @@
 //!   in etcd ([`v1::WorkerRecord`]).
 //! - [`worker::v1`]: the coordinator ↔ worker protocol (`shardline.worker.v1.Worker`).
 //! - [`FILE_DESCRIPTOR_SET`]: for gRPC server reflection.
+//! - [`chat_template`]: the model's Jinja chat template, rendered like Hugging Face's
+//!   `apply_chat_template` (workers ship it in `Info`, coordinators render it).
 //! - [`membership`]: worker registration and coordinator watch over etcd (or memory),
 //!   shared by both sides.
 
@@ -11,6 +13,7 @@ pub mod v1 {
     tonic::include_proto!("shardline.v1");
 }
 
+pub mod chat_template;
 pub mod membership;
 
 pub mod worker {

@@ -2,7 +2,6 @@
 //!
 //! - [`runner`]: the [`runner::ModelRunner`] contract between engine and model.
 //! - [`tokenizer`]: the model's tokenizer (GGUF metadata or `tokenizer.json`).
-//! - [`chat_template`]: the model's Jinja chat template (no candle inside).
 //! - [`sampler`]: penalties, temperature, top-k/p, min-p, seeded draws, logprobs.
 //! - [`engine`]: the engine thread (actor) that batches steps over the runner.
 //! - [`service`]: the `shardline.worker.v1` gRPC service; [`args`]: `WorkerArgs` + `run`.
@@ -20,7 +19,6 @@ pub mod model;
 
 // Serving side (engine, sampler, tokenizer, gRPC service).
 pub mod args;
-pub mod chat_template;
 pub mod engine;
 pub mod registration;
 pub mod sampler;

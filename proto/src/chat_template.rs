@@ -1,9 +1,9 @@
 //! Chat templates: the model's own Jinja template (`tokenizer.chat_template` in a GGUF,
 //! `chat_template` in `tokenizer_config.json`) rendered with `minijinja`.
 //!
-//! This module deliberately depends on nothing but `minijinja`, `serde` and `thiserror`:
-//! the *coordinator* renders prompts (the worker only ships the template string in
-//! `Info`), so it can move to a crate both sides share without pulling in candle.
+//! It lives here, beside the protocols, because both sides need it without candle: the
+//! worker reads the template from the model and ships it in `Info`; the coordinator
+//! renders prompts with it. A model without a template gets plain ChatML.
 //!
 //! The environment mimics Hugging Face's `apply_chat_template`: `trim_blocks` and
 //! `lstrip_blocks` on, `raise_exception(msg)` raising a render error, `strftime_now(fmt)`,
@@ -11,7 +11,7 @@
 //! `.split()`, `.items()`, `.get()`, ...) through an unknown-method callback.
 //!
 //! ```
-//! use shardline_worker::chat_template::{ChatMessage, ChatTemplate};
+//! use shardline_proto::chat_template::{ChatMessage, ChatTemplate};
 //! let t = ChatTemplate::new(
 //!     "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n{% endfor %}",
 //!     None,
@@ -52,6 +52,9 @@ impl ChatMessage {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// The template used when a model ships none.
+pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
 /// A compiled chat template. Cheap to render many times; `Send + Sync`.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -69,13 +72,18 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// Compiles `source`; `bos_token` / `eos_token` are exposed to the template as
-    /// variables of the same names (empty strings when the model has none).
+    /// Compiles `source` (empty: [`CHATML`]); `bos_token` / `eos_token` are exposed to
+    /// the template as variables of the same names (empty strings when the model has none).
     pub fn new(
         source: &str,
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> Result<Self, ChatTemplateError> {
+        let source = if source.trim().is_empty() {
+            CHATML
+        } else {
+            source
+        };
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -374,6 +382,15 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, "    a\n    b\n");
+    }
+
+    #[test]
+    fn empty_template_falls_back_to_chatml() {
+        let t = ChatTemplate::new("", None, None).unwrap();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "a")], true).unwrap(),
+            "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
