@@ -47,6 +47,14 @@ pub async fn serve(
     service: Service,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Each SSE event is a small write: without TCP_NODELAY it can wait ~40 ms for the
+    // client's delayed ACK (Nagle), which shows up directly in TTFT and ITL.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, router(service))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
