@@ -42,7 +42,9 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
     },
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Per-frequency divisors, as GGUF's `rope_freqs.weight` stores Llama-3 scaling.
     FreqFactors(Vec<f32>),
 }
@@ -68,7 +70,10 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Checks the shape invariants the model relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, msg: String| ConfigError::Bad { key: key.into(), msg };
+        let bad = |key: &str, msg: String| ConfigError::Bad {
+            key: key.into(),
+            msg,
+        };
         for (key, v) in [
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_layers),
@@ -83,22 +88,30 @@ impl LlamaConfig {
                 return Err(bad(key, "must be > 0".into()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(
                 "num_key_value_heads",
-                format!("{} does not divide {} heads", self.num_kv_heads, self.num_heads),
+                format!(
+                    "{} does not divide {} heads",
+                    self.num_kv_heads, self.num_heads
+                ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad("head_dim", "must be even for RoPE".into()));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        // Written so that NaN fails too.
+        let positive = |x: f32| x > 0.0;
+        if !positive(self.rope_theta) || !positive(self.rms_norm_eps) {
             return Err(bad("rope_theta/rms_norm_eps", "must be > 0".into()));
         }
-        if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
-            if f.len() != self.head_dim / 2 {
-                return Err(bad("rope_freqs", format!("{} factors for head_dim {}", f.len(), self.head_dim)));
-            }
+        if let RopeScaling::FreqFactors(f) = &self.rope_scaling
+            && f.len() != self.head_dim / 2
+        {
+            return Err(bad(
+                "rope_freqs",
+                format!("{} factors for head_dim {}", f.len(), self.head_dim),
+            ));
         }
         Ok(())
     }
@@ -157,15 +170,23 @@ impl LlamaConfig {
             return Err(ConfigError::UnsupportedArchitecture(arch));
         }
         let get = |k: &str| md.get(k).ok_or_else(|| ConfigError::Missing(k.to_string()));
-        let bad = |k: &str, e: candle_core::Error| ConfigError::Bad { key: k.into(), msg: e.to_string() };
+        let bad = |k: &str, e: candle_core::Error| ConfigError::Bad {
+            key: k.into(),
+            msg: e.to_string(),
+        };
         let int = |k: &str| -> Result<usize, ConfigError> {
             let v = get(k)?;
-            let n = v.to_u64().or_else(|_| v.to_u32().map(u64::from)).or_else(|_| v.to_i32().map(|x| x.max(0) as u64));
+            let n = v
+                .to_u64()
+                .or_else(|_| v.to_u32().map(u64::from))
+                .or_else(|_| v.to_i32().map(|x| x.max(0) as u64));
             n.map(|n| n as usize).map_err(|e| bad(k, e))
         };
         let float = |k: &str| -> Result<f32, ConfigError> {
             let v = get(k)?;
-            v.to_f32().or_else(|_| v.to_f64().map(|x| x as f32)).map_err(|e| bad(k, e))
+            v.to_f32()
+                .or_else(|_| v.to_f64().map(|x| x as f32))
+                .map_err(|e| bad(k, e))
         };
         let hidden_size = int("llama.embedding_length")?;
         let num_heads = int("llama.attention.head_count")?;
@@ -182,10 +203,18 @@ impl LlamaConfig {
                 _ => return Err(ConfigError::Missing("llama.vocab_size".into())),
             },
         };
-        let rope_scaling = match md.get("llama.rope.scaling.type").and_then(|v| v.to_string().ok()) {
-            Some(t) if t == "linear" => RopeScaling::Linear { factor: float("llama.rope.scaling.factor")? },
+        let rope_scaling = match md
+            .get("llama.rope.scaling.type")
+            .and_then(|v| v.to_string().ok())
+        {
+            Some(t) if t == "linear" => RopeScaling::Linear {
+                factor: float("llama.rope.scaling.factor")?,
+            },
             Some(t) if t != "none" => {
-                return Err(ConfigError::Bad { key: "llama.rope.scaling.type".into(), msg: format!("unsupported `{t}`") });
+                return Err(ConfigError::Bad {
+                    key: "llama.rope.scaling.type".into(),
+                    msg: format!("unsupported `{t}`"),
+                });
             }
             _ => RopeScaling::None,
         };
@@ -277,7 +306,9 @@ impl TryFrom<HfLlamaConfig> for LlamaConfig {
                 .unwrap_or_else(|| "<none>".into());
             return Err(ConfigError::UnsupportedArchitecture(name));
         }
-        let need = |k: &str, v: Option<f32>| v.ok_or_else(|| ConfigError::Missing(format!("rope_scaling.{k}")));
+        let need = |k: &str, v: Option<f32>| {
+            v.ok_or_else(|| ConfigError::Missing(format!("rope_scaling.{k}")))
+        };
         let rope_scaling = match c.rope_scaling {
             None => RopeScaling::None,
             Some(s) => match s.rope_type.as_str() {
@@ -287,12 +318,21 @@ impl TryFrom<HfLlamaConfig> for LlamaConfig {
                     high_freq_factor: need("high_freq_factor", s.high_freq_factor)?,
                     original_max_position_embeddings: s
                         .original_max_position_embeddings
-                        .ok_or_else(|| ConfigError::Missing("rope_scaling.original_max_position_embeddings".into()))?,
+                        .ok_or_else(|| {
+                            ConfigError::Missing(
+                                "rope_scaling.original_max_position_embeddings".into(),
+                            )
+                        })?,
                 },
-                "linear" => RopeScaling::Linear { factor: need("factor", s.factor)? },
+                "linear" => RopeScaling::Linear {
+                    factor: need("factor", s.factor)?,
+                },
                 "default" => RopeScaling::None,
                 other => {
-                    return Err(ConfigError::Bad { key: "rope_scaling.rope_type".into(), msg: format!("unsupported `{other}`") });
+                    return Err(ConfigError::Bad {
+                        key: "rope_scaling.rope_type".into(),
+                        msg: format!("unsupported `{other}`"),
+                    });
                 }
             },
         };
@@ -302,7 +342,9 @@ impl TryFrom<HfLlamaConfig> for LlamaConfig {
             num_layers: c.num_hidden_layers,
             num_heads: heads,
             num_kv_heads: c.num_key_value_heads.unwrap_or(heads),
-            head_dim: c.head_dim.unwrap_or(if heads > 0 { c.hidden_size / heads } else { 0 }),
+            head_dim: c
+                .head_dim
+                .unwrap_or(c.hidden_size.checked_div(heads).unwrap_or(0)),
             intermediate_size: c.intermediate_size,
             vocab_size: c.vocab_size,
             rope_theta: c.rope_theta,
@@ -345,7 +387,10 @@ mod tests {
         let json = r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral","hidden_size":64,
             "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":100}"#;
         let hf: HfLlamaConfig = serde_json::from_str(json).unwrap();
-        assert!(matches!(LlamaConfig::try_from(hf), Err(ConfigError::UnsupportedArchitecture(_))));
+        assert!(matches!(
+            LlamaConfig::try_from(hf),
+            Err(ConfigError::UnsupportedArchitecture(_))
+        ));
     }
 
     #[test]
@@ -353,6 +398,9 @@ mod tests {
         let json = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":3,"vocab_size":100}"#;
         let hf: HfLlamaConfig = serde_json::from_str(json).unwrap();
-        assert!(matches!(LlamaConfig::try_from(hf), Err(ConfigError::Bad { .. })));
+        assert!(matches!(
+            LlamaConfig::try_from(hf),
+            Err(ConfigError::Bad { .. })
+        ));
     }
 }

@@ -96,12 +96,18 @@ impl BlockManager {
         }
         let bs = self.block_size;
         let max_blocks = prompt.len().saturating_sub(1) / bs;
-        let mut state = SeqState { blocks: Vec::new(), tokens: Vec::new(), hashes: Vec::new() };
+        let mut state = SeqState {
+            blocks: Vec::new(),
+            tokens: Vec::new(),
+            hashes: Vec::new(),
+        };
         let mut parent = 0u64;
         for b in 0..max_blocks {
             let toks = &prompt[b * bs..(b + 1) * bs];
             let h = chain_hash(parent, toks);
-            let Some(&block) = self.cache.get(&h) else { break };
+            let Some(&block) = self.cache.get(&h) else {
+                break;
+            };
             if self.refcount[block as usize] == 0 {
                 self.lru.remove(&self.lru_tick[block as usize]);
             }
@@ -118,12 +124,18 @@ impl BlockManager {
 
     /// Tokens with K/V in the cache for `id`.
     pub fn seq_len(&self, id: SeqId) -> Result<usize, RunnerError> {
-        self.seqs.get(&id).map(|s| s.tokens.len()).ok_or(RunnerError::UnknownSequence(id))
+        self.seqs
+            .get(&id)
+            .map(|s| s.tokens.len())
+            .ok_or(RunnerError::UnknownSequence(id))
     }
 
     /// Block table of `id` (may include reserved blocks past its length).
     pub fn block_table(&self, id: SeqId) -> Result<&[BlockId], RunnerError> {
-        self.seqs.get(&id).map(|s| s.blocks.as_slice()).ok_or(RunnerError::UnknownSequence(id))
+        self.seqs
+            .get(&id)
+            .map(|s| s.blocks.as_slice())
+            .ok_or(RunnerError::UnknownSequence(id))
     }
 
     /// Blocks needed to append `n` tokens to `id`.
@@ -153,16 +165,25 @@ impl BlockManager {
             needed += self.blocks_needed(id, n)?;
         }
         if needed > self.free_blocks() {
-            return Err(RunnerError::OutOfBlocks { needed, free: self.free_blocks() });
+            return Err(RunnerError::OutOfBlocks {
+                needed,
+                free: self.free_blocks(),
+            });
         }
         let mut prev = Vec::with_capacity(reqs.len());
         for &(id, n) in reqs {
             let k = self.blocks_needed(id, n)?;
             prev.push(self.seqs[&id].blocks.len());
             for _ in 0..k {
-                let b = self.alloc_one().expect("free count checked above; this is a bug");
+                let b = self
+                    .alloc_one()
+                    .expect("free count checked above; this is a bug");
                 self.refcount[b as usize] = 1;
-                self.seqs.get_mut(&id).expect("checked above").blocks.push(b);
+                self.seqs
+                    .get_mut(&id)
+                    .expect("checked above")
+                    .blocks
+                    .push(b);
             }
         }
         Ok(prev)
@@ -171,7 +192,9 @@ impl BlockManager {
     /// Undoes a [`Self::reserve`] (same `reqs`, its return value).
     pub fn rollback(&mut self, reqs: &[(SeqId, usize)], prev: &[usize]) {
         for (&(id, _), &len) in reqs.iter().zip(prev) {
-            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            let Some(s) = self.seqs.get_mut(&id) else {
+                continue;
+            };
             let extra: Vec<BlockId> = s.blocks.drain(len..).collect();
             for b in extra {
                 self.release_block(b);
@@ -183,9 +206,14 @@ impl BlockManager {
     /// registers blocks that became full in the prefix cache.
     pub fn commit(&mut self, id: SeqId, tokens: &[u32]) -> Result<(), RunnerError> {
         let bs = self.block_size;
-        let s = self.seqs.get_mut(&id).ok_or(RunnerError::UnknownSequence(id))?;
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(RunnerError::UnknownSequence(id))?;
         if (s.tokens.len() + tokens.len()).div_ceil(bs) > s.blocks.len() {
-            return Err(RunnerError::Model(format!("{id}: commit past reserved blocks; this is a bug")));
+            return Err(RunnerError::Model(format!(
+                "{id}: commit past reserved blocks; this is a bug"
+            )));
         }
         s.tokens.extend_from_slice(tokens);
         while s.hashes.len() < s.tokens.len() / bs {
@@ -264,10 +292,13 @@ impl BlockManager {
                 return Err(format!("evictable block {b} not registered"));
             }
         }
-        for b in 0..n {
+        for (b, &listed) in seen.iter().enumerate() {
             let expect = u8::from(self.refcount[b] == 0);
-            if seen[b] != expect {
-                return Err(format!("block {b}: refcount {} but listed {} times", self.refcount[b], seen[b]));
+            if listed != expect {
+                return Err(format!(
+                    "block {b}: refcount {} but listed {} times",
+                    self.refcount[b], listed
+                ));
             }
         }
         for (h, &b) in &self.cache {
@@ -294,13 +325,31 @@ pub struct KvStore {
 }
 
 impl KvStore {
-    pub fn new(layers: usize, num_blocks: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> Self {
+    pub fn new(
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
         let n = layers * num_blocks * block_size * kv_heads * head_dim;
-        KvStore { k: vec![0.0; n], v: vec![0.0; n], num_blocks, block_size, kv_heads, head_dim }
+        KvStore {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+            num_blocks,
+            block_size,
+            kv_heads,
+            head_dim,
+        }
     }
 
     /// Bytes one block takes over all layers, K and V.
-    pub fn bytes_per_block(layers: usize, block_size: usize, kv_heads: usize, head_dim: usize) -> usize {
+    pub fn bytes_per_block(
+        layers: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
         2 * layers * block_size * kv_heads * head_dim * std::mem::size_of::<f32>()
     }
 
@@ -311,7 +360,8 @@ impl KvStore {
     /// Offset of `(layer, block, head, slot)`'s head vector.
     #[inline]
     pub fn offset(&self, layer: usize, block: BlockId, head: usize, slot: usize) -> usize {
-        (((layer * self.num_blocks + block as usize) * self.kv_heads + head) * self.block_size + slot)
+        (((layer * self.num_blocks + block as usize) * self.kv_heads + head) * self.block_size
+            + slot)
             * self.head_dim
     }
 }
@@ -337,9 +387,19 @@ mod tests {
         assert_eq!(m.free_blocks(), 1);
         m.add_sequence(SeqId(2), &[7]).unwrap();
         let err = m.reserve(&[(SeqId(2), 5)]).unwrap_err();
-        assert!(matches!(err, RunnerError::OutOfBlocks { needed: 2, free: 1 }), "{err}");
-        assert_eq!(m.free_blocks(), 1, "failed reserve must not change anything");
-        assert!(matches!(m.reserve(&[(SeqId(9), 1)]), Err(RunnerError::UnknownSequence(_))));
+        assert!(
+            matches!(err, RunnerError::OutOfBlocks { needed: 2, free: 1 }),
+            "{err}"
+        );
+        assert_eq!(
+            m.free_blocks(),
+            1,
+            "failed reserve must not change anything"
+        );
+        assert!(matches!(
+            m.reserve(&[(SeqId(9), 1)]),
+            Err(RunnerError::UnknownSequence(_))
+        ));
         m.remove_sequence(SeqId(1));
         assert_eq!(m.free_blocks(), 4);
         m.check_invariants().unwrap();
@@ -353,7 +413,10 @@ mod tests {
         fill(&mut m, SeqId(1), &prompt);
         // Same prompt: two full blocks (8 tokens) are reused, capped below 10.
         assert_eq!(m.add_sequence(SeqId(2), &prompt).unwrap(), 8);
-        assert_eq!(m.block_table(SeqId(2)).unwrap(), &m.block_table(SeqId(1)).unwrap()[..2]);
+        assert_eq!(
+            m.block_table(SeqId(2)).unwrap(),
+            &m.block_table(SeqId(1)).unwrap()[..2]
+        );
         // Exactly two blocks long: the cap (len - 1) keeps only the first.
         assert_eq!(m.add_sequence(SeqId(3), &prompt[..8]).unwrap(), 4);
         // Different second block: only the first is shared.
@@ -384,7 +447,11 @@ mod tests {
         assert_eq!(m.free_blocks(), 0);
         m.check_invariants().unwrap();
         m.remove_sequence(SeqId(2));
-        assert_eq!(m.add_sequence(SeqId(3), &p).unwrap(), 0, "evicted blocks must not hit");
+        assert_eq!(
+            m.add_sequence(SeqId(3), &p).unwrap(),
+            0,
+            "evicted blocks must not hit"
+        );
         m.check_invariants().unwrap();
     }
 

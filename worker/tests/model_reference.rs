@@ -26,16 +26,24 @@ const MIN_AGREEMENT: f64 = 0.975;
 const STEPS: usize = 64;
 
 pub fn smollm2_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "{} is missing: run deploy/fetch-model.sh", p.display());
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run deploy/fetch-model.sh",
+        p.display()
+    );
     p
 }
 
-fn vocab_ids(path: &PathBuf, pieces: &[&str]) -> Vec<u32> {
+fn vocab_ids(path: &std::path::Path, pieces: &[&str]) -> Vec<u32> {
     let md = shardline_worker::loader::gguf::read_metadata(path).unwrap();
     let toks = md["tokenizer.ggml.tokens"].to_vec().unwrap();
-    let map: std::collections::HashMap<&str, u32> =
-        toks.iter().enumerate().map(|(i, v)| (v.to_string().unwrap().as_str(), i as u32)).collect();
+    let map: std::collections::HashMap<&str, u32> = toks
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.to_string().unwrap().as_str(), i as u32))
+        .collect();
     // Greedy longest match inside each piece: not the real BPE, but real vocabulary ids.
     let mut ids = Vec::new();
     for p in pieces {
@@ -54,16 +62,27 @@ fn vocab_ids(path: &PathBuf, pieces: &[&str]) -> Vec<u32> {
 }
 
 fn chat(words: &str) -> Vec<String> {
-    let mut v: Vec<String> = ["<|im_start|>", "user", "Ċ"].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = ["<|im_start|>", "user", "Ċ"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     for (i, w) in words.split(' ').enumerate() {
         let (w, punct) = match w.strip_suffix(['?', '.', '!', ',']) {
             Some(stem) => (stem, Some(&w[stem.len()..])),
             None => (w, None),
         };
-        v.push(if i == 0 { w.to_string() } else { format!("Ġ{w}") });
+        v.push(if i == 0 {
+            w.to_string()
+        } else {
+            format!("Ġ{w}")
+        });
         v.extend(punct.map(str::to_string));
     }
-    v.extend(["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"].iter().map(|s| s.to_string()));
+    v.extend(
+        ["<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     v
 }
 
@@ -96,7 +115,14 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
         "Give me a recipe for pancakes.",
         "Why is the sky blue?",
     ];
-    let mut runner = load_llama_runner(&path, &LoadOptions { kv_blocks: Some(256), ..Default::default() }).unwrap();
+    let mut runner = load_llama_runner(
+        &path,
+        &LoadOptions {
+            kv_blocks: Some(256),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let vocab = runner.info().vocab_size;
     let mut file = std::fs::File::open(&path).unwrap();
     let ct = gguf_file::Content::read(&mut file).unwrap();
@@ -114,9 +140,24 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
         let mut input = prompt.clone();
         let mut pos = 0;
         for step in 0..STEPS {
-            let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let r: Vec<f32> = reference.forward(&x, pos).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-            let ours = runner.forward(&[SeqChunk { id, tokens: input.clone(), logits: LogitsWanted::Last }]).unwrap();
+            let x = Tensor::new(input.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let r: Vec<f32> = reference
+                .forward(&x, pos)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let ours = runner
+                .forward(&[SeqChunk {
+                    id,
+                    tokens: input.clone(),
+                    logits: LogitsWanted::Last,
+                }])
+                .unwrap();
             let o = &ours[0].data;
             assert_eq!(o.len(), vocab);
             pos += input.len();
@@ -126,17 +167,32 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
                 agree += 1;
             } else {
                 let gap = top2_gap(&r);
-                eprintln!("prompt {pi} step {step}: argmax {oa} vs reference {ra}, top-2 gap {gap}");
+                eprintln!(
+                    "prompt {pi} step {step}: argmax {oa} vs reference {ra}, top-2 gap {gap}"
+                );
                 far.push((pi, step, gap));
             }
-            let d = o.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let d = o
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             max_diff = max_diff.max(d);
             input = vec![ra as u32];
         }
         runner.remove_sequence(id);
     }
     eprintln!("argmax agreement {agree}/{total}, max |Δlogit| {max_diff}");
-    assert!(far.iter().all(|f| f.2 < 0.2), "disagreements that are not near-ties: {far:?}");
-    assert!(agree as f64 >= MIN_AGREEMENT * total as f64, "argmax agreement {agree}/{total} below {MIN_AGREEMENT}");
-    assert!(max_diff < LOGIT_TOL, "max logit difference {max_diff} exceeds {LOGIT_TOL}");
+    assert!(
+        far.iter().all(|f| f.2 < 0.2),
+        "disagreements that are not near-ties: {far:?}"
+    );
+    assert!(
+        agree as f64 >= MIN_AGREEMENT * total as f64,
+        "argmax agreement {agree}/{total} below {MIN_AGREEMENT}"
+    );
+    assert!(
+        max_diff < LOGIT_TOL,
+        "max logit difference {max_diff} exceeds {LOGIT_TOL}"
+    );
 }

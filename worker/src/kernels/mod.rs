@@ -11,11 +11,11 @@
 
 pub mod q4_1;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
     BlockQ8_0, GgmlType,
 };
-use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 /// Weights of one linear layer, `out_dim` rows of `in_dim` values, in storage format.
@@ -23,7 +23,7 @@ use rayon::prelude::*;
 pub enum WeightData {
     F32(Vec<f32>),
     Q4_0(Vec<BlockQ4_0>),
-    Q4_1(Vec<BlockQ4_1>),
+    Q4_1(q4_1::Q41Packed),
     Q5_0(Vec<BlockQ5_0>),
     Q5_1(Vec<BlockQ5_1>),
     Q8_0(Vec<BlockQ8_0>),
@@ -40,13 +40,21 @@ pub enum KernelError {
     #[error("dtype {0:?} is not supported for matmul weights")]
     UnsupportedDType(GgmlDType),
     #[error("{what}: expected {expected} bytes/elements, got {got}")]
-    Size { what: String, expected: usize, got: usize },
+    Size {
+        what: String,
+        expected: usize,
+        got: usize,
+    },
 }
 
 fn blocks_from_bytes<T: GgmlType>(bytes: &[u8], what: &str) -> Result<Vec<T>, KernelError> {
     let sz = std::mem::size_of::<T>();
-    if sz != T::DTYPE.type_size() || bytes.len() % sz != 0 {
-        return Err(KernelError::Size { what: what.into(), expected: sz, got: bytes.len() });
+    if sz != T::DTYPE.type_size() || !bytes.len().is_multiple_of(sz) {
+        return Err(KernelError::Size {
+            what: what.into(),
+            expected: sz,
+            got: bytes.len(),
+        });
     }
     let n = bytes.len() / sz;
     let mut v = vec![T::zeros(); n];
@@ -70,7 +78,7 @@ macro_rules! dispatch {
         match $w {
             WeightData::F32($v) => $body,
             WeightData::Q4_0($v) => $body,
-            WeightData::Q4_1($v) => $body,
+            WeightData::Q4_1(_) => unreachable!("Q4_1 is handled before dispatch; this is a bug"),
             WeightData::Q5_0($v) => $body,
             WeightData::Q5_1($v) => $body,
             WeightData::Q8_0($v) => $body,
@@ -86,28 +94,67 @@ macro_rules! dispatch {
 impl Linear {
     pub fn from_f32(out_dim: usize, in_dim: usize, w: Vec<f32>) -> Result<Self, KernelError> {
         if w.len() != out_dim * in_dim {
-            return Err(KernelError::Size { what: "f32 weight".into(), expected: out_dim * in_dim, got: w.len() });
+            return Err(KernelError::Size {
+                what: "f32 weight".into(),
+                expected: out_dim * in_dim,
+                got: w.len(),
+            });
         }
-        Ok(Linear { out_dim, in_dim, w: WeightData::F32(w) })
+        Ok(Linear {
+            out_dim,
+            in_dim,
+            w: WeightData::F32(w),
+        })
     }
 
     /// Builds a layer from raw ggml bytes (row-major, `out_dim` rows). F16/BF16 are
     /// widened to f32.
-    pub fn from_ggml(dtype: GgmlDType, out_dim: usize, in_dim: usize, bytes: &[u8], what: &str) -> Result<Self, KernelError> {
+    pub fn from_ggml(
+        dtype: GgmlDType,
+        out_dim: usize,
+        in_dim: usize,
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<Self, KernelError> {
         let bs = dtype.block_size();
-        if in_dim % bs != 0 {
-            return Err(KernelError::Size { what: format!("{what}: row length vs block size {bs}"), expected: bs, got: in_dim });
+        if !in_dim.is_multiple_of(bs) {
+            return Err(KernelError::Size {
+                what: format!("{what}: row length vs block size {bs}"),
+                expected: bs,
+                got: in_dim,
+            });
         }
         let expected = out_dim * in_dim / bs * dtype.type_size();
         if bytes.len() != expected {
-            return Err(KernelError::Size { what: what.into(), expected, got: bytes.len() });
+            return Err(KernelError::Size {
+                what: what.into(),
+                expected,
+                got: bytes.len(),
+            });
         }
         let w = match dtype {
-            GgmlDType::F32 => WeightData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-            GgmlDType::F16 => WeightData::F32(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-            GgmlDType::BF16 => WeightData::F32(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            GgmlDType::F32 => WeightData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            GgmlDType::F16 => WeightData::F32(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            GgmlDType::BF16 => WeightData::F32(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
             GgmlDType::Q4_0 => WeightData::Q4_0(blocks_from_bytes(bytes, what)?),
-            GgmlDType::Q4_1 => WeightData::Q4_1(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q4_1 => WeightData::Q4_1(q4_1::Q41Packed::from_blocks(
+                &blocks_from_bytes::<BlockQ4_1>(bytes, what)?,
+            )),
             GgmlDType::Q5_0 => WeightData::Q5_0(blocks_from_bytes(bytes, what)?),
             GgmlDType::Q5_1 => WeightData::Q5_1(blocks_from_bytes(bytes, what)?),
             GgmlDType::Q8_0 => WeightData::Q8_0(blocks_from_bytes(bytes, what)?),
@@ -170,6 +217,10 @@ impl Linear {
     /// Row `o` of the weights as f32 (embedding lookups from a tied, quantized table).
     pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
         let n = self.in_dim;
+        if let WeightData::Q4_1(p) = &self.w {
+            let per = p.num_blocks() / self.out_dim;
+            return p.dequantize(o * per, per, &mut out[..n]);
+        }
         dispatch!(&self.w, v => {
             let per = v.len() / self.out_dim;
             GgmlType::to_float(&v[o * per..(o + 1) * per], &mut out[..n]);
@@ -181,8 +232,10 @@ impl Linear {
         debug_assert_eq!(x.len(), rows * self.in_dim);
         match &self.w {
             WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows),
-            WeightData::Q4_1(w) => matmul_q(w, self.out_dim, self.in_dim, x, rows, q4_1::vec_dot),
-            other => dispatch!(other, v => matmul_q(v, self.out_dim, self.in_dim, x, rows, |n, a, b| GgmlType::vec_dot(n, a, b))),
+            WeightData::Q4_1(w) => matmul_q4_1(w, self.out_dim, self.in_dim, x, rows),
+            other => {
+                dispatch!(other, v => matmul_q(v, self.out_dim, self.in_dim, x, rows, GgmlType::vec_dot))
+            }
         }
     }
 }
@@ -199,11 +252,13 @@ fn col_chunk(out_dim: usize) -> usize {
 fn per_column(out_dim: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let ch = col_chunk(out_dim);
     let mut yt = vec![0f32; out_dim * rows];
-    yt.par_chunks_mut(ch * rows).enumerate().for_each(|(c, chunk)| {
-        for (j, col) in chunk.chunks_mut(rows).enumerate() {
-            f(c * ch + j, col);
-        }
-    });
+    yt.par_chunks_mut(ch * rows)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (j, col) in chunk.chunks_mut(rows).enumerate() {
+                f(c * ch + j, col);
+            }
+        });
     if rows == 1 {
         return yt;
     }
@@ -237,12 +292,31 @@ fn matmul_q<T: GgmlType>(
     let wb = in_dim / T::BLCK_SIZE;
     let mut xq = vec![T::VecDotType::zeros(); rows * xb];
     for r in 0..rows {
-        T::VecDotType::from_float(&x[r * in_dim..(r + 1) * in_dim], &mut xq[r * xb..(r + 1) * xb]);
+        T::VecDotType::from_float(
+            &x[r * in_dim..(r + 1) * in_dim],
+            &mut xq[r * xb..(r + 1) * xb],
+        );
     }
     per_column(out_dim, rows, |o, col| {
         let wr = &w[o * wb..(o + 1) * wb];
         for (r, y) in col.iter_mut().enumerate() {
             *y = vec_dot(in_dim, wr, &xq[r * xb..(r + 1) * xb]);
+        }
+    })
+}
+
+fn matmul_q4_1(
+    w: &q4_1::Q41Packed,
+    out_dim: usize,
+    in_dim: usize,
+    x: &[f32],
+    rows: usize,
+) -> Vec<f32> {
+    let nb = in_dim / 32;
+    let xq = q4_1::Q81Packed::quantize(x, rows, in_dim);
+    per_column(out_dim, rows, |o, col| {
+        for (r, y) in col.iter_mut().enumerate() {
+            *y = q4_1::dot_packed(w, o * nb, &xq, r * nb, nb);
         }
     })
 }
@@ -271,17 +345,6 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
-/// Dot product as a sequential chain of fused multiply-adds, the per-output order of a
-/// gemm micro-kernel (what candle's attention matmuls do), used for attention scores.
-#[inline]
-pub fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = 0f32;
-    for (x, y) in a.iter().zip(b) {
-        acc = x.mul_add(*y, acc);
-    }
-    acc
-}
-
 /// Sum in a fixed order: 32 lane accumulators, a fixed tree, then the tail in sequence
 /// (the order of candle's vectorised `vec_sum`, which its softmax uses).
 #[inline]
@@ -305,11 +368,99 @@ pub fn sum_lanes(xs: &[f32]) -> f32 {
     total
 }
 
-/// `acc[i] = w·v[i] + acc[i]`, fused (attention's weighted sum of values).
-#[inline]
-pub fn axpy_fma(acc: &mut [f32], w: f32, v: &[f32]) {
-    for (o, x) in acc.iter_mut().zip(v) {
-        *o = w.mul_add(*x, *o);
+/// One query head attending over `keys`/`values` (one head vector per position, in
+/// position order): `out = softmax(q·k · scale) · V`.
+///
+/// Scores are sequential fused multiply-add chains over the head dimension and the value
+/// sum a fused chain over positions, per output element (a gemm micro-kernel's order,
+/// which is what candle's attention computes), softmax as candle's. Eight score chains
+/// run interleaved to hide FMA latency; the order inside each chain is unchanged, so
+/// results do not depend on the CPU path or on anything outside this head.
+pub fn attend(
+    q: &[f32],
+    keys: &[&[f32]],
+    values: &[&[f32]],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if *HAS_FMA {
+        // SAFETY: the CPU supports FMA and AVX2 (checked at runtime).
+        return unsafe { attend_fma(q, keys, values, scale, scores, out) };
+    }
+    attend_impl(q, keys, values, scale, scores, out)
+}
+
+static HAS_FMA: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+unsafe fn attend_fma(
+    q: &[f32],
+    keys: &[&[f32]],
+    values: &[&[f32]],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_impl(q, keys, values, scale, scores, out)
+}
+
+#[inline(always)]
+fn attend_impl(
+    q: &[f32],
+    keys: &[&[f32]],
+    values: &[&[f32]],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n = keys.len();
+    let hd = q.len();
+    scores.clear();
+    scores.resize(n, 0.0);
+    let mut p = 0;
+    while p + 8 <= n {
+        let mut acc = [0f32; 8];
+        let ks: [&[f32]; 8] = std::array::from_fn(|j| &keys[p + j][..hd]);
+        for i in 0..hd {
+            for j in 0..8 {
+                acc[j] = q[i].mul_add(ks[j][i], acc[j]);
+            }
+        }
+        for j in 0..8 {
+            scores[p + j] = acc[j] * scale;
+        }
+        p += 8;
+    }
+    for (s, k) in scores[p..].iter_mut().zip(&keys[p..]) {
+        let mut acc = 0f32;
+        for i in 0..hd {
+            acc = q[i].mul_add(k[i], acc);
+        }
+        *s = acc * scale;
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+    }
+    let sum = sum_lanes(scores);
+    out.fill(0.0);
+    for (s, v) in scores.iter().zip(values) {
+        let w = s / sum;
+        for (o, x) in out.iter_mut().zip(&v[..hd]) {
+            *o = w.mul_add(*x, *o);
+        }
     }
 }
 
@@ -333,7 +484,11 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
     let half = x.len() / 2;
     for i in 0..half {
-        let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
         let (x0, x1) = (x[a], x[b]);
         x[a] = x0 * cos[i] - x1 * sin[i];
         x[b] = x0 * sin[i] + x1 * cos[i];
@@ -359,7 +514,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     }
 
@@ -371,11 +528,23 @@ mod tests {
         let x: Vec<f32> = (0..5 * inn).map(|_| lcg(&mut s)).collect();
         let mut q = vec![BlockQ8_0::zeros(); out * inn / 32];
         BlockQ8_0::from_float(&w, &mut q);
-        for lin in [Linear::from_f32(out, inn, w.clone()).unwrap(), Linear { out_dim: out, in_dim: inn, w: WeightData::Q8_0(q) }] {
+        for lin in [
+            Linear::from_f32(out, inn, w.clone()).unwrap(),
+            Linear {
+                out_dim: out,
+                in_dim: inn,
+                w: WeightData::Q8_0(q),
+            },
+        ] {
             let all = lin.forward(&x, 5);
             for r in 0..5 {
                 let one = lin.forward(&x[r * inn..(r + 1) * inn], 1);
-                assert_eq!(one, all[r * out..(r + 1) * out], "{} row {r}", lin.dtype_name());
+                assert_eq!(
+                    one,
+                    all[r * out..(r + 1) * out],
+                    "{} row {r}",
+                    lin.dtype_name()
+                );
             }
         }
     }

@@ -27,7 +27,10 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, LoadError> {
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => LoadError::NotFound(path.to_path_buf()),
-            _ => LoadError::Io { path: path.to_path_buf(), source: e },
+            _ => LoadError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
         })?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| LoadError::Corrupt {
@@ -35,31 +38,52 @@ impl GgufFile {
             format: "GGUF",
             msg: e.to_string(),
         })?;
-        Ok(GgufFile { path: path.to_path_buf(), reader, content })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            reader,
+            content,
+        })
     }
 
     fn info(&self, name: &str) -> Result<&TensorInfo, LoadError> {
-        self.content.tensor_infos.get(name).ok_or_else(|| LoadError::MissingTensor(name.into()))
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.into()))
     }
 
     pub fn has(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
 
-    fn raw(&mut self, name: &str) -> Result<(candle_core::quantized::GgmlDType, Vec<usize>, Vec<u8>), LoadError> {
+    fn raw(
+        &mut self,
+        name: &str,
+    ) -> Result<(candle_core::quantized::GgmlDType, Vec<usize>, Vec<u8>), LoadError> {
         let info = self.info(name)?;
         let (dtype, dims, offset) = (info.ggml_dtype, info.shape.dims().to_vec(), info.offset);
         let elems: usize = dims.iter().product();
-        let corrupt = |msg: String| LoadError::Corrupt { path: self.path.clone(), format: "GGUF", msg };
-        if elems % dtype.block_size() != 0 {
-            return Err(corrupt(format!("tensor {name}: {elems} elements not a multiple of the block size")));
+        let corrupt = |msg: String| LoadError::Corrupt {
+            path: self.path.clone(),
+            format: "GGUF",
+            msg,
+        };
+        if !elems.is_multiple_of(dtype.block_size()) {
+            return Err(corrupt(format!(
+                "tensor {name}: {elems} elements not a multiple of the block size"
+            )));
         }
         let size = elems / dtype.block_size() * dtype.type_size();
         let start = self.content.tensor_data_offset.saturating_add(offset);
-        let io = |e| LoadError::Io { path: self.path.clone(), source: e };
+        let io = |e| LoadError::Io {
+            path: self.path.clone(),
+            source: e,
+        };
         let file_len = self.reader.seek(SeekFrom::End(0)).map_err(io)?;
         if start.saturating_add(size as u64) > file_len {
-            return Err(corrupt(format!("tensor {name} runs past the end of the file (truncated?)")));
+            return Err(corrupt(format!(
+                "tensor {name} runs past the end of the file (truncated?)"
+            )));
         }
         self.reader.seek(SeekFrom::Start(start)).map_err(io)?;
         let mut buf = vec![0u8; size];
@@ -68,7 +92,12 @@ impl GgufFile {
     }
 
     /// A 2-D weight `[out, in]` as a [`Linear`].
-    pub fn linear(&mut self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, LoadError> {
+    pub fn linear(
+        &mut self,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Linear, LoadError> {
         let (dtype, dims, bytes) = self.raw(name)?;
         check_shape(name, &dims, &[out_dim, in_dim])?;
         Ok(Linear::from_ggml(dtype, out_dim, in_dim, &bytes, name)?)
@@ -100,10 +129,16 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, LoadError> {
     let mut cfg = LlamaConfig::from_gguf_metadata(&f.content.metadata)?;
     cfg.tie_word_embeddings = !f.has("output.weight");
     if f.has("rope_freqs.weight") {
-        cfg.rope_scaling = RopeScaling::FreqFactors(f.f32s("rope_freqs.weight", &[cfg.head_dim / 2])?);
+        cfg.rope_scaling =
+            RopeScaling::FreqFactors(f.f32s("rope_freqs.weight", &[cfg.head_dim / 2])?);
     }
     cfg.validate()?;
-    let (h, hd, ffn, v) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+    let (h, hd, ffn, v) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    );
     let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -126,7 +161,10 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, LoadError> {
     let (embed, lm_head) = if cfg.tie_word_embeddings {
         (Embeddings::FromLmHead, f.linear("token_embd.weight", v, h)?)
     } else {
-        (Embeddings::Dense(f.f32s("token_embd.weight", &[v, h])?), f.linear("output.weight", v, h)?)
+        (
+            Embeddings::Dense(f.f32s("token_embd.weight", &[v, h])?),
+            f.linear("output.weight", v, h)?,
+        )
     };
     Ok(LlamaModel::new(cfg, embed, layers, norm, lm_head))
 }

@@ -42,7 +42,9 @@ impl Default for LoadOptions {
             block_size: 16,
             kv_blocks: None,
             kv_cache_bytes: 512 << 20,
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             model_id: None,
             max_context: None,
         }
@@ -55,9 +57,16 @@ pub enum LoadError {
     #[error("model path {0} does not exist")]
     NotFound(PathBuf),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a valid {format} file: {msg}")]
-    Corrupt { path: PathBuf, format: &'static str, msg: String },
+    Corrupt {
+        path: PathBuf,
+        format: &'static str,
+        msg: String,
+    },
     #[error("{0}: neither a .gguf file nor a directory with config.json (or a single .gguf)")]
     UnknownFormat(PathBuf),
     #[error("model config: {0}")]
@@ -65,7 +74,11 @@ pub enum LoadError {
     #[error("tensor `{0}` is missing")]
     MissingTensor(String),
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("tensor data: {0}")]
     Kernel(#[from] KernelError),
     #[error("invalid load options: {0}")]
@@ -93,7 +106,10 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat, LoadError> {
     if path.join("config.json").is_file() {
         return Ok(ModelFormat::HfDir(path.to_path_buf()));
     }
-    let io = |e| LoadError::Io { path: path.to_path_buf(), source: e };
+    let io = |e| LoadError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
     let mut ggufs = Vec::new();
     for entry in std::fs::read_dir(path).map_err(io)? {
         let p = entry.map_err(io)?.path();
@@ -125,15 +141,33 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
         model.cfg.context_length = model.cfg.context_length.min(max.max(1));
     }
     let cfg = &model.cfg;
-    let per_block = KvStore::bytes_per_block(cfg.num_layers, opts.block_size, cfg.num_kv_heads, cfg.head_dim);
-    let blocks = opts.kv_blocks.unwrap_or(opts.kv_cache_bytes / per_block.max(1));
+    let per_block = KvStore::bytes_per_block(
+        cfg.num_layers,
+        opts.block_size,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    );
+    let blocks = opts
+        .kv_blocks
+        .unwrap_or(opts.kv_cache_bytes / per_block.max(1));
     if blocks == 0 {
-        return Err(LoadError::Options(format!("KV cache of {} bytes holds no block of {per_block} bytes", opts.kv_cache_bytes)));
+        return Err(LoadError::Options(format!(
+            "KV cache of {} bytes holds no block of {per_block} bytes",
+            opts.kv_cache_bytes
+        )));
     }
     let id = opts.model_id.clone().unwrap_or_else(|| {
-        path.file_name().map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string()).unwrap_or_else(|| "model".into())
+        path.file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+            .unwrap_or_else(|| "model".into())
     });
-    Ok(LlamaRunner::new(model, id, blocks, opts.block_size, opts.threads)?)
+    Ok(LlamaRunner::new(
+        model,
+        id,
+        blocks,
+        opts.block_size,
+        opts.threads,
+    )?)
 }
 
 /// [`load_llama_runner`] behind the engine's trait object.
@@ -143,7 +177,11 @@ pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunne
 
 fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<(), LoadError> {
     if got != expected {
-        return Err(LoadError::Shape { name: name.into(), expected: expected.to_vec(), got: got.to_vec() });
+        return Err(LoadError::Shape {
+            name: name.into(),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        });
     }
     Ok(())
 }

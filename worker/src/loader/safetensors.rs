@@ -14,7 +14,10 @@ use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
 /// Reads `config.json` of a Hugging Face model directory.
 pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Io { path: path.clone(), source: e })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
     let hf: HfLlamaConfig = serde_json::from_str(&text).map_err(|e| LoadError::Corrupt {
         path: path.clone(),
         format: "config.json",
@@ -24,7 +27,10 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
 }
 
 fn shards(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let io = |e| LoadError::Io { path: dir.to_path_buf(), source: e };
+    let io = |e| LoadError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    };
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let p = entry.map_err(io)?.path();
@@ -34,7 +40,10 @@ fn shards(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     }
     out.sort();
     if out.is_empty() {
-        return Err(LoadError::MissingTensor(format!("no *.safetensors in {}", dir.display())));
+        return Err(LoadError::MissingTensor(format!(
+            "no *.safetensors in {}",
+            dir.display()
+        )));
     }
     Ok(out)
 }
@@ -53,14 +62,25 @@ impl Tensors {
         if !self.has(name) {
             return Err(LoadError::MissingTensor(name.into()));
         }
-        let corrupt = |e: candle_core::Error| LoadError::Corrupt { path: self.dir.clone(), format: "safetensors", msg: format!("{name}: {e}") };
+        let corrupt = |e: candle_core::Error| LoadError::Corrupt {
+            path: self.dir.clone(),
+            format: "safetensors",
+            msg: format!("{name}: {e}"),
+        };
         let t = self.st.load(name, &Device::Cpu).map_err(corrupt)?;
         check_shape(name, t.dims(), shape)?;
-        t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(corrupt)
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(corrupt)
     }
 
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, LoadError> {
-        Ok(Linear::from_f32(out_dim, in_dim, self.f32s(name, &[out_dim, in_dim])?)?)
+        Ok(Linear::from_f32(
+            out_dim,
+            in_dim,
+            self.f32s(name, &[out_dim, in_dim])?,
+        )?)
     }
 }
 
@@ -76,8 +96,16 @@ pub fn load_model(dir: &Path) -> Result<LlamaModel, LoadError> {
         format: "safetensors",
         msg: e.to_string(),
     })?;
-    let t = Tensors { st, dir: dir.to_path_buf() };
-    let (h, hd, ffn, v) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+    let t = Tensors {
+        st,
+        dir: dir.to_path_buf(),
+    };
+    let (h, hd, ffn, v) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    );
     let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -99,9 +127,15 @@ pub fn load_model(dir: &Path) -> Result<LlamaModel, LoadError> {
     let norm = t.f32s("model.norm.weight", &[h])?;
     let tied = cfg.tie_word_embeddings || !t.has("lm_head.weight");
     let (embed, lm_head) = if tied {
-        (Embeddings::FromLmHead, t.linear("model.embed_tokens.weight", v, h)?)
+        (
+            Embeddings::FromLmHead,
+            t.linear("model.embed_tokens.weight", v, h)?,
+        )
     } else {
-        (Embeddings::Dense(t.f32s("model.embed_tokens.weight", &[v, h])?), t.linear("lm_head.weight", v, h)?)
+        (
+            Embeddings::Dense(t.f32s("model.embed_tokens.weight", &[v, h])?),
+            t.linear("lm_head.weight", v, h)?,
+        )
     };
     let mut cfg = cfg;
     cfg.tie_word_embeddings = tied;

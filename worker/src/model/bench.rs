@@ -26,7 +26,13 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { threads: 2, pp_tokens: 512, prompt_tokens: 128, new_tokens: 128, batches: vec![1, 4, 8, 16, 32] }
+        BenchOptions {
+            threads: 2,
+            pp_tokens: 512,
+            prompt_tokens: 128,
+            new_tokens: 128,
+            batches: vec![1, 4, 8, 16, 32],
+        }
     }
 }
 
@@ -46,7 +52,9 @@ impl BenchRow {
 
 fn prompt(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
     // Distinct per seed so the prefix cache never hits by accident; avoid the control ids.
-    (0..len).map(|i| (100 + (seed * 7919 + i * 104_729) % (vocab - 100)) as u32).collect()
+    (0..len)
+        .map(|i| (100 + (seed * 7919 + i * 104_729) % (vocab - 100)) as u32)
+        .collect()
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -59,12 +67,32 @@ fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+fn progress(rows: &[BenchRow]) {
+    if let Some(r) = rows.last() {
+        eprintln!(
+            "{:<58} {:>8} {:>9.2} {:>10.1}",
+            r.name,
+            r.tokens,
+            r.seconds,
+            r.tokens_per_s()
+        );
+    }
+}
+
 /// Peak resident set size of this process in bytes (Linux; 0 elsewhere).
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -74,7 +102,9 @@ pub fn run_engine_bench(path: &Path, opts: &BenchOptions) -> Result<Vec<BenchRow
     let per_seq = opts.prompt_tokens + opts.new_tokens;
     let load = LoadOptions {
         threads: opts.threads,
-        kv_blocks: Some((max_batch * per_seq.div_ceil(16) + 2 * opts.pp_tokens.div_ceil(16) + 8).max(64)),
+        kv_blocks: Some(
+            (max_batch * per_seq.div_ceil(16) + 2 * opts.pp_tokens.div_ceil(16) + 8).max(64),
+        ),
         ..Default::default()
     };
     let mut r = load_llama_runner(path, &load).map_err(|e| RunnerError::Model(e.to_string()))?;
@@ -84,33 +114,67 @@ pub fn run_engine_bench(path: &Path, opts: &BenchOptions) -> Result<Vec<BenchRow
 
     // Prompt processing, one chunk, plus the same prompt again to show the prefix cache.
     let p = prompt(1, opts.pp_tokens, vocab);
-    for (name, id) in [("ours: prompt processing", 1_000_000u64), ("ours: same prompt again (prefix cache)", 1_000_001)] {
+    for (name, id) in [
+        ("ours: prompt processing", 1_000_000u64),
+        ("ours: same prompt again (prefix cache)", 1_000_001),
+    ] {
         let cached = r.add_sequence(SeqId(id), &p)?;
         let t = Instant::now();
-        r.forward(&[SeqChunk { id: SeqId(id), tokens: p[cached..].to_vec(), logits: LogitsWanted::Last }])?;
-        rows.push(BenchRow { name: format!("{name} ({} tokens, {cached} cached)", p.len()), tokens: p.len(), seconds: t.elapsed().as_secs_f64() });
+        r.forward(&[SeqChunk {
+            id: SeqId(id),
+            tokens: p[cached..].to_vec(),
+            logits: LogitsWanted::Last,
+        }])?;
+        rows.push(BenchRow {
+            name: format!("{name} ({} tokens, {cached} cached)", p.len()),
+            tokens: p.len(),
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        progress(&rows);
     }
     r.remove_sequence(SeqId(1_000_000));
     r.remove_sequence(SeqId(1_000_001));
 
     for &b in &opts.batches {
-        let ids: Vec<SeqId> = (0..b).map(|_| { next += 1; SeqId(next) }).collect();
+        let ids: Vec<SeqId> = (0..b)
+            .map(|_| {
+                next += 1;
+                SeqId(next)
+            })
+            .collect();
         let mut last = Vec::with_capacity(b);
         for &id in &ids {
             let p = prompt(id.0 as usize + 10, opts.prompt_tokens, vocab);
             r.add_sequence(id, &p)?;
-            let out = r.forward(&[SeqChunk { id, tokens: p, logits: LogitsWanted::Last }])?;
+            let out = r.forward(&[SeqChunk {
+                id,
+                tokens: p,
+                logits: LogitsWanted::Last,
+            }])?;
             last.push(argmax(&out[0].data));
         }
         let t = Instant::now();
         for _ in 0..opts.new_tokens {
-            let batch: Vec<SeqChunk> = ids.iter().zip(&last).map(|(&id, &tok)| SeqChunk { id, tokens: vec![tok], logits: LogitsWanted::Last }).collect();
+            let batch: Vec<SeqChunk> = ids
+                .iter()
+                .zip(&last)
+                .map(|(&id, &tok)| SeqChunk {
+                    id,
+                    tokens: vec![tok],
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
             let out = r.forward(&batch)?;
             for (l, o) in last.iter_mut().zip(&out) {
                 *l = argmax(&o.data);
             }
         }
-        rows.push(BenchRow { name: format!("ours: decode batch {b} (aggregate)"), tokens: b * opts.new_tokens, seconds: t.elapsed().as_secs_f64() });
+        rows.push(BenchRow {
+            name: format!("ours: decode batch {b} (aggregate)"),
+            tokens: b * opts.new_tokens,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        progress(&rows);
         for id in ids {
             r.remove_sequence(id);
         }
@@ -122,10 +186,25 @@ pub fn run_engine_bench(path: &Path, opts: &BenchOptions) -> Result<Vec<BenchRow
 pub fn format_table(path: &Path, threads: usize, rows: &[BenchRow]) -> String {
     let mut table = String::new();
     let _ = writeln!(table, "model: {}  threads: {threads}", path.display());
-    let _ = writeln!(table, "{:<58} {:>8} {:>9} {:>10}", "run", "tokens", "seconds", "tokens/s");
+    let _ = writeln!(
+        table,
+        "{:<58} {:>8} {:>9} {:>10}",
+        "run", "tokens", "seconds", "tokens/s"
+    );
     for row in rows {
-        let _ = writeln!(table, "{:<58} {:>8} {:>9.2} {:>10.1}", row.name, row.tokens, row.seconds, row.tokens_per_s());
+        let _ = writeln!(
+            table,
+            "{:<58} {:>8} {:>9.2} {:>10.1}",
+            row.name,
+            row.tokens,
+            row.seconds,
+            row.tokens_per_s()
+        );
     }
-    let _ = writeln!(table, "peak RSS: {:.0} MiB", peak_rss_bytes() as f64 / (1 << 20) as f64);
+    let _ = writeln!(
+        table,
+        "peak RSS: {:.0} MiB",
+        peak_rss_bytes() as f64 / (1 << 20) as f64
+    );
     table
 }

@@ -18,7 +18,7 @@ pub mod tiny;
 use rayon::prelude::*;
 
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels::{Linear, axpy_fma, dot_fma, rms_norm, rope, silu_mul, sum_lanes};
+use crate::kernels::{Linear, attend, rms_norm, rope, silu_mul};
 use crate::kv::{BlockId, KvStore};
 
 /// Input projection that may be fused (one matmul) or, when the parts' storage formats
@@ -112,9 +112,22 @@ pub struct StepPlan<'a> {
 }
 
 impl LlamaModel {
-    pub fn new(cfg: LlamaConfig, embed: Embeddings, layers: Vec<LayerWeights>, norm: Vec<f32>, lm_head: Linear) -> Self {
+    pub fn new(
+        cfg: LlamaConfig,
+        embed: Embeddings,
+        layers: Vec<LayerWeights>,
+        norm: Vec<f32>,
+        lm_head: Linear,
+    ) -> Self {
         let inv_freq = cfg.rope_inv_freq();
-        LlamaModel { cfg, embed, layers, norm, lm_head, inv_freq }
+        LlamaModel {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        }
     }
 
     /// Storage formats of the weights, e.g. `q4_1` (for `Info.dtype`).
@@ -175,7 +188,10 @@ impl LlamaModel {
             let xn = rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps);
             let mut qkv = layer.qkv.forward(&xn, n);
             for t in 0..n {
-                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                let (c, s) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
                 let row = &mut qkv[t * qkv_dim..(t + 1) * qkv_dim];
                 for head in row[..(nh + nkv) * hd].chunks_exact_mut(hd) {
                     rope(head, c, s, interleaved);
@@ -224,32 +240,34 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let bs = kv.block_size();
         let mut out = vec![0f32; step.tokens.len() * nh * hd];
-        out.par_chunks_mut(group * hd).enumerate().for_each(|(idx, out_g)| {
-            let (t, g) = (idx / nkv, idx % nkv);
-            let p = step.plan[t];
-            let table = step.tables[p.chunk];
-            let npos = p.pos + 1;
-            let mut scores = vec![0f32; npos];
-            for qi in 0..group {
-                let head = g * group + qi;
-                let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (pos, s) in scores.iter_mut().enumerate() {
+        out.par_chunks_mut(group * hd)
+            .enumerate()
+            .for_each(|(idx, out_g)| {
+                let (t, g) = (idx / nkv, idx % nkv);
+                let p = step.plan[t];
+                let table = step.tables[p.chunk];
+                let npos = p.pos + 1;
+                let mut keys: Vec<&[f32]> = Vec::with_capacity(npos);
+                let mut values: Vec<&[f32]> = Vec::with_capacity(npos);
+                for pos in 0..npos {
                     let off = kv.offset(layer, table[pos / bs], g, pos % bs);
-                    *s = dot_fma(q, &kv.k[off..off + hd]) * scale;
-                    max = max.max(*s);
+                    keys.push(&kv.k[off..off + hd]);
+                    values.push(&kv.v[off..off + hd]);
                 }
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
+                let mut scores = Vec::with_capacity(npos);
+                for qi in 0..group {
+                    let head = g * group + qi;
+                    let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
+                    attend(
+                        q,
+                        &keys,
+                        &values,
+                        scale,
+                        &mut scores,
+                        &mut out_g[qi * hd..(qi + 1) * hd],
+                    );
                 }
-                let sum = sum_lanes(&scores);
-                let o = &mut out_g[qi * hd..(qi + 1) * hd];
-                for (pos, s) in scores.iter().enumerate() {
-                    let off = kv.offset(layer, table[pos / bs], g, pos % bs);
-                    axpy_fma(o, s / sum, &kv.v[off..off + hd]);
-                }
-            }
-        });
+            });
         out
     }
 }

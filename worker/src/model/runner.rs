@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use crate::kv::{BlockManager, KvStore};
 use crate::model::{LlamaModel, StepPlan, TokenPlan};
-use crate::runner::{ChunkLogits, LogitsWanted, ModelRunner, RunnerError, RunnerInfo, SeqChunk, SeqId};
+use crate::runner::{
+    ChunkLogits, LogitsWanted, ModelRunner, RunnerError, RunnerInfo, SeqChunk, SeqId,
+};
 
 /// A single-rank Llama runner.
 pub struct LlamaRunner {
@@ -18,15 +20,29 @@ pub struct LlamaRunner {
 
 impl std::fmt::Debug for LlamaRunner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlamaRunner").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("LlamaRunner")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
 impl LlamaRunner {
     /// `num_blocks` KV blocks of `block_size` positions; `threads` model threads.
-    pub fn new(model: LlamaModel, model_id: String, num_blocks: usize, block_size: usize, threads: usize) -> Result<Self, RunnerError> {
+    pub fn new(
+        model: LlamaModel,
+        model_id: String,
+        num_blocks: usize,
+        block_size: usize,
+        threads: usize,
+    ) -> Result<Self, RunnerError> {
         let cfg = &model.cfg;
-        let kv = KvStore::new(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim);
+        let kv = KvStore::new(
+            cfg.num_layers,
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("shardline-model-{i}"))
@@ -41,7 +57,13 @@ impl LlamaRunner {
             kv_block_size: block_size,
             kv_blocks_total: num_blocks,
         };
-        Ok(LlamaRunner { model, blocks: BlockManager::new(num_blocks, block_size), kv, info, pool })
+        Ok(LlamaRunner {
+            model,
+            blocks: BlockManager::new(num_blocks, block_size),
+            kv,
+            info,
+            pool,
+        })
     }
 
     pub fn model(&self) -> &LlamaModel {
@@ -53,18 +75,28 @@ impl LlamaRunner {
         let vocab = self.model.cfg.vocab_size;
         for c in batch {
             if !seen.insert(c.id) {
-                return Err(RunnerError::Model(format!("{} appears twice in one step", c.id)));
+                return Err(RunnerError::Model(format!(
+                    "{} appears twice in one step",
+                    c.id
+                )));
             }
             let len = self.blocks.seq_len(c.id)?;
             if c.tokens.is_empty() {
                 return Err(RunnerError::Model(format!("{}: empty chunk", c.id)));
             }
             if let Some(t) = c.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(RunnerError::Model(format!("{}: token id {t} outside the vocabulary ({vocab})", c.id)));
+                return Err(RunnerError::Model(format!(
+                    "{}: token id {t} outside the vocabulary ({vocab})",
+                    c.id
+                )));
             }
             let max = self.info.context_length;
             if len + c.tokens.len() > max {
-                return Err(RunnerError::ContextExceeded { id: c.id, len: len + c.tokens.len(), max });
+                return Err(RunnerError::ContextExceeded {
+                    id: c.id,
+                    len: len + c.tokens.len(),
+                    max,
+                });
             }
         }
         Ok(())
@@ -81,7 +113,12 @@ impl LlamaRunner {
             for (i, &t) in c.tokens.iter().enumerate() {
                 let (block, slot) = self.blocks.slot(c.id, start + i)?;
                 tokens.push(t);
-                plan.push(TokenPlan { chunk: ci, pos: start + i, block, slot });
+                plan.push(TokenPlan {
+                    chunk: ci,
+                    pos: start + i,
+                    block,
+                    slot,
+                });
             }
             let rows = match c.logits {
                 LogitsWanted::None => 0,
@@ -96,8 +133,16 @@ impl LlamaRunner {
             };
             rows_per_chunk.push(rows);
         }
-        let tables = batch.iter().map(|c| self.blocks.block_table(c.id)).collect::<Result<Vec<_>, _>>()?;
-        let step = StepPlan { tokens: &tokens, plan: &plan, tables: &tables, logit_rows: &logit_rows };
+        let tables = batch
+            .iter()
+            .map(|c| self.blocks.block_table(c.id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let step = StepPlan {
+            tokens: &tokens,
+            plan: &plan,
+            tables: &tables,
+            logit_rows: &logit_rows,
+        };
         let model = &self.model;
         let kv = &mut self.kv;
         let logits = self.pool.install(|| model.forward(&step, kv));
@@ -105,7 +150,11 @@ impl LlamaRunner {
         let mut out = Vec::with_capacity(batch.len());
         let mut off = 0;
         for (c, rows) in batch.iter().zip(rows_per_chunk) {
-            out.push(ChunkLogits { id: c.id, data: logits[off * vocab..(off + rows) * vocab].to_vec(), rows });
+            out.push(ChunkLogits {
+                id: c.id,
+                data: logits[off * vocab..(off + rows) * vocab].to_vec(),
+                rows,
+            });
             off += rows;
         }
         Ok(out)
@@ -122,7 +171,11 @@ impl ModelRunner for LlamaRunner {
             return Err(RunnerError::Model(format!("{id}: empty prompt")));
         }
         if prompt.len() > self.info.context_length {
-            return Err(RunnerError::ContextExceeded { id, len: prompt.len(), max: self.info.context_length });
+            return Err(RunnerError::ContextExceeded {
+                id,
+                len: prompt.len(),
+                max: self.info.context_length,
+            });
         }
         self.blocks.add_sequence(id, prompt)
     }

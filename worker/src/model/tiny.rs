@@ -26,7 +26,17 @@ pub struct TinySpec {
 
 impl Default for TinySpec {
     fn default() -> Self {
-        TinySpec { hidden: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 128, vocab: 256, context: 512, tied: false, seed: 1 }
+        TinySpec {
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 128,
+            vocab: 256,
+            context: 512,
+            tied: false,
+            seed: 1,
+        }
     }
 }
 
@@ -37,7 +47,9 @@ pub struct TinyWeights {
 }
 
 fn rng(seed: &mut u64) -> f32 {
-    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
 }
 
@@ -51,7 +63,12 @@ impl TinyWeights {
             let data = (0..n).map(|_| offset + scale * rng(&mut s)).collect();
             tensors.push((name, shape, data));
         };
-        add("model.embed_tokens.weight".into(), vec![spec.vocab, h], 1.0, 0.0);
+        add(
+            "model.embed_tokens.weight".into(),
+            vec![spec.vocab, h],
+            1.0,
+            0.0,
+        );
         for i in 0..spec.layers {
             let p = |s: &str| format!("model.layers.{i}.{s}.weight");
             add(p("input_layernorm"), vec![h], 0.2, 1.0);
@@ -89,7 +106,10 @@ impl TinyWeights {
         std::fs::write(dir.join("config.json"), self.config_json().to_string())?;
         let mut map = HashMap::new();
         for (name, shape, data) in &self.tensors {
-            map.insert(name.clone(), Tensor::from_vec(data.clone(), shape.as_slice(), &Device::Cpu)?);
+            map.insert(
+                name.clone(),
+                Tensor::from_vec(data.clone(), shape.as_slice(), &Device::Cpu)?,
+            );
         }
         candle_core::safetensors::save(&map, dir.join("model.safetensors"))
     }
@@ -121,7 +141,11 @@ impl TinyWeights {
                 data.clone()
             };
             let t = Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?;
-            let dt = if shape.len() == 2 { dtype } else { GgmlDType::F32 };
+            let dt = if shape.len() == 2 {
+                dtype
+            } else {
+                GgmlDType::F32
+            };
             qts.push((gname, QTensor::quantize(&t, dt)?));
         }
         let u = |v: usize| Value::U32(v as u32);
