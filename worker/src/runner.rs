@@ -95,7 +95,9 @@ pub trait ModelRunner: Send {
     /// Tokens in the KV cache of `id` (cached prefix + computed).
     fn seq_len(&self, id: SeqId) -> Result<usize, RunnerError>;
 
-    /// One forward over all chunks. On error no sequence advanced.
+    /// One forward over all chunks. On error no sequence advanced. Returns one
+    /// [`ChunkLogits`] per chunk, in batch order (`rows == 0` for [`LogitsWanted::None`]).
+    /// A sequence may appear at most once per step.
     fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<ChunkLogits>, RunnerError>;
 
     /// Drops a sequence (unknown ids are ignored) and returns its blocks to the pool;
