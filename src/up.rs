@@ -9,7 +9,8 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Flags of `shardline up`: the model, how many worker groups, and every coordinator flag.
+/// Flags of `shardline up`: the model, how many worker groups, and every coordinator flag
+/// (`--etcd URL` registers the groups in etcd instead of an in-process membership).
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// Model every worker group serves (GGUF file or Hugging Face directory).
@@ -46,8 +47,18 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         .await
         .with_context(|| format!("bind {}", args.coordinator.grpc_listen))?;
 
+    // Every group registers in one membership the coordinator follows: in-process by
+    // default, etcd with --etcd (then other processes may join the same cluster).
+    let membership = if args.coordinator.etcd.is_empty() {
+        shardline_proto::membership::Membership::in_memory()
+    } else {
+        let (etcd, prefix) = (&args.coordinator.etcd, &args.coordinator.etcd_prefix);
+        shardline_proto::membership::Membership::etcd(etcd, prefix)
+            .await
+            .context("--etcd")?
+    };
     let mut tasks = tokio::task::JoinSet::new();
-    let mut addresses = args.coordinator.workers.clone();
+    let addresses = args.coordinator.workers.clone();
     for i in 0..args.num_groups {
         let mut listen = args.worker_listen;
         listen.set_port(listen.port() + i as u16);
@@ -55,7 +66,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             model: args.model.clone(),
             listen,
             kv_blocks: args.kv_blocks,
-            kv_cache_bytes: 256 << 20,
+            kv_cache_bytes: 512 << 20,
             block_size: 16,
             max_num_seqs: args.coordinator.max_num_seqs,
             group_id: Some(format!("up-{i}")),
@@ -63,8 +74,11 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             max_context: None,
             model_id: None,
             drain_timeout_secs: 2,
+            registration: shardline_worker::registration::RegistrationArgs {
+                membership: Some(membership.clone()),
+                ..Default::default()
+            },
         };
-        addresses.push(format!("http://{listen}"));
         let token = shutdown.clone();
         tasks.spawn(async move {
             shardline_worker::run(worker, token).await.with_context(|| format!("worker group up-{i}"))
@@ -75,6 +89,8 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     for address in &addresses {
         coordinator.groups.add(address);
     }
+    let groups = coordinator.groups.clone();
+    shardline_coordinator::membership::spawn(membership, groups, shutdown.clone());
     let url = format!("http://{}", coordinator.http_addr);
     let ready = wait_ready(&coordinator.groups, &mut tasks, &shutdown).await?;
     if ready {

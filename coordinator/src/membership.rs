@@ -6,8 +6,9 @@
 //! (migration, in [`groups`](crate::groups)).
 //!
 //! While etcd is unreachable the watch emits nothing, so the last known groups keep
-//! serving; a group that really died meanwhile is found by its failing step RPCs. See
-//! `proto/MEMBERSHIP.md`.
+//! serving; a group that really died meanwhile is found by its failing step RPCs, its
+//! requests migrate at once, and it is not dialled again until its record is written
+//! again (re-registration). See `proto/MEMBERSHIP.md`.
 
 use std::collections::HashMap;
 
@@ -41,7 +42,9 @@ impl Applied {
         self.addresses
             .insert(record.group_id.clone(), record.address.clone());
         groups.set_draining(&record.address, draining);
-        groups.add(&record.address);
+        // No reconnect loop: a group whose step RPCs fail is dead until it registers
+        // again (a new record version or process), see `Updated` / `Restarted`.
+        groups.add_with(&record.address, false);
     }
 
     fn remove(&mut self, groups: &GroupSet, group_id: &str, why: &str) {
@@ -66,6 +69,9 @@ impl Applied {
                         tracing::info!(group = %id, "group is draining: no new requests go there");
                     }
                     groups.set_draining(&record.address, draining);
+                    // A rewrite (re-registration after a lost lease, drain) brings back a
+                    // group declared dead meanwhile; a no-op while it is still served.
+                    groups.add_with(&record.address, false);
                 }
             }
             ViewChange::Restarted(id) => {

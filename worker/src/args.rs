@@ -65,6 +65,10 @@ pub struct WorkerArgs {
     /// On shutdown, how long running sequences may keep the worker up.
     #[arg(long, env = "SHARDLINE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+
+    /// Membership: `--etcd`, `--etcd-prefix`, `--lease-ttl-secs`, `--advertise`.
+    #[command(flatten)]
+    pub registration: crate::registration::RegistrationArgs,
 }
 
 /// Loads the tokenizer that goes with a model path (the GGUF's metadata, or the HF
@@ -92,6 +96,8 @@ pub async fn run_with_listener(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    args.registration.validate()?;
+    let listening = listener.local_addr().context("listener address")?;
     let defaults = LoadOptions::default();
     let opts = LoadOptions {
         block_size: args.block_size,
@@ -121,6 +127,7 @@ pub async fn run_with_listener(
         model: ModelFacts::from(&tokenizer),
     };
     let info = runner.info().clone();
+    let config_group_id = config.group_id.clone();
     tracing::info!(
         model = %info.model_id,
         dtype = %info.dtype,
@@ -135,6 +142,13 @@ pub async fn run_with_listener(
     let stop_serving = CancellationToken::new();
     let service = WorkerService::new(engine.clone(), draining.clone());
     let mut server = tokio::spawn(serve_service(listener, service, stop_serving.clone()));
+    let record = crate::registration::worker_record(
+        &config_group_id,
+        args.registration.address(listening)?,
+        &info,
+        args.max_num_seqs,
+    );
+    let registration = crate::registration::Registration::start(&args.registration, record).await?;
 
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -144,8 +158,12 @@ pub async fn run_with_listener(
             anyhow::bail!("the gRPC server stopped unexpectedly");
         }
     }
+    // Draining record first (coordinators stop routing here), then finish the running
+    // sequences, then revoke the lease (the record disappears), then stop serving.
+    registration.set_draining();
     draining.cancel();
     drain(&engine, Duration::from_secs(args.drain_timeout_secs)).await;
+    registration.deregister().await;
     stop_serving.cancel();
     server.await.context("server task failed")??;
     drop(engine);

@@ -17,6 +17,11 @@ use super::registry::{
 /// Default bound on one etcd request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// HTTP/2 keep-alive ping interval on the etcd connection. etcd refuses pings more often
+/// than its `--grpc-keepalive-min-time` (default 5 s): it answers with GOAWAY, which ends
+/// every watch on the connection (seen as a watch lost every ~8 s with 2 s pings).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A cloneable etcd connection.
 #[derive(Clone)]
 pub struct EtcdRegistry {
@@ -56,7 +61,7 @@ impl EtcdRegistry {
             .with_connect_timeout(request_timeout)
             .with_timeout(request_timeout)
             // HTTP/2 pings find a dead connection under an idle watch.
-            .with_keep_alive(Duration::from_secs(2), request_timeout)
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, request_timeout)
             .with_keep_alive_while_idle(true);
         let client = Client::connect(&endpoints, Some(options))
             .await

@@ -1,0 +1,681 @@
+//! End-to-end tests of membership and failover (issue 3) over real processes: a real etcd,
+//! `shardline worker --etcd` processes serving SmolLM2, `shardline coordinator --etcd`.
+//!
+//! The tests run one at a time (a process-wide lock): each starts its own etcd and
+//! workers, and on a 2-core machine two clusters at once would only measure contention.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use shardline_proto::membership::{Membership, MembershipEvent, MembershipView};
+use shardline_proto::v1::WorkerState;
+use shardline_proto::worker::v1::{HealthRequest, HealthResponse, worker_client::WorkerClient};
+use shardline_tests::etcd::EtcdServer;
+use shardline_tests::{Proc, free_port, model_path};
+use tokio_util::sync::CancellationToken;
+
+fn bin() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_shardline"))
+}
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls `$cond` (an `Option`) every 50 ms until it is `Some`, panicking after `$timeout`.
+macro_rules! until {
+    ($timeout:expr, $what:expr, $cond:expr) => {{
+        let deadline = Instant::now() + $timeout;
+        loop {
+            if let Some(v) = $cond {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {}", $what);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+struct Worker {
+    proc: Proc,
+    url: String,
+    group: String,
+}
+
+fn start_worker(etcd: &EtcdServer, group: &str, extra: &[&str]) -> Worker {
+    let port = free_port();
+    let mut cmd = Command::new(bin());
+    cmd.arg("worker")
+        .arg("--model")
+        .arg(model_path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--etcd", &etcd.endpoint(), "--group-id", group])
+        .args([
+            "--lease-ttl-secs",
+            "2",
+            "--threads",
+            "1",
+            "--drain-timeout-secs",
+            "30",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info");
+    Worker {
+        proc: Proc::spawn(&format!("worker-{group}"), cmd),
+        url: format!("http://127.0.0.1:{port}"),
+        group: group.to_string(),
+    }
+}
+
+struct Coordinator {
+    proc: Proc,
+    http: String,
+}
+
+/// Starts a coordinator following `etcd` and waits until it has `groups` ready groups.
+async fn start_coordinator(etcd: &EtcdServer, name: &str, groups: u64) -> Coordinator {
+    let (http, grpc) = (free_port(), free_port());
+    let mut cmd = Command::new(bin());
+    cmd.arg("coordinator")
+        .args(["--etcd", &etcd.endpoint()])
+        .args(["--http-listen", &format!("127.0.0.1:{http}")])
+        .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--step-timeout-s", "30"])
+        .env("RUST_LOG", "info");
+    let mut c = Coordinator {
+        proc: Proc::spawn(name, cmd),
+        http: format!("http://127.0.0.1:{http}"),
+    };
+    let health = format!("{}/health", c.http);
+    until!(Duration::from_secs(120), "the coordinator to be ready", {
+        c.proc.assert_running();
+        ready_groups(&health).await.filter(|&n| n >= groups)
+    });
+    c
+}
+
+/// `groups` of the coordinator's `/health` (groups it can route to), if it answers 200.
+async fn ready_groups(health: &str) -> Option<u64> {
+    let r = client().get(health).send().await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.json::<Value>().await.ok()?["groups"].as_u64()
+}
+
+/// The test's own view of the membership, from the same layer the coordinator uses.
+struct Observer {
+    view: Arc<Mutex<MembershipView>>,
+    /// (time, event) of every event after the first sync.
+    events: Arc<Mutex<Vec<(Instant, MembershipEvent)>>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Observer {
+    async fn start(etcd: &EtcdServer) -> Observer {
+        let membership = Membership::etcd(&[etcd.endpoint()], "/shardline")
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let mut watch = membership.watch(&stop);
+        let view = Arc::new(Mutex::new(MembershipView::new()));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (v, e) = (view.clone(), events.clone());
+        tokio::spawn(async move {
+            while let Some(event) = watch.recv().await {
+                e.lock().unwrap().push((Instant::now(), event.clone()));
+                v.lock().unwrap().apply(event);
+            }
+        });
+        Observer {
+            view,
+            events,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn state(&self, group: &str) -> Option<WorkerState> {
+        let view = self.view.lock().unwrap();
+        view.get(group)
+            .and_then(|r| WorkerState::try_from(r.state).ok())
+    }
+
+    /// When the first event matching `f` was seen.
+    fn seen(&self, f: impl Fn(&MembershipEvent) -> bool) -> Option<Instant> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, e)| f(e))
+            .map(|(t, _)| *t)
+    }
+
+    async fn wait_ready(&self, workers: &mut [&mut Worker]) {
+        until!(Duration::from_secs(120), "the workers to register", {
+            for w in workers.iter_mut() {
+                w.proc.assert_running();
+            }
+            workers
+                .iter()
+                .all(|w| self.state(&w.group) == Some(WorkerState::Ready))
+                .then_some(())
+        });
+    }
+}
+
+async fn health(worker: &str) -> Option<HealthResponse> {
+    let mut w = WorkerClient::connect(worker.to_string()).await.ok()?;
+    Some(w.health(HealthRequest {}).await.ok()?.into_inner())
+}
+
+async fn started(worker: &str) -> u64 {
+    health(worker)
+        .await
+        .expect("worker health")
+        .sequences_started
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn body(i: usize, max_tokens: u32) -> Value {
+    let prompt = format!(
+        "Question {i}: list some facts about the number {}. Answer:",
+        i * 7 + 3
+    );
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+/// Non-streaming completion: the status and the body.
+async fn complete(http: &str, body: Value) -> (u16, Value) {
+    match client()
+        .post(format!("{http}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(e) => (0, json!({"transport error": e.to_string()})),
+    }
+}
+
+/// Streams a completion; `Err` on a non-200 status or an error event. `tokens` counts
+/// the text chunks received (all streams together).
+async fn stream(http: &str, mut body: Value, tokens: Arc<AtomicUsize>) -> Result<String, String> {
+    body["stream"] = json!(true);
+    let r = client()
+        .post(format!("{http}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!(
+            "status {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    let (mut text, mut buf, mut finished) = (String::new(), String::new(), false);
+    let mut bytes = r.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        buf.push_str(std::str::from_utf8(&chunk.map_err(|e| e.to_string())?).unwrap());
+        while let Some(i) = buf.find("\n\n") {
+            let event: String = buf.drain(..i + 2).collect();
+            let data = event
+                .trim()
+                .strip_prefix("data: ")
+                .unwrap_or("")
+                .to_string();
+            if data == "[DONE]" || data.is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&data).map_err(|e| format!("{e}: {data}"))?;
+            if v.get("error").is_some() {
+                return Err(format!("error event after {text:?}: {v}"));
+            }
+            if let Some(t) = v["choices"][0]["text"].as_str() {
+                text.push_str(t);
+                tokens.fetch_add(1, Ordering::Relaxed);
+            }
+            finished |= v["choices"][0]["finish_reason"].is_string();
+        }
+    }
+    if !finished {
+        return Err(format!(
+            "stream ended without a finish reason after {text:?}"
+        ));
+    }
+    Ok(text)
+}
+
+/// Streams requests `first..first + n` at once.
+async fn streams(
+    http: &str,
+    first: usize,
+    n: usize,
+    max_tokens: u32,
+    tokens: Arc<AtomicUsize>,
+) -> Vec<Result<String, String>> {
+    let all = (first..first + n).map(|i| {
+        let (http, tokens) = (http.to_string(), tokens.clone());
+        tokio::spawn(async move { stream(&http, body(i, max_tokens), tokens).await })
+    });
+    futures::future::join_all(all)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+async fn metric_sum(http: &str, name: &str) -> f64 {
+    let text = client()
+        .get(format!("{http}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Client loops sending short requests back to back until stopped; every status seen.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(u16, Value)>>>,
+    done: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn start(http: &str, clients: usize, max_tokens: u32) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..clients)
+            .map(|c| {
+                let (http, stop, done) = (http.to_string(), stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut i = c * 1000;
+                    while !stop.load(Ordering::Relaxed) {
+                        seen.push(complete(&http, body(i, max_tokens)).await);
+                        done.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Load { stop, tasks, done }
+    }
+
+    /// A new request every `every` while fewer than `most` are in flight (a steady
+    /// arrival stream that does not bury a small worker).
+    fn open(http: &str, every: Duration, most: usize, max_tokens: u32) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let (http, flag, count) = (http.to_string(), stop.clone(), done.clone());
+        let task = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut tick = tokio::time::interval(every);
+            let inflight = Arc::new(AtomicUsize::new(0));
+            let mut i = 2000;
+            while !flag.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if inflight.load(Ordering::Relaxed) >= most {
+                    continue;
+                }
+                inflight.fetch_add(1, Ordering::Relaxed);
+                let (http, count, inflight) = (http.clone(), count.clone(), inflight.clone());
+                sent.push(tokio::spawn(async move {
+                    let r = complete(&http, body(i, max_tokens)).await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                    inflight.fetch_sub(1, Ordering::Relaxed);
+                    r
+                }));
+                i += 1;
+            }
+            let mut seen = Vec::new();
+            for t in sent {
+                seen.push(t.await.unwrap());
+            }
+            seen
+        });
+        Load {
+            stop,
+            tasks: vec![task],
+            done,
+        }
+    }
+
+    async fn wait_done(&self, n: usize) {
+        until!(Duration::from_secs(60), "load requests to complete", {
+            (self.done.load(Ordering::Relaxed) >= n).then_some(())
+        });
+    }
+
+    /// Stops the clients and asserts every request they sent succeeded.
+    async fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut n = 0;
+        for t in self.tasks {
+            for (status, v) in t.await.unwrap() {
+                assert_eq!(status, 200, "a request failed under load: {v}");
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+fn lease_records(etcd: &EtcdServer) -> Vec<i64> {
+    let out = etcd.etcdctl(&["get", "--prefix", "/shardline/workers/", "-w", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcdctl json {e}: {out}"));
+    v["kvs"].as_array().map_or(Vec::new(), |kvs| {
+        kvs.iter()
+            .map(|kv| kv["lease"].as_i64().unwrap_or(0))
+            .collect()
+    })
+}
+
+/// (1) Two workers register with leases; the coordinator routes to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_register_and_both_get_requests() {
+    let _serial = serial();
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
+    observer.wait_ready(&mut [&mut a, &mut b]).await;
+    let leases = lease_records(&etcd);
+    assert_eq!(
+        leases.len(),
+        2,
+        "etcdctl get --prefix shows both records: {leases:?}"
+    );
+    assert!(
+        leases.iter().all(|&l| l != 0),
+        "both records are attached to a lease: {leases:?}"
+    );
+    let keys = etcd.etcdctl(&["get", "--prefix", "/shardline/workers/", "--keys-only"]);
+    assert!(
+        keys.contains("/shardline/workers/a") && keys.contains("/shardline/workers/b"),
+        "{keys}"
+    );
+
+    let coordinator = start_coordinator(&etcd, "coordinator", 2).await;
+    let results = streams(&coordinator.http, 0, 8, 8, Arc::default()).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let (sa, sb) = (started(&a.url).await, started(&b.url).await);
+    assert!(
+        sa > 0 && sb > 0,
+        "the coordinator routes to both groups (a: {sa}, b: {sb})"
+    );
+    assert_eq!(sa + sb, 8);
+}
+
+/// (2) kill -9 a worker in the middle of 8 streaming greedy requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_migrates_without_changing_the_text() {
+    let _serial = serial();
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
+    observer.wait_ready(&mut [&mut a, &mut b]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 2).await;
+
+    let reference = streams(&coordinator.http, 0, 8, 40, Arc::default()).await;
+    let reference: Vec<String> = reference.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        metric_sum(&coordinator.http, "shardline_request_migrations_total").await,
+        0.0
+    );
+
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let run = tokio::spawn({
+        let (http, tokens) = (coordinator.http.clone(), tokens.clone());
+        async move { streams(&http, 0, 8, 40, tokens).await }
+    });
+    until!(Duration::from_secs(60), "tokens to flow", {
+        (tokens.load(Ordering::Relaxed) >= 16).then_some(())
+    });
+    let running = health(&a.url).await.map_or(0, |h| h.num_running);
+    assert!(running > 0, "worker a runs sequences when it is killed");
+    a.proc.signal("KILL");
+    let at = tokens.load(Ordering::Relaxed);
+    let results = run.await.unwrap();
+    assert!(at < 8 * 40, "the kill happened mid-stream");
+    for (i, (got, want)) in results.iter().zip(&reference).enumerate() {
+        assert_eq!(
+            got.as_ref(),
+            Ok(want),
+            "request {i}: text differs from the run without failure"
+        );
+    }
+    let migrations = metric_sum(&coordinator.http, "shardline_request_migrations_total").await;
+    assert!(
+        migrations >= running as f64,
+        "{migrations} migrations for {running} running on a"
+    );
+    assert!(
+        coordinator.proc.output().contains("migrating a request"),
+        "a log line per migration"
+    );
+    // The dead worker's record expires with its lease.
+    until!(
+        Duration::from_secs(10),
+        "a's record to expire",
+        observer.state("a").is_none().then_some(())
+    );
+}
+
+/// (3) SIGTERM a worker under load: drain, then leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_before_the_record_disappears() {
+    let _serial = serial();
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
+    observer.wait_ready(&mut [&mut a, &mut b]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 2).await;
+
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let run = tokio::spawn({
+        let (http, tokens) = (coordinator.http.clone(), tokens.clone());
+        async move { streams(&http, 0, 8, 48, tokens).await }
+    });
+    until!(Duration::from_secs(60), "tokens to flow", {
+        (tokens.load(Ordering::Relaxed) >= 16).then_some(())
+    });
+    assert!(
+        health(&a.url).await.unwrap().num_running > 0,
+        "a runs sequences"
+    );
+    a.proc.signal("TERM");
+    until!(Duration::from_secs(5), "a to be DRAINING", {
+        (observer.state("a") == Some(WorkerState::Draining)).then_some(())
+    });
+    let a_started = started(&a.url).await;
+    // New requests meanwhile go to b.
+    let b_before = started(&b.url).await;
+    let fresh =
+        futures::future::join_all((100..104).map(|i| complete(&coordinator.http, body(i, 4))))
+            .await;
+    for (status, v) in &fresh {
+        assert_eq!(*status, 200, "{v}");
+    }
+    assert_eq!(
+        started(&b.url).await - b_before,
+        4,
+        "new requests went to b"
+    );
+    if let Some(h) = health(&a.url).await {
+        assert_eq!(
+            h.sequences_started, a_started,
+            "no new sequence started on the draining a"
+        );
+        assert!(h.draining);
+    }
+    // a's sequences run to their end; the record goes only after that.
+    let mut last_running = Instant::now();
+    while let Some(h) = health(&a.url).await {
+        if h.num_running > 0 {
+            last_running = Instant::now();
+        }
+        if observer.state("a").is_none() {
+            assert_eq!(
+                h.num_running, 0,
+                "the record disappeared while a still ran sequences"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        a.proc.wait_exit(Duration::from_secs(30)),
+        Some(Some(0)),
+        "a exits 0"
+    );
+    let deleted = observer
+        .seen(|e| *e == MembershipEvent::Delete("a".into()))
+        .expect("a's record was deleted");
+    assert!(
+        deleted >= last_running,
+        "deleted before a's sequences finished"
+    );
+    let results = run.await.unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(results.iter().all(|r| r.as_ref().unwrap().len() > 0));
+    let migrations = metric_sum(&coordinator.http, "shardline_request_migrations_total").await;
+    assert_eq!(migrations, 0.0, "a drained: nothing had to move");
+}
+
+/// (4) etcd down for 10 s under load: nothing fails, everything re-registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_under_load_changes_nothing() {
+    let _serial = serial();
+    let mut etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
+    observer.wait_ready(&mut [&mut a, &mut b]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 2).await;
+
+    let load = Load::start(&coordinator.http, 3, 8);
+    load.wait_done(3).await;
+    etcd.stop().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = load.done.load(Ordering::Relaxed);
+    etcd.restart().await;
+    until!(Duration::from_secs(20), "both records back in etcd", {
+        (lease_records(&etcd).len() == 2).then_some(())
+    });
+    a.proc.assert_running();
+    b.proc.assert_running();
+    let served = load.finish().await;
+    assert!(
+        served > during.min(3),
+        "requests were served during the outage"
+    );
+    // The coordinator still routes to both.
+    let (sa, sb) = (started(&a.url).await, started(&b.url).await);
+    // Prompts the load never sent: no prefix-cache affinity to either group.
+    let results = streams(&coordinator.http, 500, 8, 4, Arc::default()).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let (da, db) = (started(&a.url).await - sa, started(&b.url).await - sb);
+    assert!(
+        da > 0 && db > 0,
+        "both groups still get requests after the outage (a: {da}, b: {db})"
+    );
+    assert_eq!(
+        metric_sum(&coordinator.http, "shardline_request_migrations_total").await,
+        0.0
+    );
+}
+
+/// (5) A worker that joins under load gets requests within 2 s of registering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_worker_gets_requests_within_two_seconds() {
+    let _serial = serial();
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let mut a = start_worker(&etcd, "a", &[]);
+    observer.wait_ready(&mut [&mut a]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 1).await;
+    let load = Load::open(&coordinator.http, Duration::from_millis(100), 6, 4);
+    load.wait_done(4).await;
+
+    let mut b = start_worker(&etcd, "b", &[]);
+    observer.wait_ready(&mut [&mut b]).await;
+    let registered = observer
+        .seen(|e| matches!(e, MembershipEvent::Put(r) if r.group_id == "b"))
+        .expect("b's Put was seen");
+    // The coordinator counts prompt tokens per group when it sends a step: the first
+    // request it sends to b. (b's Health would lag: it answers between steps, and a
+    // fresh worker's first step is slow.)
+    let first = until!(Duration::from_secs(10), "b to get a request", {
+        let sent = metric_sum(
+            &coordinator.http,
+            "shardline_prompt_tokens_total{group=\"b\"}",
+        )
+        .await;
+        (sent > 0.0).then(Instant::now)
+    });
+    load.finish().await;
+    assert!(started(&b.url).await > 0, "b ran the requests it got");
+    let after = first.duration_since(registered);
+    assert!(
+        after <= Duration::from_secs(2),
+        "b got its first request {after:?} after registering"
+    );
+}
+
+/// (6) Two coordinators share one small worker group without overcommitting its KV cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_never_overcommit_one_group() {
+    let _serial = serial();
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    // Prompt (~16 tokens) + 24 new tokens fit in 3 blocks of 16; 24 blocks hold 8 such
+    // sequences, and each coordinator alone would try to run 8.
+    let mut w = start_worker(&etcd, "w", &["--kv-blocks", "24"]);
+    observer.wait_ready(&mut [&mut w]).await;
+    let c1 = start_coordinator(&etcd, "coordinator-1", 1).await;
+    let c2 = start_coordinator(&etcd, "coordinator-2", 1).await;
+    let all = (0..32).map(|i| {
+        let http = if i % 2 == 0 {
+            c1.http.clone()
+        } else {
+            c2.http.clone()
+        };
+        tokio::spawn(async move { complete(&http, body(i, 24)).await })
+    });
+    let results: Vec<_> = futures::future::join_all(all)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    for (status, v) in &results {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 24, "{v}");
+    }
+    // Every sequence was admitted exactly once: none was dropped for lack of KV blocks
+    // after the worker took it (a drop shows as a second admission of the request).
+    let h = health(&w.url).await.unwrap();
+    assert_eq!(
+        h.sequences_started, 32,
+        "a sequence ran out of KV blocks on the worker and was restarted"
+    );
+}
