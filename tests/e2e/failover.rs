@@ -614,7 +614,7 @@ async fn a_joining_worker_gets_requests_within_two_seconds() {
     let mut a = start_worker(&etcd, "a", &[]);
     observer.wait_ready(&mut [&mut a]).await;
     let coordinator = start_coordinator(&etcd, "coordinator", 1).await;
-    let load = Load::open(&coordinator.http, Duration::from_millis(100), 6, 4);
+    let load = Load::open(&coordinator.http, Duration::from_millis(400), 24, 2);
     load.wait_done(4).await;
 
     let mut b = start_worker(&etcd, "b", &[]);

@@ -318,6 +318,31 @@ impl EngineState {
                 self.config.max_num_seqs
             )));
         }
+        // Reserve at admission the blocks a sequence can reach (prompt + remaining new
+        // tokens, capped by the context), so an admitted sequence never runs out of KV
+        // mid-decode, even when several coordinators share this worker
+        // (proto/MEMBERSHIP.md). Refused here, it is simply started later or elsewhere.
+        let block = self.runner.info().kv_block_size.max(1);
+        let total = self.runner.info().kv_blocks_total;
+        let worst = |prompt_len: usize, cfg: &SeqConfig| {
+            let remaining = match cfg.max_new_tokens {
+                0 => ctx,
+                m => m.saturating_sub(cfg.num_generated),
+            };
+            (prompt_len + remaining).min(ctx).div_ceil(block)
+        };
+        let reserved: usize = self
+            .seqs
+            .values()
+            .map(|s| worst(s.prompt.len(), &s.cfg))
+            .sum();
+        let need = worst(prompt.len(), &cfg);
+        if !self.seqs.is_empty() && reserved + need > total {
+            return Err(Reject::NoRoom(format!(
+                "out of blocks (reserved at admission): {need} wanted, {} of {total} unreserved",
+                total.saturating_sub(reserved)
+            )));
+        }
         let cached = match self.runner.add_sequence(id, prompt) {
             Ok(c) => c,
             Err(e @ RunnerError::OutOfBlocks { .. }) => return Err(Reject::NoRoom(e.to_string())),
