@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::runner::{RunnerError, SeqId};
+use crate::runner::{PrefixCache, RunnerError, SeqId};
 
 /// Index of a physical KV block.
 pub type BlockId = u32;
@@ -91,11 +91,24 @@ impl BlockManager {
     /// Registers `id`; attaches cached full blocks of `prompt`, at most `prompt.len() - 1`
     /// tokens' worth, and returns how many tokens that covers.
     pub fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize, RunnerError> {
+        self.add_sequence_with(id, prompt, PrefixCache::Use)
+    }
+
+    /// [`Self::add_sequence`]; with [`PrefixCache::Skip`] nothing is attached from the cache.
+    pub fn add_sequence_with(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        prefix_cache: PrefixCache,
+    ) -> Result<usize, RunnerError> {
         if self.seqs.contains_key(&id) {
             return Err(RunnerError::DuplicateSequence(id));
         }
         let bs = self.block_size;
-        let max_blocks = prompt.len().saturating_sub(1) / bs;
+        let max_blocks = match prefix_cache {
+            PrefixCache::Use => prompt.len().saturating_sub(1) / bs,
+            PrefixCache::Skip => 0,
+        };
         let mut state = SeqState {
             blocks: Vec::new(),
             tokens: Vec::new(),

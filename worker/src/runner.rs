@@ -17,6 +17,13 @@ impl fmt::Display for SeqId {
     }
 }
 
+/// Whether a new sequence may reuse cached prefix blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixCache {
+    Use,
+    Skip,
+}
+
 /// Which logits a chunk wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsWanted {
@@ -87,7 +94,19 @@ pub trait ModelRunner: Send {
     /// the prefix cache are attached (refcounted) and their tokens count as computed.
     /// Returns how many prompt tokens are already computed (at most `prompt.len() - 1`, so
     /// the last prompt token always runs and yields logits). Fails without side effects.
-    fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize, RunnerError>;
+    fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize, RunnerError> {
+        self.add_sequence_with(id, prompt, PrefixCache::Use)
+    }
+
+    /// [`Self::add_sequence`], optionally ignoring the prefix cache: a sequence that wants
+    /// the logits of every prompt token (prompt logprobs) must compute all of them. Its
+    /// full blocks still enter the cache for later sequences.
+    fn add_sequence_with(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        prefix_cache: PrefixCache,
+    ) -> Result<usize, RunnerError>;
 
     /// Blocks `id` would need to append `n` more tokens (0 if they fit in its last block).
     fn blocks_needed(&self, id: SeqId, n: usize) -> Result<usize, RunnerError>;

@@ -512,6 +512,34 @@ fn prompt_logprobs_cover_every_prompt_token_after_the_first() {
 }
 
 #[test]
+fn prompt_logprobs_are_computed_even_for_a_cached_prefix() {
+    let (mut e, _) = engine_with(FakeRunner::new(VOCAB, 64, 4, 64).with_prefix_cache(), 16);
+    let prompt: Vec<u32> = (1..=10).collect();
+    step(
+        &mut e,
+        vec![first(1, prompt.clone(), params(10), 0)],
+        vec![],
+    );
+    let mut p = params(1);
+    p.prompt_logprobs = true;
+    let r = step(&mut e, vec![first(2, prompt.clone(), p, 0)], vec![]);
+    assert_eq!(
+        r.results[0].cached_tokens, 0,
+        "prompt logprobs skip the prefix cache"
+    );
+    let lps = &r.results[0].prompt_logprobs;
+    assert_eq!(lps.len(), prompt.len() - 1);
+    assert!(
+        lps.iter()
+            .all(|lp| lp.logprob.is_finite() && lp.logprob <= 0.0),
+        "{lps:?}"
+    );
+    // A later plain sequence still finds the prefix in the cache.
+    let r = step(&mut e, vec![first(3, prompt, params(10), 0)], vec![]);
+    assert_eq!(r.results[0].cached_tokens, 8);
+}
+
+#[test]
 fn engine_handle_serves_from_its_own_thread() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()

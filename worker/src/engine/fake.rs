@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::runner::{
-    ChunkLogits, LogitsWanted, ModelRunner, RunnerError, RunnerInfo, SeqChunk, SeqId,
+    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerInfo, SeqChunk, SeqId,
 };
 
 /// What the fake saw, shared with the test that owns a clone.
@@ -89,7 +89,12 @@ impl ModelRunner for FakeRunner {
         &self.info
     }
 
-    fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize, RunnerError> {
+    fn add_sequence_with(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        prefix_cache: PrefixCache,
+    ) -> Result<usize, RunnerError> {
         if self.seqs.contains_key(&id) {
             return Err(RunnerError::DuplicateSequence(id));
         }
@@ -101,7 +106,7 @@ impl ModelRunner for FakeRunner {
             });
         }
         let mut cached = 0;
-        if self.prefix_cache {
+        if self.prefix_cache && prefix_cache == PrefixCache::Use {
             let bs = self.info.kv_block_size;
             for p in &self.seen_prompts {
                 let common = p.iter().zip(prompt).take_while(|(a, b)| a == b).count();

@@ -17,7 +17,9 @@ use shardline_proto::worker::v1 as pb;
 
 use super::seq::{SeqConfig, Sequence};
 use super::{EngineError, ModelFacts};
-use crate::runner::{ChunkLogits, LogitsWanted, ModelRunner, RunnerError, SeqChunk, SeqId};
+use crate::runner::{
+    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, SeqChunk, SeqId,
+};
 use crate::sampler;
 
 /// Counters for tests and metrics.
@@ -343,7 +345,13 @@ impl EngineState {
                 total.saturating_sub(reserved)
             )));
         }
-        let cached = match self.runner.add_sequence(id, prompt) {
+        // Prompt logprobs need the logits of every prompt position: no cached prefix.
+        let prefix_cache = if cfg.prompt_logprobs {
+            PrefixCache::Skip
+        } else {
+            PrefixCache::Use
+        };
+        let cached = match self.runner.add_sequence_with(id, prompt, prefix_cache) {
             Ok(c) => c,
             Err(e @ RunnerError::OutOfBlocks { .. }) => return Err(Reject::NoRoom(e.to_string())),
             Err(e) => return Err(Reject::Invalid(e.to_string())),
@@ -490,14 +498,9 @@ fn token_logprob(token: u32, logprob: f32, top: &[(u32, f32)]) -> pb::TokenLogpr
 }
 
 /// Logprobs of the prompt tokens this chunk's rows predict. Row `j` (position
-/// `start + j`) predicts prompt token `start + j + 1`. Tokens whose predicting position
-/// came from the prefix cache have no logits: they are reported with a NaN logprob.
+/// `start + j`) predicts prompt token `start + j + 1`. Sequences that want prompt
+/// logprobs never take a cached prefix, so every position has its row.
 fn prompt_logprobs(seq: &mut Sequence, start: usize, l: &ChunkLogits, vocab: usize) {
-    if start > 0 && start == seq.cached {
-        for &t in &seq.prompt[1..=start] {
-            seq.prompt_logprobs.push(token_logprob(t, f32::NAN, &[]));
-        }
-    }
     for j in 0..l.rows {
         let Some(&next) = seq.prompt.get(start + j + 1) else {
             break;

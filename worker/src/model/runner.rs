@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use crate::kv::{BlockManager, KvStore};
 use crate::model::{LlamaModel, StepPlan, TokenPlan};
 use crate::runner::{
-    ChunkLogits, LogitsWanted, ModelRunner, RunnerError, RunnerInfo, SeqChunk, SeqId,
+    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerInfo, SeqChunk, SeqId,
 };
 
 /// A single-rank Llama runner.
@@ -166,7 +166,12 @@ impl ModelRunner for LlamaRunner {
         &self.info
     }
 
-    fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize, RunnerError> {
+    fn add_sequence_with(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        prefix_cache: PrefixCache,
+    ) -> Result<usize, RunnerError> {
         if prompt.is_empty() {
             return Err(RunnerError::Model(format!("{id}: empty prompt")));
         }
@@ -177,7 +182,7 @@ impl ModelRunner for LlamaRunner {
                 max: self.info.context_length,
             });
         }
-        self.blocks.add_sequence(id, prompt)
+        self.blocks.add_sequence_with(id, prompt, prefix_cache)
     }
 
     fn blocks_needed(&self, id: SeqId, n: usize) -> Result<usize, RunnerError> {
