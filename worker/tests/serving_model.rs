@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use shardline_proto::chat_template::{ChatMessage, ChatTemplate};
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_worker::WorkerArgs;
 use shardline_worker::args::run_with_listener;
-use shardline_proto::chat_template::{ChatMessage, ChatTemplate};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
