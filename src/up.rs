@@ -14,13 +14,21 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// Model every worker group serves (GGUF file or Hugging Face directory).
-    #[arg(long, env = "SHARDLINE_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    #[arg(
+        long,
+        env = "SHARDLINE_MODEL",
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
     model: PathBuf,
     /// Number of worker groups to start in this process.
     #[arg(long = "workers", env = "SHARDLINE_UP_WORKERS", default_value_t = 1)]
     num_groups: usize,
     /// gRPC address of the first worker group; the next groups take the following ports.
-    #[arg(long, env = "SHARDLINE_UP_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
+    #[arg(
+        long,
+        env = "SHARDLINE_UP_WORKER_LISTEN",
+        default_value = "127.0.0.1:50061"
+    )]
     worker_listen: SocketAddr,
     /// KV cache blocks per worker group (default: from the worker's KV memory budget).
     #[arg(long, env = "SHARDLINE_KV_BLOCKS")]
@@ -81,11 +89,14 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         };
         let token = shutdown.clone();
         tasks.spawn(async move {
-            shardline_worker::run(worker, token).await.with_context(|| format!("worker group up-{i}"))
+            shardline_worker::run(worker, token)
+                .await
+                .with_context(|| format!("worker group up-{i}"))
         });
     }
 
-    let coordinator = shardline_coordinator::Coordinator::start(config, http, grpc, shutdown.clone())?;
+    let coordinator =
+        shardline_coordinator::Coordinator::start(config, http, grpc, shutdown.clone())?;
     for address in &addresses {
         coordinator.groups.add(address);
     }
@@ -94,7 +105,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     let url = format!("http://{}", coordinator.http_addr);
     let ready = wait_ready(&coordinator.groups, &mut tasks, &shutdown).await?;
     if ready {
-        println!("shardline is up: {url} (OpenAI-compatible API), grpc://{}", coordinator.grpc_addr);
+        println!(
+            "shardline is up: {url} (OpenAI-compatible API), grpc://{}",
+            coordinator.grpc_addr
+        );
         println!(
             "try:\n  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"max_tokens\": 64, \"messages\": [{{\"role\": \"user\", \"content\": \"Write a haiku about Rust.\"}}]}}'"
         );

@@ -40,7 +40,11 @@ impl Cluster {
             let ok = http_get_status(&health) == Some(200);
             ok.then_some(())
         });
-        assert!(ready.is_some(), "shardline up never became ready:\n{}", proc.output());
+        assert!(
+            ready.is_some(),
+            "shardline up never became ready:\n{}",
+            proc.output()
+        );
         Cluster {
             proc,
             http,
@@ -55,10 +59,16 @@ impl Cluster {
 pub fn http_get_status(url: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
     let mut stream = std::net::TcpStream::connect(host).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = [0u8; 32];
     let n = stream.read(&mut buf).ok()?;
     let line = std::str::from_utf8(&buf[..n]).ok()?;
