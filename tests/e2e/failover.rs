@@ -6,7 +6,7 @@
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -22,9 +22,9 @@ fn bin() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_shardline"))
 }
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// Polls `$cond` (an `Option`) every 50 ms until it is `Some`, panicking after `$timeout`.
@@ -396,7 +396,7 @@ fn lease_records(etcd: &EtcdServer) -> Vec<i64> {
 /// (1) Two workers register with leases; the coordinator routes to both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_register_and_both_get_requests() {
-    let _serial = serial();
+    let _serial = serial().await;
     let etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
     let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
@@ -431,7 +431,7 @@ async fn two_workers_register_and_both_get_requests() {
 /// (2) kill -9 a worker in the middle of 8 streaming greedy requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_migrates_without_changing_the_text() {
-    let _serial = serial();
+    let _serial = serial().await;
     let etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
     let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
@@ -486,7 +486,7 @@ async fn kill_9_mid_stream_migrates_without_changing_the_text() {
 /// (3) SIGTERM a worker under load: drain, then leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_before_the_record_disappears() {
-    let _serial = serial();
+    let _serial = serial().await;
     let etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
     let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
@@ -558,7 +558,7 @@ async fn sigterm_drains_before_the_record_disappears() {
     );
     let results = run.await.unwrap();
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert!(results.iter().all(|r| r.as_ref().unwrap().len() > 0));
+    assert!(results.iter().all(|r| !r.as_ref().unwrap().is_empty()));
     let migrations = metric_sum(&coordinator.http, "shardline_request_migrations_total").await;
     assert_eq!(migrations, 0.0, "a drained: nothing had to move");
 }
@@ -566,7 +566,7 @@ async fn sigterm_drains_before_the_record_disappears() {
 /// (4) etcd down for 10 s under load: nothing fails, everything re-registers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_outage_under_load_changes_nothing() {
-    let _serial = serial();
+    let _serial = serial().await;
     let mut etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
     let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
@@ -608,7 +608,7 @@ async fn etcd_outage_under_load_changes_nothing() {
 /// (5) A worker that joins under load gets requests within 2 s of registering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_worker_gets_requests_within_two_seconds() {
-    let _serial = serial();
+    let _serial = serial().await;
     let etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
     let mut a = start_worker(&etcd, "a", &[]);
@@ -645,7 +645,7 @@ async fn a_joining_worker_gets_requests_within_two_seconds() {
 /// (6) Two coordinators share one small worker group without overcommitting its KV cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_never_overcommit_one_group() {
-    let _serial = serial();
+    let _serial = serial().await;
     let etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
     // Prompt (~16 tokens) + 24 new tokens fit in 3 blocks of 16; 24 blocks hold 8 such
