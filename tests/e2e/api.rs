@@ -415,3 +415,21 @@ async fn bad_input_gets_4xx_naming_the_problem_and_serving_continues() {
     let (status, v) = completion(&up.http, json!({"prompt": "Hello", "max_tokens": 4})).await;
     assert_eq!(status, 200, "still serving after bad input: {v}");
 }
+
+#[test]
+fn readme_documents_every_flag_verbatim() {
+    let readme =
+        std::fs::read_to_string(shardline_tests::workspace_root().join("README.md")).unwrap();
+    for command in ["up", "coordinator", "worker"] {
+        let out = std::process::Command::new(bin())
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            readme.contains(help.trim_end()),
+            "README.md's `shardline {command} --help` section is stale: paste the new output"
+        );
+    }
+}
