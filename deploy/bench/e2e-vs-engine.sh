@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Issue 2's speed comparison: the engine alone (worker/examples/engine_bench.rs) against the
+# whole cluster (HTTP → coordinator → gRPC → worker, `shardline up`) driven by
+# `shardline bench`, at the same batch sizes / concurrencies and lengths.
+#
+#   engine:  engine_bench MODEL THREADS 128 1,8,32   (128-token prompts, 128 new tokens)
+#   cluster: shardline bench --concurrency C --input-len 128 --output-len 128 (ignore_eos),
+#            closed loop, REQS_PER_SLOT·C requests per point, C = 1, 8, 32, distinct
+#            prompts everywhere (no prefix-cache hits), one warm-up request first
+#
+# Writes a markdown report (default deploy/bench/e2e-vs-engine.md) with: engine aggregate
+# decode tok/s vs cluster aggregate output tok/s and their ratio (target ≥ 0.95), and TTFT
+# at 1 stream vs the engine's prefill time for a 128-token prompt (target within 5 ms).
+#
+# Usage: deploy/bench/e2e-vs-engine.sh
+# Knobs (environment): MODEL THREADS CONCURRENCIES="1 8 32" PROMPT=128 NEW=128
+#   REQS_PER_SLOT=1 OUT_MD=deploy/bench/e2e-vs-engine.md RAW=<dir for raw outputs>
+#   ENGINE_TXT=<engine_bench output of an earlier run to reuse instead of running it again>
+#   UP_FLAGS="--step-timeout-s 600" (extra `shardline up` flags; on this CPU a 2048-token
+#   prefill step takes longer than the default 60 s step timeout)
+# Cost on this 2-core machine: prefill and decode both run at ≈ 20 tok/s per core pair, so
+# the engine part takes ≈ 10 min and the cluster part ≈ 7 min with the defaults.
+# Needs: cargo, curl (with HTTP/2, to read the tokenizer from the worker's gRPC Info), python3.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+THREADS=${THREADS:-$(nproc)}
+CONCURRENCIES=${CONCURRENCIES:-"1 8 32"}
+PROMPT=${PROMPT:-128}
+NEW=${NEW:-128}
+REQS_PER_SLOT=${REQS_PER_SLOT:-1}
+UP_FLAGS=${UP_FLAGS:-"--step-timeout-s 600"}
+OUT_MD=${OUT_MD:-deploy/bench/e2e-vs-engine.md}
+RAW=${RAW:-$(mktemp -d /tmp/shardline-e2e-vs-engine.XXXXXX)}
+mkdir -p "$RAW"
+
+[ -f "$MODEL" ] || { echo "$MODEL is missing: run deploy/fetch-model.sh" >&2; exit 1; }
+[ "$PROMPT" = 128 ] || echo "note: engine_bench's decode prompts are always 128 tokens (BenchOptions default)" >&2
+
+# Dev profile: opt-level 3 for the worker and every dependency.
+cargo build -p shardline-worker --example engine_bench
+cargo build -p shardline --bin shardline
+ENGINE=target/debug/examples/engine_bench
+SHARDLINE=target/debug/shardline
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+UP_PID=
+cleanup() {
+  if [ -n "$UP_PID" ]; then
+    kill "$UP_PID" 2>/dev/null || true
+    wait "$UP_PID" 2>/dev/null || true
+    UP_PID=
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- 1. the engine alone -------------------------------------------------------------
+batches=$(echo $CONCURRENCIES | tr ' ' ',')
+if [ -n "${ENGINE_TXT:-}" ]; then
+  echo "== engine: reusing $ENGINE_TXT =="
+  cp "$ENGINE_TXT" "$RAW/engine.txt"
+else
+  echo "== engine: $ENGINE $MODEL $THREADS $NEW $batches =="
+  "$ENGINE" "$MODEL" "$THREADS" "$NEW" "$batches" | tee "$RAW/engine.txt"
+fi
+
+# ---- 2. the cluster ------------------------------------------------------------------
+HTTP_PORT=$(free_port); GRPC_PORT=$(free_port); WORKER_PORT=$(free_port)
+echo "== cluster: shardline up on :$HTTP_PORT (gRPC :$GRPC_PORT, worker :$WORKER_PORT) =="
+# shellcheck disable=SC2086
+"$SHARDLINE" up --model "$MODEL" --threads "$THREADS" $UP_FLAGS \
+  --http-listen "127.0.0.1:$HTTP_PORT" --grpc-listen "127.0.0.1:$GRPC_PORT" \
+  --worker-listen "127.0.0.1:$WORKER_PORT" >"$RAW/up.log" 2>&1 &
+UP_PID=$!
+for _ in $(seq 1 600); do
+  curl -sf "http://127.0.0.1:$HTTP_PORT/health" >/dev/null && break
+  kill -0 "$UP_PID" 2>/dev/null || { echo "shardline up exited; see $RAW/up.log" >&2; exit 1; }
+  sleep 0.2
+done
+curl -sf "http://127.0.0.1:$HTTP_PORT/health" >/dev/null || { echo "shardline up never became ready; see $RAW/up.log" >&2; exit 1; }
+
+# The served tokenizer (InfoResponse.tokenizer_json, field 8) over raw gRPC, so prompts are
+# exactly $PROMPT tokens: an empty InfoRequest is the 5-byte frame 00 00000000.
+printf '\0\0\0\0\0' >"$RAW/info-req.bin"
+curl -sf --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' \
+  --data-binary @"$RAW/info-req.bin" -o "$RAW/info-resp.bin" \
+  "http://127.0.0.1:$WORKER_PORT/shardline.worker.v1.Worker/Info"
+python3 - "$RAW/info-resp.bin" "$RAW/tokenizer.json" <<'EOF'
+import sys
+data = open(sys.argv[1], "rb").read()
+assert len(data) >= 5 and data[0] == 0, "unexpected gRPC frame"
+n = int.from_bytes(data[1:5], "big"); msg = data[5:5 + n]; i = 0
+def varint():
+    global i
+    v = s = 0
+    while True:
+        b = msg[i]; i += 1; v |= (b & 0x7F) << s; s += 7
+        if b < 0x80: return v
+while i < len(msg):
+    key = varint(); field, wire = key >> 3, key & 7
+    if wire == 0: varint()
+    elif wire == 2:
+        ln = varint(); val = msg[i:i + ln]; i += ln
+        if field == 8:
+            open(sys.argv[2], "wb").write(val); sys.exit(0)
+    elif wire == 5: i += 4
+    elif wire == 1: i += 8
+    else: raise SystemExit(f"unexpected wire type {wire}")
+raise SystemExit("InfoResponse has no tokenizer_json")
+EOF
+
+# Every point gets its own --seed, so no prompt repeats an earlier one: the worker's prefix
+# cache would otherwise skip most of the prefill. The warm-up is a separate run with yet
+# another seed (`--warmup-requests` replays the point's own first requests, which would
+# then be cached).
+"$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --concurrency 1 --num-requests 1 \
+  --seed 1000 --input-len "$PROMPT" --output-len 16 --tokenizer "$RAW/tokenizer.json" \
+  --no-progress >"$RAW/warmup.txt"
+for c in $CONCURRENCIES; do
+  n=$((REQS_PER_SLOT * c))
+  echo "== cluster: closed loop, concurrency $c, $n requests =="
+  "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --concurrency "$c" --seed "$c" \
+    --num-requests "$n" --input-len "$PROMPT" --output-len "$NEW" \
+    --ignore-eos true --tokenizer "$RAW/tokenizer.json" --json "$RAW/cluster-c$c.json" \
+    --scrape-metrics --no-progress | tee "$RAW/cluster-c$c.txt"
+done
+cleanup
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- 3. the report -------------------------------------------------------------------
+CMD="REQS_PER_SLOT=$REQS_PER_SLOT UP_FLAGS='$UP_FLAGS' deploy/bench/e2e-vs-engine.sh" \
+  ENGINE_REUSED="${ENGINE_TXT:-}" python3 - "$RAW" "$OUT_MD" "$CONCURRENCIES" "$THREADS" \
+  "$MODEL" "$LOAD_BEFORE" "$LOAD_AFTER" "$NEW" <<'EOF'
+import json, re, subprocess, sys, datetime, os
+raw, out_md, concs, threads, model, load_before, load_after, new = sys.argv[1:9]
+concs = [int(c) for c in concs.split()]
+engine = open(f"{raw}/engine.txt").read()
+rows = {}
+pp = None
+for line in engine.splitlines():
+    m = re.match(r"ours: decode batch (\d+) \(aggregate\)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
+    if m:
+        rows[int(m[1])] = (int(m[2]), float(m[3]), float(m[4]))
+    m = re.match(r"ours: prompt processing \((\d+) tokens, 0 cached\)\s+(\d+)\s+([\d.]+)", line)
+    if m:
+        pp = (int(m[1]), float(m[3]))
+# Per-token prefill cost from the one prefill the engine bench times (512 tokens), scaled
+# linearly to 128 tokens: an estimate, see the report.
+pp128_ms = pp[1] / pp[0] * 128 * 1e3 if pp else None
+cl = {c: json.load(open(f"{raw}/cluster-c{c}.json"))["runs"][0] for c in concs}
+rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+L = []
+L.append("# End to end vs engine (issue 2, speed)\n")
+L.append(f"Run {now} at `{rev}` (plus uncommitted work in the shared tree) with `{os.environ['CMD']}`;")
+L.append(f"model `{model}`, {threads} kernel threads for the engine and for the worker, dev profile")
+L.append(f"(opt-level 3 for the worker and dependencies). Load average before/after: {load_before} / {load_after}")
+L.append("(the 2-core machine is shared with other builds: numbers are noisy).\n")
+L.append("## Throughput: engine aggregate decode vs cluster aggregate output\n")
+L.append("| streams | engine decode tok/s | engine incl. prefill tok/s (est.) | cluster output tok/s | cluster / engine decode | cluster / engine incl. prefill | cluster TPOT p50 ms | completed / failed |")
+L.append("|---|---|---|---|---|---|---|---|")
+for c in concs:
+    toks, secs, tps = rows.get(c, (None, None, None))
+    r = cl[c]
+    ctps = r["output_throughput"]
+    incl = toks / (secs + c * pp128_ms / 1e3) if (toks and pp128_ms) else None
+    f = lambda x, p=1: "n/a" if x is None else f"{x:.{p}f}"
+    L.append(f"| {c} | {f(tps)} | {f(incl)} | {ctps:.1f} | {f(ctps / tps if tps else None, 3)} | "
+             f"{f(ctps / incl if incl else None, 3)} | {r['tpot_ms']['p50']:.1f} | {r['completed']} / {r['failed'] + r['rate_limited']} |")
+L.append("")
+c1 = cl.get(1)
+L.append("## Time to first token at 1 stream vs engine prefill (128-token prompt)\n")
+if c1:
+    t = c1["ttft_ms"]
+    L.append("| cluster TTFT p50 / mean / p90 ms | engine prefill, 128 tokens, ms (est.) | difference (p50) ms |")
+    L.append("|---|---|---|")
+    diff = "n/a" if pp128_ms is None else f"{t['p50'] - pp128_ms:.1f}"
+    est = "n/a" if pp128_ms is None else f"{pp128_ms:.1f}"
+    L.append(f"| {t['p50']:.1f} / {t['mean']:.1f} / {t['p90']:.1f} | {est} | {diff} |")
+    L.append("")
+L.append("## How to read this\n")
+L.append("- *engine decode tok/s*: `ours: decode batch N (aggregate)` of `engine_bench`: N sequences, each")
+L.append("  with a 128-token prompt already prefilled, 128 decode steps; prefill time excluded.")
+L.append("- *engine incl. prefill (est.)*: the same tokens over decode time + N × the 128-token prefill")
+L.append("  estimate below, i.e. what a server that prefills each request alone could reach at best.")
+L.append("- *cluster output tok/s*: `shardline bench` closed loop, output tokens of completed requests")
+L.append("  over first send → last end, so it includes every request's prefill (as any server does).")
+L.append("- *engine prefill, 128 tokens (est.)*: `engine_bench` times only a 512-token prefill")
+L.append("  (`BenchOptions::pp_tokens`, not settable from its command line) and not the 128-token")
+L.append("  prefills of its decode runs; this is that time × 128/512. It is the first forward after")
+L.append("  loading the model (cold caches).")
+L.append("- Cluster TTFT is measured at the client (first SSE content chunk − send): HTTP, coordinator")
+L.append("  queueing and tokenization, the gRPC hop, the prefill step and the first chunk's way back.")
+L.append("")
+L.append("## Raw engine output\n")
+if os.environ.get("ENGINE_REUSED"):
+    L.append(f"(engine run earlier in the same session, reused with `ENGINE_TXT`)\n")
+L.append("```")
+L.append(engine.rstrip())
+L.append("```")
+text = "\n".join(L) + "\n"
+open(out_md, "w").write(text)
+print(text)
+EOF
+echo "raw outputs in $RAW; report in $OUT_MD"
