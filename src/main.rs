@@ -77,6 +77,7 @@ fn sim_args(args: shardline_worker::WorkerArgs, profile: String) -> shardline_be
         time_scale: 1.0,
         kv_blocks: args.kv_blocks.map(|b| b as u32),
         max_num_seqs: Some(args.max_num_seqs as u32),
+        registration: args.registration,
     }
 }
 

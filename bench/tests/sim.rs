@@ -15,6 +15,7 @@ async fn start(profile: &str) -> (WorkerClient<tonic::transport::Channel>, Cance
         time_scale: 0.0,
         kv_blocks: None,
         max_num_seqs: None,
+        registration: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -136,6 +137,7 @@ fn unknown_profile_names_the_known_ones() {
         time_scale: 1.0,
         kv_blocks: None,
         max_num_seqs: None,
+        registration: Default::default(),
     };
     let err = sim::build(&args, args.listen)
         .err()
@@ -145,4 +147,49 @@ fn unknown_profile_names_the_known_ones() {
         err.contains("h100-llama3-8b") && err.contains("4xh100-llama3-70b"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn the_sim_registers_like_a_real_worker_and_deregisters_on_shutdown() {
+    use shardline_proto::membership::{Membership, MembershipEvent};
+    let membership = Membership::in_memory();
+    let mut registration = shardline_worker::registration::RegistrationArgs::default();
+    registration.membership = Some(membership.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args = SimArgs {
+        profile: "sim:tiny".into(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        tokenizer: None,
+        chat_template: None,
+        group_id: Some("sim-a".into()),
+        time_scale: 0.0,
+        kv_blocks: None,
+        max_num_seqs: None,
+        registration,
+    };
+    let stop = CancellationToken::new();
+    let sim = tokio::spawn(shardline_bench::run_sim(args, stop.clone()));
+    let watch_stop = CancellationToken::new();
+    let mut watch = membership.watch(&watch_stop);
+    let record = loop {
+        match watch.recv().await.expect("watch open") {
+            MembershipEvent::Put(r) if r.group_id == "sim-a" => break r,
+            _ => {}
+        }
+    };
+    assert_eq!(record.address, format!("http://127.0.0.1:{port}"));
+    assert!(record.capacity.unwrap().kv_blocks_total > 0);
+    stop.cancel();
+    sim.await.unwrap().unwrap();
+    loop {
+        match watch.recv().await.expect("watch open") {
+            MembershipEvent::Delete(g) if g == "sim-a" => break,
+            _ => {}
+        }
+    }
+    watch_stop.cancel();
 }

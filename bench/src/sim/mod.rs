@@ -15,8 +15,10 @@ pub mod vocab;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use shardline_proto::v1::{WorkerCapacity, WorkerRecord, WorkerState};
 use shardline_proto::worker::v1::InfoResponse;
 use shardline_proto::worker::v1::worker_server::WorkerServer;
+use shardline_worker::registration::Registration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +75,9 @@ pub struct SimArgs {
     /// Override the profile's largest number of running sequences.
     #[arg(long, env = "SHARDLINE_SIM_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<u32>,
+    /// Membership (`--etcd`, `--lease-ttl-secs`, ...), as for a real worker.
+    #[command(flatten)]
+    pub registration: shardline_worker::registration::RegistrationArgs,
 }
 
 const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
@@ -142,6 +147,27 @@ pub async fn serve_sim(
     Ok(())
 }
 
+/// The membership record of a simulated group, from what its `Info` says.
+fn sim_record(info: &InfoResponse, address: String) -> WorkerRecord {
+    WorkerRecord {
+        group_id: info.group_id.clone(),
+        address,
+        model: info.model_id.clone(),
+        tp: info.tp.max(1),
+        capacity: Some(WorkerCapacity {
+            kv_blocks_total: info.kv_blocks_total,
+            kv_block_size: info.kv_block_size,
+            max_num_seqs: info.max_num_seqs,
+            context_length: info.context_length,
+        }),
+        state: WorkerState::Ready as i32,
+        version: 0,
+        start_time_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
 /// Bind, build and serve a simulated worker until `shutdown`.
 pub async fn run_sim(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
@@ -154,8 +180,15 @@ pub async fn run_sim(args: SimArgs, shutdown: CancellationToken) -> anyhow::Resu
     let worker = build(&args, addr)?;
     let info: &InfoResponse = worker.info();
     tracing::info!(%addr, profile = %args.profile, group = %info.group_id, "simulated worker serving");
-    // Registration hook: the lead registers this group in etcd with the shared membership
-    // module here (address `addr`, record fields from `info`), as a real worker does.
-    serve_sim(listener, worker, shutdown).await?;
+    let record = sim_record(info, args.registration.address(addr)?);
+    let registration = Registration::start(&args.registration, record).await?;
+    // Same lifecycle as a real worker: on shutdown DRAINING first, then stop, then revoke.
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve_sim(listener, worker, stop.clone()));
+    shutdown.cancelled().await;
+    registration.set_draining();
+    stop.cancel();
+    server.await??;
+    registration.deregister().await;
     Ok(())
 }
