@@ -30,7 +30,7 @@ pub struct CoordinatorArgs {
     pub max_num_seqs: usize,
     /// Token budget of one step: decodes count one each, prefill chunks their length
     /// (vLLM's `--max-num-batched-tokens`). Longer prompts are prefilled in chunks.
-    #[arg(long, env = "SHARDLINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 2048)]
+    #[arg(long, env = "SHARDLINE_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
     pub max_num_batched_tokens: usize,
     /// Requests waiting in queues (all groups together) before new ones get 429.
     #[arg(long, env = "SHARDLINE_MAX_QUEUED_REQUESTS", default_value_t = 1024)]
@@ -66,7 +66,7 @@ pub struct CoordinatorArgs {
     pub default_timeout_s: f64,
     /// Timeout of one `Step` RPC to a worker, in seconds; a group that exceeds it is
     /// considered failed.
-    #[arg(long, env = "SHARDLINE_STEP_TIMEOUT_S", default_value_t = 60.0)]
+    #[arg(long, env = "SHARDLINE_STEP_TIMEOUT_S", default_value_t = 120.0)]
     pub step_timeout_s: f64,
     /// Most stop strings per request.
     #[arg(long, env = "SHARDLINE_MAX_STOP_SEQUENCES", default_value_t = 16)]
@@ -115,7 +115,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_num_seqs: 64,
-            max_num_batched_tokens: 2048,
+            max_num_batched_tokens: 512,
             max_queued_requests: 1024,
             max_concurrent_requests: 512,
             max_input_tokens: 0,
@@ -126,7 +126,7 @@ impl Default for Config {
             api_key: None,
             served_model_name: None,
             default_timeout: None,
-            step_timeout: Duration::from_secs(60),
+            step_timeout: Duration::from_secs(120),
             max_stop_sequences: 16,
             max_kv_demand_ratio: 4.0,
             max_body_bytes: 4 * 1024 * 1024,
