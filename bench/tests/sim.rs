@@ -153,8 +153,10 @@ fn unknown_profile_names_the_known_ones() {
 async fn the_sim_registers_like_a_real_worker_and_deregisters_on_shutdown() {
     use shardline_proto::membership::{Membership, MembershipEvent};
     let membership = Membership::in_memory();
-    let mut registration = shardline_worker::registration::RegistrationArgs::default();
-    registration.membership = Some(membership.clone());
+    let registration = shardline_worker::registration::RegistrationArgs {
+        membership: Some(membership.clone()),
+        ..Default::default()
+    };
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
