@@ -394,7 +394,15 @@ async fn bad_input_gets_4xx_naming_the_problem_and_serving_continues() {
     ];
     for (path, body, field) in cases {
         let shown = String::from_utf8_lossy(&body[..body.len().min(60)]).to_string();
-        let r = post_raw(path, body).await.unwrap();
+        let oversized = body.len() > 4 * 1024 * 1024;
+        let r = match post_raw(path, body).await {
+            Ok(r) => r,
+            // The server answers 413 after reading up to its limit and closes the
+            // connection; a client still uploading may see the close (EPIPE / reset)
+            // before it reads the answer. Either way the body was refused.
+            Err(e) if oversized && e.is_request() => continue,
+            Err(e) => panic!("{shown}: request failed: {e}"),
+        };
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         assert!(
@@ -421,10 +429,14 @@ fn readme_documents_every_flag_verbatim() {
     let readme =
         std::fs::read_to_string(shardline_tests::workspace_root().join("README.md")).unwrap();
     for command in ["up", "coordinator", "worker"] {
-        let out = std::process::Command::new(bin())
-            .args([command, "--help"])
-            .output()
-            .unwrap();
+        let mut cmd = std::process::Command::new(bin());
+        // `--help` shows the values of set `SHARDLINE_*` variables; the README shows none.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("SHARDLINE_") {
+                cmd.env_remove(key);
+            }
+        }
+        let out = cmd.args([command, "--help"]).output().unwrap();
         assert!(out.status.success());
         let help = String::from_utf8(out.stdout).unwrap();
         assert!(
