@@ -8,11 +8,10 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::types::CompletionRequest;
-use super::{event_stream, extensions, parse_body, sse, tenant, unix_now, usage_json};
+use super::{RequestShape, Started, event_stream, parse_body, sse, start, usage_json};
 use crate::error::ApiError;
 use crate::generation::TokenOut;
-use crate::service::{Service, request_id};
-use crate::validate::served_name;
+use crate::service::Service;
 
 pub async fn handle(
     State(service): State<Service>,
@@ -49,25 +48,17 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse_body(body, service.config.max_body_bytes)?;
-    let stream = request.common.wants_stream();
-    let include_usage = request.common.include_usage();
-    let (priority, timeout, user) = (
-        request.common.priority.clone(),
-        request.common.timeout,
-        request.common.user.clone(),
-    );
+    let shape = RequestShape::of(&request.common);
     let want_logprobs = request.logprobs.is_some();
-    let mut params = request.into_params()?;
-    extensions(&headers, &mut params, priority, timeout)?;
-    let tenant = tenant(&headers, user.as_deref());
-    let id = request_id("cmpl");
-    let generation = service.start(id.clone(), params, tenant.as_deref())?;
-    let model = service
-        .groups
-        .model()
-        .map(|m| served_name(&service.config, &m))
-        .unwrap_or_default();
-    let created = unix_now();
+    let params = request.into_params()?;
+    let Started {
+        generation,
+        id,
+        model,
+        created,
+        stream,
+        include_usage,
+    } = start(&service, &headers, shape, params, "cmpl")?;
     if stream {
         let (id2, model2) = (id.clone(), model.clone());
         let offset_cell = std::sync::Mutex::new(0usize);

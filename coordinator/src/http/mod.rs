@@ -20,9 +20,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
+use crate::generation::Generation;
 use crate::request::Priority;
 use crate::service::Service;
 use crate::validate::{GenerateParams, served_name};
+use types::Common;
 
 /// The HTTP router over `service`.
 pub fn router(service: Service) -> axum::Router {
@@ -220,6 +222,66 @@ pub(crate) fn extensions(
         params.timeout = Some(Duration::from_secs_f64(t));
     }
     Ok(())
+}
+
+/// What both endpoints take from the shared request fields before the body is turned into
+/// [`GenerateParams`] (which consumes it).
+pub(crate) struct RequestShape {
+    stream: bool,
+    include_usage: bool,
+    priority: Option<String>,
+    timeout: Option<f64>,
+    user: Option<String>,
+}
+
+impl RequestShape {
+    pub(crate) fn of(common: &Common) -> RequestShape {
+        RequestShape {
+            stream: common.wants_stream(),
+            include_usage: common.include_usage(),
+            priority: common.priority.clone(),
+            timeout: common.timeout,
+            user: common.user.clone(),
+        }
+    }
+}
+
+/// A started request and what its response needs to name it.
+pub(crate) struct Started {
+    pub generation: Generation,
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// The path both endpoints share after parsing: shardline extensions (headers and body),
+/// tenant, admission and start; `id_prefix` is `cmpl` or `chatcmpl`.
+pub(crate) fn start(
+    service: &Service,
+    headers: &HeaderMap,
+    shape: RequestShape,
+    mut params: GenerateParams,
+    id_prefix: &str,
+) -> Result<Started, ApiError> {
+    extensions(headers, &mut params, shape.priority, shape.timeout)?;
+    let tenant = tenant(headers, shape.user.as_deref());
+    let id = crate::service::request_id(id_prefix);
+    let generation = service.start(id.clone(), params, tenant.as_deref())?;
+    let model = service
+        .groups
+        .model()
+        .map(|m| served_name(&service.config, &m))
+        .unwrap_or_default();
+    Ok(Started {
+        generation,
+        id,
+        model,
+        created: unix_now(),
+        stream: shape.stream,
+        include_usage: shape.include_usage,
+    })
 }
 
 /// The tenant: the `x-shardline-tenant` header, else the body's `user`.
