@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 
-use super::{LoadError, check_shape};
+use super::{LoadError, TensorNames, WeightSource, build_model, check_shape};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::kernels::Linear;
-use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
+use crate::model::LlamaModel;
 
 /// An open GGUF file: header parsed, tensors read on demand.
 pub struct GgufFile {
@@ -133,38 +133,31 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, LoadError> {
             RopeScaling::FreqFactors(f.f32s("rope_freqs.weight", &[cfg.head_dim / 2])?);
     }
     cfg.validate()?;
-    let (h, hd, ffn, v) = (
-        cfg.hidden_size,
-        cfg.head_dim,
-        cfg.intermediate_size,
-        cfg.vocab_size,
-    );
-    let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let p = |s: &str| format!("blk.{i}.{s}.weight");
-        let q = f.linear(&p("attn_q"), qd, h)?;
-        let k = f.linear(&p("attn_k"), kvd, h)?;
-        let vv = f.linear(&p("attn_v"), kvd, h)?;
-        let gate = f.linear(&p("ffn_gate"), ffn, h)?;
-        let up = f.linear(&p("ffn_up"), ffn, h)?;
-        layers.push(LayerWeights {
-            attn_norm: f.f32s(&p("attn_norm"), &[h])?,
-            qkv: Projection::new(vec![q, k, vv]),
-            o_proj: f.linear(&p("attn_output"), h, qd)?,
-            ffn_norm: f.f32s(&p("ffn_norm"), &[h])?,
-            gate_up: Projection::new(vec![gate, up]),
-            down: f.linear(&p("ffn_down"), h, ffn)?,
-        });
+    build_model(&mut f, cfg, &GGUF_NAMES)
+}
+
+/// llama.cpp's tensor names.
+const GGUF_NAMES: TensorNames = TensorNames {
+    layer: "blk",
+    attn_norm: "attn_norm",
+    q: "attn_q",
+    k: "attn_k",
+    v: "attn_v",
+    o: "attn_output",
+    ffn_norm: "ffn_norm",
+    gate: "ffn_gate",
+    up: "ffn_up",
+    down: "ffn_down",
+    norm: "output_norm.weight",
+    embed: "token_embd.weight",
+    lm_head: "output.weight",
+};
+
+impl WeightSource for GgufFile {
+    fn linear(&mut self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, LoadError> {
+        GgufFile::linear(self, name, out_dim, in_dim)
     }
-    let norm = f.f32s("output_norm.weight", &[h])?;
-    let (embed, lm_head) = if cfg.tie_word_embeddings {
-        (Embeddings::FromLmHead, f.linear("token_embd.weight", v, h)?)
-    } else {
-        (
-            Embeddings::Dense(f.f32s("token_embd.weight", &[v, h])?),
-            f.linear("output.weight", v, h)?,
-        )
-    };
-    Ok(LlamaModel::new(cfg, embed, layers, norm, lm_head))
+    fn f32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        GgufFile::f32s(self, name, shape)
+    }
 }

@@ -12,11 +12,12 @@ pub mod safetensors;
 
 use std::path::{Path, PathBuf};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, LlamaConfig};
 use crate::kernels::KernelError;
+use crate::kernels::Linear;
 use crate::kv::KvStore;
-use crate::model::LlamaModel;
 use crate::model::runner::LlamaRunner;
+use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
 use crate::runner::{ModelRunner, RunnerError};
 
 /// How to size and run a loaded model.
@@ -184,4 +185,73 @@ fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<(), Load
         });
     }
     Ok(())
+}
+
+/// Where a loader reads named weights from (a GGUF file, safetensors shards).
+trait WeightSource {
+    /// A 2-D weight `[out_dim, in_dim]` as a [`Linear`].
+    fn linear(&mut self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, LoadError>;
+    /// Any tensor as f32, checked against `shape`.
+    fn f32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError>;
+}
+
+/// A checkpoint format's tensor names. Layer `i`'s tensors are
+/// `<layer>.<i>.<name>.weight`; the others are full names.
+struct TensorNames {
+    layer: &'static str,
+    attn_norm: &'static str,
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    o: &'static str,
+    ffn_norm: &'static str,
+    gate: &'static str,
+    up: &'static str,
+    down: &'static str,
+    norm: &'static str,
+    embed: &'static str,
+    lm_head: &'static str,
+}
+
+/// Builds the Llama of `cfg` from `src`, the one place that knows which weight goes
+/// where; `cfg.tie_word_embeddings` decides whether the head reuses the embeddings.
+fn build_model(
+    src: &mut impl WeightSource,
+    cfg: LlamaConfig,
+    names: &TensorNames,
+) -> Result<LlamaModel, LoadError> {
+    let (h, hd, ffn, v) = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    );
+    let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = |s: &str| format!("{}.{i}.{s}.weight", names.layer);
+        let q = src.linear(&p(names.q), qd, h)?;
+        let k = src.linear(&p(names.k), kvd, h)?;
+        let vv = src.linear(&p(names.v), kvd, h)?;
+        let gate = src.linear(&p(names.gate), ffn, h)?;
+        let up = src.linear(&p(names.up), ffn, h)?;
+        layers.push(LayerWeights {
+            attn_norm: src.f32s(&p(names.attn_norm), &[h])?,
+            qkv: Projection::new(vec![q, k, vv]),
+            o_proj: src.linear(&p(names.o), h, qd)?,
+            ffn_norm: src.f32s(&p(names.ffn_norm), &[h])?,
+            gate_up: Projection::new(vec![gate, up]),
+            down: src.linear(&p(names.down), h, ffn)?,
+        });
+    }
+    let norm = src.f32s(names.norm, &[h])?;
+    let (embed, lm_head) = if cfg.tie_word_embeddings {
+        (Embeddings::FromLmHead, src.linear(names.embed, v, h)?)
+    } else {
+        (
+            Embeddings::Dense(src.f32s(names.embed, &[v, h])?),
+            src.linear(names.lm_head, v, h)?,
+        )
+    };
+    Ok(LlamaModel::new(cfg, embed, layers, norm, lm_head))
 }

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 
-use super::{LoadError, check_shape};
+use super::{LoadError, TensorNames, WeightSource, build_model, check_shape};
 use crate::config::{HfLlamaConfig, LlamaConfig};
 use crate::kernels::Linear;
-use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
+use crate::model::LlamaModel;
 
 /// Reads `config.json` of a Hugging Face model directory.
 pub fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
@@ -96,48 +96,37 @@ pub fn load_model(dir: &Path) -> Result<LlamaModel, LoadError> {
         format: "safetensors",
         msg: e.to_string(),
     })?;
-    let t = Tensors {
+    let mut t = Tensors {
         st,
         dir: dir.to_path_buf(),
     };
-    let (h, hd, ffn, v) = (
-        cfg.hidden_size,
-        cfg.head_dim,
-        cfg.intermediate_size,
-        cfg.vocab_size,
-    );
-    let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
-        let q = t.linear(&p("self_attn.q_proj"), qd, h)?;
-        let k = t.linear(&p("self_attn.k_proj"), kvd, h)?;
-        let vv = t.linear(&p("self_attn.v_proj"), kvd, h)?;
-        let gate = t.linear(&p("mlp.gate_proj"), ffn, h)?;
-        let up = t.linear(&p("mlp.up_proj"), ffn, h)?;
-        layers.push(LayerWeights {
-            attn_norm: t.f32s(&p("input_layernorm"), &[h])?,
-            qkv: Projection::new(vec![q, k, vv]),
-            o_proj: t.linear(&p("self_attn.o_proj"), h, qd)?,
-            ffn_norm: t.f32s(&p("post_attention_layernorm"), &[h])?,
-            gate_up: Projection::new(vec![gate, up]),
-            down: t.linear(&p("mlp.down_proj"), h, ffn)?,
-        });
-    }
-    let norm = t.f32s("model.norm.weight", &[h])?;
-    let tied = cfg.tie_word_embeddings || !t.has("lm_head.weight");
-    let (embed, lm_head) = if tied {
-        (
-            Embeddings::FromLmHead,
-            t.linear("model.embed_tokens.weight", v, h)?,
-        )
-    } else {
-        (
-            Embeddings::Dense(t.f32s("model.embed_tokens.weight", &[v, h])?),
-            t.linear("lm_head.weight", v, h)?,
-        )
-    };
     let mut cfg = cfg;
-    cfg.tie_word_embeddings = tied;
-    Ok(LlamaModel::new(cfg, embed, layers, norm, lm_head))
+    cfg.tie_word_embeddings = cfg.tie_word_embeddings || !t.has("lm_head.weight");
+    build_model(&mut t, cfg, &HF_NAMES)
+}
+
+/// Hugging Face Llama tensor names.
+const HF_NAMES: TensorNames = TensorNames {
+    layer: "model.layers",
+    attn_norm: "input_layernorm",
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    o: "self_attn.o_proj",
+    ffn_norm: "post_attention_layernorm",
+    gate: "mlp.gate_proj",
+    up: "mlp.up_proj",
+    down: "mlp.down_proj",
+    norm: "model.norm.weight",
+    embed: "model.embed_tokens.weight",
+    lm_head: "lm_head.weight",
+};
+
+impl WeightSource for Tensors {
+    fn linear(&mut self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear, LoadError> {
+        Tensors::linear(self, name, out_dim, in_dim)
+    }
+    fn f32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        Tensors::f32s(self, name, shape)
+    }
 }
