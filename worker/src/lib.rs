@@ -8,6 +8,7 @@
 //! - [`config`], [`kv`], [`kernels`], [`model`], [`loader`]: the model side — Llama config,
 //!   paged KV cache with prefix caching, batch-invariant CPU kernels, the batched Llama
 //!   and its [`model::runner::LlamaRunner`], GGUF / safetensors loaders.
+//! - [`tp`]: tensor parallelism (rank shards, the all-reduce communicators).
 pub mod runner;
 
 // Model side (config, KV cache, kernels, model, loaders).
@@ -16,6 +17,7 @@ pub mod kernels;
 pub mod kv;
 pub mod loader;
 pub mod model;
+pub mod tp;
 
 // Serving side (engine, sampler, tokenizer, gRPC service).
 pub mod args;

@@ -7,11 +7,13 @@
 //! fixed by its own row, so results are batch- and chunking-invariant (see
 //! [`crate::kernels`]).
 //!
-//! Weights are held per layer ([`LayerWeights`]) and attention loops per KV-head group,
-//! so a tensor-parallel rank can later own a column/row shard of each projection and a
-//! subset of the KV heads.
+//! Weights are held per layer ([`LayerWeights`]); a model may be one tensor-parallel
+//! rank's shard of the full one ([`crate::tp::shard`]): its [`RankPart`] says which query
+//! and KV heads and which FFN slice it holds, and [`LlamaModel::forward_rank`] sums the
+//! row-parallel outputs with the group's [`Communicator`].
 
 pub mod bench;
+pub mod device;
 pub mod runner;
 pub mod tiny;
 
@@ -20,6 +22,8 @@ use rayon::prelude::*;
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels::{Linear, attend, rms_norm, rope, silu_mul};
 use crate::kv::{BlockId, KvStore};
+use crate::tp::shard::RankPart;
+use crate::tp::{CommError, Communicator, SingleRank};
 
 /// Input projection that may be fused (one matmul) or, when the parts' storage formats
 /// differ, a list run one after the other and stitched along the output axis.
@@ -88,6 +92,8 @@ pub struct LlamaModel {
     pub layers: Vec<LayerWeights>,
     pub norm: Vec<f32>,
     pub lm_head: Linear,
+    /// The heads and FFN slice this model holds (all of them unless sharded).
+    pub part: RankPart,
     inv_freq: Vec<f32>,
 }
 
@@ -120,14 +126,22 @@ impl LlamaModel {
         lm_head: Linear,
     ) -> Self {
         let inv_freq = cfg.rope_inv_freq();
+        let part = RankPart::whole(&cfg);
         LlamaModel {
             cfg,
             embed,
             layers,
             norm,
             lm_head,
+            part,
             inv_freq,
         }
+    }
+
+    /// This model as the shard `part` (its weights must already be that shard's).
+    pub fn with_part(mut self, part: RankPart) -> Self {
+        self.part = part;
+        self
     }
 
     /// Storage formats of the weights, e.g. `q4_1` (for `Info.dtype`).
@@ -163,13 +177,28 @@ impl LlamaModel {
         x
     }
 
-    /// Runs one step. K/V of every token are written to `kv` at its slot; returns the
-    /// logits of `step.logit_rows`, `logit_rows.len() × vocab`.
+    /// Runs one step of an unsharded model; see [`Self::forward_rank`].
     pub fn forward(&self, step: &StepPlan<'_>, kv: &mut KvStore) -> Vec<f32> {
+        match self.forward_rank(step, kv, &mut SingleRank) {
+            Ok(logits) => logits,
+            Err(e) => unreachable!("a single rank has no collectives to fail: {e}"),
+        }
+    }
+
+    /// Runs one step on this rank. K/V of the rank's KV heads are written to `kv` at each
+    /// token's slot; o_proj and down outputs are summed over the group with `comm`.
+    /// Rank 0 returns the logits of `step.logit_rows` (`logit_rows.len() × vocab`), the
+    /// other ranks an empty vector.
+    pub fn forward_rank(
+        &self,
+        step: &StepPlan<'_>,
+        kv: &mut KvStore,
+        comm: &mut dyn Communicator<Buffer = [f32]>,
+    ) -> Result<Vec<f32>, CommError> {
         let cfg = &self.cfg;
         let n = step.tokens.len();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let (nh, nkv) = (self.part.q_heads.len(), self.part.kv_heads.len());
         let half = hd / 2;
         // cos/sin per token, shared by all layers.
         let mut cos = vec![0f32; n * half];
@@ -183,7 +212,7 @@ impl LlamaModel {
         }
         let interleaved = cfg.rope_style == RopeStyle::Interleaved;
         let mut x = self.embed_rows(step.tokens);
-        let qkv_dim = cfg.qkv_dim();
+        let qkv_dim = self.part.qkv_dim(hd);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps);
             let mut qkv = layer.qkv.forward(&xn, n);
@@ -206,37 +235,42 @@ impl LlamaModel {
                 }
             }
             let attn = self.attention(li, step, &qkv, kv);
-            let o = layer.o_proj.forward(&attn, n);
+            let mut o = layer.o_proj.forward(&attn, n);
+            comm.all_reduce_sum(&mut o)?;
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             let xn = rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps);
             let gu = layer.gate_up.forward(&xn, n);
-            let act = silu_mul(&gu, cfg.intermediate_size);
-            let d = layer.down.forward(&act, n);
+            let act = silu_mul(&gu, self.part.ffn.len());
+            let mut d = layer.down.forward(&act, n);
+            comm.all_reduce_sum(&mut d)?;
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
             }
+        }
+        if comm.rank() != 0 {
+            return Ok(Vec::new());
         }
         let mut last = Vec::with_capacity(step.logit_rows.len() * h);
         for &r in step.logit_rows {
             last.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
         if last.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let last = rms_norm(&last, &self.norm, cfg.rms_norm_eps);
-        self.lm_head.forward(&last, step.logit_rows.len())
+        Ok(self.lm_head.forward(&last, step.logit_rows.len()))
     }
 
     /// Causal attention of every token of the step over its own sequence's blocks.
     /// Parallel over (token, KV-head group); each output is reduced over key positions
     /// `0..=pos` in order, so it does not depend on the rest of the batch.
     fn attention(&self, layer: usize, step: &StepPlan<'_>, qkv: &[f32], kv: &KvStore) -> Vec<f32> {
-        let cfg = &self.cfg;
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let hd = self.cfg.head_dim;
+        let (nh, nkv) = (self.part.q_heads.len(), self.part.kv_heads.len());
         let group = nh / nkv;
-        let qkv_dim = cfg.qkv_dim();
+        let qkv_dim = self.part.qkv_dim(hd);
         let scale = 1.0 / (hd as f32).sqrt();
         let bs = kv.block_size();
         let mut out = vec![0f32; step.tokens.len() * nh * hd];

@@ -1,0 +1,91 @@
+//! Tensor parallelism: how the ranks of one worker group talk to each other.
+//!
+//! A group runs one model over `world` ranks (threads of one process). Each rank owns a
+//! column/row shard of every projection ([`shard`]) and its KV heads; after the two
+//! row-parallel projections of a layer (o_proj, down) the ranks sum their partial outputs
+//! with a [`Communicator`]'s all-reduce.
+//!
+//! - [`cpu`]: ranks on CPU cores sharing memory ([`cpu::CpuCommunicator`]).
+//! - `nccl` (feature `cuda`): ranks on GPUs, NCCL through candle-core's bindings.
+//!
+//! Every collective has a deadline: a rank that errors, panics or hangs fails the whole
+//! group's step with [`CommError`] instead of leaving the others waiting.
+
+pub mod cpu;
+pub mod shard;
+
+use std::time::Duration;
+
+/// Collective operations between the ranks of one group. One value per rank thread;
+/// a communicator is `Send` (it moves to its rank's thread) but never shared.
+pub trait Communicator: Send {
+    /// What the collectives operate on: `[f32]` in host memory for [`cpu`], a device
+    /// buffer for NCCL.
+    type Buffer: ?Sized;
+
+    fn rank(&self) -> usize;
+
+    fn world_size(&self) -> usize;
+
+    /// Replaces `buf` on every rank by the element-wise sum of all ranks' `buf`.
+    /// Every rank must pass the same length.
+    fn all_reduce_sum(&mut self, buf: &mut Self::Buffer) -> Result<(), CommError>;
+
+    /// Copies `root`'s `buf` into every other rank's `buf`.
+    fn broadcast(&mut self, buf: &mut Self::Buffer, root: usize) -> Result<(), CommError>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CommError>;
+
+    /// Marks the group failed: every rank waiting in (or later entering) a collective
+    /// returns [`CommError::Aborted`]. Called by a rank that errs or panics mid-step.
+    fn abort(&self, reason: &str);
+}
+
+/// Why a collective did not complete.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommError {
+    #[error("{op}: not every rank arrived within {after:?}")]
+    Timeout { op: &'static str, after: Duration },
+    #[error("rank {rank} failed: {reason}")]
+    Aborted { rank: usize, reason: String },
+    #[error("{op}: rank {rank} passed {got} elements, rank 0 passed {expected}")]
+    Size {
+        op: &'static str,
+        rank: usize,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// The trivial group of one rank: collectives are no-ops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleRank;
+
+impl Communicator for SingleRank {
+    type Buffer = [f32];
+
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CommError> {
+        Ok(())
+    }
+
+    fn broadcast(&mut self, _buf: &mut [f32], _root: usize) -> Result<(), CommError> {
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        Ok(())
+    }
+
+    fn abort(&self, _reason: &str) {}
+}
