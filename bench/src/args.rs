@@ -64,7 +64,7 @@ pub struct BenchArgs {
     /// Time per load point (e.g. 30s, 2m); requests in flight at the end still count.
     #[arg(long, env = "SHARDLINE_BENCH_DURATION", value_parser = parse_secs)]
     pub duration: Option<Duration>,
-    /// Requests sent (and not counted) before each load point.
+    /// Requests sent (and not counted) before each load point, with prompts of their own.
     #[arg(long, env = "SHARDLINE_BENCH_WARMUP_REQUESTS", default_value_t = 0)]
     pub warmup_requests: usize,
     /// Per-request timeout (e.g. 600s).
@@ -107,7 +107,8 @@ pub struct BenchArgs {
     /// Distinct random prompts to build (cycled); default: the request count, at most 1000.
     #[arg(long, env = "SHARDLINE_BENCH_NUM_PROMPTS")]
     pub num_prompts: Option<usize>,
-    /// Hugging Face tokenizer.json of the served model, for exact token counts.
+    /// The served model's tokenizer, for exact token counts: a Hugging Face
+    /// tokenizer.json, a GGUF file or a Hugging Face model directory.
     #[arg(long, env = "SHARDLINE_BENCH_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
     /// Send ignore_eos + min_tokens so every output has exactly max_tokens tokens.

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{FailReason, RequestRecord};
 use crate::workload::RequestSpec;
@@ -114,22 +115,41 @@ impl ClientConfig {
     }
 
     /// Send one request and stream its answer. Never fails: failures are in the record.
-    pub async fn send(&self, http: &reqwest::Client, spec: &RequestSpec) -> RequestRecord {
+    /// When `cancel` fires first, the request is dropped and the record says
+    /// [`FailReason::Cancelled`], keeping the chunks that had arrived.
+    pub async fn send(
+        &self,
+        http: &reqwest::Client,
+        spec: &RequestSpec,
+        cancel: &CancellationToken,
+    ) -> RequestRecord {
         let start = Instant::now();
         let mut rec = RequestRecord {
             prompt_tokens: spec.input_len,
             ..Default::default()
         };
-        let outcome =
-            tokio::time::timeout(self.timeout, self.stream(http, spec, start, &mut rec)).await;
+        let outcome = tokio::select! {
+            // Checked first, so a request cancelled before it started is not sent.
+            biased;
+            _ = cancel.cancelled() => None,
+            r = tokio::time::timeout(self.timeout, self.stream(http, spec, start, &mut rec)) => Some(r),
+        };
         rec.end = start.elapsed();
         match outcome {
-            Err(_) => fail(&mut rec, FailReason::Timeout, "request timed out".into()),
-            Ok(Err((reason, msg))) => fail(&mut rec, reason, msg),
-            Ok(Ok(())) if rec.chunk_arrivals.is_empty() => {
+            None => {
+                rec.output_tokens = rec.chunk_arrivals.len() as u32;
+                fail(
+                    &mut rec,
+                    FailReason::Cancelled,
+                    "interrupted while in flight".into(),
+                )
+            }
+            Some(Err(_)) => fail(&mut rec, FailReason::Timeout, "request timed out".into()),
+            Some(Ok(Err((reason, msg)))) => fail(&mut rec, reason, msg),
+            Some(Ok(Ok(()))) if rec.chunk_arrivals.is_empty() => {
                 fail(&mut rec, FailReason::Empty, "no output token".into())
             }
-            Ok(Ok(())) => {}
+            Some(Ok(Ok(()))) => {}
         }
         rec
     }

@@ -93,7 +93,14 @@ pub async fn run_bench(
         (None, None) => Some(100),
         (n, _) => n,
     };
-    let requests = Arc::new(build_workload(args, num_requests)?);
+    let maker = PromptMaker::new(match &args.tokenizer {
+        None => None,
+        Some(p) => Some(load_tokenizer(p)?),
+    });
+    let num_prompts = args
+        .num_prompts
+        .unwrap_or_else(|| num_requests.unwrap_or(1000).min(1000))
+        .max(1);
     let loads = loads(args)?;
     let slo = args.slo.unwrap_or_default();
     let mut runs = Vec::new();
@@ -102,7 +109,22 @@ pub async fn run_bench(
         if shutdown.is_cancelled() {
             break;
         }
+        // Each point and each warm-up gets its own prompts (same distributions, own
+        // seed): a request whose prompt the server has already seen would hit its prefix
+        // cache and report a TTFT no fresh request gets.
+        let requests = Arc::new(build_workload(
+            args,
+            &maker,
+            num_prompts,
+            workload_seed(args.seed, SeedUse::Point, i),
+        )?);
         if args.warmup_requests > 0 {
+            let warm_requests = Arc::new(build_workload(
+                args,
+                &maker,
+                args.warmup_requests,
+                workload_seed(args.seed, SeedUse::Warmup, i),
+            )?);
             let c = match *load {
                 Load::Concurrency(c) => c,
                 Load::Rate {
@@ -120,11 +142,14 @@ pub async fn run_bench(
             runner::run_point(
                 client.clone(),
                 http.clone(),
-                requests.clone(),
+                warm_requests,
                 &warm,
                 shutdown.clone(),
             )
             .await?;
+            if shutdown.is_cancelled() {
+                break;
+            }
         }
         let point = Point {
             load: *load,
@@ -266,42 +291,174 @@ fn loads(args: &BenchArgs) -> anyhow::Result<Vec<Load>> {
     Ok(loads)
 }
 
+/// What a workload seed is for: the measured requests of a point or its warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeedUse {
+    Point,
+    Warmup,
+}
+
+/// The prompt seed of point `index` (or of its warm-up): distinct for every (use, index),
+/// so no two of them send the same prompts; fixed by `--seed`, so reruns send the same.
+fn workload_seed(base: u64, what: SeedUse, index: usize) -> u64 {
+    let tag = match what {
+        SeedUse::Point => 0x5049_4e54u64,
+        SeedUse::Warmup => 0x5741_524du64,
+    };
+    // splitmix64 finaliser over the three inputs.
+    let mut z = base ^ tag.rotate_left(32) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `--tokenizer`: a Hugging Face `tokenizer.json`, a GGUF file (tokenizer from its
+/// metadata) or a Hugging Face model directory, read by the worker's own loader.
+pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    if path.is_file() && is_json {
+        return tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()));
+    }
+    shardline_worker::tokenizer::ModelTokenizer::load(path)
+        .map(|t| t.tokenizer)
+        .with_context(|| {
+            format!(
+                "loading --tokenizer {} (a tokenizer.json, a GGUF file or a Hugging Face model directory)",
+                path.display()
+            )
+        })
+}
+
 fn build_workload(
     args: &BenchArgs,
-    num_requests: Option<usize>,
+    maker: &PromptMaker,
+    n: usize,
+    seed: u64,
 ) -> anyhow::Result<Vec<RequestSpec>> {
-    let tokenizer = match &args.tokenizer {
-        None => None,
-        Some(p) => Some(
-            tokenizers::Tokenizer::from_file(p)
-                .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", p.display()))?,
-        ),
-    };
-    let maker = PromptMaker::new(tokenizer);
-    let n = args
-        .num_prompts
-        .unwrap_or_else(|| num_requests.unwrap_or(1000).min(1000))
-        .max(1);
     let reqs = match args.workload {
-        WorkloadKind::Random => {
-            workload::random(&maker, n, args.input_len, args.output_len, args.seed)?
-        }
+        WorkloadKind::Random => workload::random(maker, n, args.input_len, args.output_len, seed)?,
         WorkloadKind::SharedPrefix => workload::shared_prefix(
-            &maker,
+            maker,
             args.prefix_groups.max(1),
             args.prefix_questions.max(1),
             args.prefix_len,
             args.input_len,
             args.output_len,
-            args.seed,
+            seed,
         )?,
         WorkloadKind::Trace => {
             let path = args
                 .trace
                 .as_ref()
                 .context("--workload trace needs --trace PATH")?;
-            workload::trace(&maker, path, args.trace_speed, args.seed)?
+            workload::trace(maker, path, args.trace_speed, seed)?
         }
     };
     Ok(reqs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::path::PathBuf;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        let mut argv = vec!["bench"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("arguments parse").args
+    }
+
+    fn prompts(args: &BenchArgs, what: SeedUse, i: usize) -> HashSet<String> {
+        let maker = PromptMaker::new(None);
+        build_workload(args, &maker, 20, workload_seed(args.seed, what, i))
+            .unwrap()
+            .into_iter()
+            .map(|r| format!("{:?} {}", r.system, r.prompt))
+            .collect()
+    }
+
+    #[test]
+    fn warmup_and_points_never_resend_each_others_prompts() {
+        for workload in [
+            &["--input-len", "16"][..],
+            &[
+                "--workload",
+                "shared-prefix",
+                "--prefix-len",
+                "16",
+                "--input-len",
+                "4",
+            ][..],
+        ] {
+            let a = args(workload);
+            let mut seen: Vec<HashSet<String>> = vec![];
+            for i in 0..3 {
+                for what in [SeedUse::Warmup, SeedUse::Point] {
+                    let p = prompts(&a, what, i);
+                    // Reruns with the same --seed send the same prompts.
+                    assert_eq!(p, prompts(&a, what, i));
+                    for other in &seen {
+                        assert!(p.is_disjoint(other), "{workload:?} point {i} {what:?}");
+                    }
+                    seen.push(p);
+                }
+            }
+        }
+    }
+
+    fn smollm2() -> PathBuf {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            p.exists(),
+            "{} is missing: run deploy/fetch-model.sh",
+            p.display()
+        );
+        p
+    }
+
+    #[test]
+    fn tokenizer_loads_from_json_gguf_and_hf_dir_alike() {
+        let gguf = smollm2();
+        let from_gguf = load_tokenizer(&gguf).expect("tokenizer from the GGUF");
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("tokenizer.json");
+        let model = shardline_worker::tokenizer::ModelTokenizer::load(&gguf).unwrap();
+        std::fs::write(&json, &model.json).unwrap();
+        let from_json = load_tokenizer(&json).expect("tokenizer.json");
+        let from_dir = load_tokenizer(dir.path()).expect("a directory with tokenizer.json");
+        let text = "The quick brown fox, 123 déjà vu 🦀";
+        let ids = |t: &tokenizers::Tokenizer| t.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids(&from_gguf), ids(&from_json));
+        assert_eq!(ids(&from_gguf), ids(&from_dir));
+        assert_eq!(from_gguf.get_vocab_size(true), 49152);
+    }
+
+    #[test]
+    fn unusable_tokenizer_paths_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("tokenizer.json");
+        std::fs::write(&bad, "{not json").unwrap();
+        for p in [
+            bad,
+            dir.path().join("missing.gguf"),
+            dir.path().join("nothing-here"),
+        ] {
+            let e = load_tokenizer(&p).unwrap_err();
+            assert!(format!("{e:#}").contains(&*p.to_string_lossy()), "{e:#}");
+        }
+    }
 }

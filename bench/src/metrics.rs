@@ -25,6 +25,9 @@ pub enum FailReason {
     Empty,
     /// The per-request timeout passed.
     Timeout,
+    /// Still in flight when the run was interrupted (Ctrl-C / SIGTERM). Counted apart:
+    /// the server did nothing wrong.
+    Cancelled,
 }
 
 impl std::fmt::Display for FailReason {
@@ -36,6 +39,7 @@ impl std::fmt::Display for FailReason {
             Self::Stream => write!(f, "stream"),
             Self::Empty => write!(f, "empty"),
             Self::Timeout => write!(f, "timeout"),
+            Self::Cancelled => write!(f, "cancelled"),
         }
     }
 }
@@ -181,6 +185,9 @@ pub struct RunSummary {
     pub failed: u64,
     /// HTTP 429s, counted apart (they are not in `failed`).
     pub rate_limited: u64,
+    /// Requests still in flight when the run was interrupted (not in `failed`).
+    #[serde(default)]
+    pub cancelled: u64,
     pub failed_by_reason: BTreeMap<String, u64>,
     pub total_input_tokens: u64,
     pub total_output_tokens: u64,
@@ -220,6 +227,7 @@ pub fn summarize(load: &str, load_value: f64, records: &[RequestRecord], slo: &S
     for r in records {
         match &r.failure {
             Some(FailReason::RateLimited) => s.rate_limited += 1,
+            Some(FailReason::Cancelled) => s.cancelled += 1,
             Some(reason) => {
                 s.failed += 1;
                 *s.failed_by_reason.entry(reason.to_string()).or_default() += 1;

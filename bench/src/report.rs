@@ -59,6 +59,13 @@ pub fn point_table(s: &RunSummary) -> String {
     for (reason, n) in &s.failed_by_reason {
         let _ = writeln!(out, "    failed {reason}: {n}");
     }
+    if s.cancelled > 0 {
+        let _ = writeln!(
+            out,
+            "  interrupted: {} request(s) still in flight were cancelled (not completed)",
+            s.cancelled
+        );
+    }
     let _ = writeln!(
         out,
         "  throughput: {:.2} req/s  {:.1} output tok/s  {:.1} total tok/s",

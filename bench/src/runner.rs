@@ -64,7 +64,8 @@ pub struct Point {
     pub progress: bool,
 }
 
-/// Run a point; returns the records of every request that was sent and finished.
+/// Run a point; returns the record of every request that was sent: finished, failed, or
+/// (when `shutdown` fires) cancelled in flight.
 pub async fn run_point(
     client: Arc<ClientConfig>,
     http: reqwest::Client,
@@ -87,13 +88,11 @@ pub async fn run_point(
         tasks.spawn(async move {
             let spec = &spec[i % spec.len()];
             let sent_at = start.elapsed();
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                mut rec = client.send(&http, spec) => {
-                    rec.sent_at = sent_at;
-                    let _ = tx.send(rec);
-                }
-            }
+            // On shutdown the request ends as `Cancelled` and is still recorded, so an
+            // interrupted run reports what was in flight instead of losing it.
+            let mut rec = client.send(&http, spec, &stop).await;
+            rec.sent_at = sent_at;
+            let _ = tx.send(rec);
             drop(permit);
         });
     };

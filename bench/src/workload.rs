@@ -1,5 +1,6 @@
-//! Workloads: the requests a run sends, built ahead of time from a seed so a sweep sends
-//! the same prompts at every load point.
+//! Workloads: the requests a run sends, built ahead of time from a seed. Each load point
+//! and each warm-up is built with its own seed (same distributions, different prompts),
+//! so no request finds its prompt already in the server's prefix cache.
 //!
 //! - random prompts with input/output length distributions ([`LenDist`]);
 //! - shared prefix: N system prompts × M questions, to exercise prefix caching;

@@ -194,3 +194,69 @@ async fn bad_input_is_an_error_not_a_panic() {
     assert!(Cli::try_parse_from(["bench", "--input-len", "uniform:9:1"]).is_err());
     stop.cancel();
 }
+
+/// Requests the fake has received so far (its `/metrics` counts them).
+async fn fake_requests(url: &str) -> u64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("fake /metrics answers")
+        .text()
+        .await
+        .expect("fake /metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix("shardline_batch_size_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("fake /metrics has a request count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_run_counts_in_flight_requests_and_still_writes_json() {
+    // Every request would take 100 × 1 s: none can complete before the interrupt.
+    let (url, stop) = fake(FakeConfig {
+        itl_ms: 1000,
+        ..FakeConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let a = args(&[
+        "--base-url",
+        &url,
+        "--concurrency",
+        "4,8",
+        "--num-requests",
+        "8",
+        "--input-len",
+        "4",
+        "--output-len",
+        "100",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let shutdown = CancellationToken::new();
+    let bench = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { run_bench(&a, shutdown).await }
+    });
+    // Interrupt (as Ctrl-C / SIGTERM does) once all four lanes have a request in flight.
+    while fake_requests(&url).await < 4 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    let runs = bench
+        .await
+        .unwrap()
+        .expect("an interrupted bench still succeeds");
+    // The first point was interrupted; the second never started.
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let r = &runs[0];
+    assert_eq!(
+        (r.completed, r.failed, r.rate_limited, r.cancelled),
+        (0, 0, 0, 4),
+        "{r:?}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap())
+        .expect("the partial results are valid JSON");
+    assert_eq!(v["runs"][0]["cancelled"], 4, "{v}");
+    stop.cancel();
+}
