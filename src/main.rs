@@ -1,4 +1,4 @@
-//! The `shardline` command: `up`, `coordinator`, `worker`, `bench`.
+//! The `shardline` command: `up`, `coordinator`, `worker`, `bench`, `engine-bench`.
 //!
 //! Thin on purpose: parse flags, set up logging and the shutdown token (Ctrl-C /
 //! SIGTERM), and call the crate that does the work.
@@ -31,6 +31,75 @@ enum Command {
     Worker(shardline_worker::WorkerArgs),
     /// Load generator against an OpenAI-compatible endpoint, and scaling studies.
     Bench(shardline_bench::BenchArgs),
+    /// Benchmark the model engine alone (no server): prompt processing and decode
+    /// tokens/s per batch, and on a device the memory-bandwidth ratio.
+    EngineBench(EngineBenchArgs),
+}
+
+/// Flags of `shardline engine-bench`.
+#[derive(clap::Args)]
+struct EngineBenchArgs {
+    /// Model: a GGUF file or a Hugging Face directory (config.json + *.safetensors).
+    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_MODEL")]
+    model: std::path::PathBuf,
+    /// `cpu`, `cuda` or `cuda:N`: run through the device backend on that candle device
+    /// (bf16 weights on CUDA). Without it: the CPU engine's own kernels.
+    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_DEVICE")]
+    device: Option<shardline_worker::model::device::DeviceChoice>,
+    /// Decode batch sizes, comma-separated.
+    #[arg(
+        long,
+        env = "SHARDLINE_ENGINE_BENCH_BATCHES",
+        value_delimiter = ',',
+        default_value = "1,32"
+    )]
+    batches: Vec<usize>,
+    /// Tokens generated per sequence in each decode run.
+    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_NEW_TOKENS", default_value_t = 128)]
+    new_tokens: usize,
+    /// Prompt length of each sequence in the decode runs.
+    #[arg(
+        long,
+        env = "SHARDLINE_ENGINE_BENCH_PROMPT_TOKENS",
+        default_value_t = 128
+    )]
+    prompt_tokens: usize,
+    /// Prompt length of the prompt-processing run.
+    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_PP_TOKENS", default_value_t = 512)]
+    pp_tokens: usize,
+    /// CPU threads for the CPU kernels.
+    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_THREADS", default_value_t = default_threads())]
+    threads: usize,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs the engine benchmark on a blocking thread and prints its table and figures.
+async fn engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
+    use shardline_worker::model::bench::{BenchOptions, format_table, run_bench};
+    anyhow::ensure!(
+        args.model.exists(),
+        "{} does not exist",
+        args.model.display()
+    );
+    let opts = BenchOptions {
+        threads: args.threads,
+        pp_tokens: args.pp_tokens,
+        prompt_tokens: args.prompt_tokens,
+        new_tokens: args.new_tokens,
+        batches: args.batches,
+        device: args.device,
+    };
+    let report = tokio::task::spawn_blocking(move || {
+        run_bench(&args.model, &opts).map(|r| (r, args.model, opts.threads))
+    })
+    .await??;
+    let (report, model, threads) = report;
+    print!("{}", format_table(&model, threads, &report.rows));
+    print!("{}", report.format_decode());
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                 None => shardline_worker::run(args, shutdown).await,
             },
             Command::Bench(args) => shardline_bench::run(args, shutdown).await,
+            Command::EngineBench(args) => engine_bench(args).await,
         }
     })
 }

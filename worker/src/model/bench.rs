@@ -2,13 +2,21 @@
 //! at larger batches, the prefix-cache saving, and stock candle `quantized_llama` as the
 //! baseline in the same run (added by `examples/engine_bench.rs`, since candle-transformers
 //! is only a dev-dependency).
+//!
+//! With [`BenchOptions::device`] the same runs go through the device backend
+//! ([`crate::model::device`], e.g. CUDA), and [`BenchReport`] adds the memory-bandwidth
+//! ratio of each decode batch: weight bytes × decode steps per second ÷ [`HBM_BYTES_PER_S`].
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::loader::{LoadOptions, load_llama_runner};
+use crate::loader::{LoadOptions, load_llama_runner, load_model};
+use crate::model::device::{DeviceChoice, DeviceModel, DeviceRunner};
 use crate::runner::{LogitsWanted, ModelRunner, RunnerError, SeqChunk, SeqId};
+
+/// Peak memory bandwidth the ratio is taken against: an H200's HBM3e, 4.8 TB/s.
+pub const HBM_BYTES_PER_S: f64 = 4.8e12;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -22,6 +30,9 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     /// Batch sizes for aggregate decode (1 included for the batch-1 figure).
     pub batches: Vec<usize>,
+    /// Run on this candle device through the device backend; `None`: the CPU engine's
+    /// own kernels.
+    pub device: Option<DeviceChoice>,
 }
 
 impl Default for BenchOptions {
@@ -32,6 +43,7 @@ impl Default for BenchOptions {
             prompt_tokens: 128,
             new_tokens: 128,
             batches: vec![1, 4, 8, 16, 32],
+            device: None,
         }
     }
 }
@@ -96,8 +108,75 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// One decode batch's throughput.
+#[derive(Debug, Clone)]
+pub struct DecodeFigure {
+    pub batch: usize,
+    pub tokens_per_s: f64,
+    /// Decode steps per second (each step reads every weight once).
+    pub steps_per_s: f64,
+}
+
+/// Everything one benchmark run measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    /// `cpu-kernels`, or the candle device.
+    pub device: String,
+    /// Weight dtype on the device (`bf16`, `f32`) or the checkpoint's formats.
+    pub dtype: String,
+    pub load_seconds: f64,
+    pub rows: Vec<BenchRow>,
+    pub decode: Vec<DecodeFigure>,
+    /// Weight bytes a decode step reads (device backend only).
+    pub weight_bytes: Option<usize>,
+}
+
+impl BenchReport {
+    /// Weight bytes read per second at `fig` ÷ [`HBM_BYTES_PER_S`].
+    pub fn bandwidth_ratio(&self, fig: &DecodeFigure) -> Option<f64> {
+        self.weight_bytes
+            .map(|b| b as f64 * fig.steps_per_s / HBM_BYTES_PER_S)
+    }
+
+    /// The decode figures, one line each, with the bandwidth ratio where known.
+    pub fn format_decode(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "device: {}  weights: {}  weight bytes/step: {}  load: {:.1} s",
+            self.device,
+            self.dtype,
+            self.weight_bytes
+                .map_or("n/a".into(), |b| format!("{b} ({:.2} GB)", b as f64 / 1e9)),
+            self.load_seconds
+        );
+        for f in &self.decode {
+            let ratio = self
+                .bandwidth_ratio(f)
+                .map_or("n/a".into(), |r| format!("{r:.5} ({:.2}% of 4.8 TB/s)", r * 100.0));
+            let _ = writeln!(
+                out,
+                "decode batch {:>3}: {:>10.1} tokens/s {:>8.1} steps/s  bandwidth ratio {ratio} (weight bytes × steps/s ÷ 4.8e12)",
+                f.batch, f.tokens_per_s, f.steps_per_s
+            );
+        }
+        out
+    }
+}
+
 /// Runs our engine's benchmark on the model at `path` (see [`format_table`]).
 pub fn run_engine_bench(path: &Path, opts: &BenchOptions) -> Result<Vec<BenchRow>, RunnerError> {
+    Ok(run_bench(path, opts)?.rows)
+}
+
+/// [`run_engine_bench`] with the decode figures and, on the device backend, the
+/// memory-bandwidth ratio.
+pub fn run_bench(path: &Path, opts: &BenchOptions) -> Result<BenchReport, RunnerError> {
+    if opts.batches.contains(&0) || opts.new_tokens == 0 || opts.prompt_tokens == 0 {
+        return Err(RunnerError::Model(
+            "batches, new tokens and prompt tokens must be > 0".into(),
+        ));
+    }
     let max_batch = opts.batches.iter().copied().max().unwrap_or(1);
     let per_seq = opts.prompt_tokens + opts.new_tokens;
     let load = LoadOptions {
@@ -107,9 +186,75 @@ pub fn run_engine_bench(path: &Path, opts: &BenchOptions) -> Result<Vec<BenchRow
         ),
         ..Default::default()
     };
-    let mut r = load_llama_runner(path, &load).map_err(|e| RunnerError::Model(e.to_string()))?;
+    let err = |e: crate::loader::LoadError| RunnerError::Model(e.to_string());
+    let t = Instant::now();
+    match opts.device {
+        None => {
+            let mut r = load_llama_runner(path, &load).map_err(err)?;
+            let dtype = r.info().dtype.clone();
+            let load_seconds = t.elapsed().as_secs_f64();
+            let (rows, decode) = bench_runner(&mut r, opts)?;
+            Ok(BenchReport {
+                device: "cpu-kernels".into(),
+                dtype,
+                load_seconds,
+                rows,
+                decode,
+                weight_bytes: None,
+            })
+        }
+        Some(dev) => {
+            let model = load_model(path).map_err(err)?;
+            let model = DeviceModel::from_model(&model, dev)?;
+            let weight_bytes = model.weight_bytes();
+            let id = path.display().to_string();
+            let blocks = load.kv_blocks.unwrap_or(64);
+            let mut r = DeviceRunner::new(model, id, blocks, load.block_size)?;
+            let dtype = r.info().dtype.clone();
+            // First kernel launches load the device modules: keep them out of the timings.
+            warm_up(&mut r)?;
+            let load_seconds = t.elapsed().as_secs_f64();
+            let (rows, decode) = bench_runner(&mut r, opts)?;
+            Ok(BenchReport {
+                device: dev.to_string(),
+                dtype,
+                load_seconds,
+                rows,
+                decode,
+                weight_bytes: Some(weight_bytes),
+            })
+        }
+    }
+}
+
+fn warm_up(r: &mut dyn ModelRunner) -> Result<(), RunnerError> {
+    let vocab = r.info().vocab_size;
+    let ids = [SeqId(u64::MAX), SeqId(u64::MAX - 1)];
+    for (i, &id) in ids.iter().enumerate() {
+        r.add_sequence(id, &prompt(i + 999, 9, vocab))?;
+    }
+    let chunk = |id, tokens: &[u32]| SeqChunk {
+        id,
+        tokens: tokens.to_vec(),
+        logits: LogitsWanted::Last,
+    };
+    let p = prompt(999, 9, vocab);
+    r.forward(&[chunk(ids[0], &p)])?;
+    r.forward(&[chunk(ids[1], &p[..4])])?;
+    r.forward(&[chunk(ids[0], &[7]), chunk(ids[1], &p[4..])])?;
+    for id in ids {
+        r.remove_sequence(id);
+    }
+    Ok(())
+}
+
+fn bench_runner(
+    r: &mut dyn ModelRunner,
+    opts: &BenchOptions,
+) -> Result<(Vec<BenchRow>, Vec<DecodeFigure>), RunnerError> {
     let vocab = r.info().vocab_size;
     let mut rows = Vec::new();
+    let mut decode = Vec::new();
     let mut next = 0u64;
 
     // Prompt processing, one chunk, plus the same prompt again to show the prefix cache.
@@ -169,17 +314,23 @@ pub fn run_engine_bench(path: &Path, opts: &BenchOptions) -> Result<Vec<BenchRow
                 *l = argmax(&o.data);
             }
         }
+        let seconds = t.elapsed().as_secs_f64();
         rows.push(BenchRow {
             name: format!("ours: decode batch {b} (aggregate)"),
             tokens: b * opts.new_tokens,
-            seconds: t.elapsed().as_secs_f64(),
+            seconds,
+        });
+        decode.push(DecodeFigure {
+            batch: b,
+            tokens_per_s: (b * opts.new_tokens) as f64 / seconds.max(1e-9),
+            steps_per_s: opts.new_tokens as f64 / seconds.max(1e-9),
         });
         progress(&rows);
         for id in ids {
             r.remove_sequence(id);
         }
     }
-    Ok(rows)
+    Ok((rows, decode))
 }
 
 /// Formats rows (ours and any baseline the caller adds) as a table with the peak RSS.
