@@ -4,7 +4,8 @@
 # (deploy/cuda-toolkit.sh) and builds into target/cuda, so it never holds the lock on the
 # shared target/ the CPU builds use.
 #
-#   deploy/build-cuda.sh                # -> target/cuda/release/shardline
+#   deploy/build-cuda.sh                # -> target/cuda/release/shardline, and stripped
+#                                       #    (no debug info, ~28 MB) target/cuda/shardline
 #   deploy/build-cuda.sh check          # cargo check -p shardline-worker --features cuda
 #
 # The binary links libcuda.so.1 (the driver), cudart/cublas/curand/nvrtc 13 and nccl 2
@@ -21,6 +22,7 @@ if [[ "${1:-}" == "check" ]]; then
 else
     cargo build --release --features cuda --bin shardline
     bin="$CARGO_TARGET_DIR/release/shardline"
-    echo "build-cuda: $bin: $(du -h "$bin" | cut -f1) ($(stat -c %s "$bin") bytes), built in $(($(date +%s) - start)) s"
+    strip -o "$CARGO_TARGET_DIR/shardline" "$bin"
+    echo "build-cuda: $bin: $(stat -c %s "$bin") bytes, stripped $CARGO_TARGET_DIR/shardline: $(stat -c %s "$CARGO_TARGET_DIR/shardline") bytes; built in $(($(date +%s) - start)) s"
     ldd "$bin" | grep -E 'cuda|cublas|curand|nvrtc|nccl' || true
 fi

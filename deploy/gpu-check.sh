@@ -5,7 +5,8 @@
 # and print tokens/s at batch 1 and 32 and the memory-bandwidth ratio
 # (weight bytes × decode steps/s ÷ 4.8 TB/s, an H200's HBM).
 #
-#   deploy/gpu-check.sh [BINARY]      # default: $SHARDLINE_BIN, else target/cuda/release/shardline
+#   deploy/gpu-check.sh [BINARY]      # default: $SHARDLINE_BIN, else target/cuda/shardline
+#                                     # (the stripped binary deploy/build-cuda.sh leaves)
 #
 # Knobs (environment):
 #   GPU_CHECK_DEVICE   cuda (default) | cuda:N | cpu (candle's CPU device: tests this script
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${1:-${SHARDLINE_BIN:-$REPO/target/cuda/release/shardline}}"
+BIN="${1:-${SHARDLINE_BIN:-$REPO/target/cuda/shardline}}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SHAPE="${GPU_CHECK_SHAPE:-llama-3.2-1b}"
 BATCHES="${GPU_CHECK_BATCHES:-1,32}"
@@ -32,8 +33,11 @@ if [[ -n "${OUT:-}" ]]; then
     exec > >(tee -a "$OUT/gpu-check.log") 2>&1
 fi
 
-T0=$(date +%s.%N)
-say() { printf '[gpu-check %6.1fs] %s\n' "$(echo "$(date +%s.%N) - $T0" | bc)" "$*"; }
+T0=$(date +%s%N)
+say() {
+    local ms=$((($(date +%s%N) - T0) / 1000000))
+    printf '[gpu-check %4d.%ds] %s\n' $((ms / 1000)) $((ms % 1000 / 100)) "$*"
+}
 fail() { say "FAILED: $*"; exit 1; }
 
 say "host $(hostname), $(date -u +%FT%TZ), device $DEVICE, shape $SHAPE, binary $BIN"
@@ -50,7 +54,8 @@ fi
 
 PY="$(command -v python3 || command -v python || true)"
 [[ -n "$PY" ]] || fail "no python3 on PATH"
-say "python: $PY ($("$PY" --version 2>&1))"
+say "python: $PY ($("$PY" --version 2>&1)), $("$PY" -c 'import numpy; print("numpy", numpy.__version__)' 2>&1 | tail -1), $("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1)"
+"$PY" -c 'import numpy' 2>/dev/null || fail "the model writer needs numpy: pip install numpy"
 
 # The CUDA 13 runtime libraries the binary links: PyTorch's nvidia-* wheels.
 if [[ "$DEVICE" == cuda* ]]; then
