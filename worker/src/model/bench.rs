@@ -115,6 +115,9 @@ pub struct DecodeFigure {
     pub tokens_per_s: f64,
     /// Decode steps per second (each step reads every weight once).
     pub steps_per_s: f64,
+    /// Time per step inside the runner's forward (logits on the host included); the rest
+    /// of a step is the benchmark's greedy argmax and batch building.
+    pub forward_ms_per_step: f64,
 }
 
 /// Everything one benchmark run measured.
@@ -151,13 +154,13 @@ impl BenchReport {
             self.load_seconds
         );
         for f in &self.decode {
-            let ratio = self
-                .bandwidth_ratio(f)
-                .map_or("n/a".into(), |r| format!("{r:.5} ({:.2}% of 4.8 TB/s)", r * 100.0));
+            let ratio = self.bandwidth_ratio(f).map_or("n/a".into(), |r| {
+                format!("{r:.5} ({:.2}% of 4.8 TB/s)", r * 100.0)
+            });
             let _ = writeln!(
                 out,
-                "decode batch {:>3}: {:>10.1} tokens/s {:>8.1} steps/s  bandwidth ratio {ratio} (weight bytes × steps/s ÷ 4.8e12)",
-                f.batch, f.tokens_per_s, f.steps_per_s
+                "decode batch {:>3}: {:>10.1} tokens/s {:>8.1} steps/s ({:.2} ms/step in forward)  bandwidth ratio {ratio} (weight bytes × steps/s ÷ 4.8e12)",
+                f.batch, f.tokens_per_s, f.steps_per_s, f.forward_ms_per_step
             );
         }
         out
@@ -299,6 +302,7 @@ fn bench_runner(
             last.push(argmax(&out[0].data));
         }
         let t = Instant::now();
+        let mut in_forward = 0f64;
         for _ in 0..opts.new_tokens {
             let batch: Vec<SeqChunk> = ids
                 .iter()
@@ -309,7 +313,9 @@ fn bench_runner(
                     logits: LogitsWanted::Last,
                 })
                 .collect();
+            let tf = Instant::now();
             let out = r.forward(&batch)?;
+            in_forward += tf.elapsed().as_secs_f64();
             for (l, o) in last.iter_mut().zip(&out) {
                 *l = argmax(&o.data);
             }
@@ -324,6 +330,7 @@ fn bench_runner(
             batch: b,
             tokens_per_s: (b * opts.new_tokens) as f64 / seconds.max(1e-9),
             steps_per_s: opts.new_tokens as f64 / seconds.max(1e-9),
+            forward_ms_per_step: in_forward * 1e3 / opts.new_tokens as f64,
         });
         progress(&rows);
         for id in ids {

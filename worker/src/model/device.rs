@@ -169,12 +169,19 @@ impl DeviceModel {
         let device = choice.open()?;
         let dtype = choice.weight_dtype();
         let mut weight_bytes = 0usize;
-        let mut matrix = |parts: &[&Linear]| -> Result<Tensor, DeviceError> {
+        // The attention scale 1/√head_dim is folded into q's rows of the qkv weights (RoPE
+        // is linear, so it commutes), which saves one op per layer.
+        let q_rows = model.cfg.num_heads * model.cfg.head_dim;
+        let q_scale = 1.0 / (model.cfg.head_dim as f32).sqrt();
+        let mut matrix = |parts: &[&Linear], scaled_rows: usize| -> Result<Tensor, DeviceError> {
             let in_dim = parts[0].in_dim;
             let out_dim: usize = parts.iter().map(|p| p.out_dim).sum();
             let mut data = Vec::with_capacity(out_dim * in_dim);
             for p in parts {
                 data.extend(dequantize(p));
+            }
+            for w in &mut data[..scaled_rows * in_dim] {
+                *w *= q_scale;
             }
             weight_bytes += out_dim * in_dim * dtype.size_in_bytes();
             let t = Tensor::from_vec(data, (out_dim, in_dim), &Device::Cpu)?;
@@ -184,14 +191,14 @@ impl DeviceModel {
         for l in &model.layers {
             layers.push(DeviceLayer {
                 attn_norm: Tensor::new(l.attn_norm.as_slice(), &device)?,
-                qkv: matrix(&projection_parts(&l.qkv))?,
-                o_proj: matrix(&[&l.o_proj])?,
+                qkv: matrix(&projection_parts(&l.qkv), q_rows)?,
+                o_proj: matrix(&[&l.o_proj], 0)?,
                 ffn_norm: Tensor::new(l.ffn_norm.as_slice(), &device)?,
-                gate_up: matrix(&projection_parts(&l.gate_up))?,
-                down: matrix(&[&l.down])?,
+                gate_up: matrix(&projection_parts(&l.gate_up), 0)?,
+                down: matrix(&[&l.down], 0)?,
             });
         }
-        let lm_head = matrix(&[&model.lm_head])?;
+        let lm_head = matrix(&[&model.lm_head], 0)?;
         let h = model.cfg.hidden_size;
         let embed = match &model.embed {
             Embeddings::Dense(e) => Some(
@@ -274,14 +281,17 @@ impl DeviceModel {
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.attn_norm, eps)?;
             let qkv = self.linear(&xn, &layer.qkv)?;
-            let q = self.rope(&qkv.narrow(1, 0, qd)?.reshape((n, nh, hd))?, &cos, &sin)?;
-            let k = self.rope(&qkv.narrow(1, qd, kvd)?.reshape((n, nkv, hd))?, &cos, &sin)?;
+            // q and k rotated in one go: `[tokens, heads + kv_heads, head_dim]`.
+            let qk = qkv.narrow(1, 0, qd + kvd)?.reshape((n, nh + nkv, hd))?;
+            let qk = self.rope(&qk, &cos, &sin)?;
+            let k = qk.narrow(1, nh, nkv)?.reshape((n, kvd))?;
             let v = qkv.narrow(1, qd + kvd, kvd)?;
-            let k = k.reshape((n, kvd))?.to_dtype(self.dtype)?.contiguous()?;
+            let k = k.to_dtype(self.dtype)?.contiguous()?;
             let v = v.to_dtype(self.dtype)?.contiguous()?;
             kv.k[li].scatter_set(&slot_idx, &k, 0)?;
             kv.v[li].scatter_set(&slot_idx, &v, 0)?;
-            let a = att.attend(&q.reshape((n, qd))?, &kv.k[li], &kv.v[li], nkv, hd)?;
+            let q = qk.narrow(1, 0, nh)?.reshape((n, qd))?;
+            let a = att.attend(&q, &kv.k[li], &kv.v[li], nkv, hd)?;
             x = (x + self.linear(&a, &layer.o_proj)?)?;
             let xn = rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = self.linear(&xn, &layer.gate_up)?;
@@ -374,6 +384,9 @@ struct AttentionPlan {
     mask: Tensor,
     /// Padded query index of each token, in token order.
     out_idx: Tensor,
+    /// Padded layout = token order (every chunk `max_q` tokens, e.g. a decode-only
+    /// step): the two query gathers are skipped.
+    identity: bool,
 }
 
 impl AttentionPlan {
@@ -398,6 +411,9 @@ impl AttentionPlan {
                 .unwrap_or(0)
         };
         let max_k = (0..chunks).map(keys).max().unwrap_or(1).max(1);
+        let identity = members.iter().enumerate().all(|(c, m)| {
+            m.len() == max_q && m.iter().enumerate().all(|(i, &t)| t == c * max_q + i)
+        });
         let mut q_idx = vec![0u32; chunks * max_q];
         let mut out_idx = vec![0u32; step.plan.len()];
         let mut k_idx = vec![0u32; chunks * max_k];
@@ -430,6 +446,7 @@ impl AttentionPlan {
             k_idx: Tensor::from_vec(k_idx, chunks * max_k, dev)?,
             mask: Tensor::from_vec(mask, (chunks, 1, max_q * group, max_k), dev)?,
             out_idx: Tensor::from_vec(out_idx, step.plan.len(), dev)?,
+            identity,
         })
     }
 
@@ -444,9 +461,12 @@ impl AttentionPlan {
         hd: usize,
     ) -> Result<Tensor, DeviceError> {
         let (c, mq, mk, g) = (self.chunks, self.max_q, self.max_k, self.group);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let q = if self.identity {
+            q.clone()
+        } else {
+            q.index_select(&self.q_idx, 0)?
+        };
         let q = q
-            .index_select(&self.q_idx, 0)?
             .reshape((c, mq, nkv, g, hd))?
             .permute((0, 2, 1, 3, 4))?
             .contiguous()?
@@ -455,12 +475,13 @@ impl AttentionPlan {
             cache
                 .index_select(&self.k_idx, 0)?
                 .to_dtype(DType::F32)?
-                .reshape((c, mk, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()
+                .reshape((c, mk, nkv, hd))
         };
-        let (k, v) = (gather(k_cache)?, gather(v_cache)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&self.mask)?;
+        // Kᵀ `[c, kv_heads, head_dim, keys]` and V `[c, kv_heads, keys, head_dim]`.
+        let kt = gather(k_cache)?.permute((0, 2, 3, 1))?.contiguous()?;
+        let v = gather(v_cache)?.transpose(1, 2)?.contiguous()?;
+        // q carries the 1/√head_dim scale (folded into its weights).
+        let scores = q.matmul(&kt)?.broadcast_add(&self.mask)?;
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
         let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
@@ -470,6 +491,9 @@ impl AttentionPlan {
             .permute((0, 2, 1, 3, 4))?
             .contiguous()?
             .reshape((c * mq, nkv * g * hd))?;
+        if self.identity {
+            return Ok(out);
+        }
         Ok(out.index_select(&self.out_idx, 0)?)
     }
 }
