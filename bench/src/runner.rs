@@ -87,6 +87,9 @@ pub async fn run_point(
         let stop = stop.clone();
         tasks.spawn(async move {
             let spec = &spec[i % spec.len()];
+            if stop.is_cancelled() {
+                return; // never sent: nothing to count
+            }
             let sent_at = start.elapsed();
             // On shutdown the request ends as `Cancelled` and is still recorded, so an
             // interrupted run reports what was in flight instead of losing it.
@@ -111,6 +114,8 @@ pub async fn run_point(
                     let mut sent = 0usize;
                     loop {
                         let permit = tokio::select! {
+                            // A lane freed by the shutdown itself must not send again.
+                            biased;
                             _ = shutdown.cancelled() => break,
                             p = sem.clone().acquire_owned() => p.expect("semaphore is never closed"),
                         };
@@ -143,6 +148,7 @@ pub async fn run_point(
                         let permit = match &sem {
                             None => None,
                             Some(s) => tokio::select! {
+                                biased;
                                 _ = shutdown.cancelled() => break,
                                 p = s.clone().acquire_owned() => Some(p.expect("semaphore is never closed")),
                             },

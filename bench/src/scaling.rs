@@ -13,8 +13,11 @@ use crate::metrics::RunSummary;
 /// Inputs of the report.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ScalingReportArgs {
-    /// One study size: GROUPS=RESULTS.json[:COORDINATOR_CPU_SECONDS] (repeatable), where
-    /// the CPU seconds are the coordinator's user + system time over that bench run.
+    /// One study size (repeatable):
+    /// GROUPS=RESULTS.json[:COORD_CPU_S[:BENCH_CPU_S:SIMS_CPU_S:MACHINE_BUSY:WALL_S]]:
+    /// user + system CPU seconds of the coordinator, the load generator and all simulated
+    /// workers over that bench run, the share of the machine's CPU time that was busy
+    /// meanwhile (0–1, every process counted) and the run's wall time.
     #[arg(
         long = "size",
         env = "SHARDLINE_SCALING_SIZES",
@@ -43,6 +46,8 @@ struct ResultsFile {
 struct Size {
     groups: u32,
     cpu_s: Option<f64>,
+    /// Load generator CPU s, simulated workers' CPU s, machine busy share, wall s.
+    machine: Option<(f64, f64, f64, f64)>,
     runs: Vec<RunSummary>,
 }
 
@@ -53,9 +58,24 @@ fn load(spec: &str) -> anyhow::Result<Size> {
     let groups: u32 = groups
         .parse()
         .with_context(|| format!("bad group count in {spec:?}"))?;
-    let (path, cpu) = match rest.rsplit_once(':') {
-        Some((p, c)) if c.parse::<f64>().is_ok() => (p, c.parse().ok()),
-        _ => (rest, None),
+    // Trailing numeric fields are the CPU figures; the rest is the path.
+    let mut fields: Vec<&str> = rest.split(':').collect();
+    let mut nums = Vec::new();
+    while fields.len() > 1 {
+        match fields.last().and_then(|f| f.parse::<f64>().ok()) {
+            Some(v) => {
+                nums.insert(0, v);
+                fields.pop();
+            }
+            None => break,
+        }
+    }
+    let path = fields.join(":");
+    let path = path.as_str();
+    let cpu = nums.first().copied();
+    let machine = match nums[..] {
+        [_, bench, sims, busy, wall] => Some((bench, sims, busy, wall)),
+        _ => None,
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     let file: ResultsFile = serde_json::from_str(&text)
@@ -66,6 +86,7 @@ fn load(spec: &str) -> anyhow::Result<Size> {
     Ok(Size {
         groups,
         cpu_s: cpu,
+        machine,
         runs: file.runs,
     })
 }
@@ -151,6 +172,7 @@ pub fn write_report(args: &ScalingReportArgs) -> anyhow::Result<String> {
             s.cpu_s.map_or("-".into(), |c| format!("{c:.2}"))
         );
     }
+    breakdown_tables(&mut md, &sizes, points, args.prefill_ms);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     plots(&args.out, &sizes, points, args.prefill_ms)?;
@@ -158,6 +180,86 @@ pub fn write_report(args: &ScalingReportArgs) -> anyhow::Result<String> {
     let path = args.out.join("report.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     Ok(md)
+}
+
+/// Where the added TTFT goes (from the coordinator's histograms, scraped per point) and
+/// how busy the machine was.
+fn breakdown_tables(md: &mut String, sizes: &[Size], points: usize, prefill_ms: f64) {
+    let _ = writeln!(
+        md,
+        "\n### Where the added TTFT goes (server-side, per point)\n\n\
+         From the coordinator's histograms over each point (`--scrape-metrics`; quantiles \
+         interpolated inside buckets, so only as fine as the buckets): *queue* = handed to \
+         the group's scheduler → first step sent (waiting for the step in flight, the \
+         per-step token budget or a slot); *coordinator + hop* = TTFT − queue − the \
+         worker's reported step time for the steps up to the first token (validation, \
+         tokenization, scheduling, the gRPC round trip, fan-out and detokenization); \
+         *step overhead* = step RPC round trip − the worker's step time, for every step. \
+         *extra step time* (p50) = client TTFT p50 − queue p50 − coordinator + hop p50 − \
+         {prefill_ms:.1} ms: the first step also carries other requests' decodes and \
+         prefills.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| point | groups | added TTFT p50 | added TTFT p99 | queue p50 | queue p99 | coordinator + hop p50 | coordinator + hop p90 | coordinator + hop p99 | extra step time p50 | step overhead p50 | step overhead p99 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    for k in 0..points {
+        for s in sizes {
+            let r = &s.runs[k];
+            let srv = r.server.as_ref();
+            let queue = srv.and_then(|x| x.queue_time_ms);
+            let own = srv.and_then(|x| x.first_token_overhead_ms);
+            let step = srv.and_then(|x| x.step_overhead_ms);
+            let extra = match (queue, own) {
+                (Some(q), Some(o)) => Some(r.ttft_ms.p50 - q.p50 - o.p50 - prefill_ms),
+                _ => None,
+            };
+            let _ = writeln!(
+                md,
+                "| {k} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                s.groups,
+                r.ttft_ms.p50 - prefill_ms,
+                r.ttft_ms.p99 - prefill_ms,
+                f(queue.map(|q| q.p50)),
+                f(queue.map(|q| q.p99)),
+                f(own.map(|q| q.p50)),
+                f(own.map(|q| q.p90)),
+                f(own.map(|q| q.p99)),
+                f(extra),
+                f(step.map(|q| q.p50)),
+                f(step.map(|q| q.p99)),
+            );
+        }
+    }
+    if sizes.iter().any(|s| s.machine.is_some()) {
+        let _ = writeln!(
+            md,
+            "\n### CPU accounting (whole sweep per size; the machine has {} cores)\n",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let _ = writeln!(
+            md,
+            "| groups | coordinator cores | load generator cores | simulated workers cores | machine busy (all processes) |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for s in sizes {
+            let Some((bench, sims, busy, wall)) = s.machine else {
+                continue;
+            };
+            let wall = wall.max(1e-9);
+            let _ = writeln!(
+                md,
+                "| {} | {:.2} | {:.2} | {:.2} | {:.0}% |",
+                s.groups,
+                s.cpu_s.unwrap_or(0.0) / wall,
+                bench / wall,
+                sims / wall,
+                busy * 100.0
+            );
+        }
+    }
 }
 
 fn plots(dir: &Path, sizes: &[Size], points: usize, prefill_ms: f64) -> anyhow::Result<()> {
@@ -228,7 +330,10 @@ mod tests {
         }
         let d = dir.path().display();
         let args = ScalingReportArgs {
-            sizes: vec![format!("2={d}/n2.json:0.5"), format!("1={d}/n1.json")],
+            sizes: vec![
+                format!("2={d}/n2.json:0.5:0.25:0.125:0.9:0.5"),
+                format!("1={d}/n1.json"),
+            ],
             prefill_ms: 10.0,
             out: dir.path().join("out"),
             command: "deploy/bench/scaling.sh".into(),
@@ -237,6 +342,8 @@ mod tests {
         // 190 / (2 × 100) = 95 %; 0.5 s / 1000 tokens = 500 µs.
         assert!(md.contains("| 95.0% |"), "{md}");
         assert!(md.contains("| 2 | 0.50 | 1000 | 500.0 |"), "{md}");
+        // Cores = CPU s / wall s.
+        assert!(md.contains("| 2 | 1.00 | 0.50 | 0.25 | 90% |"), "{md}");
         assert!(
             dir.path().join("out/scaling.png").exists()
                 && dir.path().join("out/report.md").exists()

@@ -14,7 +14,7 @@ use crate::detok::{Detokenizer, StopMatcher};
 use crate::error::ApiError;
 use crate::groups::ModelInfo;
 use crate::metrics::Metrics;
-use crate::request::{Finish, SeqEvent, ValidRequest};
+use crate::request::{Finish, SeqEvent, Timing, ValidRequest};
 
 /// One token as the API reports it.
 #[derive(Debug, Clone)]
@@ -182,6 +182,31 @@ impl Generation {
         }
     }
 
+    /// Records the time to first token and, from the scheduler's stamps, how much of it
+    /// was queueing, the worker, and the coordinator itself (with the gRPC hop).
+    fn first_token(&self, now: Instant, timing: Option<Timing>) {
+        let ttft = now - self.request.arrival;
+        self.metrics.time_to_first_token.observe(ttft.as_secs_f64());
+        let Some(t) = timing else { return };
+        let (Some(submitted), Some(scheduled)) = (t.submitted, t.scheduled) else {
+            return;
+        };
+        let queue = scheduled.saturating_duration_since(submitted);
+        let own = ttft.saturating_sub(queue).saturating_sub(t.worker);
+        self.metrics.queue_time.observe(queue.as_secs_f64());
+        self.metrics.first_token_overhead.observe(own.as_secs_f64());
+        tracing::debug!(
+            request = %self.request.id,
+            ttft_us = ttft.as_micros() as u64,
+            before_queue_us = submitted.saturating_duration_since(self.request.arrival).as_micros() as u64,
+            queue_us = queue.as_micros() as u64,
+            worker_us = t.worker.as_micros() as u64,
+            step_rpc_us = t.received.map_or(0, |r| r.saturating_duration_since(scheduled).as_micros() as u64),
+            fanout_us = t.received.map_or(0, |r| now.saturating_duration_since(r).as_micros() as u64),
+            "first token"
+        );
+    }
+
     /// The next piece of output; `None` after the last.
     pub async fn next(&mut self) -> Option<Result<Chunk, ApiError>> {
         if self.done {
@@ -225,13 +250,14 @@ impl Generation {
                         }
                     }
                 }
-                SeqEvent::Token { token, finish } => {
+                SeqEvent::Token {
+                    token,
+                    finish,
+                    first,
+                } => {
                     let now = Instant::now();
                     match self.last_token_at {
-                        None => self
-                            .metrics
-                            .time_to_first_token
-                            .observe((now - self.request.arrival).as_secs_f64()),
+                        None => self.first_token(now, first),
                         Some(last) => self
                             .metrics
                             .inter_token_latency

@@ -22,11 +22,25 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub migrations: IntCounterVec,
     pub requests: IntCounterVec,
+    /// Time to first token, split: waiting in the group's queue (for the step in flight,
+    /// the token budget or a slot) ...
+    pub queue_time: Histogram,
+    /// ... and what is left after the queue wait and the worker's own step time: the
+    /// coordinator (validation, scheduling, fan-out, detokenization) and the gRPC hop.
+    pub first_token_overhead: Histogram,
+    /// Step RPC round trip minus the worker's reported step time (hop + service).
+    pub step_overhead: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
     60.0,
+];
+
+/// Fine buckets for the coordinator's own share (sub-millisecond to tens of ms).
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01,
+    0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0,
 ];
 
 fn histogram(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
@@ -129,6 +143,27 @@ impl Metrics {
                 &["finish_reason"],
             )
             .expect("static metric definition; this is a bug"),
+            queue_time: Histogram::with_opts(histogram(
+                "shardline_request_queue_time_seconds",
+                "Time from handing a request to its group's scheduler to its first step.",
+                OVERHEAD_BUCKETS,
+            ))
+            .expect("static metric definition; this is a bug"),
+            first_token_overhead: Histogram::with_opts(histogram(
+                "shardline_first_token_overhead_seconds",
+                "Time to first token minus queue time minus the worker's step time: the coordinator's own share plus the gRPC hop.",
+                OVERHEAD_BUCKETS,
+            ))
+            .expect("static metric definition; this is a bug"),
+            step_overhead: HistogramVec::new(
+                histogram(
+                    "shardline_step_overhead_seconds",
+                    "Step RPC round trip minus the worker's reported step time.",
+                    OVERHEAD_BUCKETS,
+                ),
+                group,
+            )
+            .expect("static metric definition; this is a bug"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -145,6 +180,9 @@ impl Metrics {
             Box::new(m.rejected.clone()),
             Box::new(m.migrations.clone()),
             Box::new(m.requests.clone()),
+            Box::new(m.queue_time.clone()),
+            Box::new(m.first_token_overhead.clone()),
+            Box::new(m.step_overhead.clone()),
         ];
         for c in collectors {
             m.registry

@@ -13,6 +13,7 @@
 //! it can run, but only [`MAX_HEAD_SKIPS`] times; then admission pauses until it fits.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use shardline_proto::worker::v1::{
     FinishReason, PrefillChunk, SeqStatus, StepRequest, StepResponse,
@@ -20,7 +21,7 @@ use shardline_proto::worker::v1::{
 use tokio::time::Instant;
 
 use crate::error::ApiError;
-use crate::request::{Entry, Finish, SeqEvent};
+use crate::request::{Entry, Finish, SeqEvent, Timing};
 
 /// Times the oldest highest-priority request may be overtaken before admission waits for it.
 pub const MAX_HEAD_SKIPS: u32 = 32;
@@ -227,9 +228,10 @@ impl State {
                     self.head_skips = 0;
                 }
                 is_head = false;
-                let entry = self.waiting[class]
+                let mut entry = self.waiting[class]
                     .remove(i)
                     .expect("index checked above; this is a bug");
+                entry.timing.scheduled = Some(Instant::now());
                 let chunk = entry.prompt_len().clamp(1, *budget);
                 *budget -= chunk;
                 step.prefill.push(PrefillChunk {
@@ -259,6 +261,7 @@ impl State {
 
     /// Folds a step's results in: sends tokens to their requests, drops finished ones.
     pub fn apply(&mut self, response: &StepResponse) -> Applied {
+        let received = Instant::now();
         let mut applied = Applied::default();
         for result in &response.results {
             let Some(index) = self
@@ -295,6 +298,9 @@ impl State {
                 FinishReason::Unspecified => None,
             };
             let r = &mut self.running[index];
+            if !r.decoding {
+                r.entry.timing.worker += Duration::from_nanos(response.step_time_ns);
+            }
             r.computed = r.computed.max(result.prompt_computed as usize);
             let prompt_done =
                 result.has_token || finish.is_some() || r.computed >= r.entry.prompt_len();
@@ -308,9 +314,17 @@ impl State {
             if result.has_token {
                 let token = result.token.clone().unwrap_or_default();
                 r.entry.generated.push(token.token_id);
+                let first = (!r.decoding).then_some(Timing {
+                    received: Some(received),
+                    ..r.entry.timing
+                });
                 r.decoding = true;
                 applied.tokens += 1;
-                let _ = r.entry.tx.send(SeqEvent::Token { token, finish });
+                let _ = r.entry.tx.send(SeqEvent::Token {
+                    token,
+                    finish,
+                    first,
+                });
             } else if let Some(finish) = finish {
                 let _ = r.entry.tx.send(SeqEvent::Finished(finish));
             }

@@ -78,14 +78,32 @@ pub enum SeqEvent {
         cached_tokens: u32,
         prompt_logprobs: Vec<TokenLogprob>,
     },
-    /// One generated token; `finish` set on the last.
+    /// One generated token; `finish` set on the last. The first token of a placement
+    /// carries where its wait went (`first`).
     Token {
         token: TokenLogprob,
         finish: Option<Finish>,
+        first: Option<Timing>,
     },
     /// The sequence ended without a further token (e.g. `max_tokens: 0`).
     Finished(Finish),
     Error(ApiError),
+}
+
+/// Where a request's time to its first token went, stamped by its group's scheduler, so
+/// the coordinator's own share can be told apart from waiting and from the worker.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// Handed to a scheduler (validation, tokenization, admission and routing are done).
+    pub submitted: Option<Instant>,
+    /// First sent to the worker in a step: the wait before it is for the step in flight,
+    /// the per-step token budget or a sequence slot.
+    pub scheduled: Option<Instant>,
+    /// The worker's own time (its `step_time_ns`) for the steps that carried the
+    /// sequence up to its first token.
+    pub worker: std::time::Duration,
+    /// The step response with the first token arrived.
+    pub received: Option<Instant>,
 }
 
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -109,6 +127,8 @@ pub struct Entry {
     pub generated: Vec<u32>,
     /// How many times this request moved to another group.
     pub migrations: u32,
+    /// Stamps for the time-to-first-token breakdown (current placement).
+    pub timing: Timing,
 }
 
 impl Entry {
@@ -119,6 +139,7 @@ impl Entry {
             tx,
             generated: Vec::new(),
             migrations: 0,
+            timing: Timing::default(),
         }
     }
 

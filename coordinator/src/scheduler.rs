@@ -48,7 +48,11 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     /// Queues a request; gives it back when the scheduler is gone.
-    pub fn submit(&self, entry: Entry) -> Result<(), Entry> {
+    pub fn submit(&self, mut entry: Entry) -> Result<(), Entry> {
+        entry.timing = crate::request::Timing {
+            submitted: Some(Instant::now()),
+            ..Default::default()
+        };
         let blocks = entry.blocks_needed(self.block_size) as i64;
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.load
@@ -177,10 +181,18 @@ async fn run(
             Ok(Err(status)) => break Some(SchedulerError::Rpc(status)),
             Err(_) => break Some(SchedulerError::Timeout(task.step_timeout)),
         };
+        let rpc = started.elapsed();
         task.metrics
             .step_duration
             .with_label_values(&labels)
-            .observe(started.elapsed().as_secs_f64());
+            .observe(rpc.as_secs_f64());
+        task.metrics
+            .step_overhead
+            .with_label_values(&labels)
+            .observe(
+                rpc.saturating_sub(Duration::from_nanos(response.step_time_ns))
+                    .as_secs_f64(),
+            );
         load.kv_blocks_free
             .store(response.kv_blocks_free as i64, Ordering::Relaxed);
         let applied = state.apply(&response);

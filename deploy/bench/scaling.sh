@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Scaling study: one coordinator in front of 1, 2, 4, 8, 16 simulated worker groups, the
 # same open-loop sweep (same per-group request rates) at each size; writes
-# deploy/bench/scaling/report.md (+ scaling.png/svg, per-size JSON and plots).
+# deploy/bench/scaling/report.md (+ scaling.png/svg, per-size JSON and plots), with the
+# coordinator's TTFT breakdown per point (its histograms, scraped by the bench) and the CPU
+# used by the coordinator, the load generator, the simulated workers and the machine.
 #
 # Usage: deploy/bench/scaling.sh            (builds target/debug/shardline if missing)
 # Knobs (environment): SIZES="1 2 4 8 16" PROFILE=h100-llama3-8b PER_GROUP_RATES="2,4,8"
@@ -41,6 +43,10 @@ trap 'exit 130' INT TERM
 
 # user + system CPU seconds of a process so far.
 cpu_s() { awk -v t="$TICKS" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+# Sum of cpu_s over several processes.
+cpu_sum() { local t=0; for p in "$@"; do t=$(awk -v a="$t" -v b="$(cpu_s "$p")" 'BEGIN { print a + b }'); done; echo "$t"; }
+# "busy total" jiffies of the whole machine (every process, other users' builds included).
+machine_jiffies() { awk '/^cpu / { idle = $5 + $6; tot = 0; for (i = 2; i <= NF; i++) tot += $i; print tot - idle, tot }' /proc/stat; }
 
 wait_http() {
   for _ in $(seq 1 100); do
@@ -55,11 +61,13 @@ REPORT_ARGS=()
 for n in $SIZES; do
   echo "== $n simulated group(s) =="
   workers=()
+  SIM_PIDS=()
   for i in $(seq 0 $((n - 1))); do
     port=$((SIM_BASE_PORT + i))
     $BENCH sim --profile "$PROFILE" --listen "127.0.0.1:$port" --group-id "sim-$i" \
       >"$OUT/sim-$n-$i.log" 2>&1 &
     PIDS+=($!)
+    SIM_PIDS+=($!)
     workers+=("http://127.0.0.1:$port")
   done
   sleep 1
@@ -72,13 +80,23 @@ for n in $SIZES; do
   wait_http "$n"
   rates=$(echo "$PER_GROUP_RATES" | tr ',' '\n' | awk -v n="$n" '{ printf "%s%g", sep, $1 * n; sep="," }')
   before=$(cpu_s "$coord")
-  $BENCH --base-url "http://127.0.0.1:$HTTP_PORT" --request-rate "$rates" \
+  sims_before=$(cpu_sum "${SIM_PIDS[@]}")
+  read -r busy0 tot0 < <(machine_jiffies)
+  # shellcheck disable=SC2086
+  /usr/bin/time -f '%U %S %e' -o "$OUT/bench-$n.cpu" $BENCH --base-url "http://127.0.0.1:$HTTP_PORT" --request-rate "$rates" \
     --duration "$DURATION" --warmup-requests $((4 * n)) --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
-    --slo ttft=500ms,tpot=50ms --json "$OUT/n$n.json" --plots "$OUT/n$n" --no-progress \
+    --slo ttft=500ms,tpot=50ms --json "$OUT/n$n.json" --plots "$OUT/n$n" --no-progress --scrape-metrics \
     | tee "$OUT/bench-$n.txt"
+  read -r busy1 tot1 < <(machine_jiffies)
   after=$(cpu_s "$coord")
+  sims_after=$(cpu_sum "${SIM_PIDS[@]}")
   cpu=$(awk -v a="$after" -v b="$before" 'BEGIN { print a - b }')
-  REPORT_ARGS+=(--size "$n=$OUT/n$n.json:$cpu")
+  sims=$(awk -v a="$sims_after" -v b="$sims_before" 'BEGIN { print a - b }')
+  bench_cpu=$(awk '{ print $1 + $2 }' "$OUT/bench-$n.cpu")
+  busy=$(awk -v b0="$busy0" -v t0="$tot0" -v b1="$busy1" -v t1="$tot1" 'BEGIN { print (b1 - b0) / (t1 - t0) }')
+  curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" >"$OUT/metrics-$n.txt" || true
+  wall=$(awk '{ print $3 }' "$OUT/bench-$n.cpu")
+  REPORT_ARGS+=(--size "$n=$OUT/n$n.json:$cpu:$bench_cpu:$sims:$busy:$wall")
   cleanup
   sleep 1
 done

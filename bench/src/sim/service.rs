@@ -10,8 +10,8 @@ use shardline_proto::worker::v1::{
     DecodeRequest, HealthRequest, HealthResponse, InfoRequest, InfoResponse, PrefillRequest,
     ReleaseRequest, ReleaseResponse, StepRequest, StepResponse,
 };
+use std::time::Instant;
 use tokio::sync::Mutex;
-use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::engine::SimState;
@@ -55,9 +55,27 @@ impl SimWorker {
             .fetch_add(cost.as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         if self.time_scale > 0.0 && !cost.is_zero() {
             // Sleep to an absolute deadline so the bookkeeping above is inside the step.
-            tokio::time::sleep_until(started + cost.mul_f64(self.time_scale)).await;
+            sleep_precisely(started + cost.mul_f64(self.time_scale)).await;
         }
         Ok(Response::new(resp))
+    }
+}
+
+/// Sleeps until `deadline` on a blocking-pool thread. The OS timer wakes within tens of
+/// microseconds, where tokio's millisecond timer wheel makes every step up to a
+/// millisecond longer than the model says — time a scaling study would then wrongly put
+/// on the coordinator.
+async fn sleep_precisely(deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return;
+    }
+    if tokio::task::spawn_blocking(move || std::thread::sleep(left))
+        .await
+        .is_err()
+    {
+        // The blocking pool is shutting down: fall back to the coarse timer.
+        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
     }
 }
 
