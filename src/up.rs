@@ -36,6 +36,9 @@ pub struct UpArgs {
     /// Kernel threads per worker group (default: all cores).
     #[arg(long, env = "SHARDLINE_THREADS")]
     threads: Option<usize>,
+    /// Tensor-parallel ranks per worker group.
+    #[arg(long, env = "SHARDLINE_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    tp: u16,
     #[command(flatten)]
     coordinator: shardline_coordinator::CoordinatorArgs,
 }
@@ -79,6 +82,8 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             max_num_seqs: args.coordinator.max_num_seqs,
             group_id: Some(format!("up-{i}")),
             threads: args.threads,
+            tp: args.tp,
+            tp_timeout_secs: 30.0,
             max_context: None,
             model_id: None,
             drain_timeout_secs: 2,

@@ -50,9 +50,21 @@ pub struct WorkerArgs {
     #[arg(long, env = "SHARDLINE_GROUP_ID")]
     pub group_id: Option<String>,
 
-    /// Threads for the model's kernels (default: all cores).
+    /// Threads for the model's kernels (default: all cores), split between the
+    /// tensor-parallel ranks.
     #[arg(long, env = "SHARDLINE_THREADS")]
     pub threads: Option<usize>,
+
+    /// Tensor-parallel ranks: the model is split over this many rank threads (query
+    /// heads, KV heads and FFN columns). Must divide the query heads; KV heads are split
+    /// or replicated.
+    #[arg(long, env = "SHARDLINE_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub tp: u16,
+
+    /// Seconds a tensor-parallel rank waits for the others in a collective before the
+    /// step fails and the group reports unhealthy.
+    #[arg(long, env = "SHARDLINE_TP_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub tp_timeout_secs: f64,
 
     /// Caps the context length below the model's own (saves KV memory per sequence).
     #[arg(long, env = "SHARDLINE_MAX_CONTEXT")]
@@ -106,6 +118,11 @@ pub async fn run_with_listener(
         threads: args.threads.unwrap_or(defaults.threads),
         model_id: args.model_id.clone(),
         max_context: args.max_context,
+        tp: usize::from(args.tp),
+        collective_timeout: std::time::Duration::try_from_secs_f64(args.tp_timeout_secs)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--tp-timeout-secs must be a positive number of seconds")?,
     };
     let model = args.model.clone();
     let (runner, tokenizer) = tokio::task::spawn_blocking(move || {

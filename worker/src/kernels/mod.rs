@@ -229,15 +229,36 @@ impl Linear {
 
     /// `x`: `rows × in_dim` → `rows × out_dim`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.forward_segments(x, rows, 1)
+    }
+
+    /// The products of `segments` equal slices of the input axis, separately:
+    /// `segments × rows × out_dim`, slice `s` covering input columns
+    /// `s·in_dim/segments ..`. Summing them in segment order is how a row-parallel layer
+    /// reduces, whether the segments sit on one tensor-parallel rank or on several.
+    /// Slices must be whole storage blocks (and whole activation blocks).
+    pub fn forward_segments(&self, x: &[f32], rows: usize, segments: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), rows * self.in_dim);
+        let seg = Segments {
+            n: segments.max(1),
+            len: self.in_dim / segments.max(1),
+        };
+        debug_assert_eq!(seg.n * seg.len, self.in_dim);
         match &self.w {
-            WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows),
-            WeightData::Q4_1(w) => matmul_q4_1(w, self.out_dim, self.in_dim, x, rows),
+            WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows, seg),
+            WeightData::Q4_1(w) => matmul_q4_1(w, self.out_dim, self.in_dim, x, rows, seg),
             other => {
-                dispatch!(other, v => matmul_q(v, self.out_dim, self.in_dim, x, rows, GgmlType::vec_dot))
+                dispatch!(other, v => matmul_q(v, self.out_dim, self.in_dim, x, rows, seg, GgmlType::vec_dot))
             }
         }
     }
+}
+
+/// Equal slices of a matmul's input axis, reduced separately.
+#[derive(Debug, Clone, Copy)]
+struct Segments {
+    n: usize,
+    len: usize,
 }
 
 /// Output columns per parallel task: small enough to spread over the threads, large
@@ -271,11 +292,20 @@ fn per_column(out_dim: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync)
     y
 }
 
-fn matmul_f32(w: &[f32], out_dim: usize, in_dim: usize, x: &[f32], rows: usize) -> Vec<f32> {
-    per_column(out_dim, rows, |o, col| {
-        let wr = &w[o * in_dim..(o + 1) * in_dim];
-        for (r, y) in col.iter_mut().enumerate() {
-            *y = dot_f32(wr, &x[r * in_dim..(r + 1) * in_dim]);
+fn matmul_f32(
+    w: &[f32],
+    out_dim: usize,
+    in_dim: usize,
+    x: &[f32],
+    rows: usize,
+    seg: Segments,
+) -> Vec<f32> {
+    per_column(out_dim, seg.n * rows, |o, col| {
+        for (i, y) in col.iter_mut().enumerate() {
+            let (s, r) = (i / rows, i % rows);
+            let w0 = o * in_dim + s * seg.len;
+            let x0 = r * in_dim + s * seg.len;
+            *y = dot_f32(&w[w0..w0 + seg.len], &x[x0..x0 + seg.len]);
         }
     })
 }
@@ -286,10 +316,12 @@ fn matmul_q<T: GgmlType>(
     in_dim: usize,
     x: &[f32],
     rows: usize,
+    seg: Segments,
     vec_dot: impl Fn(usize, &[T], &[T::VecDotType]) -> f32 + Sync,
 ) -> Vec<f32> {
     let xb = in_dim / T::VecDotType::BLCK_SIZE;
     let wb = in_dim / T::BLCK_SIZE;
+    let (sxb, swb) = (seg.len / T::VecDotType::BLCK_SIZE, seg.len / T::BLCK_SIZE);
     let mut xq = vec![T::VecDotType::zeros(); rows * xb];
     for r in 0..rows {
         T::VecDotType::from_float(
@@ -297,10 +329,12 @@ fn matmul_q<T: GgmlType>(
             &mut xq[r * xb..(r + 1) * xb],
         );
     }
-    per_column(out_dim, rows, |o, col| {
-        let wr = &w[o * wb..(o + 1) * wb];
-        for (r, y) in col.iter_mut().enumerate() {
-            *y = vec_dot(in_dim, wr, &xq[r * xb..(r + 1) * xb]);
+    per_column(out_dim, seg.n * rows, |o, col| {
+        for (i, y) in col.iter_mut().enumerate() {
+            let (s, r) = (i / rows, i % rows);
+            let w0 = o * wb + s * swb;
+            let x0 = r * xb + s * sxb;
+            *y = vec_dot(seg.len, &w[w0..w0 + swb], &xq[x0..x0 + sxb]);
         }
     })
 }
@@ -311,12 +345,14 @@ fn matmul_q4_1(
     in_dim: usize,
     x: &[f32],
     rows: usize,
+    seg: Segments,
 ) -> Vec<f32> {
-    let nb = in_dim / 32;
+    let (nb, sb) = (in_dim / 32, seg.len / 32);
     let xq = q4_1::Q81Packed::quantize(x, rows, in_dim);
-    per_column(out_dim, rows, |o, col| {
-        for (r, y) in col.iter_mut().enumerate() {
-            *y = q4_1::dot_packed(w, o * nb, &xq, r * nb, nb);
+    per_column(out_dim, seg.n * rows, |o, col| {
+        for (i, y) in col.iter_mut().enumerate() {
+            let (s, r) = (i / rows, i % rows);
+            *y = q4_1::dot_packed(w, o * nb + s * sb, &xq, r * nb + s * sb, sb);
         }
     })
 }

@@ -35,6 +35,10 @@ pub struct LoadOptions {
     pub model_id: Option<String>,
     /// Caps the context length below the model's.
     pub max_context: Option<usize>,
+    /// Tensor-parallel ranks (threads of this process) the model is split over.
+    pub tp: usize,
+    /// Deadline of one tensor-parallel collective.
+    pub collective_timeout: std::time::Duration,
 }
 
 impl Default for LoadOptions {
@@ -48,6 +52,8 @@ impl Default for LoadOptions {
                 .unwrap_or(1),
             model_id: None,
             max_context: None,
+            tp: 1,
+            collective_timeout: crate::model::runner::DEFAULT_COLLECTIVE_TIMEOUT,
         }
     }
 }
@@ -141,13 +147,13 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
     if let Some(max) = opts.max_context {
         model.cfg.context_length = model.cfg.context_length.min(max.max(1));
     }
-    let cfg = &model.cfg;
-    let per_block = KvStore::bytes_per_block(
-        cfg.num_layers,
-        opts.block_size,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-    );
+    let shards = crate::tp::shard::shard_all(model, opts.tp.max(1))
+        .map_err(|e| LoadError::Options(e.to_string()))?;
+    let cfg = &shards[0].cfg;
+    // The budget is the group's: every rank's KV heads (replicated ones counted on each).
+    let kv_heads: usize = shards.iter().map(|m| m.part.kv_heads.len()).sum();
+    let per_block =
+        KvStore::bytes_per_block(cfg.num_layers, opts.block_size, kv_heads, cfg.head_dim);
     let blocks = opts
         .kv_blocks
         .unwrap_or(opts.kv_cache_bytes / per_block.max(1));
@@ -162,12 +168,13 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
             .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
             .unwrap_or_else(|| "model".into())
     });
-    Ok(LlamaRunner::new(
-        model,
+    Ok(LlamaRunner::sharded(
+        shards,
         id,
         blocks,
         opts.block_size,
         opts.threads,
+        opts.collective_timeout,
     )?)
 }
 

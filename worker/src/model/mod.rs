@@ -235,16 +235,20 @@ impl LlamaModel {
                 }
             }
             let attn = self.attention(li, step, &qkv, kv);
-            let mut o = layer.o_proj.forward(&attn, n);
-            comm.all_reduce_sum(&mut o)?;
+            let o = layer
+                .o_proj
+                .forward_segments(&attn, n, self.part.segments.len());
+            let o = self.reduce_segments(o, n, comm)?;
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             let xn = rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps);
             let gu = layer.gate_up.forward(&xn, n);
             let act = silu_mul(&gu, self.part.ffn.len());
-            let mut d = layer.down.forward(&act, n);
-            comm.all_reduce_sum(&mut d)?;
+            let d = layer
+                .down
+                .forward_segments(&act, n, self.part.segments.len());
+            let d = self.reduce_segments(d, n, comm)?;
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
             }
@@ -261,6 +265,36 @@ impl LlamaModel {
         }
         let last = rms_norm(&last, &self.norm, cfg.rms_norm_eps);
         Ok(self.lm_head.forward(&last, step.logit_rows.len()))
+    }
+
+    /// Sums the segment products of a row-parallel layer (`segments × n × hidden`, this
+    /// rank's segments) over the whole group, in segment order on every rank.
+    fn reduce_segments(
+        &self,
+        mine: Vec<f32>,
+        n: usize,
+        comm: &mut dyn Communicator<Buffer = [f32]>,
+    ) -> Result<Vec<f32>, CommError> {
+        let size = n * self.cfg.hidden_size;
+        let all = if comm.world_size() == 1 {
+            mine
+        } else {
+            // Each segment's product travels apart (zeros elsewhere add exactly), so the
+            // order of the final sum is the segments', not the ranks'.
+            let mut all = vec![0f32; self.part.num_segments * size];
+            all[self.part.segments.start * size..self.part.segments.end * size]
+                .copy_from_slice(&mine);
+            comm.all_reduce_sum(&mut all)?;
+            all
+        };
+        let mut segs = all.chunks_exact(size);
+        let mut out = segs.next().map(<[f32]>::to_vec).unwrap_or_default();
+        for s in segs {
+            for (a, b) in out.iter_mut().zip(s) {
+                *a += b;
+            }
+        }
+        Ok(out)
     }
 
     /// Causal attention of every token of the step over its own sequence's blocks.

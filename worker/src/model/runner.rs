@@ -1,21 +1,26 @@
-//! [`LlamaRunner`]: the [`ModelRunner`] over [`LlamaModel`] + paged KV cache, on a
-//! dedicated rayon pool so the model's threads are not shared with the async runtime.
+//! [`LlamaRunner`]: the [`ModelRunner`] over [`LlamaModel`] + paged KV cache, for one
+//! rank or a tensor-parallel [`RankGroup`]. The block manager (which blocks a sequence
+//! owns) is one per group; each rank stores its own KV heads of those blocks. Model
+//! threads are dedicated rayon pools, not the async runtime's.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
-use crate::kv::{BlockManager, KvStore};
-use crate::model::{LlamaModel, StepPlan, TokenPlan};
+use crate::kv::BlockManager;
+use crate::model::{LlamaModel, TokenPlan};
 use crate::runner::{
     ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerInfo, SeqChunk, SeqId,
 };
+use crate::tp::group::{FailureInjector, OwnedStep, RankGroup};
 
-/// A single-rank Llama runner.
+/// Default deadline of a tensor-parallel collective.
+pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Llama runner over one or more ranks.
 pub struct LlamaRunner {
-    model: LlamaModel,
+    group: RankGroup,
     blocks: BlockManager,
-    kv: KvStore,
     info: RunnerInfo,
-    pool: rayon::ThreadPool,
 }
 
 impl std::fmt::Debug for LlamaRunner {
@@ -27,7 +32,7 @@ impl std::fmt::Debug for LlamaRunner {
 }
 
 impl LlamaRunner {
-    /// `num_blocks` KV blocks of `block_size` positions; `threads` model threads.
+    /// One rank: `num_blocks` KV blocks of `block_size` positions; `threads` model threads.
     pub fn new(
         model: LlamaModel,
         model_id: String,
@@ -35,44 +40,67 @@ impl LlamaRunner {
         block_size: usize,
         threads: usize,
     ) -> Result<Self, RunnerError> {
-        let cfg = &model.cfg;
-        let kv = KvStore::new(
-            cfg.num_layers,
+        Self::sharded(
+            vec![model],
+            model_id,
             num_blocks,
             block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        );
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("shardline-model-{i}"))
-            .build()
-            .map_err(|e| RunnerError::Model(format!("model thread pool: {e}")))?;
+            threads,
+            DEFAULT_COLLECTIVE_TIMEOUT,
+        )
+    }
+
+    /// A tensor-parallel group, `shards[r]` being rank `r`'s model
+    /// ([`crate::tp::shard::shard_all`]); `threads` model threads in all, split between
+    /// the ranks; collectives give up after `timeout`.
+    pub fn sharded(
+        shards: Vec<LlamaModel>,
+        model_id: String,
+        num_blocks: usize,
+        block_size: usize,
+        threads: usize,
+        timeout: Duration,
+    ) -> Result<Self, RunnerError> {
+        let world = shards.len().max(1);
+        let group = RankGroup::start(
+            shards,
+            num_blocks,
+            block_size,
+            (threads / world).max(1),
+            timeout,
+        )
+        .map_err(RunnerError::Model)?;
+        let model = group.model();
+        let cfg = &model.cfg;
         let info = RunnerInfo {
             model_id,
             dtype: model.dtype_name(),
-            tp: 1,
+            tp: world,
             context_length: cfg.context_length,
             vocab_size: cfg.vocab_size,
             kv_block_size: block_size,
             kv_blocks_total: num_blocks,
         };
         Ok(LlamaRunner {
-            model,
+            group,
             blocks: BlockManager::new(num_blocks, block_size),
-            kv,
             info,
-            pool,
         })
     }
 
+    /// Rank 0's model (the whole model at tp 1).
     pub fn model(&self) -> &LlamaModel {
-        &self.model
+        self.group.model()
+    }
+
+    /// A handle that makes a rank's next step fail (tests of the failure path).
+    pub fn failure_injector(&self) -> FailureInjector {
+        self.group.failure_injector()
     }
 
     fn validate(&self, batch: &[SeqChunk]) -> Result<(), RunnerError> {
         let mut seen = HashSet::with_capacity(batch.len());
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.info.vocab_size;
         for c in batch {
             if !seen.insert(c.id) {
                 return Err(RunnerError::Model(format!(
@@ -135,18 +163,18 @@ impl LlamaRunner {
         }
         let tables = batch
             .iter()
-            .map(|c| self.blocks.block_table(c.id))
+            .map(|c| self.blocks.block_table(c.id).map(<[_]>::to_vec))
             .collect::<Result<Vec<_>, _>>()?;
-        let step = StepPlan {
-            tokens: &tokens,
-            plan: &plan,
-            tables: &tables,
-            logit_rows: &logit_rows,
-        };
-        let model = &self.model;
-        let kv = &mut self.kv;
-        let logits = self.pool.install(|| model.forward(&step, kv));
-        let vocab = self.model.cfg.vocab_size;
+        let logits = self
+            .group
+            .forward(OwnedStep {
+                tokens,
+                plan,
+                tables,
+                logit_rows,
+            })
+            .map_err(RunnerError::Model)?;
+        let vocab = self.info.vocab_size;
         let mut out = Vec::with_capacity(batch.len());
         let mut off = 0;
         for (c, rows) in batch.iter().zip(rows_per_chunk) {
@@ -220,5 +248,9 @@ impl ModelRunner for LlamaRunner {
 
     fn free_blocks(&self) -> usize {
         self.blocks.free_blocks()
+    }
+
+    fn healthy(&self) -> Result<(), RunnerError> {
+        self.group.healthy().map_err(RunnerError::Model)
     }
 }

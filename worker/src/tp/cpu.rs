@@ -164,11 +164,6 @@ impl CpuCommunicator {
             .collect()
     }
 
-    /// Whether some rank aborted the group.
-    pub fn is_aborted(&self) -> bool {
-        self.shared.aborted.load(Ordering::SeqCst)
-    }
-
     /// The buffer set of the next call.
     fn next_set(&mut self) -> usize {
         let s = (self.calls % 2) as usize;
@@ -294,6 +289,10 @@ impl Communicator for CpuCommunicator {
 
     fn abort(&self, reason: &str) {
         self.shared.abort(self.rank, reason);
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.shared.aborted.load(Ordering::SeqCst)
     }
 }
 

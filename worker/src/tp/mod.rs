@@ -6,12 +6,16 @@
 //! with a [`Communicator`]'s all-reduce.
 //!
 //! - [`cpu`]: ranks on CPU cores sharing memory ([`cpu::CpuCommunicator`]).
+//! - [`group`]: the rank threads of one group running a step together.
 //! - `nccl` (feature `cuda`): ranks on GPUs, NCCL through candle-core's bindings.
 //!
 //! Every collective has a deadline: a rank that errors, panics or hangs fails the whole
 //! group's step with [`CommError`] instead of leaving the others waiting.
 
 pub mod cpu;
+pub mod group;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod shard;
 
 use std::time::Duration;
@@ -40,6 +44,11 @@ pub trait Communicator: Send {
     /// Marks the group failed: every rank waiting in (or later entering) a collective
     /// returns [`CommError::Aborted`]. Called by a rank that errs or panics mid-step.
     fn abort(&self, reason: &str);
+
+    /// Whether some rank aborted the group.
+    fn is_aborted(&self) -> bool {
+        false
+    }
 }
 
 /// Why a collective did not complete.

@@ -12,6 +12,18 @@
 //! head narrower than the block), that weight alone is dequantized to f32 and split —
 //! correct, at some memory cost.
 //!
+//! **Segments.** o_proj and down reduce over their input axis; the order of that
+//! reduction decides the last bits of the result. Both are computed as `S` segment
+//! products summed in segment order, with `S` the number of KV heads (a segment of o_proj
+//! is one KV head's query heads, a segment of down an equal FFN slice) and each rank
+//! owning whole segments. The all-reduce carries every segment's product apart and every
+//! rank sums them in the same order, so the logits at any tp dividing the KV heads are
+//! **bitwise** those of tp 1 — greedy output does not change with tp, even on a quantized
+//! model whose int8 activation rounding would amplify a last-bit difference. When the
+//! KV heads cannot be segments (replicated KV heads, an FFN or head width that is not a
+//! whole number of blocks per segment) each rank is one segment: the sum order then
+//! depends on tp and logits agree with tp 1 to rounding only.
+//!
 //! KV heads: `world` must divide the query heads; if it also divides the KV heads each
 //! rank owns `nkv/world` of them, and if the KV heads divide `world` each KV head is
 //! replicated on `world/nkv` ranks (as vLLM does). Anything else is refused.
@@ -30,6 +42,9 @@ pub struct RankPart {
     pub q_heads: Range<usize>,
     pub kv_heads: Range<usize>,
     pub ffn: Range<usize>,
+    /// Reduction segments this rank owns, of `num_segments` (see the module docs).
+    pub segments: Range<usize>,
+    pub num_segments: usize,
 }
 
 impl RankPart {
@@ -41,6 +56,8 @@ impl RankPart {
             q_heads: 0..cfg.num_heads,
             kv_heads: 0..cfg.num_kv_heads,
             ffn: 0..cfg.intermediate_size,
+            segments: 0..1,
+            num_segments: 1,
         }
     }
 
@@ -86,10 +103,12 @@ pub fn block_len(w: &WeightData) -> usize {
     }
 }
 
-/// The parts of `world` ranks; `ffn_block` is the block length of the `down` weight.
+/// The parts of `world` ranks; `o_block` and `ffn_block` are the block lengths of the
+/// o_proj and down weights.
 pub fn plan(
     cfg: &LlamaConfig,
     world: usize,
+    o_block: usize,
     ffn_block: usize,
 ) -> Result<Vec<RankPart>, ShardError> {
     let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
@@ -114,6 +133,13 @@ pub fn plan(
             block,
         });
     }
+    // One segment per KV head when every segment is whole blocks of o_proj and down.
+    let group_width = nh / nkv * cfg.head_dim;
+    let by_kv_head = nkv.is_multiple_of(world)
+        && units.is_multiple_of(nkv)
+        && group_width.is_multiple_of(o_block.max(1));
+    let num_segments = if by_kv_head { nkv } else { world };
+    let per_rank = num_segments / world;
     Ok((0..world)
         .map(|r| {
             let kv_heads = if nkv >= world {
@@ -122,12 +148,20 @@ pub fn plan(
                 let k = r / (world / nkv);
                 k..k + 1
             };
+            let ffn = if by_kv_head {
+                let seg = units / nkv * block;
+                r * per_rank * seg..(r + 1) * per_rank * seg
+            } else {
+                r * units / world * block..(r + 1) * units / world * block
+            };
             RankPart {
                 rank: r,
                 world,
                 q_heads: r * nh / world..(r + 1) * nh / world,
                 kv_heads,
-                ffn: r * units / world * block..(r + 1) * units / world * block,
+                ffn,
+                segments: r * per_rank..(r + 1) * per_rank,
+                num_segments,
             }
         })
         .collect())
@@ -271,17 +305,18 @@ pub fn shard(model: &LlamaModel, part: &RankPart) -> LlamaModel {
     .with_part(part.clone())
 }
 
-/// All `world` shards of `model`.
-pub fn shard_all(model: &LlamaModel, world: usize) -> Result<Vec<LlamaModel>, ShardError> {
-    let ffn_block = model
+/// All `world` shards of `model` (at `world == 1`, the model itself with its segments).
+pub fn shard_all(model: LlamaModel, world: usize) -> Result<Vec<LlamaModel>, ShardError> {
+    let (o_block, ffn_block) = model
         .layers
         .first()
-        .map(|l| block_len(&l.down.w))
-        .unwrap_or(1);
-    Ok(plan(&model.cfg, world, ffn_block)?
-        .iter()
-        .map(|p| shard(model, p))
-        .collect())
+        .map(|l| (block_len(&l.o_proj.w), block_len(&l.down.w)))
+        .unwrap_or((1, 1));
+    let parts = plan(&model.cfg, world, o_block, ffn_block)?;
+    if world == 1 {
+        return Ok(vec![model.with_part(parts[0].clone())]);
+    }
+    Ok(parts.iter().map(|p| shard(&model, p)).collect())
 }
 
 #[cfg(test)]
@@ -308,33 +343,40 @@ mod tests {
 
     #[test]
     fn plans_split_replicate_or_refuse() {
-        let p = plan(&cfg(8, 4, 128), 2, 32).unwrap();
+        let p = plan(&cfg(8, 4, 128), 2, 32, 32).unwrap();
         assert_eq!(p[1].q_heads, 4..8);
         assert_eq!(p[1].kv_heads, 2..4);
         assert_eq!(p[1].ffn, 64..128);
+        assert_eq!((p[1].segments.clone(), p[1].num_segments), (2..4, 4));
+        // tp 1 computes the same four segments.
+        assert_eq!(plan(&cfg(8, 4, 128), 1, 32, 32).unwrap()[0].num_segments, 4);
         // 9 query heads / 3 KV heads at tp 3: one KV head each.
-        let p = plan(&cfg(9, 3, 1536), 3, 32).unwrap();
+        let p = plan(&cfg(9, 3, 1536), 3, 32, 32).unwrap();
         assert_eq!(p[2].kv_heads, 2..3);
         assert_eq!(p[2].ffn, 1024..1536);
-        // 8 query heads / 2 KV heads at tp 4: each KV head on two ranks.
-        let p = plan(&cfg(8, 2, 128), 4, 32).unwrap();
+        assert_eq!(p[2].segments, 2..3);
+        // 8 query heads / 2 KV heads at tp 4: each KV head on two ranks, a segment a rank.
+        let p = plan(&cfg(8, 2, 128), 4, 32, 32).unwrap();
         let kv: Vec<_> = p.iter().map(|r| r.kv_heads.clone()).collect();
         assert_eq!(kv, vec![0..1, 0..1, 1..2, 1..2]);
+        assert_eq!((p[3].segments.clone(), p[3].num_segments), (3..4, 4));
         assert!(matches!(
-            plan(&cfg(9, 3, 1536), 2, 32),
+            plan(&cfg(9, 3, 1536), 2, 32, 32),
             Err(ShardError::QueryHeads { .. })
         ));
         assert!(matches!(
-            plan(&cfg(12, 3, 1536), 4, 32),
+            plan(&cfg(12, 3, 1536), 4, 32, 32),
             Err(ShardError::KvHeads { .. })
         ));
         assert!(matches!(
-            plan(&cfg(8, 4, 64), 4, 32),
+            plan(&cfg(8, 4, 64), 4, 32, 32),
             Err(ShardError::Ffn { .. })
         ));
-        // Uneven FFN: whole blocks, every column owned once.
-        let p = plan(&cfg(8, 4, 96), 2, 32).unwrap();
+        // Uneven FFN (3 blocks over 4 KV heads): a segment per rank, whole blocks, every
+        // column owned once.
+        let p = plan(&cfg(8, 4, 96), 2, 32, 32).unwrap();
         assert_eq!((p[0].ffn.clone(), p[1].ffn.clone()), (0..32, 32..96));
+        assert_eq!(p[1].num_segments, 2);
     }
 
     #[test]

@@ -1,0 +1,319 @@
+//! [`RankGroup`]: the ranks of one worker group running one step together.
+//!
+//! Rank 0 runs in the caller's thread (the engine's), ranks 1.. each in a thread of their
+//! own; every rank owns its model shard, its KV cache shard (its KV heads of every block)
+//! and a rayon pool. A step's plan reaches the other ranks over an in-process channel as
+//! one shared allocation — no second network hop — and only rank 0 computes logits.
+//!
+//! Failure: a rank whose forward errs or panics aborts the group's communicator, so the
+//! others leave their collectives at once; a rank that stops answering is caught by the
+//! collectives' deadline. Either way the step returns an error and the group stays failed
+//! (its KV shards may disagree from then on), which the worker reports as unhealthy.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::cpu::CpuCommunicator;
+use super::{Communicator, SingleRank};
+use crate::kv::{BlockId, KvStore};
+use crate::model::{LlamaModel, StepPlan, TokenPlan};
+
+/// A step with owned data, shared by all ranks.
+#[derive(Debug, Default)]
+pub struct OwnedStep {
+    pub tokens: Vec<u32>,
+    pub plan: Vec<TokenPlan>,
+    pub tables: Vec<Vec<BlockId>>,
+    pub logit_rows: Vec<usize>,
+}
+
+impl OwnedStep {
+    fn run(
+        &self,
+        model: &LlamaModel,
+        kv: &mut KvStore,
+        comm: &mut dyn Communicator<Buffer = [f32]>,
+    ) -> Result<Vec<f32>, String> {
+        let tables: Vec<&[BlockId]> = self.tables.iter().map(Vec::as_slice).collect();
+        let step = StepPlan {
+            tokens: &self.tokens,
+            plan: &self.plan,
+            tables: &tables,
+            logit_rows: &self.logit_rows,
+        };
+        model
+            .forward_rank(&step, kv, comm)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A failure to inject into one rank's next step (tests of the failure path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFailure {
+    /// The rank's forward returns an error before its first collective.
+    Error,
+    /// The rank's forward panics.
+    Panic,
+    /// The rank stops answering (until the group is aborted by the others' deadline).
+    Hang,
+}
+
+type Hook = Arc<Mutex<Option<InjectedFailure>>>;
+
+/// A handle that makes one rank's next step fail; it stays usable after the runner moved
+/// into the engine thread.
+#[derive(Debug, Clone)]
+pub struct FailureInjector {
+    hooks: Vec<Hook>,
+}
+
+impl FailureInjector {
+    /// Makes `rank`'s next step fail the way `kind` says (unknown ranks are ignored).
+    pub fn inject(&self, rank: usize, kind: InjectedFailure) {
+        if let Some(h) = self.hooks.get(rank) {
+            *h.lock().unwrap_or_else(|e| e.into_inner()) = Some(kind);
+        }
+    }
+}
+
+/// Everything one rank owns.
+struct Rank {
+    model: LlamaModel,
+    kv: KvStore,
+    pool: rayon::ThreadPool,
+    comm: Box<dyn Communicator<Buffer = [f32]>>,
+    hook: Hook,
+}
+
+impl Rank {
+    /// One step on this rank, errors and panics turned into an abort of the group.
+    fn step(&mut self, step: &OwnedStep) -> Result<Vec<f32>, String> {
+        let injected = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let rank = self.comm.rank();
+        let Rank {
+            model,
+            kv,
+            pool,
+            comm,
+            ..
+        } = self;
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match injected {
+            Some(InjectedFailure::Error) => Err(format!("rank {rank}: injected error")),
+            Some(InjectedFailure::Panic) => panic!("rank {rank}: injected panic"),
+            Some(InjectedFailure::Hang) => {
+                // Wait for the others to give up on us, as a stuck rank would make them.
+                while comm.world_size() > 1 && !comm.is_aborted() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(format!("rank {rank}: injected hang"))
+            }
+            None => pool.install(|| step.run(model, kv, comm.as_mut())),
+        }));
+        let result = match outcome {
+            Ok(r) => r,
+            Err(panic) => Err(format!("rank {rank} panicked: {}", panic_message(&*panic))),
+        };
+        if let Err(e) = &result {
+            self.comm.abort(e);
+        }
+        result
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+struct Peer {
+    jobs: Option<mpsc::Sender<Arc<OwnedStep>>>,
+    done: mpsc::Receiver<Result<(), String>>,
+    hook: Hook,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The ranks of one group.
+pub struct RankGroup {
+    rank0: Rank,
+    peers: Vec<Peer>,
+    timeout: Duration,
+    failed: Option<String>,
+}
+
+impl std::fmt::Debug for RankGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankGroup")
+            .field("world", &(self.peers.len() + 1))
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RankGroup {
+    /// Starts one rank per shard (`shards[r]` is rank `r`'s model), each with a KV cache
+    /// of `num_blocks` blocks for its own KV heads and `threads_per_rank` model threads.
+    /// Collectives give up after `timeout`.
+    pub fn start(
+        shards: Vec<LlamaModel>,
+        num_blocks: usize,
+        block_size: usize,
+        threads_per_rank: usize,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let world = shards.len();
+        if world == 0 {
+            return Err("a group needs at least one rank".into());
+        }
+        let mut comms: Vec<Box<dyn Communicator<Buffer = [f32]>>> = if world == 1 {
+            vec![Box::new(SingleRank)]
+        } else {
+            CpuCommunicator::group(world, timeout)
+                .into_iter()
+                .map(|c| Box::new(c) as Box<dyn Communicator<Buffer = [f32]>>)
+                .collect()
+        };
+        let mut ranks = Vec::with_capacity(world);
+        for (r, (model, comm)) in shards.into_iter().zip(comms.drain(..)).enumerate() {
+            let cfg = &model.cfg;
+            let kv = KvStore::new(
+                cfg.num_layers,
+                num_blocks,
+                block_size,
+                model.part.kv_heads.len(),
+                cfg.head_dim,
+            );
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads_per_rank.max(1))
+                .thread_name(move |i| format!("shardline-rank{r}-{i}"))
+                .build()
+                .map_err(|e| format!("rank {r} thread pool: {e}"))?;
+            ranks.push(Rank {
+                model,
+                kv,
+                pool,
+                comm,
+                hook: Arc::default(),
+            });
+        }
+        let mut it = ranks.into_iter();
+        let rank0 = it.next().ok_or("no rank 0")?;
+        let mut peers = Vec::with_capacity(world - 1);
+        for (i, mut rank) in it.enumerate() {
+            let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<OwnedStep>>();
+            let (done_tx, done_rx) = mpsc::channel();
+            let hook = Arc::clone(&rank.hook);
+            let thread = std::thread::Builder::new()
+                .name(format!("shardline-rank{}", i + 1))
+                .spawn(move || {
+                    while let Ok(step) = jobs_rx.recv() {
+                        let r = rank.step(&step).map(|_| ());
+                        if done_tx.send(r).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| format!("rank {} thread: {e}", i + 1))?;
+            peers.push(Peer {
+                jobs: Some(jobs_tx),
+                done: done_rx,
+                hook,
+                thread: Some(thread),
+            });
+        }
+        Ok(RankGroup {
+            rank0,
+            peers,
+            timeout,
+            failed: None,
+        })
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.peers.len() + 1
+    }
+
+    /// Rank 0's shard (the whole model when `world == 1`).
+    pub fn model(&self) -> &LlamaModel {
+        &self.rank0.model
+    }
+
+    /// `Err` once a step failed; the group does not recover.
+    pub fn healthy(&self) -> Result<(), String> {
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// A handle for tests of the failure path.
+    pub fn failure_injector(&self) -> FailureInjector {
+        let mut hooks = vec![Arc::clone(&self.rank0.hook)];
+        hooks.extend(self.peers.iter().map(|p| Arc::clone(&p.hook)));
+        FailureInjector { hooks }
+    }
+
+    /// Runs `step` on every rank; rank 0's logits.
+    pub fn forward(&mut self, step: OwnedStep) -> Result<Vec<f32>, String> {
+        if let Some(e) = &self.failed {
+            return Err(format!("tensor-parallel group failed earlier: {e}"));
+        }
+        let step = Arc::new(step);
+        let mut first_error: Option<String> = None;
+        for (i, p) in self.peers.iter().enumerate() {
+            let sent = p
+                .jobs
+                .as_ref()
+                .is_some_and(|tx| tx.send(Arc::clone(&step)).is_ok());
+            if !sent {
+                first_error.get_or_insert(format!("rank {} is gone", i + 1));
+                self.rank0.comm.abort(&format!("rank {} is gone", i + 1));
+            }
+        }
+        let own = self.rank0.step(&step);
+        // Peers finish within the collectives' deadline once rank 0 is done (or failed).
+        let wait = self.timeout + Duration::from_secs(1);
+        for (i, p) in self.peers.iter().enumerate() {
+            match p.done.recv_timeout(wait) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error.get_or_insert(format!("rank {} did not finish the step", i + 1));
+                }
+            }
+        }
+        // Rank 0's error names the rank that aborted the group and why.
+        let result = match (own, first_error) {
+            (Ok(logits), None) => Ok(logits),
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "tensor-parallel step failed; the group is unhealthy");
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+}
+
+impl Drop for RankGroup {
+    fn drop(&mut self) {
+        self.rank0.comm.abort("the group is shutting down");
+        for p in &mut self.peers {
+            p.jobs.take();
+        }
+        for p in &mut self.peers {
+            if let Some(t) = p.thread.take() {
+                // A rank stuck outside the collectives is left behind rather than joined.
+                if t.is_finished() || self.failed.is_none() {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+}
