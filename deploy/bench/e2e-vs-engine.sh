@@ -3,14 +3,18 @@
 # whole cluster (HTTP → coordinator → gRPC → worker, `shardline up`) driven by
 # `shardline bench`, at the same batch sizes / concurrencies and lengths.
 #
-#   engine:  engine_bench MODEL THREADS 128 1,8,32   (128-token prompts, 128 new tokens)
+#   engine:  engine_bench MODEL THREADS 128 1,8,32 --prompt-tokens 128 --serve --prefill-runs 5
+#            (each batch scheduled as the coordinator does: decodes + prompt chunks in a
+#            512-token step budget, prefill included in the time; plus the median of 5 warm
+#            128-token prefills alone)
 #   cluster: shardline bench --concurrency C --input-len 128 --output-len 128 (ignore_eos),
 #            closed loop, REQS_PER_SLOT·C requests per point, C = 1, 8, 32, distinct
 #            prompts everywhere (no prefix-cache hits), one warm-up request first
 #
 # Writes a markdown report (default deploy/bench/e2e-vs-engine.md) with: engine aggregate
-# decode tok/s vs cluster aggregate output tok/s and their ratio (target ≥ 0.95), and TTFT
-# at 1 stream vs the engine's prefill time for a 128-token prompt (target within 5 ms).
+# tok/s (same schedule, prefill included) vs cluster aggregate output tok/s and their ratio
+# (target ≥ 0.95), and TTFT at 1 stream vs the engine's warm prefill time for a 128-token
+# prompt (target within 5 ms).
 #
 # Usage: deploy/bench/e2e-vs-engine.sh
 # Knobs (environment): MODEL THREADS CONCURRENCIES="1 8 32" PROMPT=128 NEW=128
@@ -18,8 +22,8 @@
 #   ENGINE_TXT=<engine_bench output of an earlier run to reuse instead of running it again>
 #   UP_FLAGS="--step-timeout-s 600" (extra `shardline up` flags; on this CPU a 2048-token
 #   prefill step takes longer than the default 60 s step timeout)
-# Cost on this 2-core machine: prefill and decode both run at ≈ 20 tok/s per core pair, so
-# the engine part takes ≈ 10 min and the cluster part ≈ 7 min with the defaults.
+# Cost on this 2-core machine: prefill and decode both run at ≈ 20-30 tok/s per core pair, so
+# the engine part and the cluster part take ≈ 7 min each with the defaults.
 # Needs: cargo, curl (with HTTP/2, to read the tokenizer from the worker's gRPC Info), python3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,7 +40,6 @@ RAW=${RAW:-$(mktemp -d /tmp/shardline-e2e-vs-engine.XXXXXX)}
 mkdir -p "$RAW"
 
 [ -f "$MODEL" ] || { echo "$MODEL is missing: run deploy/fetch-model.sh" >&2; exit 1; }
-[ "$PROMPT" = 128 ] || echo "note: engine_bench's decode prompts are always 128 tokens (BenchOptions default)" >&2
 
 # Dev profile: opt-level 3 for the worker and every dependency.
 cargo build -p shardline-worker --example engine_bench
@@ -65,8 +68,9 @@ if [ -n "${ENGINE_TXT:-}" ]; then
   echo "== engine: reusing $ENGINE_TXT =="
   cp "$ENGINE_TXT" "$RAW/engine.txt"
 else
-  echo "== engine: $ENGINE $MODEL $THREADS $NEW $batches =="
-  "$ENGINE" "$MODEL" "$THREADS" "$NEW" "$batches" | tee "$RAW/engine.txt"
+  echo "== engine: $ENGINE $MODEL $THREADS $NEW $batches --prompt-tokens $PROMPT --serve --prefill-runs 5 =="
+  "$ENGINE" "$MODEL" "$THREADS" "$NEW" "$batches" --prompt-tokens "$PROMPT" --serve --prefill-runs 5 \
+    | tee "$RAW/engine.txt"
 fi
 
 # ---- 2. the cluster ------------------------------------------------------------------
@@ -116,8 +120,7 @@ EOF
 
 # Every point gets its own --seed, so no prompt repeats an earlier one: the worker's prefix
 # cache would otherwise skip most of the prefill. The warm-up is a separate run with yet
-# another seed (`--warmup-requests` replays the point's own first requests, which would
-# then be cached).
+# another seed (`shardline bench` now gives warm-ups prompts of their own too).
 "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --concurrency 1 --num-requests 1 \
   --seed 1000 --input-len "$PROMPT" --output-len 16 --tokenizer "$RAW/tokenizer.json" \
   --no-progress >"$RAW/warmup.txt"
@@ -143,15 +146,13 @@ engine = open(f"{raw}/engine.txt").read()
 rows = {}
 pp = None
 for line in engine.splitlines():
-    m = re.match(r"ours: decode batch (\d+) \(aggregate\)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
+    m = re.match(r"ours: serve batch (\d+) \(prefill\+decode, budget (\d+)\) \(aggregate\)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
     if m:
-        rows[int(m[1])] = (int(m[2]), float(m[3]), float(m[4]))
-    m = re.match(r"ours: prompt processing \((\d+) tokens, 0 cached\)\s+(\d+)\s+([\d.]+)", line)
+        rows[int(m[1])] = (int(m[3]), float(m[4]), float(m[5]))
+    m = re.match(r"ours: prefill (\d+) tokens alone, warm \(median of (\d+)\)\s+(\d+)\s+([\d.]+)", line)
     if m:
-        pp = (int(m[1]), float(m[3]))
-# Per-token prefill cost from the one prefill the engine bench times (512 tokens), scaled
-# linearly to 128 tokens: an estimate, see the report.
-pp128_ms = pp[1] / pp[0] * 128 * 1e3 if pp else None
+        pp = (int(m[1]), float(m[4]), int(m[2]))
+pp_ms = pp[1] * 1e3 if pp else None
 cl = {c: json.load(open(f"{raw}/cluster-c{c}.json"))["runs"][0] for c in concs}
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -161,39 +162,36 @@ L.append(f"Run {now} at `{rev}` (plus uncommitted work in the shared tree) with 
 L.append(f"model `{model}`, {threads} kernel threads for the engine and for the worker, dev profile")
 L.append(f"(opt-level 3 for the worker and dependencies). Load average before/after: {load_before} / {load_after}")
 L.append("(the 2-core machine is shared with other builds: numbers are noisy).\n")
-L.append("## Throughput: engine aggregate decode vs cluster aggregate output\n")
-L.append("| streams | engine decode tok/s | engine incl. prefill tok/s (est.) | cluster output tok/s | cluster / engine decode | cluster / engine incl. prefill | cluster TPOT p50 ms | completed / failed |")
-L.append("|---|---|---|---|---|---|---|---|")
+L.append("## Throughput: engine vs cluster, same streams, same schedule, prefill included\n")
+L.append("| streams | engine tok/s | cluster output tok/s | cluster / engine | cluster TPOT p50 ms | completed / failed |")
+L.append("|---|---|---|---|---|---|")
 for c in concs:
     toks, secs, tps = rows.get(c, (None, None, None))
     r = cl[c]
     ctps = r["output_throughput"]
-    incl = toks / (secs + c * pp128_ms / 1e3) if (toks and pp128_ms) else None
     f = lambda x, p=1: "n/a" if x is None else f"{x:.{p}f}"
-    L.append(f"| {c} | {f(tps)} | {f(incl)} | {ctps:.1f} | {f(ctps / tps if tps else None, 3)} | "
-             f"{f(ctps / incl if incl else None, 3)} | {r['tpot_ms']['p50']:.1f} | {r['completed']} / {r['failed'] + r['rate_limited']} |")
+    L.append(f"| {c} | {f(tps)} | {ctps:.1f} | {f(ctps / tps if tps else None, 3)} | "
+             f"{r['tpot_ms']['p50']:.1f} | {r['completed']} / {r['failed'] + r['rate_limited']} |")
 L.append("")
 c1 = cl.get(1)
-L.append("## Time to first token at 1 stream vs engine prefill (128-token prompt)\n")
+L.append(f"## Time to first token at 1 stream vs engine prefill ({pp[0] if pp else '?'}-token prompt)\n")
 if c1:
     t = c1["ttft_ms"]
-    L.append("| cluster TTFT p50 / mean / p90 ms | engine prefill, 128 tokens, ms (est.) | difference (p50) ms |")
+    L.append("| cluster TTFT p50 / mean / p90 ms | engine prefill alone, warm, median ms | difference (p50) ms |")
     L.append("|---|---|---|")
-    diff = "n/a" if pp128_ms is None else f"{t['p50'] - pp128_ms:.1f}"
-    est = "n/a" if pp128_ms is None else f"{pp128_ms:.1f}"
+    diff = "n/a" if pp_ms is None else f"{t['p50'] - pp_ms:.1f}"
+    est = "n/a" if pp_ms is None else f"{pp_ms:.1f}"
     L.append(f"| {t['p50']:.1f} / {t['mean']:.1f} / {t['p90']:.1f} | {est} | {diff} |")
     L.append("")
 L.append("## How to read this\n")
-L.append("- *engine decode tok/s*: `ours: decode batch N (aggregate)` of `engine_bench`: N sequences, each")
-L.append("  with a 128-token prompt already prefilled, 128 decode steps; prefill time excluded.")
-L.append("- *engine incl. prefill (est.)*: the same tokens over decode time + N × the 128-token prefill")
-L.append("  estimate below, i.e. what a server that prefills each request alone could reach at best.")
-L.append("- *cluster output tok/s*: `shardline bench` closed loop, output tokens of completed requests")
-L.append("  over first send → last end, so it includes every request's prefill (as any server does).")
-L.append("- *engine prefill, 128 tokens (est.)*: `engine_bench` times only a 512-token prefill")
-L.append("  (`BenchOptions::pp_tokens`, not settable from its command line) and not the 128-token")
-L.append("  prefills of its decode runs; this is that time × 128/512. It is the first forward after")
-L.append("  loading the model (cold caches).")
+L.append("- *engine tok/s*: `engine_bench --serve`: N sequences with distinct 128-token prompts,")
+L.append("  scheduled as the coordinator does (each step decodes every sequence that has a token and")
+L.append("  packs prompt chunks into the rest of a 512-token budget), until each has 128 new tokens;")
+L.append("  generated tokens over the whole time, prefill included. No HTTP, coordinator or gRPC.")
+L.append("- *cluster output tok/s*: `shardline bench` closed loop, N streams, N requests sent at once,")
+L.append("  output tokens of completed requests over first send → last end.")
+L.append("- *engine prefill alone*: the median of 5 warm prefills of one 128-token prompt (after an")
+L.append("  untimed one), each a single forward.")
 L.append("- Cluster TTFT is measured at the client (first SSE content chunk − send): HTTP, coordinator")
 L.append("  queueing and tokenization, the gRPC hop, the prefill step and the first chunk's way back.")
 L.append("")
