@@ -1,6 +1,7 @@
 //! Tensor-parallel benchmark on CPU: latency of one shared-memory all-reduce, the
-//! LM head's share of a decode step (why the head is replicated on rank 0 rather than
-//! vocab-parallel), and SmolLM2 decode/prefill throughput at tp 1 and 3 in the same run.
+//! LM head's share of a decode step against the cost of gathering vocabulary-wide logits
+//! (why the head is vocab-parallel), and SmolLM2 decode/prefill throughput at tp 1 and 3
+//! in the same run.
 //!
 //! `cargo run -p shardline-worker --example tp_bench -- [MODEL] [THREADS]`
 //! (defaults: models/SmolLM2-135M-Instruct.Q4_1.gguf, 2).

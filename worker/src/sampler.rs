@@ -279,7 +279,8 @@ pub fn logprobs(raw: &[f32], token: u32, top_n_count: usize) -> (f32, Vec<(u32, 
     (logprob, top)
 }
 
-fn greedy(logits: &[f32]) -> Result<u32, SamplerError> {
+/// The id of the largest logit (ties → lowest id; NaN and −∞ never win).
+pub fn greedy(logits: &[f32]) -> Result<u32, SamplerError> {
     let mut best: Option<(u32, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
         if l > f32::NEG_INFINITY && best.is_none_or(|(_, b)| l > b) {

@@ -55,13 +55,7 @@ fn prompt(seed: u32, len: usize, vocab: u32) -> Vec<u32> {
 }
 
 fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
+    shardline_worker::sampler::greedy(x).expect("a finite logit")
 }
 
 /// Prefill of four sequences of different lengths in one mixed step (two of them in two
@@ -171,6 +165,8 @@ fn tiny_llama_logits_at_tp_2_and_4_match_tp_1() {
             let mut r = load_llama_runner(path, &opts(tp)).unwrap();
             assert_eq!(r.info().tp, tp);
             assert_eq!(r.model().part.kv_heads.len(), 4 / tp);
+            // Vocab-parallel head: each rank holds its slice of the vocabulary.
+            assert_eq!(r.model().lm_head.out_dim, 300 / tp);
             if what.starts_with("Q4_1") {
                 assert_eq!(r.info().dtype, "q4_1", "the shards stay quantized");
             }

@@ -164,17 +164,54 @@ impl LlamaModel {
         names.join("+")
     }
 
-    fn embed_rows(&self, tokens: &[u32]) -> Vec<f32> {
+    /// Embedding rows of `tokens`. A rank holds the rows of its vocabulary slice only;
+    /// other tokens' rows come from their owners through an all-reduce (zeros elsewhere,
+    /// so the sum is exact).
+    fn embed_rows(
+        &self,
+        tokens: &[u32],
+        comm: &mut dyn Communicator<Buffer = [f32]>,
+    ) -> Result<Vec<f32>, CommError> {
         let h = self.cfg.hidden_size;
+        let vocab = &self.part.vocab;
         let mut x = vec![0f32; tokens.len() * h];
         for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
             let t = *t as usize;
+            if !vocab.contains(&t) {
+                continue;
+            }
+            let t = t - vocab.start;
             match &self.embed {
                 Embeddings::Dense(e) => row.copy_from_slice(&e[t * h..(t + 1) * h]),
                 Embeddings::FromLmHead => self.lm_head.dequantize_row(t, row),
             }
         }
-        x
+        if comm.world_size() > 1 {
+            comm.all_reduce_sum(&mut x)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits of the final hidden rows `last` (`rows × hidden`): each rank computes its
+    /// vocabulary slice; rank 0 gets the whole rows (every logit is one rank's whole dot
+    /// product, so they are those of tp 1).
+    fn head(
+        &self,
+        last: &[f32],
+        rows: usize,
+        comm: &mut dyn Communicator<Buffer = [f32]>,
+    ) -> Result<Vec<f32>, CommError> {
+        let mine = self.lm_head.forward(last, rows);
+        if comm.world_size() == 1 {
+            return Ok(mine);
+        }
+        let (v, local) = (self.cfg.vocab_size, self.part.vocab.clone());
+        let mut all = vec![0f32; rows * v];
+        for (r, row) in mine.chunks_exact(local.len()).enumerate() {
+            all[r * v + local.start..r * v + local.end].copy_from_slice(row);
+        }
+        comm.all_reduce_sum(&mut all)?;
+        Ok(if comm.rank() == 0 { all } else { Vec::new() })
     }
 
     /// Runs one step of an unsharded model; see [`Self::forward_rank`].
@@ -186,8 +223,8 @@ impl LlamaModel {
     }
 
     /// Runs one step on this rank. K/V of the rank's KV heads are written to `kv` at each
-    /// token's slot; o_proj and down outputs are summed over the group with `comm`.
-    /// Rank 0 returns the logits of `step.logit_rows` (`logit_rows.len() × vocab`), the
+    /// token's slot; embeddings, o_proj and down outputs and the logits are combined over
+    /// the group with `comm`. Rank 0 returns the logits of `step.logit_rows` (`logit_rows.len() × vocab`), the
     /// other ranks an empty vector.
     pub fn forward_rank(
         &self,
@@ -211,7 +248,7 @@ impl LlamaModel {
             }
         }
         let interleaved = cfg.rope_style == RopeStyle::Interleaved;
-        let mut x = self.embed_rows(step.tokens);
+        let mut x = self.embed_rows(step.tokens, comm)?;
         let qkv_dim = self.part.qkv_dim(hd);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps);
@@ -253,9 +290,6 @@ impl LlamaModel {
                 *a += b;
             }
         }
-        if comm.rank() != 0 {
-            return Ok(Vec::new());
-        }
         let mut last = Vec::with_capacity(step.logit_rows.len() * h);
         for &r in step.logit_rows {
             last.extend_from_slice(&x[r * h..(r + 1) * h]);
@@ -264,7 +298,7 @@ impl LlamaModel {
             return Ok(Vec::new());
         }
         let last = rms_norm(&last, &self.norm, cfg.rms_norm_eps);
-        Ok(self.lm_head.forward(&last, step.logit_rows.len()))
+        self.head(&last, step.logit_rows.len(), comm)
     }
 
     /// Sums the segment products of a row-parallel layer (`segments × n × hidden`, this
