@@ -406,6 +406,38 @@ mod tests {
     }
 
     #[test]
+    fn first_token_carries_the_ttft_breakdown_and_later_tokens_do_not() {
+        let mut s = State::new(limits());
+        // A 20-token prompt takes two steps (budget 16); each reports 3 ms of worker time.
+        let (mut e, mut rx) = entry(20, 10, Priority::Normal);
+        e.timing.submitted = Some(Instant::now());
+        let id = e.seq_id;
+        s.push(e);
+        let step_ns = 3_000_000;
+        for (computed, token) in [(16, None), (20, Some(5)), (21, Some(6))] {
+            s.next_step().unwrap();
+            s.apply(&StepResponse {
+                results: vec![ok(id, computed, token, FinishReason::Unspecified)],
+                step_time_ns: step_ns,
+                ..Default::default()
+            });
+        }
+        let mut firsts = vec![];
+        while let Ok(ev) = rx.try_recv() {
+            if let SeqEvent::Token { first, .. } = ev {
+                firsts.push(first);
+            }
+        }
+        assert_eq!(firsts.len(), 2);
+        let t = firsts[0].expect("the first token has its timing");
+        assert!(t.submitted.is_some() && t.scheduled >= t.submitted);
+        assert!(t.received >= t.scheduled);
+        // Both prefill steps count as the worker's time; the decode step after does not.
+        assert_eq!(t.worker, Duration::from_nanos(2 * step_ns));
+        assert!(firsts[1].is_none());
+    }
+
+    #[test]
     fn long_prompt_is_chunked_and_decodes_keep_running() {
         let mut s = State::new(limits());
         let (short, _rx1) = entry(2, 10, Priority::Normal);
