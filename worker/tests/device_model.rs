@@ -175,6 +175,18 @@ fn device_runner_refuses_bad_input_without_advancing() {
     assert_eq!(dev.seq_len(SeqId(1)).unwrap(), 3);
 }
 
+#[test]
+fn a_tensor_parallel_shard_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyWeights::random(TinySpec::default())
+        .write_hf(dir.path())
+        .unwrap();
+    let model = load_model(dir.path()).unwrap();
+    let shards = shardline_worker::tp::shard::shard_all(model, 2).unwrap();
+    let e = DeviceModel::from_model(&shards[1], DeviceChoice::Cpu).unwrap_err();
+    assert!(e.to_string().contains("shard 1 of 2"), "{e}");
+}
+
 fn smollm2() -> PathBuf {
     let p =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
