@@ -266,13 +266,26 @@ impl DeviceModel {
     /// Runs one step: K/V of every token are written to `kv` at its slot; returns the
     /// logits of `step.logit_rows`, `logit_rows.len() × vocab`.
     pub fn forward(&self, step: &StepPlan<'_>, kv: &mut DeviceKv) -> Result<Vec<f32>, DeviceError> {
+        match self.forward_logits(step, kv)? {
+            Some(l) => Ok(l.flatten_all()?.to_vec1::<f32>()?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Self::forward`] with the logits left on the device, `[logit_rows, vocab]` f32;
+    /// `None` when no row is wanted.
+    pub fn forward_logits(
+        &self,
+        step: &StepPlan<'_>,
+        kv: &mut DeviceKv,
+    ) -> Result<Option<Tensor>, DeviceError> {
         let cfg = &self.cfg;
         let dev = &self.device;
         let n = step.tokens.len();
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (qd, kvd) = (nh * hd, nkv * hd);
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let tokens = Tensor::new(step.tokens, dev)?;
         let table = self.embed.as_ref().unwrap_or(&self.lm_head);
@@ -310,13 +323,12 @@ impl DeviceModel {
             x = (x + self.linear(&act, &layer.down)?)?;
         }
         if step.logit_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let rows: Vec<u32> = step.logit_rows.iter().map(|&r| r as u32).collect();
         let last = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
         let last = rms_norm(&last, &self.norm, eps)?;
-        let logits = self.linear(&last, &self.lm_head)?;
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        Ok(Some(self.linear(&last, &self.lm_head)?))
     }
 
     /// `x · Wᵀ` in the weights' dtype, f32 out.

@@ -135,14 +135,25 @@ impl DeviceRunner {
             tables: &tables,
             logit_rows: &logit_rows,
         };
-        let logits = self.model.forward(&step, &mut self.kv)?;
+        // Each chunk's rows are copied from the device into their own vector: one copy,
+        // instead of the whole block to the host and then a slice of it per chunk.
+        let logits = self.model.forward_logits(&step, &mut self.kv)?;
         let vocab = self.model.cfg.vocab_size;
         let mut out = Vec::with_capacity(batch.len());
         let mut off = 0;
         for (c, rows) in batch.iter().zip(rows_per_chunk) {
+            let data = match &logits {
+                Some(l) if rows > 0 => l
+                    .narrow(0, off, rows)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| RunnerError::Model(format!("logits to the host: {e}")))?,
+                _ => Vec::new(),
+            };
+            debug_assert_eq!(data.len(), rows * vocab);
             out.push(ChunkLogits {
                 id: c.id,
-                data: logits[off * vocab..(off + rows) * vocab].to_vec(),
+                data,
                 rows,
             });
             off += rows;
