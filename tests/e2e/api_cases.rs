@@ -9,16 +9,14 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use shardline_proto::worker::v1::{InfoRequest, worker_client::WorkerClient};
 use shardline_tests::cluster::Cluster;
+use shardline_tests::http::metric_sum;
 
 fn bin() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_shardline"))
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
+    shardline_tests::http::client(Duration::from_secs(300))
 }
 
 async fn completion(http: &str, body: Value) -> (u16, Value) {
@@ -78,21 +76,6 @@ async fn worker_free_blocks(worker: &str) -> u32 {
         .unwrap()
         .into_inner()
         .kv_blocks_free
-}
-
-async fn metric_sum(http: &str, name: &str) -> f64 {
-    let text = client()
-        .get(format!("{http}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn prompt(i: usize) -> String {

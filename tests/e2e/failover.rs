@@ -15,6 +15,7 @@ use shardline_proto::membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
 use shardline_proto::worker::v1::{HealthRequest, HealthResponse, worker_client::WorkerClient};
 use shardline_tests::etcd::EtcdServer;
+use shardline_tests::http::metric_sum;
 use shardline_tests::{Proc, free_port, model_path};
 use tokio_util::sync::CancellationToken;
 
@@ -181,10 +182,7 @@ async fn started(worker: &str) -> u64 {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
+    shardline_tests::http::client(Duration::from_secs(120))
 }
 
 fn body(i: usize, max_tokens: u32) -> Value {
@@ -278,21 +276,6 @@ async fn streams(
         .into_iter()
         .map(|r| r.unwrap())
         .collect()
-}
-
-async fn metric_sum(http: &str, name: &str) -> f64 {
-    let text = client()
-        .get(format!("{http}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Client loops sending short requests back to back until stopped; every status seen.

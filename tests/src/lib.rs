@@ -7,9 +7,11 @@
 //! - [`model_path`]: the default model, or a panic saying how to get it.
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping blindly.
 //! - [`etcd::EtcdServer`]: a real etcd on free loopback ports, stoppable and restartable.
+//! - [`http`]: an HTTP client with a timeout, sums over `/metrics`.
 
 pub mod cluster;
 pub mod etcd;
+pub mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
