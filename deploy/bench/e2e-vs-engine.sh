@@ -3,7 +3,8 @@
 # whole cluster (HTTP → coordinator → gRPC → worker, `shardline up`) driven by
 # `shardline bench`, at the same batch sizes / concurrencies and lengths.
 #
-#   engine:  engine_bench MODEL THREADS 128 1,8,32 --prompt-tokens 128 --serve --prefill-runs 5
+#   engine:  engine_bench MODEL THREADS 128 C --prompt-tokens 128 --serve [--prefill-runs 5],
+#            right before the cluster point with the same C
 #            (each batch scheduled as the coordinator does: decodes + prompt chunks in a
 #            512-token step budget, prefill included in the time; plus the median of 5 warm
 #            128-token prefills alone)
@@ -62,18 +63,9 @@ trap 'exit 130' INT TERM
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# ---- 1. the engine alone -------------------------------------------------------------
-batches=$(echo $CONCURRENCIES | tr ' ' ',')
-if [ -n "${ENGINE_TXT:-}" ]; then
-  echo "== engine: reusing $ENGINE_TXT =="
-  cp "$ENGINE_TXT" "$RAW/engine.txt"
-else
-  echo "== engine: $ENGINE $MODEL $THREADS $NEW $batches --prompt-tokens $PROMPT --serve --prefill-runs 5 =="
-  "$ENGINE" "$MODEL" "$THREADS" "$NEW" "$batches" --prompt-tokens "$PROMPT" --serve --prefill-runs 5 \
-    | tee "$RAW/engine.txt"
-fi
-
-# ---- 2. the cluster ------------------------------------------------------------------
+# ---- 1. the cluster, and the engine alone interleaved with it ------------------------
+# Engine batch N runs right before cluster point N (the cluster idles meanwhile), so both
+# see about the same machine load; the load of this shared machine drifts over minutes.
 HTTP_PORT=$(free_port); GRPC_PORT=$(free_port); WORKER_PORT=$(free_port)
 echo "== cluster: shardline up on :$HTTP_PORT (gRPC :$GRPC_PORT, worker :$WORKER_PORT) =="
 # shellcheck disable=SC2086
@@ -124,13 +116,30 @@ EOF
 "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --concurrency 1 --num-requests 1 \
   --seed 1000 --input-len "$PROMPT" --output-len 16 --tokenizer "$RAW/tokenizer.json" \
   --no-progress >"$RAW/warmup.txt"
+if [ -n "${ENGINE_TXT:-}" ]; then
+  echo "== engine: reusing $ENGINE_TXT =="
+  cp "$ENGINE_TXT" "$RAW/engine.txt"
+else
+  : >"$RAW/engine.txt"
+fi
+runs=5
 for c in $CONCURRENCIES; do
+  if [ -z "${ENGINE_TXT:-}" ]; then
+    echo "== engine: $ENGINE $MODEL $THREADS $NEW $c --prompt-tokens $PROMPT --serve --prefill-runs $runs =="
+    "$ENGINE" "$MODEL" "$THREADS" "$NEW" "$c" --prompt-tokens "$PROMPT" --serve --prefill-runs "$runs" \
+      | tee -a "$RAW/engine.txt"
+    runs=0 # the warm prefills are timed once, next to the 1-stream point
+  fi
   n=$((REQS_PER_SLOT * c))
   echo "== cluster: closed loop, concurrency $c, $n requests =="
+  # The coordinator's step histograms before and after: the worker's own step time in this
+  # very run (RPC round trip − overhead), the same-run engine reference.
+  curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" >"$RAW/metrics-c$c-before.txt"
   "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --concurrency "$c" --seed "$c" \
     --num-requests "$n" --input-len "$PROMPT" --output-len "$NEW" \
     --ignore-eos true --tokenizer "$RAW/tokenizer.json" --json "$RAW/cluster-c$c.json" \
     --scrape-metrics --no-progress | tee "$RAW/cluster-c$c.txt"
+  curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" >"$RAW/metrics-c$c-after.txt"
 done
 cleanup
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -163,14 +172,29 @@ L.append(f"model `{model}`, {threads} kernel threads for the engine and for the 
 L.append(f"(opt-level 3 for the worker and dependencies). Load average before/after: {load_before} / {load_after}")
 L.append("(the 2-core machine is shared with other builds: numbers are noisy).\n")
 L.append("## Throughput: engine vs cluster, same streams, same schedule, prefill included\n")
-L.append("| streams | engine tok/s | cluster output tok/s | cluster / engine | cluster TPOT p50 ms | completed / failed |")
-L.append("|---|---|---|---|---|---|")
+def msum(path, name):
+    try:
+        text = open(path).read()
+    except OSError:
+        return None
+    vals = [float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+            if l.startswith(name + " ") or l.startswith(name + "{")]
+    return sum(vals) if vals else None
+def delta(c, name):
+    a = msum(f"{raw}/metrics-c{c}-before.txt", name)
+    b = msum(f"{raw}/metrics-c{c}-after.txt", name)
+    return None if a is None or b is None else b - a
+L.append("| streams | engine tok/s | cluster output tok/s | cluster / engine | worker step time / cluster wall (same run) | cluster TPOT p50 ms | completed / failed |")
+L.append("|---|---|---|---|---|---|---|")
 for c in concs:
     toks, secs, tps = rows.get(c, (None, None, None))
     r = cl[c]
     ctps = r["output_throughput"]
     f = lambda x, p=1: "n/a" if x is None else f"{x:.{p}f}"
-    L.append(f"| {c} | {f(tps)} | {ctps:.1f} | {f(ctps / tps if tps else None, 3)} | "
+    rpc = delta(c, "shardline_step_duration_seconds_sum")
+    over = delta(c, "shardline_step_overhead_seconds_sum")
+    busy = (rpc - over) / r["duration_s"] if rpc is not None and over is not None and r["duration_s"] > 0 else None
+    L.append(f"| {c} | {f(tps)} | {ctps:.1f} | {f(ctps / tps if tps else None, 3)} | {f(busy, 3)} | "
              f"{r['tpot_ms']['p50']:.1f} | {r['completed']} / {r['failed'] + r['rate_limited']} |")
 L.append("")
 c1 = cl.get(1)
@@ -183,6 +207,18 @@ if c1:
     est = "n/a" if pp_ms is None else f"{pp_ms:.1f}"
     L.append(f"| {t['p50']:.1f} / {t['mean']:.1f} / {t['p90']:.1f} | {est} | {diff} |")
     L.append("")
+    n = delta(1, "shardline_first_token_overhead_seconds_count")
+    own = delta(1, "shardline_first_token_overhead_seconds_sum")
+    q = delta(1, "shardline_request_queue_time_seconds_sum")
+    srv = delta(1, "shardline_time_to_first_token_seconds_sum")
+    if n and own is not None and q is not None and srv is not None:
+        own, q, srv = own / n * 1e3, q / n * 1e3, srv / n * 1e3
+        worker = srv - q - own
+        L.append("Same run, from the coordinator's metrics (mean over the point's requests):\n")
+        L.append("| client TTFT ms | coordinator TTFT ms | queue ms | worker's prefill step ms | coordinator + gRPC hop ms | client TTFT − worker's prefill step ms |")
+        L.append("|---|---|---|---|---|---|")
+        L.append(f"| {t['mean']:.1f} | {srv:.1f} | {q:.2f} | {worker:.1f} | {own:.2f} | {t['mean'] - worker:.2f} |")
+        L.append("")
 L.append("## How to read this\n")
 L.append("- *engine tok/s*: `engine_bench --serve`: N sequences with distinct 128-token prompts,")
 L.append("  scheduled as the coordinator does (each step decodes every sequence that has a token and")
@@ -190,6 +226,12 @@ L.append("  packs prompt chunks into the rest of a 512-token budget), until each
 L.append("  generated tokens over the whole time, prefill included. No HTTP, coordinator or gRPC.")
 L.append("- *cluster output tok/s*: `shardline bench` closed loop, N streams, N requests sent at once,")
 L.append("  output tokens of completed requests over first send → last end.")
+L.append("- *worker step time / cluster wall (same run)*: the worker's own time in its steps (the")
+L.append("  coordinator's `shardline_step_duration_seconds` − `shardline_step_overhead_seconds`, i.e.")
+L.append("  RPC round trip − everything outside the worker's step) over the bench's first send → last")
+L.append("  end, from the coordinator's metrics before and after the point. 1.0 means the engine was")
+L.append("  never waiting on HTTP, the coordinator or gRPC: the same-run counterpart of cluster / engine,")
+L.append("  free of the drift between two runs on this shared machine.")
 L.append("- *engine prefill alone*: the median of 5 warm prefills of one 128-token prompt (after an")
 L.append("  untimed one), each a single forward.")
 L.append("- Cluster TTFT is measured at the client (first SSE content chunk − send): HTTP, coordinator")
