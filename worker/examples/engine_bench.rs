@@ -87,7 +87,9 @@ fn parse_cli() -> anyhow::Result<Cli> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> anyhow::Result<usize> {
-            let v = args.next().with_context(|| format!("{name} needs a value"))?;
+            let v = args
+                .next()
+                .with_context(|| format!("{name} needs a value"))?;
             v.parse()
                 .with_context(|| format!("{name}: {v:?} is not a number"))
         };
@@ -179,7 +181,11 @@ fn runner(cli: &Cli) -> anyhow::Result<impl ModelRunner> {
 }
 
 /// `--prefill-runs`: one prompt alone, warm, R times (distinct prompts); the median.
-fn timed_prefills(r: &mut impl ModelRunner, cli: &Cli, seed: &mut usize) -> anyhow::Result<BenchRow> {
+fn timed_prefills(
+    r: &mut impl ModelRunner,
+    cli: &Cli,
+    seed: &mut usize,
+) -> anyhow::Result<BenchRow> {
     let vocab = r.info().vocab_size;
     let n = cli.opts.prompt_tokens;
     let mut times = Vec::new();
