@@ -84,6 +84,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             threads: args.threads,
             tp: args.tp,
             tp_timeout_secs: 30.0,
+            device: None,
             max_context: None,
             model_id: None,
             drain_timeout_secs: 2,

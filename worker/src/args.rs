@@ -61,6 +61,12 @@ pub struct WorkerArgs {
     #[arg(long, env = "SHARDLINE_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub tp: u16,
 
+    /// Run the model on a candle device instead of the CPU kernels: `cuda` / `cuda:N`
+    /// (a binary built with `--features cuda`, see deploy/build-cuda.sh), or `cpu`
+    /// (candle's CPU backend; slow, for testing the device path).
+    #[arg(long, env = "SHARDLINE_DEVICE")]
+    pub device: Option<crate::model::device::DeviceChoice>,
+
     /// Seconds a tensor-parallel rank waits for the others in a collective before the
     /// step fails and the group reports unhealthy.
     #[arg(long, env = "SHARDLINE_TP_TIMEOUT_SECS", default_value_t = 30.0)]
@@ -123,6 +129,7 @@ pub async fn run_with_listener(
             .ok()
             .filter(|d| !d.is_zero())
             .context("--tp-timeout-secs must be a positive number of seconds")?,
+        device: args.device,
     };
     let model = args.model.clone();
     let (runner, tokenizer) = tokio::task::spawn_blocking(move || {

@@ -275,3 +275,43 @@ async fn a_corrupt_model_is_a_clear_error() {
     let msg = format!("{err:#}");
     assert!(msg.contains("broken.gguf"), "{msg}");
 }
+
+/// `--device cpu` serves through the device backend (candle tensors; `cuda` takes the
+/// same path on a GPU build): the greedy answer to a prompt is the CPU kernels' one for
+/// the first tokens, and `--tp` with a device is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_backend_serves_over_grpc() {
+    let model = smollm2();
+    let prompt: Vec<u32> = vec![
+        1, 9690, 198, 504, 3458, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+    ];
+    let mut outs = Vec::new();
+    for device in [None, Some("cpu")] {
+        let mut a = args(&model);
+        a.device = device.map(|d| d.parse().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let worker = tokio::spawn(run_with_listener(a, listener, shutdown.clone()));
+        let mut c = connect(addr).await;
+        let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.kv_blocks_total, 128);
+        if device.is_some() {
+            assert_eq!(info.dtype, "f32", "candle CPU runs the dequantized weights");
+        }
+        outs.push(generate(&mut c, 1, prompt.clone(), greedy(6)).await.0);
+        shutdown.cancel();
+        worker.await.unwrap().unwrap();
+    }
+    // Different kernels (f32 weights vs Q4_1 × Q8_1): the first tokens agree.
+    assert_eq!(outs[0][..3], outs[1][..3], "{outs:?}");
+
+    let mut a = args(&model);
+    a.device = Some("cpu".parse().unwrap());
+    a.tp = 3;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = run_with_listener(a, listener, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("CPU kernels only"), "{err:#}");
+}

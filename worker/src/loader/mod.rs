@@ -39,6 +39,9 @@ pub struct LoadOptions {
     pub tp: usize,
     /// Deadline of one tensor-parallel collective.
     pub collective_timeout: std::time::Duration,
+    /// Run on a candle device (e.g. CUDA) through [`crate::model::device`] instead of the
+    /// CPU kernels; tensor parallelism is CPU-only for now.
+    pub device: Option<crate::model::device::DeviceChoice>,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +57,7 @@ impl Default for LoadOptions {
             max_context: None,
             tp: 1,
             collective_timeout: crate::model::runner::DEFAULT_COLLECTIVE_TIMEOUT,
+            device: None,
         }
     }
 }
@@ -163,11 +167,7 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
             opts.kv_cache_bytes
         )));
     }
-    let id = opts.model_id.clone().unwrap_or_else(|| {
-        path.file_name()
-            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
-            .unwrap_or_else(|| "model".into())
-    });
+    let id = opts.model_id.clone().unwrap_or_else(|| model_name(path));
     Ok(LlamaRunner::sharded(
         shards,
         id,
@@ -178,9 +178,47 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
     )?)
 }
 
-/// [`load_llama_runner`] behind the engine's trait object.
+/// The runner `opts` asks for behind the engine's trait object: [`load_llama_runner`]
+/// on the CPU kernels, or a [`crate::model::device::DeviceRunner`] with `opts.device`.
 pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunner>, LoadError> {
-    Ok(Box::new(load_llama_runner(path, opts)?))
+    let Some(device) = opts.device else {
+        return Ok(Box::new(load_llama_runner(path, opts)?));
+    };
+    if opts.tp != 1 {
+        return Err(LoadError::Options(format!(
+            "--tp {} runs on the CPU kernels only; the device backend ({device}) is one rank",
+            opts.tp
+        )));
+    }
+    let mut model = load_model(path)?;
+    if let Some(max) = opts.max_context {
+        model.cfg.context_length = model.cfg.context_length.min(max.max(1));
+    }
+    let cfg = &model.cfg;
+    let elem = device.weight_dtype().size_in_bytes();
+    let per_block = 2 * cfg.num_layers * opts.block_size * cfg.num_kv_heads * cfg.head_dim * elem;
+    let blocks = opts
+        .kv_blocks
+        .unwrap_or(opts.kv_cache_bytes / per_block.max(1));
+    if blocks == 0 || opts.block_size == 0 {
+        return Err(LoadError::Options(format!(
+            "KV cache of {} bytes holds no block of {per_block} bytes",
+            opts.kv_cache_bytes
+        )));
+    }
+    let id = opts.model_id.clone().unwrap_or_else(|| model_name(path));
+    let device_model = crate::model::device::DeviceModel::from_model(&model, device)
+        .map_err(|e| LoadError::Options(e.to_string()))?;
+    drop(model);
+    let runner =
+        crate::model::device::DeviceRunner::new(device_model, id, blocks, opts.block_size)?;
+    Ok(Box::new(runner))
+}
+
+fn model_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+        .unwrap_or_else(|| "model".into())
 }
 
 fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<(), LoadError> {
