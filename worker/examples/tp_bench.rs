@@ -44,7 +44,7 @@ fn prompt(seed: usize, len: usize) -> Vec<u32> {
 }
 
 /// (prefill tokens/s of a 128-token prompt, decode tokens/s at `batch`).
-fn throughput(model: &PathBuf, tp: usize, threads: usize, batch: usize) -> (f64, f64) {
+fn throughput(model: &std::path::Path, tp: usize, threads: usize, batch: usize) -> (f64, f64) {
     let mut r = load_llama_runner(
         model,
         &LoadOptions {

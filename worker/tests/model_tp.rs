@@ -73,7 +73,7 @@ fn run(runner: &mut LlamaRunner, vocab: u32) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
     }
     let v = vocab as usize;
     let mut rows = Vec::new();
-    let mut next = vec![0u32; 4];
+    let mut next = [0u32; 4];
     // Step 1: all of 0 and 2, the first halves of 1 and 3 (prompt logits of every row).
     let first: Vec<SeqChunk> = prompts
         .iter()
