@@ -99,6 +99,22 @@ pub fn point_table(s: &RunSummary) -> String {
             f(srv.running_mean),
             f(srv.running_max)
         );
+        for (name, q) in [
+            ("queue time", srv.queue_time_ms),
+            (
+                "coordinator + hop share of TTFT",
+                srv.first_token_overhead_ms,
+            ),
+            ("step overhead", srv.step_overhead_ms),
+        ] {
+            if let Some(q) = q {
+                let _ = writeln!(
+                    out,
+                    "  server {name} (ms): p50 {:.2}  p90 {:.2}  p99 {:.2}  (n = {})",
+                    q.p50, q.p90, q.p99, q.count
+                );
+            }
+        }
     }
     out
 }
@@ -157,5 +173,36 @@ mod tests {
             assert!(t.contains(word), "{word} missing in\n{t}");
         }
         assert!(sweep_table(&[s]).contains("rate=1/s"));
+    }
+
+    #[test]
+    fn server_breakdown_and_interruptions_are_shown() {
+        let q = crate::scrape::HistQuantiles {
+            count: 7,
+            p50: 1.25,
+            p90: 2.5,
+            p99: 4.0,
+        };
+        let s = RunSummary {
+            load: "rate=1/s".into(),
+            cancelled: 3,
+            server: Some(crate::scrape::ServerStats {
+                first_token_overhead_ms: Some(q),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t = point_table(&s);
+        assert!(
+            t.contains("3 request(s) still in flight were cancelled"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "coordinator + hop share of TTFT (ms): p50 1.25  p90 2.50  p99 4.00  (n = 7)"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("queue time"), "{t}");
     }
 }
