@@ -1,7 +1,8 @@
 //! The device backend ([`DeviceModel`] / [`DeviceRunner`]) on candle's CPU device against
 //! the CPU model ([`LlamaRunner`]): a tiny random Llama through a mixed batch (prefill
 //! chunks of different lengths, decode tokens, every sequence at its own position), and
-//! SmolLM2 teacher-forced on its own greedy output.
+//! SmolLM2 teacher-forced on its own greedy output; and the device backend's tensor
+//! parallelism (`--device cpu --tp N`) against its tp 1.
 //!
 //! Tolerance: on f32 weights the two differ only in summation order, |Δlogit| < 1e-3 on
 //! logits of magnitude ~10. On SmolLM2 the CPU model multiplies Q4_1 weights by Q8_1-quantized
@@ -9,11 +10,13 @@
 //! greedy tokens may differ only where the CPU model's top two logits are within 0.5.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use shardline_worker::loader::{LoadOptions, load_llama_runner, load_model};
-use shardline_worker::model::device::{DeviceChoice, DeviceModel, DeviceRunner};
+use shardline_worker::loader::{LoadOptions, load_llama_runner, load_model, load_runner};
+use shardline_worker::model::device::{DeviceChoice, DeviceModel, DeviceRunner, device_group};
 use shardline_worker::model::tiny::{TinySpec, TinyWeights};
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
+use shardline_worker::tp::group::InjectedFailure;
 
 const BLOCK: usize = 4;
 
@@ -176,15 +179,163 @@ fn device_runner_refuses_bad_input_without_advancing() {
 }
 
 #[test]
-fn a_tensor_parallel_shard_is_refused() {
+fn a_shard_without_its_group_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     TinyWeights::random(TinySpec::default())
         .write_hf(dir.path())
         .unwrap();
     let model = load_model(dir.path()).unwrap();
     let shards = shardline_worker::tp::shard::shard_all(model, 2).unwrap();
-    let e = DeviceModel::from_model(&shards[1], DeviceChoice::Cpu).unwrap_err();
+    let dev = DeviceModel::from_model(&shards[1], DeviceChoice::Cpu).unwrap();
+    let e = DeviceRunner::new(dev, "test".into(), 16, BLOCK).unwrap_err();
     assert!(e.to_string().contains("shard 1 of 2"), "{e}");
+}
+
+/// A `--device cpu --tp N` runner of the model in `dir`, as the worker builds it.
+fn device_tp_runner(dir: &Path, tp: usize) -> Box<dyn ModelRunner> {
+    let opts = LoadOptions {
+        kv_blocks: Some(64),
+        block_size: BLOCK,
+        threads: 2,
+        tp,
+        device: Some(DeviceChoice::Cpu),
+        ..Default::default()
+    };
+    let r = load_runner(dir, &opts).unwrap();
+    assert_eq!(r.info().tp, tp);
+    assert_eq!(r.info().kv_blocks_total, 64, "the KV budget is per group");
+    r
+}
+
+/// Tolerance of the device tp path against tp 1: the row-parallel layers sum each rank's
+/// f32 product (not the CPU kernels' fixed segment order), so logits differ from tp 1 by
+/// f32 rounding only; on the tiny model's logits (|x| ≲ 10) that stays below 1e-4.
+const TP_TOL: f32 = 1e-4;
+
+#[test]
+fn device_tensor_parallel_matches_tp1_on_a_mixed_batch_and_decode() {
+    // Separate embeddings, and embeddings tied to the (vocab-parallel) head.
+    for tied in [false, true] {
+        tensor_parallel_matches_tp1(tied);
+    }
+}
+
+fn tensor_parallel_matches_tp1(tied: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        heads: 8,
+        kv_heads: 4,
+        tied,
+        ..Default::default()
+    };
+    let vocab = spec.vocab;
+    TinyWeights::random(spec).write_hf(dir.path()).unwrap();
+    let mut runners: Vec<Box<dyn ModelRunner>> =
+        [1, 2, 4].map(|tp| device_tp_runner(dir.path(), tp)).into();
+    let prompts: Vec<Vec<u32>> = [7usize, 12, 3]
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| {
+            (0..len as u32)
+                .map(|i| (i * 11 + s as u32 * 37 + i * i) % vocab as u32)
+                .collect()
+        })
+        .collect();
+    for r in &mut runners {
+        for (i, p) in prompts.iter().enumerate() {
+            r.add_sequence(SeqId(i as u64), p).unwrap();
+        }
+    }
+    // Step 0: prefill chunks (one split); step 1: the rest of seq 1 next to two decodes;
+    // then 18 decode steps of all three, fed with tp 1's greedy tokens.
+    let mut next = [0u32; 3];
+    let (mut worst, mut rows) = (0f32, 0);
+    for s in 0..20 {
+        let step = match s {
+            0 => vec![
+                chunk(0, &prompts[0], LogitsWanted::All),
+                chunk(1, &prompts[1][..5], LogitsWanted::None),
+                chunk(2, &prompts[2], LogitsWanted::Last),
+            ],
+            1 => vec![
+                chunk(0, &[next[0]], LogitsWanted::Last),
+                chunk(1, &prompts[1][5..], LogitsWanted::All),
+                chunk(2, &[next[2]], LogitsWanted::Last),
+            ],
+            _ => (0..3)
+                .map(|i| chunk(i, &[next[i as usize]], LogitsWanted::Last))
+                .collect(),
+        };
+        let outs: Vec<_> = runners
+            .iter_mut()
+            .map(|r| r.forward(&step).unwrap())
+            .collect();
+        for (tp, out) in [2, 4].iter().zip(&outs[1..]) {
+            for (x, y) in outs[0].iter().zip(out) {
+                assert_eq!((x.id, x.rows), (y.id, y.rows));
+                let d = max_abs_diff(&x.data, &y.data);
+                worst = worst.max(d);
+                assert!(
+                    d < TP_TOL,
+                    "tied {tied} tp {tp} step {s} {}: |Δ| = {d}",
+                    x.id
+                );
+                for (rx, ry) in x.data.chunks(vocab).zip(y.data.chunks(vocab)) {
+                    assert_eq!(argmax(rx), argmax(ry), "tp {tp} step {s} {}", x.id);
+                    rows += 1;
+                }
+            }
+        }
+        for x in &outs[0] {
+            if x.rows > 0 {
+                next[x.id.0 as usize] = argmax(&x.data[(x.rows - 1) * vocab..]);
+            }
+        }
+    }
+    assert!(rows > 100, "only {rows} rows compared");
+    eprintln!("tied {tied}: device tp 2/4 vs tp 1: max |Δlogit| {worst:e} over {rows} rows");
+    for id in 0..3 {
+        let len = runners[0].seq_len(SeqId(id)).unwrap();
+        for r in &runners[1..] {
+            assert_eq!(r.seq_len(SeqId(id)).unwrap(), len);
+        }
+    }
+}
+
+#[test]
+fn an_injected_rank_failure_fails_the_device_group_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        heads: 8,
+        kv_heads: 4,
+        ..Default::default()
+    };
+    TinyWeights::random(spec).write_hf(dir.path()).unwrap();
+    let model = load_model(dir.path()).unwrap();
+    let shards = shardline_worker::tp::shard::shard_all(model, 2).unwrap();
+    for kind in [
+        InjectedFailure::Error,
+        InjectedFailure::Panic,
+        InjectedFailure::Hang,
+    ] {
+        // A short deadline so the hung rank is given up on quickly.
+        let timeout = Duration::from_millis(500);
+        let (models, comms) = device_group(&shards, DeviceChoice::Cpu, timeout).unwrap();
+        let mut r = DeviceRunner::sharded(models, comms, "t".into(), 16, BLOCK, timeout).unwrap();
+        r.add_sequence(SeqId(1), &[1, 2, 3]).unwrap();
+        let c = [chunk(1, &[1, 2, 3], LogitsWanted::Last)];
+        assert_eq!(r.forward(&c).unwrap()[0].rows, 1);
+        r.failure_injector().inject(1, kind);
+        let e = r
+            .forward(&[chunk(1, &[4], LogitsWanted::Last)])
+            .unwrap_err();
+        assert!(e.to_string().contains("rank"), "{kind:?}: {e}");
+        let h = r.healthy().unwrap_err();
+        assert!(!h.to_string().is_empty(), "{kind:?}");
+        // The group stays failed, and the failed step did not advance the sequence.
+        assert!(r.forward(&[chunk(1, &[4], LogitsWanted::Last)]).is_err());
+        assert_eq!(r.seq_len(SeqId(1)).unwrap(), 3);
+    }
 }
 
 fn smollm2() -> PathBuf {

@@ -179,39 +179,50 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
 }
 
 /// The runner `opts` asks for behind the engine's trait object: [`load_llama_runner`]
-/// on the CPU kernels, or a [`crate::model::device::DeviceRunner`] with `opts.device`.
+/// on the CPU kernels, or a [`crate::model::device::DeviceRunner`] with `opts.device`
+/// (a group of `opts.tp` device ranks: NCCL on `cuda:N..N+tp`, the host communicator on
+/// `cpu`).
 pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunner>, LoadError> {
     let Some(device) = opts.device else {
         return Ok(Box::new(load_llama_runner(path, opts)?));
     };
-    if opts.tp != 1 {
-        return Err(LoadError::Options(format!(
-            "--tp {} runs on the CPU kernels only; the device backend ({device}) is one rank",
-            opts.tp
-        )));
+    if opts.block_size == 0 {
+        return Err(LoadError::Options("block_size must be > 0".into()));
     }
     let mut model = load_model(path)?;
     if let Some(max) = opts.max_context {
         model.cfg.context_length = model.cfg.context_length.min(max.max(1));
     }
-    let cfg = &model.cfg;
+    let shards = crate::tp::shard::shard_all(model, opts.tp.max(1))
+        .map_err(|e| LoadError::Options(e.to_string()))?;
+    let cfg = &shards[0].cfg;
+    // The budget is the group's, in the device dtype: every rank's KV heads (replicated
+    // ones counted on each).
+    let kv_heads: usize = shards.iter().map(|m| m.part.kv_heads.len()).sum();
     let elem = device.weight_dtype().size_in_bytes();
-    let per_block = 2 * cfg.num_layers * opts.block_size * cfg.num_kv_heads * cfg.head_dim * elem;
+    let per_block = 2 * cfg.num_layers * opts.block_size * kv_heads * cfg.head_dim * elem;
     let blocks = opts
         .kv_blocks
         .unwrap_or(opts.kv_cache_bytes / per_block.max(1));
-    if blocks == 0 || opts.block_size == 0 {
+    if blocks == 0 {
         return Err(LoadError::Options(format!(
             "KV cache of {} bytes holds no block of {per_block} bytes",
             opts.kv_cache_bytes
         )));
     }
     let id = opts.model_id.clone().unwrap_or_else(|| model_name(path));
-    let device_model = crate::model::device::DeviceModel::from_model(&model, device)
-        .map_err(|e| LoadError::Options(e.to_string()))?;
-    drop(model);
-    let runner =
-        crate::model::device::DeviceRunner::new(device_model, id, blocks, opts.block_size)?;
+    let (models, comms) =
+        crate::model::device::device_group(&shards, device, opts.collective_timeout)
+            .map_err(|e| LoadError::Options(e.to_string()))?;
+    drop(shards);
+    let runner = crate::model::device::DeviceRunner::sharded(
+        models,
+        comms,
+        id,
+        blocks,
+        opts.block_size,
+        opts.collective_timeout,
+    )?;
     Ok(Box::new(runner))
 }
 

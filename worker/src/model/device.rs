@@ -13,8 +13,17 @@
 //! norms, RoPE, softmax and the residual stream stay f32. Unlike the CPU kernels these ops
 //! are not batch invariant (cuBLAS picks kernels by shape).
 //!
-//! [`DeviceRunner`] is the [`ModelRunner`] over it, with the same block bookkeeping
-//! ([`BlockManager`]) as [`crate::model::runner::LlamaRunner`].
+//! **Tensor parallelism.** A rank shard of a [`LlamaModel`] ([`crate::tp::shard`]) becomes
+//! a rank's [`DeviceModel`]: its q/KV heads, FFN slice and vocabulary slice.
+//! [`DeviceModel::forward_rank`] gathers the embeddings (rows outside the rank's slice
+//! are zero, then an all-reduce), all-reduces after o_proj and after down, and gathers the
+//! vocab-parallel head's logits to rank 0 (zero-padded all-reduce). Unlike the CPU kernels
+//! the row-parallel sums are plain sums of each rank's product, so device logits are not
+//! bitwise tp-invariant: they agree with tp 1 to rounding. At tp 1 no collective runs.
+//!
+//! [`DeviceRunner`] is the [`ModelRunner`] over a group of [`DeviceRank`]s, the same
+//! runner (block bookkeeping, [`crate::tp::group::RankGroup`]) as
+//! [`crate::model::runner::LlamaRunner`].
 
 use std::str::FromStr;
 
@@ -24,10 +33,15 @@ use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels::{Linear, WeightData};
 use crate::model::{Embeddings, LlamaModel, Projection, StepPlan, TokenPlan};
 use crate::runner::RunnerError;
+use crate::tp::shard::RankPart;
+use crate::tp::{CommError, Communicator};
 
+mod attention;
 mod runner;
 
-pub use runner::DeviceRunner;
+use attention::AttentionPlan;
+
+pub use runner::{DeviceRank, DeviceRunner, SingleTensorRank, device_group};
 
 /// Errors of the device backend.
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +50,14 @@ pub enum DeviceError {
     BadDevice(String),
     #[error("device `{0}` needs a binary built with `--features cuda` (deploy/build-cuda.sh)")]
     CudaNotBuilt(String),
-    #[error(
-        "the device backend runs whole models only; this one is tensor-parallel shard {rank} of {world}"
-    )]
-    Sharded { rank: usize, world: usize },
+    #[error("this model is tensor-parallel shard {rank} of {world}, run with a group of {got}")]
+    Sharded {
+        rank: usize,
+        world: usize,
+        got: usize,
+    },
+    #[error(transparent)]
+    Comm(#[from] CommError),
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -159,8 +177,10 @@ pub struct DeviceModel {
     embed: Option<Tensor>,
     layers: Vec<DeviceLayer>,
     norm: Tensor,
-    /// `[vocab, hidden]`.
+    /// `[vocab slice, hidden]`.
     lm_head: Tensor,
+    /// The heads, FFN slice and vocabulary slice this rank holds.
+    part: RankPart,
     inv_freq: Vec<f32>,
     /// Bytes of the weights a decode step reads (every matrix once, norms; not the
     /// embedding rows).
@@ -168,20 +188,23 @@ pub struct DeviceModel {
 }
 
 impl DeviceModel {
-    /// Uploads `model` to `choice`'s device, dequantizing every matrix.
+    /// Uploads `model` (whole, or a rank shard) to `choice`'s device, dequantizing every
+    /// matrix.
     pub fn from_model(model: &LlamaModel, choice: DeviceChoice) -> Result<Self, DeviceError> {
-        if model.part != crate::tp::shard::RankPart::whole(&model.cfg) {
-            return Err(DeviceError::Sharded {
-                rank: model.part.rank,
-                world: model.part.world,
-            });
-        }
-        let device = choice.open()?;
-        let dtype = choice.weight_dtype();
+        Self::from_model_on(model, choice.open()?, choice.weight_dtype())
+    }
+
+    /// [`Self::from_model`] onto an opened `device` (e.g. an NCCL rank's), weights in
+    /// `dtype`.
+    pub fn from_model_on(
+        model: &LlamaModel,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self, DeviceError> {
         let mut weight_bytes = 0usize;
         // The attention scale 1/√head_dim is folded into q's rows of the qkv weights (RoPE
         // is linear, so it commutes), which saves one op per layer.
-        let q_rows = model.cfg.num_heads * model.cfg.head_dim;
+        let q_rows = model.part.q_heads.len() * model.cfg.head_dim;
         let q_scale = 1.0 / (model.cfg.head_dim as f32).sqrt();
         let mut matrix = |parts: &[&Linear], scaled_rows: usize| -> Result<Tensor, DeviceError> {
             let in_dim = parts[0].in_dim;
@@ -229,12 +252,18 @@ impl DeviceModel {
             layers,
             norm,
             lm_head,
+            part: model.part.clone(),
             weight_bytes: weight_bytes + norms,
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// What this rank holds (everything at tp 1).
+    pub fn part(&self) -> &RankPart {
+        &self.part
     }
 
     /// Weight bytes one decode step reads (for the memory-bandwidth figure).
@@ -252,7 +281,7 @@ impl DeviceModel {
     pub fn new_kv(&self, num_blocks: usize, block_size: usize) -> Result<DeviceKv, DeviceError> {
         let shape = (
             num_blocks * block_size,
-            self.cfg.num_kv_heads * self.cfg.head_dim,
+            self.part.kv_heads.len() * self.cfg.head_dim,
         );
         let mut k = Vec::with_capacity(self.cfg.num_layers);
         let mut v = Vec::with_capacity(self.cfg.num_layers);
@@ -273,23 +302,43 @@ impl DeviceModel {
     }
 
     /// [`Self::forward`] with the logits left on the device, `[logit_rows, vocab]` f32;
-    /// `None` when no row is wanted.
+    /// `None` when no row is wanted. The model must be whole (tp 1).
     pub fn forward_logits(
         &self,
         step: &StepPlan<'_>,
         kv: &mut DeviceKv,
     ) -> Result<Option<Tensor>, DeviceError> {
+        self.forward_rank(step, kv, &mut SingleTensorRank)
+    }
+
+    /// One step on this rank of a group: K/V of the rank's KV heads are written to `kv`;
+    /// embeddings, o_proj and down outputs and the logits are combined over the group with
+    /// `comm`. Rank 0 gets `[logit_rows, vocab]` f32 (`None` when no row is wanted), the
+    /// other ranks `None`.
+    pub fn forward_rank(
+        &self,
+        step: &StepPlan<'_>,
+        kv: &mut DeviceKv,
+        comm: &mut dyn Communicator<Buffer = Tensor>,
+    ) -> Result<Option<Tensor>, DeviceError> {
         let cfg = &self.cfg;
         let dev = &self.device;
         let n = step.tokens.len();
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let world = comm.world_size();
+        if world != self.part.world || comm.rank() != self.part.rank {
+            return Err(DeviceError::Sharded {
+                rank: self.part.rank,
+                world: self.part.world,
+                got: world,
+            });
+        }
+        let hd = cfg.head_dim;
+        let (nh, nkv) = (self.part.q_heads.len(), self.part.kv_heads.len());
         let (qd, kvd) = (nh * hd, nkv * hd);
         if n == 0 {
             return Ok(None);
         }
-        let tokens = Tensor::new(step.tokens, dev)?;
-        let table = self.embed.as_ref().unwrap_or(&self.lm_head);
-        let mut x = table.index_select(&tokens, 0)?.to_dtype(DType::F32)?;
+        let mut x = self.embed_rows(step.tokens, comm)?;
         let (cos, sin) = self.rope_tables(step.plan)?;
         let att = AttentionPlan::new(step, kv.block_size, nh / nkv, dev)?;
         let slots: Vec<u32> = step
@@ -315,12 +364,20 @@ impl DeviceModel {
             kv.v[li].scatter_set(&slot_idx, &v, 0)?;
             let q = qk.narrow(1, 0, nh)?.reshape((n, qd))?;
             let a = att.attend(&q, &kv.k[li], &kv.v[li], nkv, hd)?;
-            x = (x + self.linear(&a, &layer.o_proj)?)?;
+            let mut o = self.linear(&a, &layer.o_proj)?;
+            if world > 1 {
+                comm.all_reduce_sum(&mut o)?;
+            }
+            x = (x + o)?;
             let xn = rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = self.linear(&xn, &layer.gate_up)?;
-            let ffn = cfg.intermediate_size;
+            let ffn = self.part.ffn.len();
             let act = (gu.narrow(1, 0, ffn)?.silu()? * gu.narrow(1, ffn, ffn)?)?;
-            x = (x + self.linear(&act, &layer.down)?)?;
+            let mut d = self.linear(&act, &layer.down)?;
+            if world > 1 {
+                comm.all_reduce_sum(&mut d)?;
+            }
+            x = (x + d)?;
         }
         if step.logit_rows.is_empty() {
             return Ok(None);
@@ -328,7 +385,46 @@ impl DeviceModel {
         let rows: Vec<u32> = step.logit_rows.iter().map(|&r| r as u32).collect();
         let last = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
         let last = rms_norm(&last, &self.norm, eps)?;
-        Ok(Some(self.linear(&last, &self.lm_head)?))
+        let mut logits = self.linear(&last, &self.lm_head)?;
+        if world > 1 {
+            // Vocab-parallel head: each rank's slice in place, zeros elsewhere (exact).
+            let v = &self.part.vocab;
+            logits = logits.pad_with_zeros(1, v.start, cfg.vocab_size - v.end)?;
+            comm.all_reduce_sum(&mut logits)?;
+        }
+        Ok((self.part.rank == 0).then_some(logits))
+    }
+
+    /// Embedding rows of `tokens` (f32 `[tokens, hidden]`): at tp > 1 each rank looks up
+    /// the tokens of its vocabulary slice, zeros for the others, and the group sums.
+    fn embed_rows(
+        &self,
+        tokens: &[u32],
+        comm: &mut dyn Communicator<Buffer = Tensor>,
+    ) -> Result<Tensor, DeviceError> {
+        let dev = &self.device;
+        let table = self.embed.as_ref().unwrap_or(&self.lm_head);
+        if comm.world_size() == 1 {
+            let ids = Tensor::new(tokens, dev)?;
+            return Ok(table.index_select(&ids, 0)?.to_dtype(DType::F32)?);
+        }
+        let v = &self.part.vocab;
+        let (ids, mask): (Vec<u32>, Vec<f32>) = tokens
+            .iter()
+            .map(|&t| match v.contains(&(t as usize)) {
+                true => (t - v.start as u32, 1.0),
+                false => (0, 0.0),
+            })
+            .unzip();
+        let n = tokens.len();
+        let ids = Tensor::from_vec(ids, n, dev)?;
+        let mask = Tensor::from_vec(mask, (n, 1), dev)?;
+        let mut x = table
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&mask)?;
+        comm.all_reduce_sum(&mut x)?;
+        Ok(x)
     }
 
     /// `x · Wᵀ` in the weights' dtype, f32 out.
@@ -388,136 +484,6 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor, DeviceError> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let m = (ms + eps)?.sqrt()?;
     Ok(x.broadcast_div(&m)?.broadcast_mul(w)?)
-}
-
-/// The index tensors that turn a step's tokens into one padded attention batch, built
-/// once per step and shared by all layers: `chunks × max_queries` query rows against
-/// `chunks × max_keys` key slots, with a causal mask.
-struct AttentionPlan {
-    chunks: usize,
-    max_q: usize,
-    max_k: usize,
-    group: usize,
-    /// Token row of each padded query (padding: row 0).
-    q_idx: Tensor,
-    /// KV slot of each padded key position (padding: slot 0).
-    k_idx: Tensor,
-    /// `[chunks, 1, max_q * group, max_k]`, 0 or -inf.
-    mask: Tensor,
-    /// Padded query index of each token, in token order.
-    out_idx: Tensor,
-    /// Padded layout = token order (every chunk `max_q` tokens, e.g. a decode-only
-    /// step): the two query gathers are skipped.
-    identity: bool,
-}
-
-impl AttentionPlan {
-    fn new(
-        step: &StepPlan<'_>,
-        block_size: usize,
-        group: usize,
-        dev: &Device,
-    ) -> Result<Self, DeviceError> {
-        let chunks = step.tables.len();
-        // Tokens of each chunk in step order (a chunk's positions are consecutive).
-        let mut members: Vec<Vec<usize>> = vec![Vec::new(); chunks];
-        for (t, p) in step.plan.iter().enumerate() {
-            members[p.chunk].push(t);
-        }
-        let max_q = members.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let keys = |c: usize| {
-            members[c]
-                .iter()
-                .map(|&t| step.plan[t].pos + 1)
-                .max()
-                .unwrap_or(0)
-        };
-        let max_k = (0..chunks).map(keys).max().unwrap_or(1).max(1);
-        let identity = members.iter().enumerate().all(|(c, m)| {
-            m.len() == max_q && m.iter().enumerate().all(|(i, &t)| t == c * max_q + i)
-        });
-        let mut q_idx = vec![0u32; chunks * max_q];
-        let mut out_idx = vec![0u32; step.plan.len()];
-        let mut k_idx = vec![0u32; chunks * max_k];
-        let mut mask = vec![f32::NEG_INFINITY; chunks * max_q * group * max_k];
-        for (c, toks) in members.iter().enumerate() {
-            let table = step.tables[c];
-            for j in 0..keys(c) {
-                k_idx[c * max_k + j] =
-                    table[j / block_size] * block_size as u32 + (j % block_size) as u32;
-            }
-            for m in 0..max_q {
-                // A padded query sees key 0 only, so its softmax stays finite.
-                let visible = toks.get(m).map_or(1, |&t| step.plan[t].pos + 1);
-                if let Some(&t) = toks.get(m) {
-                    q_idx[c * max_q + m] = t as u32;
-                    out_idx[t] = (c * max_q + m) as u32;
-                }
-                for qi in 0..group {
-                    let row = ((c * max_q + m) * group + qi) * max_k;
-                    mask[row..row + visible].fill(0.0);
-                }
-            }
-        }
-        Ok(AttentionPlan {
-            chunks,
-            max_q,
-            max_k,
-            group,
-            q_idx: Tensor::from_vec(q_idx, chunks * max_q, dev)?,
-            k_idx: Tensor::from_vec(k_idx, chunks * max_k, dev)?,
-            mask: Tensor::from_vec(mask, (chunks, 1, max_q * group, max_k), dev)?,
-            out_idx: Tensor::from_vec(out_idx, step.plan.len(), dev)?,
-            identity,
-        })
-    }
-
-    /// Attention of `q` `[tokens, heads * head_dim]` (f32) over the cached keys/values;
-    /// returns `[tokens, heads * head_dim]` f32. Head `g * group + i` reads KV head `g`.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k_cache: &Tensor,
-        v_cache: &Tensor,
-        nkv: usize,
-        hd: usize,
-    ) -> Result<Tensor, DeviceError> {
-        let (c, mq, mk, g) = (self.chunks, self.max_q, self.max_k, self.group);
-        let q = if self.identity {
-            q.clone()
-        } else {
-            q.index_select(&self.q_idx, 0)?
-        };
-        let q = q
-            .reshape((c, mq, nkv, g, hd))?
-            .permute((0, 2, 1, 3, 4))?
-            .contiguous()?
-            .reshape((c, nkv, mq * g, hd))?;
-        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
-            cache
-                .index_select(&self.k_idx, 0)?
-                .to_dtype(DType::F32)?
-                .reshape((c, mk, nkv, hd))
-        };
-        // Kᵀ `[c, kv_heads, head_dim, keys]` and V `[c, kv_heads, keys, head_dim]`.
-        let kt = gather(k_cache)?.permute((0, 2, 3, 1))?.contiguous()?;
-        let v = gather(v_cache)?.transpose(1, 2)?.contiguous()?;
-        // q carries the 1/√head_dim scale (folded into its weights).
-        let scores = q.matmul(&kt)?.broadcast_add(&self.mask)?;
-        let max = scores.max_keepdim(D::Minus1)?;
-        let e = scores.broadcast_sub(&max)?.exp()?;
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        let out = p
-            .matmul(&v)?
-            .reshape((c, nkv, mq, g, hd))?
-            .permute((0, 2, 1, 3, 4))?
-            .contiguous()?
-            .reshape((c * mq, nkv * g * hd))?;
-        if self.identity {
-            return Ok(out);
-        }
-        Ok(out.index_select(&self.out_idx, 0)?)
-    }
 }
 
 #[cfg(test)]

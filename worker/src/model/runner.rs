@@ -1,7 +1,9 @@
-//! [`LlamaRunner`]: the [`ModelRunner`] over [`LlamaModel`] + paged KV cache, for one
-//! rank or a tensor-parallel [`RankGroup`]. The block manager (which blocks a sequence
-//! owns) is one per group; each rank stores its own KV heads of those blocks. Model
-//! threads are dedicated rayon pools, not the async runtime's.
+//! [`GroupRunner`]: the [`ModelRunner`] over a [`RankGroup`] of one or more ranks, with
+//! the paged KV cache's bookkeeping. The block manager (which blocks a sequence owns) is
+//! one per group; each rank stores its own KV heads of those blocks. [`LlamaRunner`] is
+//! it over [`LlamaModel`] shards on the CPU kernels (model threads are dedicated rayon
+//! pools, not the async runtime's); [`crate::model::device::DeviceRunner`] over device
+//! ranks.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -11,27 +13,30 @@ use crate::model::{LlamaModel, TokenPlan};
 use crate::runner::{
     ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerInfo, SeqChunk, SeqId,
 };
-use crate::tp::group::{FailureInjector, OwnedStep, RankGroup};
+use crate::tp::group::{CpuRank, FailureInjector, GroupRank, OwnedStep, RankGroup};
 
 /// Default deadline of a tensor-parallel collective.
 pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A Llama runner over one or more ranks.
-pub struct LlamaRunner {
-    group: RankGroup,
+/// A runner over the ranks of one group.
+pub struct GroupRunner<R: GroupRank> {
+    group: RankGroup<R>,
     blocks: BlockManager,
     info: RunnerInfo,
 }
 
-impl std::fmt::Debug for LlamaRunner {
+/// A Llama runner on the CPU kernels over one or more ranks.
+pub type LlamaRunner = GroupRunner<CpuRank>;
+
+impl<R: GroupRank> std::fmt::Debug for GroupRunner<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlamaRunner")
+        f.debug_struct("GroupRunner")
             .field("info", &self.info)
             .finish_non_exhaustive()
     }
 }
 
-impl LlamaRunner {
+impl GroupRunner<CpuRank> {
     /// One rank: `num_blocks` KV blocks of `block_size` positions; `threads` model threads.
     pub fn new(
         model: LlamaModel,
@@ -81,16 +86,29 @@ impl LlamaRunner {
             kv_block_size: block_size,
             kv_blocks_total: num_blocks,
         };
-        Ok(LlamaRunner {
-            group,
-            blocks: BlockManager::new(num_blocks, block_size),
-            info,
-        })
+        Ok(Self::over(group, info))
     }
 
     /// Rank 0's model (the whole model at tp 1).
     pub fn model(&self) -> &LlamaModel {
         self.group.model()
+    }
+}
+
+impl<R: GroupRank> GroupRunner<R> {
+    /// A runner over a started `group`; `info.kv_blocks_total` blocks of
+    /// `info.kv_block_size` positions, which every rank's KV shard must hold.
+    pub fn over(group: RankGroup<R>, info: RunnerInfo) -> Self {
+        GroupRunner {
+            blocks: BlockManager::new(info.kv_blocks_total, info.kv_block_size),
+            group,
+            info,
+        }
+    }
+
+    /// The group's ranks.
+    pub fn group(&self) -> &RankGroup<R> {
+        &self.group
     }
 
     /// A handle that makes a rank's next step fail (tests of the failure path).
@@ -189,7 +207,7 @@ impl LlamaRunner {
     }
 }
 
-impl ModelRunner for LlamaRunner {
+impl<R: GroupRank> ModelRunner for GroupRunner<R> {
     fn info(&self) -> &RunnerInfo {
         &self.info
     }

@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use candle_core::{DType, Device, Tensor};
+
 use super::{CommError, Communicator};
 
 /// Floats per slot (256 KiB): a hidden-size vector for hundreds of tokens in one chunk.
@@ -296,6 +298,85 @@ impl Communicator for CpuCommunicator {
     }
 }
 
+/// [`HostTensorComm`]: a `Communicator<Buffer = Tensor>` over a host communicator
+/// (`Communicator<Buffer = [f32]>`, e.g. [`CpuCommunicator`]), so the device backend's
+/// multi-rank path runs, and is tested, on candle's CPU device without a GPU. Each
+/// collective copies the tensor to a host `Vec<f32>`, runs the host collective and builds
+/// the result back in the tensor's shape, dtype and device (two copies per call: for
+/// candle's CPU device; GPUs use NCCL).
+pub struct HostTensorComm {
+    inner: Box<dyn Communicator<Buffer = [f32]>>,
+}
+
+impl std::fmt::Debug for HostTensorComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTensorComm")
+            .field("rank", &self.inner.rank())
+            .field("world", &self.inner.world_size())
+            .finish()
+    }
+}
+
+impl HostTensorComm {
+    pub fn new(inner: Box<dyn Communicator<Buffer = [f32]>>) -> Self {
+        HostTensorComm { inner }
+    }
+
+    /// `f` on a host copy of `buf` (f32), then `buf` replaced by the result.
+    fn through_host(
+        &mut self,
+        op: &'static str,
+        buf: &mut Tensor,
+        f: impl FnOnce(&mut dyn Communicator<Buffer = [f32]>, &mut [f32]) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        let backend = |e: candle_core::Error| CommError::Backend(format!("{op}: {e}"));
+        let (shape, dtype, device) = (buf.shape().clone(), buf.dtype(), buf.device().clone());
+        let mut host = buf
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(backend)?;
+        f(self.inner.as_mut(), &mut host)?;
+        *buf = Tensor::from_vec(host, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_device(&device))
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+impl Communicator for HostTensorComm {
+    type Buffer = Tensor;
+
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut Tensor) -> Result<(), CommError> {
+        self.through_host("all_reduce_sum", buf, |c, b| c.all_reduce_sum(b))
+    }
+
+    fn broadcast(&mut self, buf: &mut Tensor, root: usize) -> Result<(), CommError> {
+        self.through_host("broadcast", buf, |c, b| c.broadcast(b, root))
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.inner.barrier()
+    }
+
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason);
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.inner.is_aborted()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +499,35 @@ mod tests {
                 r,
                 Err(CommError::Size { .. }) | Err(CommError::Aborted { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn all_reduce_and_broadcast_of_tensors_over_the_cpu_communicator() {
+        let comms = CpuCommunicator::group(3, Duration::from_secs(30));
+        let threads: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let r = c.rank() as f32;
+                    let mut t = super::HostTensorComm::new(Box::new(c));
+                    let mut x = Tensor::new(&[[r, 1.0], [2.0 * r, -r]], &Device::Cpu).unwrap();
+                    t.all_reduce_sum(&mut x).unwrap();
+                    let mut b = Tensor::new(&[r + 10.0], &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap();
+                    t.broadcast(&mut b, 2).unwrap();
+                    assert_eq!(b.dtype(), DType::BF16);
+                    let b = b.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                    (x.to_vec2::<f32>().unwrap(), b)
+                })
+            })
+            .collect();
+        for th in threads {
+            let (x, b) = th.join().unwrap();
+            assert_eq!(x, vec![vec![3.0, 3.0], vec![6.0, -3.0]]);
+            assert_eq!(b, vec![12.0]);
         }
     }
 }

@@ -79,45 +79,96 @@ impl FailureInjector {
     }
 }
 
-/// Everything one rank owns.
-struct Rank {
+/// One rank of a [`RankGroup`]: what runs a step's forward on that rank (its model
+/// shard, KV shard and communicator). The group adds failure injection, panic catching
+/// and the abort of the others around [`GroupRank::forward`].
+pub trait GroupRank: Send + 'static {
+    fn rank(&self) -> usize;
+
+    fn world_size(&self) -> usize;
+
+    /// This rank's part of `step`; rank 0 returns the logits of `step.logit_rows`.
+    fn forward(&mut self, step: &OwnedStep) -> Result<Vec<f32>, String>;
+
+    /// Aborts the group's collectives (see [`Communicator::abort`]).
+    fn abort(&self, reason: &str);
+
+    /// Whether some rank aborted the group.
+    fn is_aborted(&self) -> bool;
+}
+
+/// A rank on the CPU kernels: its [`LlamaModel`] shard, KV shard and rayon pool.
+pub struct CpuRank {
     model: LlamaModel,
     kv: KvStore,
     pool: rayon::ThreadPool,
     comm: Box<dyn Communicator<Buffer = [f32]>>,
-    hook: Hook,
 }
 
-impl Rank {
-    /// One step on this rank, errors and panics turned into an abort of the group.
-    fn step(&mut self, step: &OwnedStep) -> Result<Vec<f32>, String> {
-        let injected = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let rank = self.comm.rank();
-        let Rank {
+impl CpuRank {
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+}
+
+impl GroupRank for CpuRank {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn forward(&mut self, step: &OwnedStep) -> Result<Vec<f32>, String> {
+        let CpuRank {
             model,
             kv,
             pool,
             comm,
-            ..
         } = self;
+        pool.install(|| step.run(model, kv, comm.as_mut()))
+    }
+
+    fn abort(&self, reason: &str) {
+        self.comm.abort(reason);
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.comm.is_aborted()
+    }
+}
+
+/// A rank with its failure hook.
+struct Slot<R> {
+    rank: R,
+    hook: Hook,
+}
+
+impl<R: GroupRank> Slot<R> {
+    /// One step on this rank, errors and panics turned into an abort of the group.
+    fn step(&mut self, step: &OwnedStep) -> Result<Vec<f32>, String> {
+        let injected = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let r = &mut self.rank;
+        let rank = r.rank();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match injected {
             Some(InjectedFailure::Error) => Err(format!("rank {rank}: injected error")),
             Some(InjectedFailure::Panic) => panic!("rank {rank}: injected panic"),
             Some(InjectedFailure::Hang) => {
                 // Wait for the others to give up on us, as a stuck rank would make them.
-                while comm.world_size() > 1 && !comm.is_aborted() {
+                while r.world_size() > 1 && !r.is_aborted() {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(format!("rank {rank}: injected hang"))
             }
-            None => pool.install(|| step.run(model, kv, comm.as_mut())),
+            None => r.forward(step),
         }));
         let result = match outcome {
             Ok(r) => r,
             Err(panic) => Err(format!("rank {rank} panicked: {}", panic_message(&*panic))),
         };
         if let Err(e) = &result {
-            self.comm.abort(e);
+            self.rank.abort(e);
         }
         result
     }
@@ -137,15 +188,16 @@ struct Peer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The ranks of one group.
-pub struct RankGroup {
-    rank0: Rank,
+/// The ranks of one group: [`CpuRank`]s, or device ranks
+/// ([`crate::model::device::DeviceRank`]).
+pub struct RankGroup<R: GroupRank = CpuRank> {
+    rank0: Slot<R>,
     peers: Vec<Peer>,
     timeout: Duration,
     failed: Option<String>,
 }
 
-impl std::fmt::Debug for RankGroup {
+impl<R: GroupRank> std::fmt::Debug for RankGroup<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RankGroup")
             .field("world", &(self.peers.len() + 1))
@@ -154,7 +206,7 @@ impl std::fmt::Debug for RankGroup {
     }
 }
 
-impl RankGroup {
+impl RankGroup<CpuRank> {
     /// Starts one rank per shard (`shards[r]` is rank `r`'s model), each with a KV cache
     /// of `num_blocks` blocks for its own KV heads and `threads_per_rank` model threads.
     /// Collectives give up after `timeout`.
@@ -192,15 +244,44 @@ impl RankGroup {
                 .thread_name(move |i| format!("shardline-rank{r}-{i}"))
                 .build()
                 .map_err(|e| format!("rank {r} thread pool: {e}"))?;
-            ranks.push(Rank {
+            ranks.push(CpuRank {
                 model,
                 kv,
                 pool,
                 comm,
-                hook: Arc::default(),
             });
         }
-        let mut it = ranks.into_iter();
+        Self::from_ranks(ranks, timeout)
+    }
+
+    /// Rank 0's shard (the whole model when `world == 1`).
+    pub fn model(&self) -> &LlamaModel {
+        &self.rank0.rank.model
+    }
+}
+
+impl<R: GroupRank> RankGroup<R> {
+    /// Starts a group over `ranks` (`ranks[r]` is rank `r`, already holding its
+    /// communicator): rank 0 stays with the caller, the others get a thread each. Steps of
+    /// the others are awaited for `timeout` (plus a second) after rank 0's.
+    pub fn from_ranks(ranks: Vec<R>, timeout: Duration) -> Result<Self, String> {
+        let world = ranks.len();
+        if world == 0 {
+            return Err("a group needs at least one rank".into());
+        }
+        for (r, rank) in ranks.iter().enumerate() {
+            if rank.rank() != r || rank.world_size() != world {
+                return Err(format!(
+                    "rank {r} of {world} holds the communicator of rank {} of {}",
+                    rank.rank(),
+                    rank.world_size()
+                ));
+            }
+        }
+        let mut it = ranks.into_iter().map(|rank| Slot {
+            rank,
+            hook: Hook::default(),
+        });
         let rank0 = it.next().ok_or("no rank 0")?;
         let mut peers = Vec::with_capacity(world - 1);
         for (i, mut rank) in it.enumerate() {
@@ -237,9 +318,9 @@ impl RankGroup {
         self.peers.len() + 1
     }
 
-    /// Rank 0's shard (the whole model when `world == 1`).
-    pub fn model(&self) -> &LlamaModel {
-        &self.rank0.model
+    /// Rank 0.
+    pub fn rank0(&self) -> &R {
+        &self.rank0.rank
     }
 
     /// `Err` once a step failed; the group does not recover.
@@ -271,7 +352,7 @@ impl RankGroup {
                 .is_some_and(|tx| tx.send(Arc::clone(&step)).is_ok());
             if !sent {
                 first_error.get_or_insert(format!("rank {} is gone", i + 1));
-                self.rank0.comm.abort(&format!("rank {} is gone", i + 1));
+                self.rank0.rank.abort(&format!("rank {} is gone", i + 1));
             }
         }
         let own = self.rank0.step(&step);
@@ -301,9 +382,9 @@ impl RankGroup {
     }
 }
 
-impl Drop for RankGroup {
+impl<R: GroupRank> Drop for RankGroup<R> {
     fn drop(&mut self) {
-        self.rank0.comm.abort("the group is shutting down");
+        self.rank0.rank.abort("the group is shutting down");
         for p in &mut self.peers {
             p.jobs.take();
         }

@@ -277,6 +277,10 @@ impl Communicator for NcclCommunicator {
             *failed = Some((self.rank, reason.to_string()));
         }
     }
+
+    fn is_aborted(&self) -> bool {
+        self.group.check().is_err()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -1,231 +1,265 @@
-//! [`DeviceRunner`]: the [`ModelRunner`] over a [`DeviceModel`] and its paged KV cache
-//! ([`DeviceKv`]) on one device.
+//! [`DeviceRank`]: one rank of a device group (its [`DeviceModel`] shard, its KV shard
+//! and its tensor communicator), and [`DeviceRunner`], the [`ModelRunner`] over a group of
+//! them: the same [`GroupRunner`] (block bookkeeping, validation, rank threads, failure
+//! handling) as the CPU kernels' [`crate::model::runner::LlamaRunner`].
+//!
+//! [`ModelRunner`]: crate::runner::ModelRunner
 
-use std::collections::HashSet;
+use std::time::Duration;
 
-use super::{DeviceKv, DeviceModel};
-use crate::kv::BlockManager;
-use crate::model::{StepPlan, TokenPlan};
-use crate::runner::{
-    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerInfo, SeqChunk, SeqId,
-};
+use candle_core::{DType, Device, Tensor};
 
-/// A single-device [`ModelRunner`] over [`DeviceModel`]: the same block bookkeeping and
-/// validation as [`crate::model::runner::LlamaRunner`], the forward on the device.
-pub struct DeviceRunner {
-    model: DeviceModel,
-    blocks: BlockManager,
-    kv: DeviceKv,
-    info: RunnerInfo,
+use super::{DeviceChoice, DeviceError, DeviceKv, DeviceModel};
+use crate::kv::BlockId;
+use crate::model::runner::{DEFAULT_COLLECTIVE_TIMEOUT, GroupRunner};
+use crate::model::{LlamaModel, StepPlan};
+use crate::runner::{RunnerError, RunnerInfo};
+use crate::tp::cpu::{CpuCommunicator, HostTensorComm};
+use crate::tp::group::{GroupRank, OwnedStep, RankGroup};
+use crate::tp::{CommError, Communicator};
+
+/// The trivial tensor group of one rank: collectives are no-ops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleTensorRank;
+
+impl Communicator for SingleTensorRank {
+    type Buffer = Tensor;
+
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _buf: &mut Tensor) -> Result<(), CommError> {
+        Ok(())
+    }
+
+    fn broadcast(&mut self, _buf: &mut Tensor, _root: usize) -> Result<(), CommError> {
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        Ok(())
+    }
+
+    fn abort(&self, _reason: &str) {}
 }
 
-impl std::fmt::Debug for DeviceRunner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceRunner")
-            .field("info", &self.info)
-            .field("device", &self.model.device)
-            .finish_non_exhaustive()
+/// One rank of a device group.
+pub struct DeviceRank {
+    model: DeviceModel,
+    kv: DeviceKv,
+    comm: Box<dyn Communicator<Buffer = Tensor>>,
+}
+
+impl DeviceRank {
+    /// `model` with a KV shard of `num_blocks` blocks of `block_size` positions; `comm`
+    /// must be the communicator of `model`'s rank.
+    pub fn new(
+        model: DeviceModel,
+        comm: Box<dyn Communicator<Buffer = Tensor>>,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, DeviceError> {
+        let kv = model.new_kv(num_blocks, block_size)?;
+        Ok(DeviceRank { model, kv, comm })
+    }
+
+    pub fn model(&self) -> &DeviceModel {
+        &self.model
     }
 }
 
-impl DeviceRunner {
-    /// `num_blocks` KV blocks of `block_size` positions on the model's device.
+impl GroupRank for DeviceRank {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn forward(&mut self, step: &OwnedStep) -> Result<Vec<f32>, String> {
+        let tables: Vec<&[BlockId]> = step.tables.iter().map(Vec::as_slice).collect();
+        let plan = StepPlan {
+            tokens: &step.tokens,
+            plan: &step.plan,
+            tables: &tables,
+            logit_rows: &step.logit_rows,
+        };
+        let rank = self.comm.rank();
+        let err = |e: &dyn std::fmt::Display| format!("rank {rank}: {e}");
+        let logits = self
+            .model
+            .forward_rank(&plan, &mut self.kv, self.comm.as_mut())
+            .map_err(|e| err(&e))?;
+        // All rows to the host in one copy (not `to_vec1` on a device tensor, which
+        // copies twice).
+        match logits {
+            Some(l) => l
+                .to_device(&Device::Cpu)
+                .and_then(|l| l.flatten_all())
+                .and_then(|l| l.to_vec1::<f32>())
+                .map_err(|e| err(&format_args!("logits to the host: {e}"))),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn abort(&self, reason: &str) {
+        self.comm.abort(reason);
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.comm.is_aborted()
+    }
+}
+
+/// The [`crate::runner::ModelRunner`] over one or more device ranks.
+pub type DeviceRunner = GroupRunner<DeviceRank>;
+
+impl GroupRunner<DeviceRank> {
+    /// One rank: `num_blocks` KV blocks of `block_size` positions on the model's device.
     pub fn new(
         model: DeviceModel,
         model_id: String,
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self, RunnerError> {
+        Self::sharded(
+            vec![model],
+            vec![Box::new(SingleTensorRank)],
+            model_id,
+            num_blocks,
+            block_size,
+            DEFAULT_COLLECTIVE_TIMEOUT,
+        )
+    }
+
+    /// A tensor-parallel group: `models[r]` and `comms[r]` are rank `r`'s; every rank
+    /// holds its KV heads of `num_blocks` blocks (the budget is per group).
+    pub fn sharded(
+        models: Vec<DeviceModel>,
+        comms: Vec<Box<dyn Communicator<Buffer = Tensor>>>,
+        model_id: String,
+        num_blocks: usize,
+        block_size: usize,
+        timeout: Duration,
+    ) -> Result<Self, RunnerError> {
         if num_blocks == 0 || block_size == 0 {
             return Err(RunnerError::Model(format!(
                 "KV cache of {num_blocks} blocks × {block_size} positions is empty"
             )));
         }
-        let kv = model.new_kv(num_blocks, block_size)?;
+        if models.is_empty() || models.len() != comms.len() {
+            return Err(RunnerError::Model(format!(
+                "{} rank models for {} communicators",
+                models.len(),
+                comms.len()
+            )));
+        }
+        let world = models.len();
+        for (r, m) in models.iter().enumerate() {
+            let part = m.part();
+            if (part.rank, part.world) != (r, world) {
+                return Err(DeviceError::Sharded {
+                    rank: part.rank,
+                    world: part.world,
+                    got: world,
+                }
+                .into());
+            }
+        }
+        let m0 = &models[0];
         let info = RunnerInfo {
             model_id,
-            dtype: model.dtype_name(),
-            tp: 1,
-            context_length: model.cfg.context_length,
-            vocab_size: model.cfg.vocab_size,
+            dtype: m0.dtype_name(),
+            tp: world,
+            context_length: m0.cfg.context_length,
+            vocab_size: m0.cfg.vocab_size,
             kv_block_size: block_size,
             kv_blocks_total: num_blocks,
         };
-        Ok(DeviceRunner {
-            model,
-            blocks: BlockManager::new(num_blocks, block_size),
-            kv,
-            info,
-        })
-    }
-
-    pub fn model(&self) -> &DeviceModel {
-        &self.model
-    }
-
-    fn validate(&self, batch: &[SeqChunk]) -> Result<(), RunnerError> {
-        let mut seen = HashSet::with_capacity(batch.len());
-        let vocab = self.model.cfg.vocab_size;
-        for c in batch {
-            if !seen.insert(c.id) {
-                return Err(RunnerError::Model(format!(
-                    "{} appears twice in one step",
-                    c.id
-                )));
-            }
-            let len = self.blocks.seq_len(c.id)?;
-            if c.tokens.is_empty() {
-                return Err(RunnerError::Model(format!("{}: empty chunk", c.id)));
-            }
-            if let Some(t) = c.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(RunnerError::Model(format!(
-                    "{}: token id {t} outside the vocabulary ({vocab})",
-                    c.id
-                )));
-            }
-            let max = self.info.context_length;
-            if len + c.tokens.len() > max {
-                return Err(RunnerError::ContextExceeded {
-                    id: c.id,
-                    len: len + c.tokens.len(),
-                    max,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn run(&mut self, batch: &[SeqChunk]) -> Result<Vec<ChunkLogits>, RunnerError> {
-        let mut tokens = Vec::new();
-        let mut plan = Vec::new();
-        let mut logit_rows = Vec::new();
-        let mut rows_per_chunk = Vec::with_capacity(batch.len());
-        for (ci, c) in batch.iter().enumerate() {
-            let start = self.blocks.seq_len(c.id)?;
-            let first_row = tokens.len();
-            for (i, &t) in c.tokens.iter().enumerate() {
-                let (block, slot) = self.blocks.slot(c.id, start + i)?;
-                tokens.push(t);
-                plan.push(TokenPlan {
-                    chunk: ci,
-                    pos: start + i,
-                    block,
-                    slot,
-                });
-            }
-            rows_per_chunk.push(match c.logits {
-                LogitsWanted::None => 0,
-                LogitsWanted::Last => {
-                    logit_rows.push(tokens.len() - 1);
-                    1
-                }
-                LogitsWanted::All => {
-                    logit_rows.extend(first_row..tokens.len());
-                    c.tokens.len()
-                }
-            });
-        }
-        let tables = batch
-            .iter()
-            .map(|c| self.blocks.block_table(c.id))
+        let ranks = models
+            .into_iter()
+            .zip(comms)
+            .map(|(m, c)| DeviceRank::new(m, c, num_blocks, block_size))
             .collect::<Result<Vec<_>, _>>()?;
-        let step = StepPlan {
-            tokens: &tokens,
-            plan: &plan,
-            tables: &tables,
-            logit_rows: &logit_rows,
-        };
-        // All rows to the host in one copy, then each chunk's slice into its own vector.
-        // (Not `to_vec1` on the device tensor, which copies twice; and not per chunk from
-        // the device: candle brings a tensor's whole storage to the host even for a
-        // narrowed view, 2.6× slower at batch 32 on an H200.)
-        let logits = match self.model.forward_logits(&step, &mut self.kv)? {
-            Some(l) => Some(
-                l.to_device(&candle_core::Device::Cpu)
-                    .map_err(|e| RunnerError::Model(format!("logits to the host: {e}")))?,
-            ),
-            None => None,
-        };
-        let mut out = Vec::with_capacity(batch.len());
-        let mut off = 0;
-        for (c, rows) in batch.iter().zip(rows_per_chunk) {
-            let data = match &logits {
-                Some(l) if rows > 0 => l
-                    .narrow(0, off, rows)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| RunnerError::Model(format!("logits rows: {e}")))?,
-                _ => Vec::new(),
-            };
-            out.push(ChunkLogits {
-                id: c.id,
-                data,
-                rows,
-            });
-            off += rows;
-        }
-        Ok(out)
+        let group = RankGroup::from_ranks(ranks, timeout).map_err(RunnerError::Model)?;
+        Ok(Self::over(group, info))
+    }
+
+    /// Rank 0's model (the whole model at tp 1).
+    pub fn model(&self) -> &DeviceModel {
+        &self.group().rank0().model
     }
 }
 
-impl ModelRunner for DeviceRunner {
-    fn info(&self) -> &RunnerInfo {
-        &self.info
-    }
+/// The device models and tensor communicators of a tensor-parallel group over `shards`
+/// ([`crate::tp::shard::shard_all`]): on `cpu` every rank on candle's CPU device with
+/// [`HostTensorComm`]s over a [`CpuCommunicator`] group; on `cuda:N` rank `r` on GPU
+/// `N + r` with NCCL (feature `cuda`).
+#[allow(clippy::type_complexity)]
+pub fn device_group(
+    shards: &[LlamaModel],
+    choice: DeviceChoice,
+    timeout: Duration,
+) -> Result<
+    (
+        Vec<DeviceModel>,
+        Vec<Box<dyn Communicator<Buffer = Tensor>>>,
+    ),
+    DeviceError,
+> {
+    let world = shards.len();
+    let dtype: DType = choice.weight_dtype();
+    let (devices, comms): (Vec<Device>, Vec<Box<dyn Communicator<Buffer = Tensor>>>) = match choice
+    {
+        _ if world == 1 => (vec![choice.open()?], vec![Box::new(SingleTensorRank)]),
+        DeviceChoice::Cpu => CpuCommunicator::group(world, timeout)
+            .into_iter()
+            .map(|c| {
+                let c = Box::new(HostTensorComm::new(Box::new(c)));
+                (Device::Cpu, c as Box<dyn Communicator<Buffer = Tensor>>)
+            })
+            .unzip(),
+        DeviceChoice::Cuda(first) => nccl_group(first, world, timeout)?,
+    };
+    let models = shards
+        .iter()
+        .zip(devices)
+        .map(|(s, d)| DeviceModel::from_model_on(s, d, dtype))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((models, comms))
+}
 
-    fn add_sequence_with(
-        &mut self,
-        id: SeqId,
-        prompt: &[u32],
-        prefix_cache: PrefixCache,
-    ) -> Result<usize, RunnerError> {
-        if prompt.is_empty() {
-            return Err(RunnerError::Model(format!("{id}: empty prompt")));
-        }
-        if prompt.len() > self.info.context_length {
-            return Err(RunnerError::ContextExceeded {
-                id,
-                len: prompt.len(),
-                max: self.info.context_length,
-            });
-        }
-        self.blocks.add_sequence_with(id, prompt, prefix_cache)
-    }
+#[cfg(feature = "cuda")]
+#[allow(clippy::type_complexity)]
+fn nccl_group(
+    first: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<(Vec<Device>, Vec<Box<dyn Communicator<Buffer = Tensor>>>), DeviceError> {
+    let ordinals: Vec<usize> = (first..first + world).collect();
+    Ok(crate::tp::nccl::init_group(&ordinals, timeout)?
+        .into_iter()
+        .map(|c| {
+            let d = c.device().clone();
+            (d, Box::new(c) as Box<dyn Communicator<Buffer = Tensor>>)
+        })
+        .unzip())
+}
 
-    fn blocks_needed(&self, id: SeqId, n: usize) -> Result<usize, RunnerError> {
-        self.blocks.blocks_needed(id, n)
-    }
-
-    fn seq_len(&self, id: SeqId) -> Result<usize, RunnerError> {
-        self.blocks.seq_len(id)
-    }
-
-    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<ChunkLogits>, RunnerError> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.validate(batch)?;
-        let reqs: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.id, c.tokens.len())).collect();
-        let prev = self.blocks.reserve(&reqs)?;
-        match self.run(batch) {
-            Ok(out) => {
-                for c in batch {
-                    self.blocks.commit(c.id, &c.tokens)?;
-                }
-                Ok(out)
-            }
-            Err(e) => {
-                self.blocks.rollback(&reqs, &prev);
-                Err(e)
-            }
-        }
-    }
-
-    fn remove_sequence(&mut self, id: SeqId) {
-        self.blocks.remove_sequence(id);
-    }
-
-    fn free_blocks(&self) -> usize {
-        self.blocks.free_blocks()
-    }
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::type_complexity)]
+fn nccl_group(
+    first: usize,
+    _world: usize,
+    _timeout: Duration,
+) -> Result<(Vec<Device>, Vec<Box<dyn Communicator<Buffer = Tensor>>>), DeviceError> {
+    Err(DeviceError::CudaNotBuilt(
+        DeviceChoice::Cuda(first).to_string(),
+    ))
 }
