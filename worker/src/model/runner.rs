@@ -183,7 +183,7 @@ impl<R: GroupRank> GroupRunner<R> {
             .iter()
             .map(|c| self.blocks.block_table(c.id).map(<[_]>::to_vec))
             .collect::<Result<Vec<_>, _>>()?;
-        let logits = self
+        let mut logits = self
             .group
             .forward(OwnedStep {
                 tokens,
@@ -193,16 +193,29 @@ impl<R: GroupRank> GroupRunner<R> {
             })
             .map_err(RunnerError::Model)?;
         let vocab = self.info.vocab_size;
+        let total: usize = rows_per_chunk.iter().sum();
+        if logits.len() != total * vocab {
+            return Err(RunnerError::Model(format!(
+                "rank 0 returned {} logits for {total} rows of {vocab}",
+                logits.len()
+            )));
+        }
+        // Chunks split off from the back: the first keeps the step's allocation (a
+        // batch-1 decode copies nothing).
         let mut out = Vec::with_capacity(batch.len());
-        let mut off = 0;
-        for (c, rows) in batch.iter().zip(rows_per_chunk) {
+        let mut end = total;
+        for (c, rows) in batch.iter().zip(rows_per_chunk).rev() {
+            end -= rows;
             out.push(ChunkLogits {
                 id: c.id,
-                data: logits[off * vocab..(off + rows) * vocab].to_vec(),
+                data: match end {
+                    0 => std::mem::take(&mut logits),
+                    _ => logits.split_off(end * vocab),
+                },
                 rows,
             });
-            off += rows;
         }
+        out.reverse();
         Ok(out)
     }
 }
