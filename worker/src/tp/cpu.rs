@@ -11,6 +11,9 @@
 //! The barrier spins briefly (a step's collectives come microseconds apart), then sleeps
 //! on a condition variable until the last rank arrives, the deadline passes, or a rank
 //! aborts the group.
+//!
+//! [`HostTensorComm`] runs these collectives on candle tensors (through a host copy), so
+//! the device backend's tensor parallelism works on candle's CPU device.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};

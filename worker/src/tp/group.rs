@@ -2,8 +2,10 @@
 //!
 //! Rank 0 runs in the caller's thread (the engine's), ranks 1.. each in a thread of their
 //! own; every rank owns its model shard, its KV cache shard (its KV heads of every block)
-//! and a rayon pool. A step's plan reaches the other ranks over an in-process channel as
-//! one shared allocation — no second network hop — and only rank 0 computes logits.
+//! and its communicator. A step's plan reaches the other ranks over an in-process channel
+//! as one shared allocation — no second network hop — and only rank 0 returns logits.
+//! What a rank is, is a [`GroupRank`]: a [`CpuRank`] (the CPU kernels, a rayon pool per
+//! rank) or a device rank ([`crate::model::device::DeviceRank`], a candle device each).
 //!
 //! Failure: a rank whose forward errs or panics aborts the group's communicator, so the
 //! others leave their collectives at once; a rank that stops answering is caught by the
