@@ -356,14 +356,16 @@ impl KvStore {
         }
     }
 
-    /// Bytes one block takes over all layers, K and V.
+    /// Bytes one block takes over all layers, K and V, each element `elem_bytes` wide
+    /// (4 here; a device cache may hold bf16).
     pub fn bytes_per_block(
         layers: usize,
         block_size: usize,
         kv_heads: usize,
         head_dim: usize,
+        elem_bytes: usize,
     ) -> usize {
-        2 * layers * block_size * kv_heads * head_dim * std::mem::size_of::<f32>()
+        2 * layers * block_size * kv_heads * head_dim * elem_bytes
     }
 
     pub fn block_size(&self) -> usize {

@@ -142,8 +142,16 @@ pub fn load_model(path: &Path) -> Result<LlamaModel, LoadError> {
     }
 }
 
-/// Loads a model and builds its runner with a KV cache sized by `opts`.
-pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner, LoadError> {
+/// What both runners are built from: the rank shards of the model at `path`, the
+/// group's KV block count (from `opts`, each KV element `kv_elem_bytes` wide) and the
+/// model id.
+struct Loaded {
+    shards: Vec<LlamaModel>,
+    blocks: usize,
+    id: String,
+}
+
+fn load_shards(path: &Path, opts: &LoadOptions, kv_elem_bytes: usize) -> Result<Loaded, LoadError> {
     if opts.block_size == 0 {
         return Err(LoadError::Options("block_size must be > 0".into()));
     }
@@ -156,8 +164,13 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
     let cfg = &shards[0].cfg;
     // The budget is the group's: every rank's KV heads (replicated ones counted on each).
     let kv_heads: usize = shards.iter().map(|m| m.part.kv_heads.len()).sum();
-    let per_block =
-        KvStore::bytes_per_block(cfg.num_layers, opts.block_size, kv_heads, cfg.head_dim);
+    let per_block = KvStore::bytes_per_block(
+        cfg.num_layers,
+        opts.block_size,
+        kv_heads,
+        cfg.head_dim,
+        kv_elem_bytes,
+    );
     let blocks = opts
         .kv_blocks
         .unwrap_or(opts.kv_cache_bytes / per_block.max(1));
@@ -168,6 +181,12 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
         )));
     }
     let id = opts.model_id.clone().unwrap_or_else(|| model_name(path));
+    Ok(Loaded { shards, blocks, id })
+}
+
+/// Loads a model and builds its runner (CPU kernels, f32 KV cache) sized by `opts`.
+pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner, LoadError> {
+    let Loaded { shards, blocks, id } = load_shards(path, opts, std::mem::size_of::<f32>())?;
     Ok(LlamaRunner::sharded(
         shards,
         id,
@@ -181,36 +200,13 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
 /// The runner `opts` asks for behind the engine's trait object: [`load_llama_runner`]
 /// on the CPU kernels, or a [`crate::model::device::DeviceRunner`] with `opts.device`
 /// (a group of `opts.tp` device ranks: NCCL on `cuda:N..N+tp`, the host communicator on
-/// `cpu`).
+/// `cpu`; the KV cache in the device dtype).
 pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunner>, LoadError> {
     let Some(device) = opts.device else {
         return Ok(Box::new(load_llama_runner(path, opts)?));
     };
-    if opts.block_size == 0 {
-        return Err(LoadError::Options("block_size must be > 0".into()));
-    }
-    let mut model = load_model(path)?;
-    if let Some(max) = opts.max_context {
-        model.cfg.context_length = model.cfg.context_length.min(max.max(1));
-    }
-    let shards = crate::tp::shard::shard_all(model, opts.tp.max(1))
-        .map_err(|e| LoadError::Options(e.to_string()))?;
-    let cfg = &shards[0].cfg;
-    // The budget is the group's, in the device dtype: every rank's KV heads (replicated
-    // ones counted on each).
-    let kv_heads: usize = shards.iter().map(|m| m.part.kv_heads.len()).sum();
-    let elem = device.weight_dtype().size_in_bytes();
-    let per_block = 2 * cfg.num_layers * opts.block_size * kv_heads * cfg.head_dim * elem;
-    let blocks = opts
-        .kv_blocks
-        .unwrap_or(opts.kv_cache_bytes / per_block.max(1));
-    if blocks == 0 {
-        return Err(LoadError::Options(format!(
-            "KV cache of {} bytes holds no block of {per_block} bytes",
-            opts.kv_cache_bytes
-        )));
-    }
-    let id = opts.model_id.clone().unwrap_or_else(|| model_name(path));
+    let Loaded { shards, blocks, id } =
+        load_shards(path, opts, device.weight_dtype().size_in_bytes())?;
     let (models, comms) =
         crate::model::device::device_group(&shards, device, opts.collective_timeout)
             .map_err(|e| LoadError::Options(e.to_string()))?;
