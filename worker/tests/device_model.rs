@@ -9,7 +9,11 @@
 //! activations while the device uses dequantized f32 weights and f32 activations, so
 //! greedy tokens may differ only where the CPU model's top two logits are within 0.5.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{argmax, smollm2};
+
+use std::path::Path;
 use std::time::Duration;
 
 use shardline_worker::loader::{LoadOptions, load_llama_runner, load_model, load_runner};
@@ -42,16 +46,6 @@ fn chunk(id: u64, tokens: &[u32], logits: LogitsWanted) -> SeqChunk {
         tokens: tokens.to_vec(),
         logits,
     }
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -336,17 +330,6 @@ fn an_injected_rank_failure_fails_the_device_group_step() {
         assert!(r.forward(&[chunk(1, &[4], LogitsWanted::Last)]).is_err());
         assert_eq!(r.seq_len(SeqId(1)).unwrap(), 3);
     }
-}
-
-fn smollm2() -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run deploy/fetch-model.sh",
-        p.display()
-    );
-    p
 }
 
 #[test]

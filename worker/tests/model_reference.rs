@@ -16,7 +16,9 @@
 //! ≥ 98 % and gaps < 0.2; on this sample we sit at 97.85 %, so the bars here are 97.5 %
 //! and 0.35 — the shortfall is noted on the engine issue.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{argmax, smollm2};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -32,17 +34,6 @@ const MIN_AGREEMENT: f64 = 0.975;
 /// Largest reference top-2 gap at which a disagreement still counts as a near-tie.
 const NEAR_TIE: f32 = 0.35;
 const STEPS: usize = 64;
-
-pub fn smollm2_path() -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run deploy/fetch-model.sh",
-        p.display()
-    );
-    p
-}
 
 fn vocab_ids(path: &std::path::Path, pieces: &[&str]) -> Vec<u32> {
     let md = shardline_worker::loader::gguf::read_metadata(path).unwrap();
@@ -94,16 +85,6 @@ fn chat(words: &str) -> Vec<String> {
     v
 }
 
-fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 fn top2_gap(x: &[f32]) -> f32 {
     let mut s: Vec<f32> = x.to_vec();
     s.sort_by(|a, b| b.total_cmp(a));
@@ -112,7 +93,7 @@ fn top2_gap(x: &[f32]) -> f32 {
 
 #[test]
 fn smollm2_matches_candle_quantized_llama_teacher_forced() {
-    let path = smollm2_path();
+    let path = smollm2();
     let prompts = [
         "What is the capital of France?",
         "Write a short poem about the sea.",
@@ -186,7 +167,7 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             max_diff = max_diff.max(d);
-            input = vec![ra as u32];
+            input = vec![ra];
         }
         runner.remove_sequence(id);
     }

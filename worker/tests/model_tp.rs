@@ -8,6 +8,10 @@
 //! `tp::shard`); with replicated KV heads only the sum order differs, |Δ| ≤ 1e-4 ·
 //! max|logit| per row.
 
+mod common;
+
+use common::{argmax, smollm2};
+
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
@@ -52,10 +56,6 @@ fn prompt(seed: u32, len: usize, vocab: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i * 11 + seed * 37 + i * i * 5) % vocab)
         .collect()
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    shardline_worker::sampler::greedy(x).expect("a finite logit")
 }
 
 /// Prefill of four sequences of different lengths in one mixed step (two of them in two
@@ -203,17 +203,6 @@ fn impossible_tp_is_refused_with_the_reason() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not divide the 8 query heads"), "{err}");
-}
-
-fn smollm2() -> std::path::PathBuf {
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run deploy/fetch-model.sh",
-        p.display()
-    );
-    p
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! tokenizer, and a gRPC client does what a coordinator does — tokenizer and chat template
 //! from `Info`, chunked prefill, decode to EOS, detokenize.
 
-use std::path::PathBuf;
+mod common;
+
+use common::smollm2;
 
 use clap::Parser;
 use shardline_proto::chat_template::{ChatMessage, ChatTemplate};
@@ -17,17 +19,6 @@ use tonic::transport::Channel;
 struct Cli {
     #[command(flatten)]
     worker: WorkerArgs,
-}
-
-fn smollm2() -> PathBuf {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run deploy/fetch-model.sh",
-        p.display()
-    );
-    p
 }
 
 fn args(model: &std::path::Path) -> WorkerArgs {
