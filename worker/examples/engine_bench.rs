@@ -27,7 +27,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use shardline_worker::loader::{LoadOptions, load_llama_runner};
-use shardline_worker::model::bench::{BenchOptions, BenchRow, format_table, run_engine_bench};
+use shardline_worker::model::bench::{
+    BenchOptions, BenchRow, argmax, format_table, prompt, run_engine_bench,
+};
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
 
 fn baseline(path: &PathBuf, opts: &BenchOptions) -> anyhow::Result<Vec<BenchRow>> {
@@ -139,23 +141,6 @@ fn parse_cli() -> anyhow::Result<Cli> {
         serve,
         budget,
     })
-}
-
-/// A prompt distinct per `seed` (so the prefix cache never hits), avoiding control ids.
-fn prompt(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
-    (0..len)
-        .map(|i| (100 + (seed * 7919 + i * 104_729) % (vocab - 100)) as u32)
-        .collect()
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn show(row: &BenchRow) {

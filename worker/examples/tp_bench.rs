@@ -37,10 +37,9 @@ fn all_reduce_us(world: usize, n: usize, iters: usize) -> f64 {
     meds.iter().cloned().fold(0.0, f64::max)
 }
 
+/// The engine benchmark's prompts, ids in 100..40 100 (inside every Llama vocabulary).
 fn prompt(seed: usize, len: usize) -> Vec<u32> {
-    (0..len)
-        .map(|i| (100 + (seed * 7919 + i * 104_729) % 40_000) as u32)
-        .collect()
+    shardline_worker::model::bench::prompt(seed, len, 40_100)
 }
 
 /// (prefill tokens/s of a 128-token prompt, decode tokens/s at `batch`).

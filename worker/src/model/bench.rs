@@ -62,21 +62,17 @@ impl BenchRow {
     }
 }
 
-fn prompt(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
-    // Distinct per seed so the prefix cache never hits by accident; avoid the control ids.
+/// A prompt distinct per `seed` (so the prefix cache never hits by accident), avoiding
+/// the control ids.
+pub fn prompt(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
     (0..len)
         .map(|i| (100 + (seed * 7919 + i * 104_729) % (vocab - 100)) as u32)
         .collect()
 }
 
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
+/// The greedy token of a logits row (0 when no logit is finite).
+pub fn argmax(x: &[f32]) -> u32 {
+    crate::sampler::greedy(x).unwrap_or(0)
 }
 
 fn progress(rows: &[BenchRow]) {
