@@ -27,3 +27,29 @@ fn readme_documents_every_flag_verbatim() {
         );
     }
 }
+
+/// The quick tour's requests name the model `shardline up` serves by default (its id is
+/// the GGUF's file name without `.gguf`); another name gets 404 `model_not_found`.
+#[test]
+fn readme_quick_tour_names_the_served_model() {
+    let readme =
+        std::fs::read_to_string(shardline_tests::workspace_root().join("README.md")).unwrap();
+    let model = shardline_tests::model_path();
+    let id = model.file_stem().unwrap().to_str().unwrap();
+    let mut named = 0;
+    for marker in ["\"model\": \"", "model=\""] {
+        for (i, _) in readme.match_indices(marker) {
+            let rest = &readme[i + marker.len()..];
+            let name = &rest[..rest.find('"').unwrap()];
+            assert_eq!(
+                name, id,
+                "README.md names model `{name}`; the served id is `{id}`"
+            );
+            named += 1;
+        }
+    }
+    assert!(
+        named >= 5,
+        "the quick tour's requests were not found in README.md"
+    );
+}
