@@ -7,7 +7,7 @@
 //!   format (f32, or ggml quantized blocks with activations quantized per row, as
 //!   llama.cpp does). Parallel over output columns only.
 //! - [`rms_norm`], [`rope`], [`dot_f32`], [`silu_mul`]: per-row elementwise/reduction ops.
-//! - [`q4_1`]: AVX-512 Q4_1 × Q8_1 dot product with a portable fallback.
+//! - [`q4_1`]: Q4_1 × Q8_1 matmul in 16-row tiles (AVX-512 VNNI, portable fallback).
 
 pub mod q4_1;
 
@@ -154,6 +154,7 @@ impl Linear {
             GgmlDType::Q4_0 => WeightData::Q4_0(blocks_from_bytes(bytes, what)?),
             GgmlDType::Q4_1 => WeightData::Q4_1(q4_1::Q41Packed::from_blocks(
                 &blocks_from_bytes::<BlockQ4_1>(bytes, what)?,
+                out_dim,
             )),
             GgmlDType::Q5_0 => WeightData::Q5_0(blocks_from_bytes(bytes, what)?),
             GgmlDType::Q5_1 => WeightData::Q5_1(blocks_from_bytes(bytes, what)?),
@@ -189,17 +190,27 @@ impl Linear {
     pub fn concat(parts: Vec<Linear>) -> Option<Linear> {
         let in_dim = parts.first()?.in_dim;
         let out_dim = parts.iter().map(|p| p.out_dim).sum();
+        if parts.iter().any(|p| p.in_dim != in_dim) {
+            return None;
+        }
+        if parts.iter().all(|p| matches!(p.w, WeightData::Q4_1(_))) {
+            let tiles: Vec<_> = parts
+                .into_iter()
+                .filter_map(|p| match p.w {
+                    WeightData::Q4_1(t) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            let w = WeightData::Q4_1(q4_1::Q41Packed::concat(&tiles)?);
+            return Some(Linear { out_dim, in_dim, w });
+        }
         let mut it = parts.into_iter();
         let first = it.next()?;
         let mut w = first.w;
         for p in it {
-            if p.in_dim != in_dim {
-                return None;
-            }
             match (&mut w, p.w) {
                 (WeightData::F32(a), WeightData::F32(b)) => a.extend(b),
                 (WeightData::Q4_0(a), WeightData::Q4_0(b)) => a.extend(b),
-                (WeightData::Q4_1(a), WeightData::Q4_1(b)) => a.extend(b),
                 (WeightData::Q5_0(a), WeightData::Q5_0(b)) => a.extend(b),
                 (WeightData::Q5_1(a), WeightData::Q5_1(b)) => a.extend(b),
                 (WeightData::Q8_0(a), WeightData::Q8_0(b)) => a.extend(b),
@@ -218,8 +229,7 @@ impl Linear {
     pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
         let n = self.in_dim;
         if let WeightData::Q4_1(p) = &self.w {
-            let per = p.num_blocks() / self.out_dim;
-            return p.dequantize(o * per, per, &mut out[..n]);
+            return p.dequantize_row(o, &mut out[..n]);
         }
         dispatch!(&self.w, v => {
             let per = v.len() / self.out_dim;
@@ -347,14 +357,42 @@ fn matmul_q4_1(
     rows: usize,
     seg: Segments,
 ) -> Vec<f32> {
-    let (nb, sb) = (in_dim / 32, seg.len / 32);
+    use q4_1::{ROWS, TILE};
+    let sb = seg.len / 32;
     let xq = q4_1::Q81Packed::quantize(x, rows, in_dim);
-    per_column(out_dim, seg.n * rows, |o, col| {
-        for (i, y) in col.iter_mut().enumerate() {
-            let (s, r) = (i / rows, i % rows);
-            *y = q4_1::dot_packed(w, o * nb + s * sb, &xq, r * nb + s * sb, sb);
+    // Tiles in parallel, each tile's results as `[segment][row][lane]`; then laid out
+    // row-major. Tile by tile keeps the tile's weights in L1 across all rows.
+    let per_tile = seg.n * rows * TILE;
+    let threads = rayon::current_num_threads().max(1);
+    let tiles_per_task = w.tiles().div_ceil(threads * 4).max(1);
+    let mut yt = vec![0f32; w.tiles() * per_tile];
+    yt.par_chunks_mut(tiles_per_task * per_tile)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (j, tile_out) in chunk.chunks_mut(per_tile).enumerate() {
+                let tile = c * tiles_per_task + j;
+                for s in 0..seg.n {
+                    let blocks = s * sb..(s + 1) * sb;
+                    let seg_out = &mut tile_out[s * rows * TILE..(s + 1) * rows * TILE];
+                    for (ri, part) in seg_out.chunks_mut(ROWS * TILE).enumerate() {
+                        let mut acc = [[0f32; TILE]; ROWS];
+                        let n = part.len() / TILE;
+                        q4_1::tile_dot(w, tile, blocks.clone(), &xq, ri * ROWS, &mut acc[..n]);
+                        for (dst, src) in part.chunks_exact_mut(TILE).zip(&acc) {
+                            dst.copy_from_slice(src);
+                        }
+                    }
+                }
+            }
+        });
+    let mut y = vec![0f32; seg.n * rows * out_dim];
+    y.par_chunks_mut(out_dim).enumerate().for_each(|(sr, row)| {
+        for (tile, dst) in row.chunks_mut(TILE).enumerate() {
+            let src = tile * per_tile + sr * TILE;
+            dst.copy_from_slice(&yt[src..src + dst.len()]);
         }
-    })
+    });
+    y
 }
 
 /// Dot product with a fixed reduction order (16 lanes, then a fixed tree), whatever the

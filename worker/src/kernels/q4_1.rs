@@ -1,14 +1,31 @@
-//! Q4_1 weight × Q8_1 activation dot product (ggml block formats, 32 values a block).
+//! Q4_1 weights × Q8_1 activations (ggml block formats, 32 values a block), tiled for
+//! AVX-512.
 //!
-//! Per block the integer sum `Σ q4·q8` is exact, then `acc += (dx·dy)·sumi + mx·sy` in
-//! block order. The AVX-512 VNNI path only changes how the exact integer sum is formed,
-//! so both paths give bitwise-identical results and the choice can never break batch
-//! invariance.
+//! Weights are stored in tiles of [`TILE`] output rows: for each block, the 16 rows' nibbles
+//! are interleaved four bytes at a time, so one 64-byte load feeds one `vpdpbusd` for all
+//! 16 rows against one broadcast activation dword. The SIMD lanes run across output rows,
+//! never along a row: each row's dot product is still the ggml / candle order — the exact
+//! integer sum of each block, then `acc += (sumi·dw·dx + mw·sx)` block after block — so the
+//! result is bitwise that of candle's `vec_dot` whatever the tile, the number of
+//! activation rows sharing the unpacked weights, or the CPU path. That keeps every output
+//! independent of the batch (see the module above).
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
+use candle_core::quantized::GgmlType;
 use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1};
 use half::f16;
+
+/// Output rows per tile: the f32 lanes of one AVX-512 register.
+pub const TILE: usize = 16;
+
+/// Activation rows computed against one unpacked weight block (registers allow more;
+/// four already make the unpacking a small share of the work).
+pub const ROWS: usize = 4;
+
+/// Bytes of one tile's block: 16 rows × 16 bytes.
+const TILE_BLOCK: usize = TILE * 16;
 
 /// Layout mirror of candle's `BlockQ4_1` (whose fields are crate-private).
 #[repr(C)]
@@ -36,7 +53,6 @@ static HAS_VNNI: LazyLock<bool> = LazyLock::new(|| {
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -45,60 +61,125 @@ static HAS_VNNI: LazyLock<bool> = LazyLock::new(|| {
     }
 });
 
-/// Which implementation [`vec_dot`] runs on this machine.
+/// Which implementation the matmul runs on this machine.
 pub fn kernel_name() -> &'static str {
-    if *HAS_VNNI { "avx512-vnni" } else { "portable" }
+    if *HAS_VNNI {
+        "avx512-vnni (16-row tiles)"
+    } else {
+        "portable"
+    }
 }
 
-/// Q4_1 weights unpacked for the hot loop: per-block scales widened to f32 once at load
-/// (f16 → f32 is exact, so results are bitwise those of the block format), nibbles
-/// contiguous, 16 bytes a block.
+/// Q4_1 weights, `out_dim` rows of `blocks_per_row` blocks, in tiles of [`TILE`] rows.
+/// Scales are widened to f32 at load (f16 → f32 is exact). The last tile is padded with
+/// zero rows, whose outputs are never read.
 #[derive(Debug, Clone, Default)]
 pub struct Q41Packed {
-    pub d: Vec<f32>,
-    pub m: Vec<f32>,
-    pub qs: Vec<u8>,
-}
-
-/// Q8_1 activations, unpacked the same way (32 bytes a block).
-#[derive(Debug, Clone, Default)]
-pub struct Q81Packed {
-    pub d: Vec<f32>,
-    pub s: Vec<f32>,
-    pub qs: Vec<i8>,
+    out_dim: usize,
+    nb: usize,
+    /// `[tile][block][k: 4][lane: 16][4 bytes]`: bytes `4k..4k+4` of the row's block,
+    /// whose low nibbles are values `4k..4k+4` and high nibbles `16+4k..16+4k+4`.
+    qs: Vec<u8>,
+    /// `[tile][block][lane]`.
+    d: Vec<f32>,
+    m: Vec<f32>,
 }
 
 impl Q41Packed {
-    pub fn from_blocks(blocks: &[BlockQ4_1]) -> Self {
+    /// `blocks`: `out_dim` rows of whole blocks, row-major (the GGUF layout).
+    pub fn from_blocks(blocks: &[BlockQ4_1], out_dim: usize) -> Self {
         let (x, _) = views(blocks, &[]);
+        let nb = x.len().checked_div(out_dim).unwrap_or(0);
+        Self::from_fn(out_dim, nb, |o, b| {
+            let q = &x[o * nb + b];
+            (q.d.to_f32(), q.m.to_f32(), q.qs)
+        })
+    }
+
+    /// Builds the tiles from `(d, m, nibbles)` of row `o`, block `b`.
+    fn from_fn(
+        out_dim: usize,
+        nb: usize,
+        f: impl Fn(usize, usize) -> (f32, f32, [u8; 16]),
+    ) -> Self {
+        let tiles = out_dim.div_ceil(TILE);
         let mut p = Q41Packed {
-            d: Vec::with_capacity(x.len()),
-            m: Vec::with_capacity(x.len()),
-            qs: Vec::with_capacity(16 * x.len()),
+            out_dim,
+            nb,
+            qs: vec![0; tiles * nb * TILE_BLOCK],
+            d: vec![0.0; tiles * nb * TILE],
+            m: vec![0.0; tiles * nb * TILE],
         };
-        for b in x {
-            p.d.push(b.d.to_f32());
-            p.m.push(b.m.to_f32());
-            p.qs.extend_from_slice(&b.qs);
+        for o in 0..out_dim {
+            for b in 0..nb {
+                let (d, m, qs) = f(o, b);
+                let (i, lane) = p.index(o, b);
+                p.d[i * TILE + lane] = d;
+                p.m[i * TILE + lane] = m;
+                for k in 0..4 {
+                    let at = i * TILE_BLOCK + k * 64 + lane * 4;
+                    p.qs[at..at + 4].copy_from_slice(&qs[4 * k..4 * k + 4]);
+                }
+            }
         }
         p
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.d.len()
+    /// (tile block index, lane) of row `o`, block `b`.
+    fn index(&self, o: usize, b: usize) -> (usize, usize) {
+        ((o / TILE) * self.nb + b, o % TILE)
     }
 
-    pub fn extend(&mut self, other: Q41Packed) {
-        self.d.extend(other.d);
-        self.m.extend(other.m);
-        self.qs.extend(other.qs);
+    /// `(d, m, nibbles)` of row `o`, block `b`, as in the ggml block.
+    fn block(&self, o: usize, b: usize) -> (f32, f32, [u8; 16]) {
+        let (i, lane) = self.index(o, b);
+        let mut qs = [0u8; 16];
+        for k in 0..4 {
+            let at = i * TILE_BLOCK + k * 64 + lane * 4;
+            qs[4 * k..4 * k + 4].copy_from_slice(&self.qs[at..at + 4]);
+        }
+        (self.d[i * TILE + lane], self.m[i * TILE + lane], qs)
     }
 
-    /// Blocks `[b0, b0 + n)` as f32 (`n * 32` values).
-    pub fn dequantize(&self, b0: usize, n: usize, out: &mut [f32]) {
-        for b in 0..n {
-            let (d, m) = (self.d[b0 + b], self.m[b0 + b]);
-            let q = &self.qs[(b0 + b) * 16..(b0 + b + 1) * 16];
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        self.nb
+    }
+
+    pub fn tiles(&self) -> usize {
+        self.out_dim.div_ceil(TILE)
+    }
+
+    /// Rows `rows` (in order), blocks `blocks` of each (a tensor-parallel shard).
+    pub fn select(&self, rows: &[usize], blocks: Range<usize>) -> Self {
+        Self::from_fn(rows.len(), blocks.len(), |o, b| {
+            self.block(rows[o], blocks.start + b)
+        })
+    }
+
+    /// Stacks weights with the same row length along the output axis.
+    pub fn concat(parts: &[Q41Packed]) -> Option<Self> {
+        let nb = parts.first()?.nb;
+        if parts.iter().any(|p| p.nb != nb) {
+            return None;
+        }
+        let mut owner = Vec::new();
+        for (pi, p) in parts.iter().enumerate() {
+            owner.extend((0..p.out_dim).map(|o| (pi, o)));
+        }
+        Some(Self::from_fn(owner.len(), nb, |o, b| {
+            let (pi, po) = owner[o];
+            parts[pi].block(po, b)
+        }))
+    }
+
+    /// Row `o` as f32 (`blocks_per_row · 32` values).
+    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
+        for b in 0..self.nb {
+            let (d, m, q) = self.block(o, b);
             for j in 0..16 {
                 out[b * 32 + j] = (q[j] & 0x0F) as f32 * d + m;
                 out[b * 32 + j + 16] = (q[j] >> 4) as f32 * d + m;
@@ -107,10 +188,18 @@ impl Q41Packed {
     }
 }
 
+/// Q8_1 activations, row-major, scales widened to f32 (32 bytes of values a block).
+#[derive(Debug, Clone, Default)]
+pub struct Q81Packed {
+    nb: usize,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    qs: Vec<i8>,
+}
+
 impl Q81Packed {
     /// Quantizes `rows` rows of `x` (each `in_dim` long, a multiple of 32) with ggml's Q8_1.
     pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
-        use candle_core::quantized::GgmlType;
         let nb = in_dim / 32;
         let mut blocks = vec![BlockQ8_1::zeros(); rows * nb];
         for r in 0..rows {
@@ -121,6 +210,7 @@ impl Q81Packed {
         }
         let (_, y) = views(&[], &blocks);
         let mut p = Q81Packed {
+            nb,
             d: Vec::with_capacity(y.len()),
             s: Vec::with_capacity(y.len()),
             qs: Vec::with_capacity(32 * y.len()),
@@ -132,104 +222,140 @@ impl Q81Packed {
         }
         p
     }
+
+    pub fn rows(&self) -> usize {
+        self.d.len().checked_div(self.nb).unwrap_or(0)
+    }
 }
 
-/// Dot product of weight blocks `[wb, wb + n)` with activation blocks `[ab, ab + n)`.
-#[inline]
-pub fn dot_packed(w: &Q41Packed, wb: usize, a: &Q81Packed, ab: usize, n: usize) -> f32 {
+/// Dot products of tile `tile`'s 16 rows with activation rows `r0..r0 + out.len()` over
+/// blocks `blocks`: `out[r][lane]` (lanes past the weights' last row are zero).
+/// At most [`ROWS`] activation rows per call.
+pub fn tile_dot(
+    w: &Q41Packed,
+    tile: usize,
+    blocks: Range<usize>,
+    a: &Q81Packed,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
+    assert!(
+        tile < w.tiles()
+            && blocks.end <= w.nb
+            && a.nb == w.nb
+            && r0 + out.len() <= a.rows()
+            && out.len() <= ROWS,
+        "tile_dot out of bounds; this is a bug"
+    );
     #[cfg(target_arch = "x86_64")]
     if *HAS_VNNI {
-        // SAFETY: the CPU supports the enabled target features (checked at runtime).
-        return unsafe { dot_packed_vnni(w, wb, a, ab, n) };
-    }
-    dot_packed_portable(w, wb, a, ab, n)
-}
-
-fn dot_packed_portable(w: &Q41Packed, wb: usize, a: &Q81Packed, ab: usize, n: usize) -> f32 {
-    let mut acc = 0f32;
-    for b in 0..n {
-        let q4 = &w.qs[(wb + b) * 16..(wb + b + 1) * 16];
-        let q8 = &a.qs[(ab + b) * 32..(ab + b + 1) * 32];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += (q4[j] & 0x0F) as i32 * q8[j] as i32 + (q4[j] >> 4) as i32 * q8[j + 16] as i32;
+        // SAFETY: the CPU supports the enabled target features (checked at runtime), and
+        // every index the kernel forms is within the bounds asserted above.
+        unsafe {
+            match out.len() {
+                1 => tile_vnni::<1>(w, tile, blocks, a, r0, out),
+                2 => tile_vnni::<2>(w, tile, blocks, a, r0, out),
+                3 => tile_vnni::<3>(w, tile, blocks, a, r0, out),
+                _ => tile_vnni::<4>(w, tile, blocks, a, r0, out),
+            }
         }
-        acc += sumi as f32 * w.d[wb + b] * a.d[ab + b] + w.m[wb + b] * a.s[ab + b];
+        return;
     }
-    acc
+    tile_portable(w, tile, blocks, a, r0, out)
 }
 
+fn tile_portable(
+    w: &Q41Packed,
+    tile: usize,
+    blocks: Range<usize>,
+    a: &Q81Packed,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
+    for (r, row) in out.iter_mut().enumerate() {
+        for (lane, y) in row.iter_mut().enumerate() {
+            let o = tile * TILE + lane;
+            let mut acc = 0f32;
+            for b in blocks.clone() {
+                let (d, m, q4) = if o < w.out_dim {
+                    w.block(o, b)
+                } else {
+                    (0.0, 0.0, [0; 16])
+                };
+                let ab = (r0 + r) * a.nb + b;
+                let q8 = &a.qs[ab * 32..ab * 32 + 32];
+                let mut sumi = 0i32;
+                for j in 0..16 {
+                    sumi += (q4[j] & 0x0F) as i32 * q8[j] as i32
+                        + (q4[j] >> 4) as i32 * q8[j + 16] as i32;
+                }
+                acc += sumi as f32 * d * a.d[ab] + m * a.s[ab];
+            }
+            *y = acc;
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI; `tile`, `blocks` and rows `r0..r0 + R` must be
+/// in bounds of `w` and `a` (as [`tile_dot`] asserts).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn dot_packed_vnni(w: &Q41Packed, wb: usize, a: &Q81Packed, ab: usize, n: usize) -> f32 {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_vnni<const R: usize>(
+    w: &Q41Packed,
+    tile: usize,
+    blocks: Range<usize>,
+    a: &Q81Packed,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
     use std::arch::x86_64::*;
-    assert!(
-        w.qs.len() >= (wb + n) * 16 && a.qs.len() >= (ab + n) * 32,
-        "block range out of bounds; this is a bug"
-    );
-    assert!(
-        w.d.len() >= wb + n && a.d.len() >= ab + n && w.m.len() >= wb + n && a.s.len() >= ab + n
-    );
-    let mask = _mm_set1_epi8(0x0F);
-    // Eight lanes of Σ q4·q8 for one block (exact integers).
-    let block = |b: usize| -> __m256i {
-        // SAFETY: bounds asserted above; unaligned loads of 16 and 32 bytes.
-        let (q4, q8) = unsafe {
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in blocks {
+        let i = tile * w.nb + b;
+        let mut lo = [_mm512_setzero_si512(); 4];
+        let mut hi = [_mm512_setzero_si512(); 4];
+        // SAFETY (all pointer reads below): `i` indexes a tile block of `w` and
+        // `(r0 + r) * nb + b` a block of `a`, in bounds per the caller's contract.
+        let (wd, wm) = unsafe {
+            let q = w.qs.as_ptr().add(i * TILE_BLOCK);
+            for k in 0..4 {
+                let v = _mm512_loadu_si512(q.add(k * 64).cast());
+                lo[k] = _mm512_and_si512(v, mask);
+                hi[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            }
             (
-                _mm_loadu_si128(w.qs.as_ptr().add((wb + b) * 16).cast()),
-                _mm256_loadu_si256(a.qs.as_ptr().add((ab + b) * 32).cast()),
+                _mm512_loadu_ps(w.d.as_ptr().add(i * TILE)),
+                _mm512_loadu_ps(w.m.as_ptr().add(i * TILE)),
             )
         };
-        let lo = _mm_and_si128(q4, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q4, 4), mask);
-        let q4 = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4, q8)
-    };
-    let mut acc = 0f32;
-    let mut b = 0;
-    while b + 8 <= n {
-        // Reduce 8 blocks × 8 lanes to one exact sum per block.
-        let v: [__m256i; 8] = std::array::from_fn(|j| block(b + j));
-        let l1 = [
-            _mm256_hadd_epi32(v[0], v[1]),
-            _mm256_hadd_epi32(v[2], v[3]),
-            _mm256_hadd_epi32(v[4], v[5]),
-            _mm256_hadd_epi32(v[6], v[7]),
-        ];
-        let x = _mm256_hadd_epi32(l1[0], l1[1]);
-        let y = _mm256_hadd_epi32(l1[2], l1[3]);
-        let sumi = _mm256_add_epi32(
-            _mm256_permute2x128_si256(x, y, 0x20),
-            _mm256_permute2x128_si256(x, y, 0x31),
-        );
-        // Same per-block expression as the scalar path (no fused ops), eight at a time.
-        // SAFETY: bounds asserted above.
-        let t = unsafe {
-            let wd = _mm256_loadu_ps(w.d.as_ptr().add(wb + b));
-            let xd = _mm256_loadu_ps(a.d.as_ptr().add(ab + b));
-            let wm = _mm256_loadu_ps(w.m.as_ptr().add(wb + b));
-            let xs = _mm256_loadu_ps(a.s.as_ptr().add(ab + b));
-            let t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sumi), wd), xd);
-            _mm256_add_ps(t, _mm256_mul_ps(wm, xs))
-        };
-        let mut tv = [0f32; 8];
-        // SAFETY: `tv` holds 8 floats.
-        unsafe { _mm256_storeu_ps(tv.as_mut_ptr(), t) };
-        for x in tv {
-            acc += x;
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let ab = (r0 + r) * a.nb + b;
+            // SAFETY: see above; the activation block is 32 bytes, read as 8 dwords.
+            let (s, xd, xs) = unsafe {
+                let q = a.qs.as_ptr().add(ab * 32).cast::<i32>();
+                let mut s = _mm512_setzero_si512();
+                for k in 0..4 {
+                    s = _mm512_dpbusd_epi32(s, lo[k], _mm512_set1_epi32(q.add(k).read_unaligned()));
+                    s = _mm512_dpbusd_epi32(
+                        s,
+                        hi[k],
+                        _mm512_set1_epi32(q.add(4 + k).read_unaligned()),
+                    );
+                }
+                (s, *a.d.get_unchecked(ab), *a.s.get_unchecked(ab))
+            };
+            // ggml's per-block expression, unfused, then the running sum.
+            let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), wd), _mm512_set1_ps(xd));
+            let t = _mm512_add_ps(t, _mm512_mul_ps(wm, _mm512_set1_ps(xs)));
+            *acc = _mm512_add_ps(*acc, t);
         }
-        b += 8;
     }
-    while b < n {
-        let s = block(b);
-        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        let sumi = _mm_cvtsi128_si32(s);
-        acc += sumi as f32 * w.d[wb + b] * a.d[ab + b] + w.m[wb + b] * a.s[ab + b];
-        b += 1;
+    for (o, acc) in out.iter_mut().zip(acc) {
+        // SAFETY: `o` holds 16 floats.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc) };
     }
-    acc
 }
 
 fn views<'a>(xs: &'a [BlockQ4_1], ys: &'a [BlockQ8_1]) -> (&'a [Q41], &'a [Q81]) {
@@ -243,116 +369,83 @@ fn views<'a>(xs: &'a [BlockQ4_1], ys: &'a [BlockQ8_1]) -> (&'a [Q41], &'a [Q81])
     }
 }
 
-/// `Σ_i x[i]·y[i]` over `n` values (`n` a multiple of 32).
-pub fn vec_dot(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
-    let nb = n / 32;
-    let (x, y) = views(&xs[..nb], &ys[..nb]);
-    #[cfg(target_arch = "x86_64")]
-    if *HAS_VNNI {
-        // SAFETY: the CPU supports the enabled target features (checked at runtime above).
-        return unsafe { vec_dot_vnni(x, y) };
-    }
-    vec_dot_portable(x, y)
-}
-
-#[inline(always)]
-fn combine(acc: f32, x: &Q41, y: &Q81, sumi: i32) -> f32 {
-    // Same expression as ggml's / candle's reference kernel.
-    acc + (sumi as f32 * x.d.to_f32() * y.d.to_f32() + x.m.to_f32() * y.s.to_f32())
-}
-
-fn vec_dot_portable(x: &[Q41], y: &[Q81]) -> f32 {
-    let mut acc = 0f32;
-    for (xb, yb) in x.iter().zip(y) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let lo = (xb.qs[j] & 0x0F) as i32;
-            let hi = (xb.qs[j] >> 4) as i32;
-            sumi += lo * yb.qs[j] as i32 + hi * yb.qs[j + 16] as i32;
-        }
-        acc = combine(acc, xb, yb, sumi);
-    }
-    acc
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn vec_dot_vnni(x: &[Q41], y: &[Q81]) -> f32 {
-    use std::arch::x86_64::*;
-    let mask = _mm_set1_epi8(0x0F);
-    let mut acc = 0f32;
-    for (xb, yb) in x.iter().zip(y) {
-        // SAFETY: `qs` arrays are 16 and 32 bytes long; unaligned loads.
-        let (q4, q8) = unsafe {
-            (
-                _mm_loadu_si128(xb.qs.as_ptr().cast()),
-                _mm256_loadu_si256(yb.qs.as_ptr().cast()),
-            )
-        };
-        let lo = _mm_and_si128(q4, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q4, 4), mask);
-        let q4 = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-        // u8 (0..15) × i8 → i32 lanes: exact.
-        let s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q4, q8);
-        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        acc = combine(acc, xb, yb, _mm_cvtsi128_si32(s));
-    }
-    acc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlType;
+
+    fn rand(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    }
+
+    /// 37 rows (two full tiles and a padded one) × 26 blocks, 5 activation rows.
+    #[test]
+    fn tiles_match_candle_bitwise_on_every_path() {
+        let (out_dim, nb, rows) = (37, 26, 5);
+        let n = nb * 32;
+        let mut seed = 3u64;
+        let w: Vec<f32> = (0..out_dim * n).map(|_| rand(&mut seed)).collect();
+        let x: Vec<f32> = (0..rows * n).map(|_| rand(&mut seed) * 3.0).collect();
+        let mut wq = vec![BlockQ4_1::zeros(); out_dim * nb];
+        BlockQ4_1::from_float(&w, &mut wq);
+        let mut xq = vec![BlockQ8_1::zeros(); rows * nb];
+        BlockQ8_1::from_float(&x, &mut xq);
+        let wp = Q41Packed::from_blocks(&wq, out_dim);
+        let ap = Q81Packed::quantize(&x, rows, n);
+        for blocks in [0..nb, 8..20] {
+            for t in 0..wp.tiles() {
+                for r0 in 0..rows {
+                    let take = (rows - r0).min(ROWS);
+                    let mut fast = vec![[0f32; TILE]; take];
+                    let mut slow = vec![[0f32; TILE]; take];
+                    tile_dot(&wp, t, blocks.clone(), &ap, r0, &mut fast);
+                    tile_portable(&wp, t, blocks.clone(), &ap, r0, &mut slow);
+                    for r in 0..take {
+                        for lane in 0..TILE {
+                            let o = t * TILE + lane;
+                            let (f, s) = (fast[r][lane], slow[r][lane]);
+                            assert_eq!(f.to_bits(), s.to_bits(), "{} o {o}", kernel_name());
+                            if o >= out_dim {
+                                assert_eq!(f, 0.0);
+                                continue;
+                            }
+                            let row = &wq[o * nb + blocks.start..o * nb + blocks.end];
+                            let act = &xq[(r0 + r) * nb + blocks.start..][..blocks.len()];
+                            let theirs = BlockQ4_1::vec_dot(blocks.len() * 32, row, act);
+                            assert_eq!(f.to_bits(), theirs.to_bits(), "o {o} row {}", r0 + r);
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
-    fn matches_candle_and_portable() {
-        let mut seed = 3u64;
-        let mut r = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        let n = 32 * 26;
-        let w: Vec<f32> = (0..n).map(|_| r()).collect();
-        let a: Vec<f32> = (0..n).map(|_| r() * 3.0).collect();
-        let mut wq = vec![BlockQ4_1::zeros(); n / 32];
-        let mut aq = vec![BlockQ8_1::zeros(); n / 32];
+    fn layout_round_trips_through_select_concat_and_dequantize() {
+        let (out_dim, nb) = (21, 3);
+        let mut seed = 9u64;
+        let w: Vec<f32> = (0..out_dim * nb * 32).map(|_| rand(&mut seed)).collect();
+        let mut wq = vec![BlockQ4_1::zeros(); out_dim * nb];
         BlockQ4_1::from_float(&w, &mut wq);
-        BlockQ8_1::from_float(&a, &mut aq);
-        let ours = vec_dot(n, &wq, &aq);
-        let (x, y) = views(&wq, &aq);
-        assert_eq!(
-            ours.to_bits(),
-            vec_dot_portable(x, y).to_bits(),
-            "kernel {}",
-            kernel_name()
-        );
-        let theirs = BlockQ4_1::vec_dot(n, &wq, &aq);
-        let wp = Q41Packed::from_blocks(&wq);
-        let ap = Q81Packed::quantize(&a, 1, n);
-        assert_eq!(
-            dot_packed(&wp, 0, &ap, 0, n / 32).to_bits(),
-            theirs.to_bits(),
-            "packed"
-        );
-        assert_eq!(
-            dot_packed_portable(&wp, 0, &ap, 0, n / 32).to_bits(),
-            theirs.to_bits(),
-            "packed portable"
-        );
-        let mut deq = vec![0f32; n];
-        let mut deq_c = vec![0f32; n];
-        wp.dequantize(0, n / 32, &mut deq);
-        BlockQ4_1::to_float(&wq, &mut deq_c);
-        assert_eq!(deq, deq_c);
-        assert_eq!(
-            ours.to_bits(),
-            theirs.to_bits(),
-            "{ours} vs candle {theirs}"
-        );
+        let p = Q41Packed::from_blocks(&wq, out_dim);
+        let mut candle = vec![0f32; out_dim * nb * 32];
+        BlockQ4_1::to_float(&wq, &mut candle);
+        let mut row = vec![0f32; nb * 32];
+        for o in 0..out_dim {
+            p.dequantize_row(o, &mut row);
+            assert_eq!(row, candle[o * nb * 32..(o + 1) * nb * 32]);
+        }
+        let a = p.select(&[3, 0, 20], 1..3);
+        let b = p.select(&[7], 1..3);
+        let ab = Q41Packed::concat(&[a, b]).unwrap();
+        assert_eq!(ab.out_dim(), 4);
+        let mut got = vec![0f32; 64];
+        for (o, src) in [3, 0, 20, 7].into_iter().enumerate() {
+            ab.dequantize_row(o, &mut got);
+            assert_eq!(got, candle[src * nb * 32 + 32..(src + 1) * nb * 32]);
+        }
+        assert!(Q41Packed::concat(&[p.clone(), p.select(&[0], 0..1)]).is_none());
     }
 }

@@ -34,7 +34,7 @@
 use std::ops::Range;
 
 use crate::config::LlamaConfig;
-use crate::kernels::{Linear, WeightData, q4_1::Q41Packed};
+use crate::kernels::{Linear, WeightData};
 use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
 
 /// What one rank owns of each layer.
@@ -193,11 +193,7 @@ fn select(l: &Linear, rows: &[usize], cols: Range<usize>) -> Linear {
     macro_rules! each {
         ($($v:ident),*) => {
             match &l.w {
-                WeightData::Q4_1(p) => WeightData::Q4_1(Q41Packed {
-                    d: pick(&p.d, per, rows, blocks.clone()),
-                    m: pick(&p.m, per, rows, blocks.clone()),
-                    qs: pick(&p.qs, per * 16, rows, blocks.start * 16..blocks.end * 16),
-                }),
+                WeightData::Q4_1(p) => WeightData::Q4_1(p.select(rows, blocks.clone())),
                 $(WeightData::$v(v) => WeightData::$v(pick(v, per, rows, blocks.clone())),)*
             }
         };
