@@ -7,9 +7,12 @@
 //!   format (f32, or ggml quantized blocks with activations quantized per row, as
 //!   llama.cpp does). Parallel over output columns only.
 //! - [`rms_norm`], [`rope`], [`dot_f32`], [`silu_mul`]: per-row elementwise/reduction ops.
-//! - [`q4_1`]: Q4_1 × Q8_1 matmul in 16-row tiles (AVX-512 VNNI, portable fallback).
+//! - [`tiles`]: weights in 16-row tiles; [`q4_1`] and [`q8_0`]: their AVX-512 VNNI
+//!   matmul kernels (portable fallbacks, same bits), bitwise candle's per-output order.
 
 pub mod q4_1;
+pub mod q8_0;
+pub mod tiles;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{
@@ -18,15 +21,17 @@ use candle_core::quantized::k_quants::{
 };
 use rayon::prelude::*;
 
+use tiles::TILE;
+
 /// Weights of one linear layer, `out_dim` rows of `in_dim` values, in storage format.
 #[derive(Debug, Clone)]
 pub enum WeightData {
     F32(Vec<f32>),
     Q4_0(Vec<BlockQ4_0>),
-    Q4_1(q4_1::Q41Packed),
+    Q4_1(q4_1::Q41Tiles),
     Q5_0(Vec<BlockQ5_0>),
     Q5_1(Vec<BlockQ5_1>),
-    Q8_0(Vec<BlockQ8_0>),
+    Q8_0(q8_0::Q80Tiles),
     Q2K(Vec<BlockQ2K>),
     Q3K(Vec<BlockQ3K>),
     Q4K(Vec<BlockQ4K>),
@@ -78,10 +83,11 @@ macro_rules! dispatch {
         match $w {
             WeightData::F32($v) => $body,
             WeightData::Q4_0($v) => $body,
-            WeightData::Q4_1(_) => unreachable!("Q4_1 is handled before dispatch; this is a bug"),
+            WeightData::Q4_1(_) | WeightData::Q8_0(_) => {
+                unreachable!("tiled formats are handled before dispatch; this is a bug")
+            }
             WeightData::Q5_0($v) => $body,
             WeightData::Q5_1($v) => $body,
-            WeightData::Q8_0($v) => $body,
             WeightData::Q2K($v) => $body,
             WeightData::Q3K($v) => $body,
             WeightData::Q4K($v) => $body,
@@ -152,13 +158,16 @@ impl Linear {
                     .collect(),
             ),
             GgmlDType::Q4_0 => WeightData::Q4_0(blocks_from_bytes(bytes, what)?),
-            GgmlDType::Q4_1 => WeightData::Q4_1(q4_1::Q41Packed::from_blocks(
+            GgmlDType::Q4_1 => WeightData::Q4_1(q4_1::tiles_from_blocks(
                 &blocks_from_bytes::<BlockQ4_1>(bytes, what)?,
                 out_dim,
             )),
             GgmlDType::Q5_0 => WeightData::Q5_0(blocks_from_bytes(bytes, what)?),
             GgmlDType::Q5_1 => WeightData::Q5_1(blocks_from_bytes(bytes, what)?),
-            GgmlDType::Q8_0 => WeightData::Q8_0(blocks_from_bytes(bytes, what)?),
+            GgmlDType::Q8_0 => WeightData::Q8_0(q8_0::tiles_from_blocks(
+                &blocks_from_bytes::<BlockQ8_0>(bytes, what)?,
+                out_dim,
+            )),
             GgmlDType::Q2K => WeightData::Q2K(blocks_from_bytes(bytes, what)?),
             GgmlDType::Q3K => WeightData::Q3K(blocks_from_bytes(bytes, what)?),
             GgmlDType::Q4K => WeightData::Q4K(blocks_from_bytes(bytes, what)?),
@@ -193,17 +202,24 @@ impl Linear {
         if parts.iter().any(|p| p.in_dim != in_dim) {
             return None;
         }
-        if parts.iter().all(|p| matches!(p.w, WeightData::Q4_1(_))) {
-            let tiles: Vec<_> = parts
-                .into_iter()
-                .filter_map(|p| match p.w {
-                    WeightData::Q4_1(t) => Some(t),
-                    _ => None,
-                })
-                .collect();
-            let w = WeightData::Q4_1(q4_1::Q41Packed::concat(&tiles)?);
-            return Some(Linear { out_dim, in_dim, w });
+        // Tiled formats: stack rows through the tile layout.
+        macro_rules! tiled {
+            ($v:ident) => {
+                if parts.iter().all(|p| matches!(p.w, WeightData::$v(_))) {
+                    let tiles: Vec<_> = parts
+                        .iter()
+                        .filter_map(|p| match &p.w {
+                            WeightData::$v(t) => Some(t.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let w = WeightData::$v(tiles::Tiles::concat(&tiles)?);
+                    return Some(Linear { out_dim, in_dim, w });
+                }
+            };
         }
+        tiled!(Q4_1);
+        tiled!(Q8_0);
         let mut it = parts.into_iter();
         let first = it.next()?;
         let mut w = first.w;
@@ -213,7 +229,6 @@ impl Linear {
                 (WeightData::Q4_0(a), WeightData::Q4_0(b)) => a.extend(b),
                 (WeightData::Q5_0(a), WeightData::Q5_0(b)) => a.extend(b),
                 (WeightData::Q5_1(a), WeightData::Q5_1(b)) => a.extend(b),
-                (WeightData::Q8_0(a), WeightData::Q8_0(b)) => a.extend(b),
                 (WeightData::Q2K(a), WeightData::Q2K(b)) => a.extend(b),
                 (WeightData::Q3K(a), WeightData::Q3K(b)) => a.extend(b),
                 (WeightData::Q4K(a), WeightData::Q4K(b)) => a.extend(b),
@@ -228,8 +243,10 @@ impl Linear {
     /// Row `o` of the weights as f32 (embedding lookups from a tied, quantized table).
     pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
         let n = self.in_dim;
-        if let WeightData::Q4_1(p) = &self.w {
-            return p.dequantize_row(o, &mut out[..n]);
+        match &self.w {
+            WeightData::Q4_1(t) => return q4_1::dequantize_row(t, o, &mut out[..n]),
+            WeightData::Q8_0(t) => return q8_0::dequantize_row(t, o, &mut out[..n]),
+            _ => {}
         }
         dispatch!(&self.w, v => {
             let per = v.len() / self.out_dim;
@@ -256,7 +273,28 @@ impl Linear {
         debug_assert_eq!(seg.n * seg.len, self.in_dim);
         match &self.w {
             WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows, seg),
-            WeightData::Q4_1(w) => matmul_q4_1(w, self.out_dim, self.in_dim, x, rows, seg),
+            WeightData::Q4_1(w) => {
+                let xq = q4_1::Q81Packed::quantize(x, rows, self.in_dim);
+                matmul_tiled(
+                    w.tiles(),
+                    self.out_dim,
+                    rows,
+                    seg,
+                    q4_1::ROWS,
+                    |t, b, r0, out| q4_1::tile_dot(w, t, b, &xq, r0, out),
+                )
+            }
+            WeightData::Q8_0(w) => {
+                let xq = q8_0::Q80Packed::quantize(x, rows, self.in_dim);
+                matmul_tiled(
+                    w.tiles(),
+                    self.out_dim,
+                    rows,
+                    seg,
+                    q8_0::ROWS,
+                    |t, b, r0, out| q8_0::tile_dot(w, t, b, &xq, r0, out),
+                )
+            }
             other => {
                 dispatch!(other, v => matmul_q(v, self.out_dim, self.in_dim, x, rows, seg, GgmlType::vec_dot))
             }
@@ -349,35 +387,38 @@ fn matmul_q<T: GgmlType>(
     })
 }
 
-fn matmul_q4_1(
-    w: &q4_1::Q41Packed,
+/// A matmul over weights in [`tiles::Tiles`]: `kernel(tile, blocks, r0, out)` fills
+/// `out[r][lane]` for activation rows `r0..r0 + out.len()` (at most `rows_per_call`).
+/// Tiles run in parallel, each over all rows and segments while its weights sit in L1;
+/// the per-tile results `[segment][row][lane]` are then laid out row-major.
+fn matmul_tiled(
+    tiles: usize,
     out_dim: usize,
-    in_dim: usize,
-    x: &[f32],
     rows: usize,
     seg: Segments,
+    rows_per_call: usize,
+    kernel: impl Fn(usize, std::ops::Range<usize>, usize, &mut [[f32; TILE]]) + Sync,
 ) -> Vec<f32> {
-    use q4_1::{ROWS, TILE};
     let sb = seg.len / 32;
-    let xq = q4_1::Q81Packed::quantize(x, rows, in_dim);
-    // Tiles in parallel, each tile's results as `[segment][row][lane]`; then laid out
-    // row-major. Tile by tile keeps the tile's weights in L1 across all rows.
     let per_tile = seg.n * rows * TILE;
     let threads = rayon::current_num_threads().max(1);
-    let tiles_per_task = w.tiles().div_ceil(threads * 4).max(1);
-    let mut yt = vec![0f32; w.tiles() * per_tile];
+    let tiles_per_task = tiles.div_ceil(threads * 4).max(1);
+    let mut yt = vec![0f32; tiles * per_tile];
     yt.par_chunks_mut(tiles_per_task * per_tile)
         .enumerate()
         .for_each(|(c, chunk)| {
+            let mut acc = vec![[0f32; TILE]; rows_per_call];
             for (j, tile_out) in chunk.chunks_mut(per_tile).enumerate() {
                 let tile = c * tiles_per_task + j;
-                for s in 0..seg.n {
-                    let blocks = s * sb..(s + 1) * sb;
-                    let seg_out = &mut tile_out[s * rows * TILE..(s + 1) * rows * TILE];
-                    for (ri, part) in seg_out.chunks_mut(ROWS * TILE).enumerate() {
-                        let mut acc = [[0f32; TILE]; ROWS];
+                for (s, seg_out) in tile_out.chunks_mut(rows * TILE).enumerate() {
+                    for (ri, part) in seg_out.chunks_mut(rows_per_call * TILE).enumerate() {
                         let n = part.len() / TILE;
-                        q4_1::tile_dot(w, tile, blocks.clone(), &xq, ri * ROWS, &mut acc[..n]);
+                        kernel(
+                            tile,
+                            s * sb..(s + 1) * sb,
+                            ri * rows_per_call,
+                            &mut acc[..n],
+                        );
                         for (dst, src) in part.chunks_exact_mut(TILE).zip(&acc) {
                             dst.copy_from_slice(src);
                         }
@@ -607,7 +648,7 @@ mod tests {
             Linear {
                 out_dim: out,
                 in_dim: inn,
-                w: WeightData::Q8_0(q),
+                w: WeightData::Q8_0(q8_0::tiles_from_blocks(&q, out)),
             },
         ] {
             let all = lin.forward(&x, 5);

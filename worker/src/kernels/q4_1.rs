@@ -1,31 +1,21 @@
-//! Q4_1 weights × Q8_1 activations (ggml block formats, 32 values a block), tiled for
-//! AVX-512.
-//!
-//! Weights are stored in tiles of [`TILE`] output rows: for each block, the 16 rows' nibbles
-//! are interleaved four bytes at a time, so one 64-byte load feeds one `vpdpbusd` for all
-//! 16 rows against one broadcast activation dword. The SIMD lanes run across output rows,
-//! never along a row: each row's dot product is still the ggml / candle order — the exact
-//! integer sum of each block, then `acc += (sumi·dw·dx + mw·sx)` block after block — so the
-//! result is bitwise that of candle's `vec_dot` whatever the tile, the number of
-//! activation rows sharing the unpacked weights, or the CPU path. That keeps every output
-//! independent of the batch (see the module above).
+//! Q4_1 weights × Q8_1 activations (ggml block formats, 32 values a block) on
+//! [`Tiles`]: for each block the exact integer sum `Σ q4·q8`, then
+//! `acc += (sumi·dw·dx + mw·sx)` block after block — ggml's and candle's order for every
+//! output, so results are bitwise candle's `vec_dot` whatever the tile, the number of
+//! activation rows sharing the unpacked weights, or the CPU path.
 
 use std::ops::Range;
 use std::sync::LazyLock;
+
+use super::tiles::{TILE, Tiles};
 
 use candle_core::quantized::GgmlType;
 use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1};
 use half::f16;
 
-/// Output rows per tile: the f32 lanes of one AVX-512 register.
-pub const TILE: usize = 16;
-
 /// Activation rows computed against one unpacked weight block (registers allow more;
 /// four already make the unpacking a small share of the work).
 pub const ROWS: usize = 4;
-
-/// Bytes of one tile's block: 16 rows × 16 bytes.
-const TILE_BLOCK: usize = TILE * 16;
 
 /// Layout mirror of candle's `BlockQ4_1` (whose fields are crate-private).
 #[repr(C)]
@@ -63,127 +53,31 @@ static HAS_VNNI: LazyLock<bool> = LazyLock::new(|| {
 
 /// Which implementation the matmul runs on this machine.
 pub fn kernel_name() -> &'static str {
-    if *HAS_VNNI {
-        "avx512-vnni (16-row tiles)"
-    } else {
-        "portable"
-    }
+    if *HAS_VNNI { "avx512-vnni" } else { "portable" }
 }
 
-/// Q4_1 weights, `out_dim` rows of `blocks_per_row` blocks, in tiles of [`TILE`] rows.
-/// Scales are widened to f32 at load (f16 → f32 is exact). The last tile is padded with
-/// zero rows, whose outputs are never read.
-#[derive(Debug, Clone, Default)]
-pub struct Q41Packed {
-    out_dim: usize,
-    nb: usize,
-    /// `[tile][block][k: 4][lane: 16][4 bytes]`: bytes `4k..4k+4` of the row's block,
-    /// whose low nibbles are values `4k..4k+4` and high nibbles `16+4k..16+4k+4`.
-    qs: Vec<u8>,
-    /// `[tile][block][lane]`.
-    d: Vec<f32>,
-    m: Vec<f32>,
+/// Q4_1 weights in tiles: 16 bytes of nibbles and scales `(d, m)` per row block.
+/// Chunk `k` of a block holds bytes `4k..4k+4`, whose low nibbles are values
+/// `4k..4k+4` and high nibbles `16+4k..16+4k+4`.
+pub type Q41Tiles = Tiles<16, 2>;
+
+/// `out_dim` rows of whole blocks, row-major (the GGUF layout), as tiles.
+pub fn tiles_from_blocks(blocks: &[BlockQ4_1], out_dim: usize) -> Q41Tiles {
+    let (x, _) = views(blocks, &[]);
+    let nb = x.len().checked_div(out_dim).unwrap_or(0);
+    Tiles::from_fn(out_dim, nb, |o, b| {
+        let q = &x[o * nb + b];
+        ([q.d.to_f32(), q.m.to_f32()], q.qs)
+    })
 }
 
-impl Q41Packed {
-    /// `blocks`: `out_dim` rows of whole blocks, row-major (the GGUF layout).
-    pub fn from_blocks(blocks: &[BlockQ4_1], out_dim: usize) -> Self {
-        let (x, _) = views(blocks, &[]);
-        let nb = x.len().checked_div(out_dim).unwrap_or(0);
-        Self::from_fn(out_dim, nb, |o, b| {
-            let q = &x[o * nb + b];
-            (q.d.to_f32(), q.m.to_f32(), q.qs)
-        })
-    }
-
-    /// Builds the tiles from `(d, m, nibbles)` of row `o`, block `b`.
-    fn from_fn(
-        out_dim: usize,
-        nb: usize,
-        f: impl Fn(usize, usize) -> (f32, f32, [u8; 16]),
-    ) -> Self {
-        let tiles = out_dim.div_ceil(TILE);
-        let mut p = Q41Packed {
-            out_dim,
-            nb,
-            qs: vec![0; tiles * nb * TILE_BLOCK],
-            d: vec![0.0; tiles * nb * TILE],
-            m: vec![0.0; tiles * nb * TILE],
-        };
-        for o in 0..out_dim {
-            for b in 0..nb {
-                let (d, m, qs) = f(o, b);
-                let (i, lane) = p.index(o, b);
-                p.d[i * TILE + lane] = d;
-                p.m[i * TILE + lane] = m;
-                for k in 0..4 {
-                    let at = i * TILE_BLOCK + k * 64 + lane * 4;
-                    p.qs[at..at + 4].copy_from_slice(&qs[4 * k..4 * k + 4]);
-                }
-            }
-        }
-        p
-    }
-
-    /// (tile block index, lane) of row `o`, block `b`.
-    fn index(&self, o: usize, b: usize) -> (usize, usize) {
-        ((o / TILE) * self.nb + b, o % TILE)
-    }
-
-    /// `(d, m, nibbles)` of row `o`, block `b`, as in the ggml block.
-    fn block(&self, o: usize, b: usize) -> (f32, f32, [u8; 16]) {
-        let (i, lane) = self.index(o, b);
-        let mut qs = [0u8; 16];
-        for k in 0..4 {
-            let at = i * TILE_BLOCK + k * 64 + lane * 4;
-            qs[4 * k..4 * k + 4].copy_from_slice(&self.qs[at..at + 4]);
-        }
-        (self.d[i * TILE + lane], self.m[i * TILE + lane], qs)
-    }
-
-    pub fn out_dim(&self) -> usize {
-        self.out_dim
-    }
-
-    pub fn blocks_per_row(&self) -> usize {
-        self.nb
-    }
-
-    pub fn tiles(&self) -> usize {
-        self.out_dim.div_ceil(TILE)
-    }
-
-    /// Rows `rows` (in order), blocks `blocks` of each (a tensor-parallel shard).
-    pub fn select(&self, rows: &[usize], blocks: Range<usize>) -> Self {
-        Self::from_fn(rows.len(), blocks.len(), |o, b| {
-            self.block(rows[o], blocks.start + b)
-        })
-    }
-
-    /// Stacks weights with the same row length along the output axis.
-    pub fn concat(parts: &[Q41Packed]) -> Option<Self> {
-        let nb = parts.first()?.nb;
-        if parts.iter().any(|p| p.nb != nb) {
-            return None;
-        }
-        let mut owner = Vec::new();
-        for (pi, p) in parts.iter().enumerate() {
-            owner.extend((0..p.out_dim).map(|o| (pi, o)));
-        }
-        Some(Self::from_fn(owner.len(), nb, |o, b| {
-            let (pi, po) = owner[o];
-            parts[pi].block(po, b)
-        }))
-    }
-
-    /// Row `o` as f32 (`blocks_per_row · 32` values).
-    pub fn dequantize_row(&self, o: usize, out: &mut [f32]) {
-        for b in 0..self.nb {
-            let (d, m, q) = self.block(o, b);
-            for j in 0..16 {
-                out[b * 32 + j] = (q[j] & 0x0F) as f32 * d + m;
-                out[b * 32 + j + 16] = (q[j] >> 4) as f32 * d + m;
-            }
+/// Row `o` as f32 (`blocks_per_row · 32` values).
+pub fn dequantize_row(w: &Q41Tiles, o: usize, out: &mut [f32]) {
+    for b in 0..w.blocks_per_row() {
+        let ([d, m], q) = w.block(o, b);
+        for j in 0..16 {
+            out[b * 32 + j] = (q[j] & 0x0F) as f32 * d + m;
+            out[b * 32 + j + 16] = (q[j] >> 4) as f32 * d + m;
         }
     }
 }
@@ -232,7 +126,7 @@ impl Q81Packed {
 /// blocks `blocks`: `out[r][lane]` (lanes past the weights' last row are zero).
 /// At most [`ROWS`] activation rows per call.
 pub fn tile_dot(
-    w: &Q41Packed,
+    w: &Q41Tiles,
     tile: usize,
     blocks: Range<usize>,
     a: &Q81Packed,
@@ -241,8 +135,8 @@ pub fn tile_dot(
 ) {
     assert!(
         tile < w.tiles()
-            && blocks.end <= w.nb
-            && a.nb == w.nb
+            && blocks.end <= w.blocks_per_row()
+            && a.nb == w.blocks_per_row()
             && r0 + out.len() <= a.rows()
             && out.len() <= ROWS,
         "tile_dot out of bounds; this is a bug"
@@ -265,7 +159,7 @@ pub fn tile_dot(
 }
 
 fn tile_portable(
-    w: &Q41Packed,
+    w: &Q41Tiles,
     tile: usize,
     blocks: Range<usize>,
     a: &Q81Packed,
@@ -277,11 +171,8 @@ fn tile_portable(
             let o = tile * TILE + lane;
             let mut acc = 0f32;
             for b in blocks.clone() {
-                let (d, m, q4) = if o < w.out_dim {
-                    w.block(o, b)
-                } else {
-                    (0.0, 0.0, [0; 16])
-                };
+                // Padding rows are zero blocks.
+                let ([d, m], q4) = w.block(o, b);
                 let ab = (r0 + r) * a.nb + b;
                 let q8 = &a.qs[ab * 32..ab * 32 + 32];
                 let mut sumi = 0i32;
@@ -302,7 +193,7 @@ fn tile_portable(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_vnni<const R: usize>(
-    w: &Q41Packed,
+    w: &Q41Tiles,
     tile: usize,
     blocks: Range<usize>,
     a: &Q81Packed,
@@ -313,26 +204,24 @@ unsafe fn tile_vnni<const R: usize>(
     let mask = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in blocks {
-        let i = tile * w.nb + b;
+        let i = tile * w.blocks_per_row() + b;
         let mut lo = [_mm512_setzero_si512(); 4];
         let mut hi = [_mm512_setzero_si512(); 4];
-        // SAFETY (all pointer reads below): `i` indexes a tile block of `w` and
-        // `(r0 + r) * nb + b` a block of `a`, in bounds per the caller's contract.
+        let (q, wd, wm) = (w.tile_bytes(i), w.tile_scales(0, i), w.tile_scales(1, i));
+        // SAFETY: `q` holds 256 bytes, `wd` and `wm` 16 floats each.
         let (wd, wm) = unsafe {
-            let q = w.qs.as_ptr().add(i * TILE_BLOCK);
+            let q = q.as_ptr();
             for k in 0..4 {
                 let v = _mm512_loadu_si512(q.add(k * 64).cast());
                 lo[k] = _mm512_and_si512(v, mask);
                 hi[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
             }
-            (
-                _mm512_loadu_ps(w.d.as_ptr().add(i * TILE)),
-                _mm512_loadu_ps(w.m.as_ptr().add(i * TILE)),
-            )
+            (_mm512_loadu_ps(wd.as_ptr()), _mm512_loadu_ps(wm.as_ptr()))
         };
         for (r, acc) in acc.iter_mut().enumerate() {
             let ab = (r0 + r) * a.nb + b;
-            // SAFETY: see above; the activation block is 32 bytes, read as 8 dwords.
+            // SAFETY: block `ab` of `a` is in bounds per the caller's contract; it is 32
+            // bytes, read as 8 dwords.
             let (s, xd, xs) = unsafe {
                 let q = a.qs.as_ptr().add(ab * 32).cast::<i32>();
                 let mut s = _mm512_setzero_si512();
@@ -392,7 +281,7 @@ mod tests {
         BlockQ4_1::from_float(&w, &mut wq);
         let mut xq = vec![BlockQ8_1::zeros(); rows * nb];
         BlockQ8_1::from_float(&x, &mut xq);
-        let wp = Q41Packed::from_blocks(&wq, out_dim);
+        let wp = tiles_from_blocks(&wq, out_dim);
         let ap = Q81Packed::quantize(&x, rows, n);
         for blocks in [0..nb, 8..20] {
             for t in 0..wp.tiles() {
@@ -423,29 +312,19 @@ mod tests {
     }
 
     #[test]
-    fn layout_round_trips_through_select_concat_and_dequantize() {
+    fn rows_dequantize_as_candle_does() {
         let (out_dim, nb) = (21, 3);
         let mut seed = 9u64;
         let w: Vec<f32> = (0..out_dim * nb * 32).map(|_| rand(&mut seed)).collect();
         let mut wq = vec![BlockQ4_1::zeros(); out_dim * nb];
         BlockQ4_1::from_float(&w, &mut wq);
-        let p = Q41Packed::from_blocks(&wq, out_dim);
+        let t = tiles_from_blocks(&wq, out_dim);
         let mut candle = vec![0f32; out_dim * nb * 32];
         BlockQ4_1::to_float(&wq, &mut candle);
         let mut row = vec![0f32; nb * 32];
         for o in 0..out_dim {
-            p.dequantize_row(o, &mut row);
+            dequantize_row(&t, o, &mut row);
             assert_eq!(row, candle[o * nb * 32..(o + 1) * nb * 32]);
         }
-        let a = p.select(&[3, 0, 20], 1..3);
-        let b = p.select(&[7], 1..3);
-        let ab = Q41Packed::concat(&[a, b]).unwrap();
-        assert_eq!(ab.out_dim(), 4);
-        let mut got = vec![0f32; 64];
-        for (o, src) in [3, 0, 20, 7].into_iter().enumerate() {
-            ab.dequantize_row(o, &mut got);
-            assert_eq!(got, candle[src * nb * 32 + 32..(src + 1) * nb * 32]);
-        }
-        assert!(Q41Packed::concat(&[p.clone(), p.select(&[0], 0..1)]).is_none());
     }
 }

@@ -193,12 +193,13 @@ fn select(l: &Linear, rows: &[usize], cols: Range<usize>) -> Linear {
     macro_rules! each {
         ($($v:ident),*) => {
             match &l.w {
-                WeightData::Q4_1(p) => WeightData::Q4_1(p.select(rows, blocks.clone())),
+                WeightData::Q4_1(t) => WeightData::Q4_1(t.select(rows, blocks.clone())),
+                WeightData::Q8_0(t) => WeightData::Q8_0(t.select(rows, blocks.clone())),
                 $(WeightData::$v(v) => WeightData::$v(pick(v, per, rows, blocks.clone())),)*
             }
         };
     }
-    let w = each!(F32, Q4_0, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K);
+    let w = each!(F32, Q4_0, Q5_0, Q5_1, Q2K, Q3K, Q4K, Q5K, Q6K);
     Linear {
         out_dim: rows.len(),
         in_dim: cols.len(),

@@ -1,0 +1,324 @@
+//! Q8_0 weights × Q8_0 activations (ggml block formats, 32 values a block) on [`Tiles`].
+//!
+//! Every output is reduced in the order of candle's x86 kernel (`vec_dot_q8_0_q8_0`,
+//! AVX2 + FMA, what candle runs on any x86 CPU with those): eight lane accumulators, lane
+//! `l` taking the exact integer sum of values `4l..4l+4` of each block through
+//! `acc[l] = fma(dw·dx, sum, acc[l])`, then a fixed tree over the eight lanes. So results
+//! are bitwise candle's there — the tied SmolLM2 head included — and never depend on the
+//! tile, the rows sharing a weight load, or the CPU path.
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes, so weights are stored biased
+//! (`w + 128`, as `u8`) and `128 · Σ x` of the same four values is subtracted: the
+//! integer sum stays exact.
+
+use std::ops::Range;
+use std::sync::LazyLock;
+
+use candle_core::quantized::GgmlType;
+use candle_core::quantized::k_quants::BlockQ8_0;
+
+use super::tiles::{TILE, Tiles};
+
+/// Activation rows computed against one weight load (each row keeps eight accumulator
+/// registers per tile).
+pub const ROWS: usize = 2;
+
+/// Q8_0 weights in tiles: 32 biased bytes (`w + 128`) and the scale `d` per row block.
+pub type Q80Tiles = Tiles<32, 1>;
+
+/// Layout mirror of candle's `BlockQ8_0` (whose fields are crate-private).
+#[repr(C)]
+struct Q80 {
+    d: half::f16,
+    qs: [i8; 32],
+}
+
+const _: () = assert!(std::mem::size_of::<Q80>() == std::mem::size_of::<BlockQ8_0>());
+const _: () = assert!(std::mem::align_of::<Q80>() == std::mem::align_of::<BlockQ8_0>());
+
+fn view(xs: &[BlockQ8_0]) -> &[Q80] {
+    // SAFETY: `Q80` is a `#[repr(C)]` mirror of candle's `#[repr(C)]` block with the same
+    // field order, size and alignment (asserted above); the slice keeps its length.
+    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<Q80>(), xs.len()) }
+}
+
+static HAS_VNNI: LazyLock<bool> = LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
+
+/// `out_dim` rows of whole blocks, row-major (the GGUF layout), as tiles.
+pub fn tiles_from_blocks(blocks: &[BlockQ8_0], out_dim: usize) -> Q80Tiles {
+    let x = view(blocks);
+    let nb = x.len().checked_div(out_dim).unwrap_or(0);
+    Tiles::from_fn(out_dim, nb, |o, b| {
+        let q = &x[o * nb + b];
+        ([q.d.to_f32()], q.qs.map(|v| (v as u8) ^ 0x80))
+    })
+}
+
+/// Row `o` as f32 (`blocks_per_row · 32` values).
+pub fn dequantize_row(w: &Q80Tiles, o: usize, out: &mut [f32]) {
+    for b in 0..w.blocks_per_row() {
+        let ([d], q) = w.block(o, b);
+        for (y, v) in out[b * 32..(b + 1) * 32].iter_mut().zip(q) {
+            *y = ((v ^ 0x80) as i8) as f32 * d;
+        }
+    }
+}
+
+/// Q8_0 activations, row-major, scales widened to f32, with the bias correction of each
+/// four-value lane.
+#[derive(Debug, Clone, Default)]
+pub struct Q80Packed {
+    nb: usize,
+    d: Vec<f32>,
+    /// `128 · Σ` of values `4l..4l+4`, eight per block.
+    corr: Vec<i32>,
+    qs: Vec<i8>,
+}
+
+impl Q80Packed {
+    /// Quantizes `rows` rows of `x` (each `in_dim` long, a multiple of 32) with ggml's Q8_0.
+    pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
+        let nb = in_dim / 32;
+        let mut blocks = vec![BlockQ8_0::zeros(); rows * nb];
+        for r in 0..rows {
+            BlockQ8_0::from_float(
+                &x[r * in_dim..(r + 1) * in_dim],
+                &mut blocks[r * nb..(r + 1) * nb],
+            );
+        }
+        let mut p = Q80Packed {
+            nb,
+            d: Vec::with_capacity(blocks.len()),
+            corr: Vec::with_capacity(8 * blocks.len()),
+            qs: Vec::with_capacity(32 * blocks.len()),
+        };
+        for b in view(&blocks) {
+            p.d.push(b.d.to_f32());
+            p.corr.extend(
+                b.qs.chunks_exact(4)
+                    .map(|c| 128 * c.iter().map(|&v| v as i32).sum::<i32>()),
+            );
+            p.qs.extend_from_slice(&b.qs);
+        }
+        p
+    }
+
+    pub fn rows(&self) -> usize {
+        self.d.len().checked_div(self.nb).unwrap_or(0)
+    }
+}
+
+/// Which implementation the matmul runs on this machine.
+pub fn kernel_name() -> &'static str {
+    if *HAS_VNNI { "avx512-vnni" } else { "portable" }
+}
+
+/// Dot products of tile `tile`'s 16 rows with activation rows `r0..r0 + out.len()` over
+/// blocks `blocks`: `out[r][lane]`. At most [`ROWS`] activation rows per call.
+pub fn tile_dot(
+    w: &Q80Tiles,
+    tile: usize,
+    blocks: Range<usize>,
+    a: &Q80Packed,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
+    assert!(
+        tile < w.tiles()
+            && blocks.end <= w.blocks_per_row()
+            && a.nb == w.blocks_per_row()
+            && r0 + out.len() <= a.rows()
+            && out.len() <= ROWS,
+        "tile_dot out of bounds; this is a bug"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if *HAS_VNNI {
+        // SAFETY: the CPU supports the enabled target features (checked at runtime), and
+        // every index the kernel forms is within the bounds asserted above.
+        unsafe {
+            match out.len() {
+                1 => tile_vnni::<1>(w, tile, blocks, a, r0, out),
+                _ => tile_vnni::<2>(w, tile, blocks, a, r0, out),
+            }
+        }
+        return;
+    }
+    tile_portable(w, tile, blocks, a, r0, out)
+}
+
+/// candle's final reduction of the eight lanes (`hsum_float_8`).
+#[inline(always)]
+fn hsum8(x: [f32; 8]) -> f32 {
+    ((x[4] + x[0]) + (x[6] + x[2])) + ((x[5] + x[1]) + (x[7] + x[3]))
+}
+
+fn tile_portable(
+    w: &Q80Tiles,
+    tile: usize,
+    blocks: Range<usize>,
+    a: &Q80Packed,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
+    for (r, row) in out.iter_mut().enumerate() {
+        for (lane, y) in row.iter_mut().enumerate() {
+            let mut acc = [0f32; 8];
+            for b in blocks.clone() {
+                // Padding rows are zero blocks.
+                let ([d], q) = w.block(tile * TILE + lane, b);
+                let ab = (r0 + r) * a.nb + b;
+                let x = &a.qs[ab * 32..ab * 32 + 32];
+                let scale = d * a.d[ab];
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    let sum: i32 = (4 * l..4 * l + 4)
+                        .map(|j| ((q[j] ^ 0x80) as i8) as i32 * x[j] as i32)
+                        .sum();
+                    *acc = scale.mul_add(sum as f32, *acc);
+                }
+            }
+            *y = hsum8(acc);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/VNNI; `tile`, `blocks` and rows `r0..r0 + R` must be in
+/// bounds of `w` and `a` (as [`tile_dot`] asserts).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn tile_vnni<const R: usize>(
+    w: &Q80Tiles,
+    tile: usize,
+    blocks: Range<usize>,
+    a: &Q80Packed,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 8]; R];
+    for b in blocks {
+        let i = tile * w.blocks_per_row() + b;
+        let (q, wd) = (w.tile_bytes(i), w.tile_scales(0, i));
+        // SAFETY: `wd` holds 16 floats.
+        let wd = unsafe { _mm512_loadu_ps(wd.as_ptr()) };
+        let ab: [usize; R] = std::array::from_fn(|r| (r0 + r) * a.nb + b);
+        let scale: [__m512; R] =
+            std::array::from_fn(|r| _mm512_mul_ps(wd, _mm512_set1_ps(a.d[ab[r]])));
+        for l in 0..8 {
+            // SAFETY: `q` holds 8 × 64 bytes.
+            let wl = unsafe { _mm512_loadu_si512(q.as_ptr().add(l * 64).cast()) };
+            for r in 0..R {
+                // SAFETY: block `ab[r]` of `a` is in bounds per the caller's contract; its
+                // 32 bytes are read as 8 dwords and its 8 corrections as i32.
+                let (x, corr) = unsafe {
+                    (
+                        a.qs.as_ptr()
+                            .add(ab[r] * 32)
+                            .cast::<i32>()
+                            .add(l)
+                            .read_unaligned(),
+                        *a.corr.get_unchecked(ab[r] * 8 + l),
+                    )
+                };
+                let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, _mm512_set1_epi32(x));
+                let s = _mm512_sub_epi32(s, _mm512_set1_epi32(corr));
+                acc[r][l] = _mm512_fmadd_ps(scale[r], _mm512_cvtepi32_ps(s), acc[r][l]);
+            }
+        }
+    }
+    for (o, x) in out.iter_mut().zip(acc) {
+        let t = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(x[4], x[0]), _mm512_add_ps(x[6], x[2])),
+            _mm512_add_ps(_mm512_add_ps(x[5], x[1]), _mm512_add_ps(x[7], x[3])),
+        );
+        // SAFETY: `o` holds 16 floats.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), t) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    }
+
+    /// 37 rows (two full tiles and a padded one) × 18 blocks, 3 activation rows.
+    #[test]
+    fn tiles_match_candle_bitwise_on_every_path() {
+        let (out_dim, nb, rows) = (37, 18, 3);
+        let n = nb * 32;
+        let mut seed = 5u64;
+        let w: Vec<f32> = (0..out_dim * n).map(|_| rand(&mut seed)).collect();
+        let x: Vec<f32> = (0..rows * n).map(|_| rand(&mut seed) * 3.0).collect();
+        let mut wq = vec![BlockQ8_0::zeros(); out_dim * nb];
+        BlockQ8_0::from_float(&w, &mut wq);
+        let mut xq = vec![BlockQ8_0::zeros(); rows * nb];
+        BlockQ8_0::from_float(&x, &mut xq);
+        let wt = tiles_from_blocks(&wq, out_dim);
+        let ap = Q80Packed::quantize(&x, rows, n);
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        for blocks in [0..nb, 4..11] {
+            for t in 0..wt.tiles() {
+                for r0 in 0..rows {
+                    let take = (rows - r0).min(ROWS);
+                    let mut fast = vec![[0f32; TILE]; take];
+                    let mut slow = vec![[0f32; TILE]; take];
+                    tile_dot(&wt, t, blocks.clone(), &ap, r0, &mut fast);
+                    tile_portable(&wt, t, blocks.clone(), &ap, r0, &mut slow);
+                    for r in 0..take {
+                        for lane in 0..TILE {
+                            let o = t * TILE + lane;
+                            let (f, s) = (fast[r][lane], slow[r][lane]);
+                            assert_eq!(f.to_bits(), s.to_bits(), "{} o {o}", kernel_name());
+                            if o >= out_dim {
+                                assert_eq!(f, 0.0);
+                                continue;
+                            }
+                            let row = &wq[o * nb + blocks.start..o * nb + blocks.end];
+                            let act = &xq[(r0 + r) * nb + blocks.start..][..blocks.len()];
+                            let theirs = BlockQ8_0::vec_dot(blocks.len() * 32, row, act);
+                            if avx2 {
+                                assert_eq!(f.to_bits(), theirs.to_bits(), "o {o} row {}", r0 + r);
+                            } else {
+                                assert!((f - theirs).abs() <= 1e-4 * theirs.abs().max(1.0));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_dequantize_as_candle_does() {
+        let (out_dim, nb) = (19, 2);
+        let mut seed = 1u64;
+        let w: Vec<f32> = (0..out_dim * nb * 32).map(|_| rand(&mut seed)).collect();
+        let mut wq = vec![BlockQ8_0::zeros(); out_dim * nb];
+        BlockQ8_0::from_float(&w, &mut wq);
+        let t = tiles_from_blocks(&wq, out_dim);
+        let mut candle = vec![0f32; out_dim * nb * 32];
+        BlockQ8_0::to_float(&wq, &mut candle);
+        let mut row = vec![0f32; nb * 32];
+        for o in 0..out_dim {
+            dequantize_row(&t, o, &mut row);
+            assert_eq!(row, candle[o * nb * 32..(o + 1) * nb * 32]);
+        }
+    }
+}

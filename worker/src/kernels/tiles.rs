@@ -1,0 +1,168 @@
+//! Quantized weights laid out in tiles of [`TILE`] output rows, the layout of the
+//! AVX-512 matmul kernels ([`super::q4_1`], [`super::q8_0`]).
+//!
+//! Within a tile, each block's bytes are interleaved four at a time across the 16 rows:
+//! one 64-byte load holds the same four values of every row, so one `vpdpbusd` against a
+//! broadcast activation dword advances all 16 dot products. SIMD lanes run across rows,
+//! never along one, which is what keeps each row's reduction order that of the scalar
+//! ggml kernel (see [`super`]).
+
+use std::ops::Range;
+
+/// Output rows per tile: the f32 lanes of one AVX-512 register.
+pub const TILE: usize = 16;
+
+/// `out_dim` rows of `nb` blocks of one ggml format, in tiles. A row block is `B` bytes
+/// of values and `S` f32 scales (widened from f16 at load, which is exact). The last
+/// tile is padded with zero rows, whose outputs callers drop.
+#[derive(Debug, Clone)]
+pub struct Tiles<const B: usize, const S: usize> {
+    out_dim: usize,
+    nb: usize,
+    /// `[tile][block][chunk: B/4][lane: 16][4 bytes]`.
+    qs: Vec<u8>,
+    /// Scale `s` of every row block: `[tile][block][lane]`.
+    scales: [Vec<f32>; S],
+}
+
+impl<const B: usize, const S: usize> Default for Tiles<B, S> {
+    fn default() -> Self {
+        Tiles {
+            out_dim: 0,
+            nb: 0,
+            qs: Vec::new(),
+            scales: std::array::from_fn(|_| Vec::new()),
+        }
+    }
+}
+
+impl<const B: usize, const S: usize> Tiles<B, S> {
+    /// Bytes of one tile block.
+    pub const TILE_BYTES: usize = TILE * B;
+
+    /// Builds the tiles from `(scales, bytes)` of row `o`, block `b`.
+    pub fn from_fn(
+        out_dim: usize,
+        nb: usize,
+        f: impl Fn(usize, usize) -> ([f32; S], [u8; B]),
+    ) -> Self {
+        let n = out_dim.div_ceil(TILE) * nb;
+        let mut t = Tiles {
+            out_dim,
+            nb,
+            qs: vec![0; n * Self::TILE_BYTES],
+            scales: std::array::from_fn(|_| vec![0.0; n * TILE]),
+        };
+        for o in 0..out_dim {
+            for b in 0..nb {
+                let (scales, bytes) = f(o, b);
+                let (i, lane) = t.index(o, b);
+                for (dst, v) in t.scales.iter_mut().zip(scales) {
+                    dst[i * TILE + lane] = v;
+                }
+                for (k, chunk) in bytes.chunks_exact(4).enumerate() {
+                    let at = i * Self::TILE_BYTES + k * 4 * TILE + lane * 4;
+                    t.qs[at..at + 4].copy_from_slice(chunk);
+                }
+            }
+        }
+        t
+    }
+
+    /// (tile block index, lane) of row `o`, block `b`.
+    fn index(&self, o: usize, b: usize) -> (usize, usize) {
+        ((o / TILE) * self.nb + b, o % TILE)
+    }
+
+    /// `(scales, bytes)` of row `o`, block `b`.
+    pub fn block(&self, o: usize, b: usize) -> ([f32; S], [u8; B]) {
+        let (i, lane) = self.index(o, b);
+        let mut bytes = [0u8; B];
+        for (k, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+            let at = i * Self::TILE_BYTES + k * 4 * TILE + lane * 4;
+            chunk.copy_from_slice(&self.qs[at..at + 4]);
+        }
+        (
+            std::array::from_fn(|s| self.scales[s][i * TILE + lane]),
+            bytes,
+        )
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        self.nb
+    }
+
+    pub fn tiles(&self) -> usize {
+        self.out_dim.div_ceil(TILE)
+    }
+
+    /// The interleaved bytes of tile block `i` (`tile · blocks_per_row + block`).
+    pub fn tile_bytes(&self, i: usize) -> &[u8] {
+        &self.qs[i * Self::TILE_BYTES..(i + 1) * Self::TILE_BYTES]
+    }
+
+    /// Scale `s` of the 16 rows of tile block `i`.
+    pub fn tile_scales(&self, s: usize, i: usize) -> &[f32] {
+        &self.scales[s][i * TILE..(i + 1) * TILE]
+    }
+
+    /// Rows `rows` (in order), blocks `blocks` of each (a tensor-parallel shard).
+    pub fn select(&self, rows: &[usize], blocks: Range<usize>) -> Self {
+        Self::from_fn(rows.len(), blocks.len(), |o, b| {
+            self.block(rows[o], blocks.start + b)
+        })
+    }
+
+    /// Stacks weights with the same row length along the output axis.
+    pub fn concat(parts: &[Self]) -> Option<Self> {
+        let nb = parts.first()?.nb;
+        if parts.iter().any(|p| p.nb != nb) {
+            return None;
+        }
+        let owner: Vec<(usize, usize)> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(pi, p)| (0..p.out_dim).map(move |o| (pi, o)))
+            .collect();
+        Some(Self::from_fn(owner.len(), nb, |o, b| {
+            let (pi, po) = owner[o];
+            parts[pi].block(po, b)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_survive_tiling_select_and_concat() {
+        let f = |o: usize, b: usize| {
+            (
+                [o as f32, b as f32],
+                std::array::from_fn(|j| (o * 7 + b * 3 + j) as u8),
+            )
+        };
+        let t = Tiles::<16, 2>::from_fn(21, 3, f);
+        assert_eq!((t.tiles(), t.out_dim(), t.blocks_per_row()), (2, 21, 3));
+        for o in 0..21 {
+            for b in 0..3 {
+                assert_eq!(t.block(o, b), f(o, b));
+            }
+        }
+        let a = t.select(&[3, 0, 20], 1..3);
+        let c = Tiles::concat(&[a, t.select(&[7], 1..3)]).unwrap();
+        for (o, src) in [3, 0, 20, 7].into_iter().enumerate() {
+            for b in 0..2 {
+                assert_eq!(c.block(o, b), f(src, b + 1));
+            }
+        }
+        assert!(Tiles::concat(&[t.clone(), t.select(&[0], 0..1)]).is_none());
+        // Padding rows of the last tile are zero.
+        assert_eq!(t.tile_scales(0, t.blocks_per_row())[5..], [0.0; 11]);
+    }
+}
