@@ -10,6 +10,7 @@
 //! - [`tiles`]: weights in 16-row tiles; [`q4_1`] and [`q8_0`]: their AVX-512 VNNI
 //!   matmul kernels (portable fallbacks, same bits), bitwise candle's per-output order.
 
+pub mod act;
 pub mod q4_1;
 pub mod q8_0;
 pub mod tiles;
@@ -274,7 +275,7 @@ impl Linear {
         match &self.w {
             WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows, seg),
             WeightData::Q4_1(w) => {
-                let xq = q4_1::Q81Packed::quantize(x, rows, self.in_dim);
+                let xq = act::Q81Rows::quantize(x, rows, self.in_dim);
                 matmul_tiled(
                     w.tiles(),
                     self.out_dim,
@@ -285,7 +286,7 @@ impl Linear {
                 )
             }
             WeightData::Q8_0(w) => {
-                let xq = q8_0::Q80Packed::quantize(x, rows, self.in_dim);
+                let xq = act::Q80Rows::quantize(x, rows, self.in_dim);
                 matmul_tiled(
                     w.tiles(),
                     self.out_dim,

@@ -7,10 +7,10 @@
 use std::ops::Range;
 use std::sync::LazyLock;
 
+use super::act::Q81Rows;
 use super::tiles::{TILE, Tiles};
 
-use candle_core::quantized::GgmlType;
-use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ8_1};
+use candle_core::quantized::k_quants::BlockQ4_1;
 use half::f16;
 
 /// Activation rows computed against one unpacked weight block (registers allow more;
@@ -25,18 +25,8 @@ struct Q41 {
     qs: [u8; 16],
 }
 
-/// Layout mirror of candle's `BlockQ8_1`.
-#[repr(C)]
-struct Q81 {
-    d: f16,
-    s: f16,
-    qs: [i8; 32],
-}
-
 const _: () = assert!(std::mem::size_of::<Q41>() == std::mem::size_of::<BlockQ4_1>());
-const _: () = assert!(std::mem::size_of::<Q81>() == std::mem::size_of::<BlockQ8_1>());
 const _: () = assert!(std::mem::align_of::<Q41>() == std::mem::align_of::<BlockQ4_1>());
-const _: () = assert!(std::mem::align_of::<Q81>() == std::mem::align_of::<BlockQ8_1>());
 
 static HAS_VNNI: LazyLock<bool> = LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
@@ -63,7 +53,7 @@ pub type Q41Tiles = Tiles<16, 2>;
 
 /// `out_dim` rows of whole blocks, row-major (the GGUF layout), as tiles.
 pub fn tiles_from_blocks(blocks: &[BlockQ4_1], out_dim: usize) -> Q41Tiles {
-    let (x, _) = views(blocks, &[]);
+    let x = view(blocks);
     let nb = x.len().checked_div(out_dim).unwrap_or(0);
     Tiles::from_fn(out_dim, nb, |o, b| {
         let q = &x[o * nb + b];
@@ -82,46 +72,6 @@ pub fn dequantize_row(w: &Q41Tiles, o: usize, out: &mut [f32]) {
     }
 }
 
-/// Q8_1 activations, row-major, scales widened to f32 (32 bytes of values a block).
-#[derive(Debug, Clone, Default)]
-pub struct Q81Packed {
-    nb: usize,
-    d: Vec<f32>,
-    s: Vec<f32>,
-    qs: Vec<i8>,
-}
-
-impl Q81Packed {
-    /// Quantizes `rows` rows of `x` (each `in_dim` long, a multiple of 32) with ggml's Q8_1.
-    pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
-        let nb = in_dim / 32;
-        let mut blocks = vec![BlockQ8_1::zeros(); rows * nb];
-        for r in 0..rows {
-            BlockQ8_1::from_float(
-                &x[r * in_dim..(r + 1) * in_dim],
-                &mut blocks[r * nb..(r + 1) * nb],
-            );
-        }
-        let (_, y) = views(&[], &blocks);
-        let mut p = Q81Packed {
-            nb,
-            d: Vec::with_capacity(y.len()),
-            s: Vec::with_capacity(y.len()),
-            qs: Vec::with_capacity(32 * y.len()),
-        };
-        for b in y {
-            p.d.push(b.d.to_f32());
-            p.s.push(b.s.to_f32());
-            p.qs.extend_from_slice(&b.qs);
-        }
-        p
-    }
-
-    pub fn rows(&self) -> usize {
-        self.d.len().checked_div(self.nb).unwrap_or(0)
-    }
-}
-
 /// Dot products of tile `tile`'s 16 rows with activation rows `r0..r0 + out.len()` over
 /// blocks `blocks`: `out[r][lane]` (lanes past the weights' last row are zero).
 /// At most [`ROWS`] activation rows per call.
@@ -129,7 +79,7 @@ pub fn tile_dot(
     w: &Q41Tiles,
     tile: usize,
     blocks: Range<usize>,
-    a: &Q81Packed,
+    a: &Q81Rows,
     r0: usize,
     out: &mut [[f32; TILE]],
 ) {
@@ -162,7 +112,7 @@ fn tile_portable(
     w: &Q41Tiles,
     tile: usize,
     blocks: Range<usize>,
-    a: &Q81Packed,
+    a: &Q81Rows,
     r0: usize,
     out: &mut [[f32; TILE]],
 ) {
@@ -174,7 +124,7 @@ fn tile_portable(
                 // Padding rows are zero blocks.
                 let ([d, m], q4) = w.block(o, b);
                 let ab = (r0 + r) * a.nb + b;
-                let q8 = &a.qs[ab * 32..ab * 32 + 32];
+                let q8 = a.values(ab);
                 let mut sumi = 0i32;
                 for j in 0..16 {
                     sumi += (q4[j] & 0x0F) as i32 * q8[j] as i32
@@ -189,78 +139,85 @@ fn tile_portable(
 
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI; `tile`, `blocks` and rows `r0..r0 + R` must be
-/// in bounds of `w` and `a` (as [`tile_dot`] asserts).
+/// in bounds of `w` and `a` (as [`tile_dot`] asserts); `R <= 4`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_vnni<const R: usize>(
     w: &Q41Tiles,
     tile: usize,
     blocks: Range<usize>,
-    a: &Q81Packed,
+    a: &Q81Rows,
     r0: usize,
     out: &mut [[f32; TILE]],
 ) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); R];
+    // Four accumulators whatever R, indexed by constants only, so they live in registers.
+    let mut acc = [_mm512_setzero_ps(); 4];
     for b in blocks {
         let i = tile * w.blocks_per_row() + b;
-        let mut lo = [_mm512_setzero_si512(); 4];
-        let mut hi = [_mm512_setzero_si512(); 4];
-        let (q, wd, wm) = (w.tile_bytes(i), w.tile_scales(0, i), w.tile_scales(1, i));
-        // SAFETY: `q` holds 256 bytes, `wd` and `wm` 16 floats each.
-        let (wd, wm) = unsafe {
-            let q = q.as_ptr();
-            for k in 0..4 {
-                let v = _mm512_loadu_si512(q.add(k * 64).cast());
-                lo[k] = _mm512_and_si512(v, mask);
-                hi[k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-            }
-            (_mm512_loadu_ps(wd.as_ptr()), _mm512_loadu_ps(wm.as_ptr()))
+        let (q, wd, wm) = (w.tile_lines(i), w.tile_scales(0, i), w.tile_scales(1, i));
+        // SAFETY: `q` holds 4 aligned lines, `wd`/`wm` are aligned 16-float lanes.
+        let (v, wd, wm) = unsafe {
+            let q = q.as_ptr().cast::<__m512i>();
+            (
+                [*q, *q.add(1), *q.add(2), *q.add(3)],
+                _mm512_load_ps(wd.0.as_ptr()),
+                _mm512_load_ps(wm.0.as_ptr()),
+            )
         };
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let ab = (r0 + r) * a.nb + b;
-            // SAFETY: block `ab` of `a` is in bounds per the caller's contract; it is 32
-            // bytes, read as 8 dwords.
-            let (s, xd, xs) = unsafe {
-                let q = a.qs.as_ptr().add(ab * 32).cast::<i32>();
-                let mut s = _mm512_setzero_si512();
-                for k in 0..4 {
-                    s = _mm512_dpbusd_epi32(s, lo[k], _mm512_set1_epi32(q.add(k).read_unaligned()));
-                    s = _mm512_dpbusd_epi32(
-                        s,
-                        hi[k],
-                        _mm512_set1_epi32(q.add(4 + k).read_unaligned()),
-                    );
+        let lo = v.map(|v| _mm512_and_si512(v, mask));
+        let hi = v.map(|v| _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask));
+        macro_rules! row {
+            ($r:literal) => {
+                if $r < R {
+                    let ab = (r0 + $r) * a.nb + b;
+                    // SAFETY: block `ab` of `a` is in bounds per the caller's contract:
+                    // 8 dwords of values and one scale pair.
+                    let (x, xd, xs) = unsafe {
+                        (
+                            a.qs.as_ptr().add(ab * 8),
+                            *a.d.get_unchecked(ab),
+                            *a.s.get_unchecked(ab),
+                        )
+                    };
+                    let mut s = _mm512_setzero_si512();
+                    for k in 0..4 {
+                        // SAFETY: as above.
+                        let (xl, xh) = unsafe { (*x.add(k), *x.add(4 + k)) };
+                        s = _mm512_dpbusd_epi32(s, lo[k], _mm512_set1_epi32(xl));
+                        s = _mm512_dpbusd_epi32(s, hi[k], _mm512_set1_epi32(xh));
+                    }
+                    // ggml's per-block expression, unfused, then the running sum.
+                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), wd);
+                    let t = _mm512_mul_ps(t, _mm512_set1_ps(xd));
+                    let t = _mm512_add_ps(t, _mm512_mul_ps(wm, _mm512_set1_ps(xs)));
+                    acc[$r] = _mm512_add_ps(acc[$r], t);
                 }
-                (s, *a.d.get_unchecked(ab), *a.s.get_unchecked(ab))
             };
-            // ggml's per-block expression, unfused, then the running sum.
-            let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), wd), _mm512_set1_ps(xd));
-            let t = _mm512_add_ps(t, _mm512_mul_ps(wm, _mm512_set1_ps(xs)));
-            *acc = _mm512_add_ps(*acc, t);
         }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
     }
-    for (o, acc) in out.iter_mut().zip(acc) {
+    for (o, acc) in out.iter_mut().zip(acc).take(R) {
         // SAFETY: `o` holds 16 floats.
         unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc) };
     }
 }
 
-fn views<'a>(xs: &'a [BlockQ4_1], ys: &'a [BlockQ8_1]) -> (&'a [Q41], &'a [Q81]) {
-    // SAFETY: `Q41`/`Q81` are `#[repr(C)]` mirrors of candle's `#[repr(C)]` blocks with the
-    // same field order, size and alignment (asserted above); the slices keep their lengths.
-    unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr().cast::<Q41>(), xs.len()),
-            std::slice::from_raw_parts(ys.as_ptr().cast::<Q81>(), ys.len()),
-        )
-    }
+fn view(xs: &[BlockQ4_1]) -> &[Q41] {
+    // SAFETY: `Q41` is a `#[repr(C)]` mirror of candle's `#[repr(C)]` block with the same
+    // field order, size and alignment (asserted above); the slice keeps its length.
+    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<Q41>(), xs.len()) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::GgmlType;
+    use candle_core::quantized::k_quants::BlockQ8_1;
 
     fn rand(seed: &mut u64) -> f32 {
         *seed = seed
@@ -282,7 +239,7 @@ mod tests {
         let mut xq = vec![BlockQ8_1::zeros(); rows * nb];
         BlockQ8_1::from_float(&x, &mut xq);
         let wp = tiles_from_blocks(&wq, out_dim);
-        let ap = Q81Packed::quantize(&x, rows, n);
+        let ap = Q81Rows::quantize(&x, rows, n);
         for blocks in [0..nb, 8..20] {
             for t in 0..wp.tiles() {
                 for r0 in 0..rows {

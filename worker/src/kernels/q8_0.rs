@@ -14,9 +14,9 @@
 use std::ops::Range;
 use std::sync::LazyLock;
 
-use candle_core::quantized::GgmlType;
 use candle_core::quantized::k_quants::BlockQ8_0;
 
+use super::act::Q80Rows;
 use super::tiles::{TILE, Tiles};
 
 /// Activation rows computed against one weight load (each row keeps eight accumulator
@@ -74,50 +74,6 @@ pub fn dequantize_row(w: &Q80Tiles, o: usize, out: &mut [f32]) {
     }
 }
 
-/// Q8_0 activations, row-major, scales widened to f32, with the bias correction of each
-/// four-value lane.
-#[derive(Debug, Clone, Default)]
-pub struct Q80Packed {
-    nb: usize,
-    d: Vec<f32>,
-    /// `128 · Σ` of values `4l..4l+4`, eight per block.
-    corr: Vec<i32>,
-    qs: Vec<i8>,
-}
-
-impl Q80Packed {
-    /// Quantizes `rows` rows of `x` (each `in_dim` long, a multiple of 32) with ggml's Q8_0.
-    pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
-        let nb = in_dim / 32;
-        let mut blocks = vec![BlockQ8_0::zeros(); rows * nb];
-        for r in 0..rows {
-            BlockQ8_0::from_float(
-                &x[r * in_dim..(r + 1) * in_dim],
-                &mut blocks[r * nb..(r + 1) * nb],
-            );
-        }
-        let mut p = Q80Packed {
-            nb,
-            d: Vec::with_capacity(blocks.len()),
-            corr: Vec::with_capacity(8 * blocks.len()),
-            qs: Vec::with_capacity(32 * blocks.len()),
-        };
-        for b in view(&blocks) {
-            p.d.push(b.d.to_f32());
-            p.corr.extend(
-                b.qs.chunks_exact(4)
-                    .map(|c| 128 * c.iter().map(|&v| v as i32).sum::<i32>()),
-            );
-            p.qs.extend_from_slice(&b.qs);
-        }
-        p
-    }
-
-    pub fn rows(&self) -> usize {
-        self.d.len().checked_div(self.nb).unwrap_or(0)
-    }
-}
-
 /// Which implementation the matmul runs on this machine.
 pub fn kernel_name() -> &'static str {
     if *HAS_VNNI { "avx512-vnni" } else { "portable" }
@@ -129,7 +85,7 @@ pub fn tile_dot(
     w: &Q80Tiles,
     tile: usize,
     blocks: Range<usize>,
-    a: &Q80Packed,
+    a: &Q80Rows,
     r0: usize,
     out: &mut [[f32; TILE]],
 ) {
@@ -166,7 +122,7 @@ fn tile_portable(
     w: &Q80Tiles,
     tile: usize,
     blocks: Range<usize>,
-    a: &Q80Packed,
+    a: &Q80Rows,
     r0: usize,
     out: &mut [[f32; TILE]],
 ) {
@@ -177,7 +133,7 @@ fn tile_portable(
                 // Padding rows are zero blocks.
                 let ([d], q) = w.block(tile * TILE + lane, b);
                 let ab = (r0 + r) * a.nb + b;
-                let x = &a.qs[ab * 32..ab * 32 + 32];
+                let x = a.values(ab);
                 let scale = d * a.d[ab];
                 for (l, acc) in acc.iter_mut().enumerate() {
                     let sum: i32 = (4 * l..4 * l + 4)
@@ -193,50 +149,62 @@ fn tile_portable(
 
 /// # Safety
 /// The CPU must support AVX-512 F/VNNI; `tile`, `blocks` and rows `r0..r0 + R` must be in
-/// bounds of `w` and `a` (as [`tile_dot`] asserts).
+/// bounds of `w` and `a` (as [`tile_dot`] asserts); `R <= 2`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
 unsafe fn tile_vnni<const R: usize>(
     w: &Q80Tiles,
     tile: usize,
     blocks: Range<usize>,
-    a: &Q80Packed,
+    a: &Q80Rows,
     r0: usize,
     out: &mut [[f32; TILE]],
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 8]; R];
+    // Eight lane accumulators per row, indexed by constants only, so they live in registers.
+    let mut acc = [[_mm512_setzero_ps(); 8]; 2];
     for b in blocks {
         let i = tile * w.blocks_per_row() + b;
-        let (q, wd) = (w.tile_bytes(i), w.tile_scales(0, i));
-        // SAFETY: `wd` holds 16 floats.
-        let wd = unsafe { _mm512_loadu_ps(wd.as_ptr()) };
-        let ab: [usize; R] = std::array::from_fn(|r| (r0 + r) * a.nb + b);
-        let scale: [__m512; R] =
-            std::array::from_fn(|r| _mm512_mul_ps(wd, _mm512_set1_ps(a.d[ab[r]])));
-        for l in 0..8 {
-            // SAFETY: `q` holds 8 × 64 bytes.
-            let wl = unsafe { _mm512_loadu_si512(q.as_ptr().add(l * 64).cast()) };
-            for r in 0..R {
-                // SAFETY: block `ab[r]` of `a` is in bounds per the caller's contract; its
-                // 32 bytes are read as 8 dwords and its 8 corrections as i32.
-                let (x, corr) = unsafe {
-                    (
-                        a.qs.as_ptr()
-                            .add(ab[r] * 32)
-                            .cast::<i32>()
-                            .add(l)
-                            .read_unaligned(),
-                        *a.corr.get_unchecked(ab[r] * 8 + l),
-                    )
-                };
-                let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, _mm512_set1_epi32(x));
-                let s = _mm512_sub_epi32(s, _mm512_set1_epi32(corr));
-                acc[r][l] = _mm512_fmadd_ps(scale[r], _mm512_cvtepi32_ps(s), acc[r][l]);
+        let (q, wd) = (w.tile_lines(i), w.tile_scales(0, i));
+        // SAFETY: `q` holds 8 aligned lines, `wd` is an aligned 16-float lane.
+        let (q, wd) = unsafe { (q.as_ptr().cast::<__m512i>(), _mm512_load_ps(wd.0.as_ptr())) };
+        let ab = [(r0 * a.nb + b), (r0 + 1) * a.nb + b];
+        // SAFETY: block `ab[r]` of `a` is in bounds for r < R per the caller's contract.
+        let scale = [0, 1].map(|r| {
+            if r < R {
+                _mm512_mul_ps(wd, _mm512_set1_ps(unsafe { *a.d.get_unchecked(ab[r]) }))
+            } else {
+                wd
             }
+        });
+        macro_rules! lane {
+            ($l:literal) => {
+                // SAFETY: line `$l` of the 8.
+                let wl = unsafe { *q.add($l) };
+                for r in 0..R {
+                    // SAFETY: dword `$l` and correction `$l` of block `ab[r]`, in bounds.
+                    let (x, corr) = unsafe {
+                        (
+                            *a.qs.get_unchecked(ab[r] * 8 + $l),
+                            *a.corr.get_unchecked(ab[r] * 8 + $l),
+                        )
+                    };
+                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, _mm512_set1_epi32(x));
+                    let s = _mm512_sub_epi32(s, _mm512_set1_epi32(corr));
+                    acc[r][$l] = _mm512_fmadd_ps(scale[r], _mm512_cvtepi32_ps(s), acc[r][$l]);
+                }
+            };
         }
+        lane!(0);
+        lane!(1);
+        lane!(2);
+        lane!(3);
+        lane!(4);
+        lane!(5);
+        lane!(6);
+        lane!(7);
     }
-    for (o, x) in out.iter_mut().zip(acc) {
+    for (o, x) in out.iter_mut().zip(acc).take(R) {
         let t = _mm512_add_ps(
             _mm512_add_ps(_mm512_add_ps(x[4], x[0]), _mm512_add_ps(x[6], x[2])),
             _mm512_add_ps(_mm512_add_ps(x[5], x[1]), _mm512_add_ps(x[7], x[3])),
@@ -249,6 +217,7 @@ unsafe fn tile_vnni<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::GgmlType;
 
     fn rand(seed: &mut u64) -> f32 {
         *seed = seed
@@ -270,7 +239,7 @@ mod tests {
         let mut xq = vec![BlockQ8_0::zeros(); rows * nb];
         BlockQ8_0::from_float(&x, &mut xq);
         let wt = tiles_from_blocks(&wq, out_dim);
-        let ap = Q80Packed::quantize(&x, rows, n);
+        let ap = Q80Rows::quantize(&x, rows, n);
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
         for blocks in [0..nb, 4..11] {

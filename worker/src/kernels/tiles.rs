@@ -12,6 +12,16 @@ use std::ops::Range;
 /// Output rows per tile: the f32 lanes of one AVX-512 register.
 pub const TILE: usize = 16;
 
+/// 64 bytes on a cache line: one AVX-512 load, aligned so kernels load it directly.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Line(pub [u8; 64]);
+
+/// One f32 per row of a tile, aligned like [`Line`].
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Lanes(pub [f32; TILE]);
+
 /// `out_dim` rows of `nb` blocks of one ggml format, in tiles. A row block is `B` bytes
 /// of values and `S` f32 scales (widened from f16 at load, which is exact). The last
 /// tile is padded with zero rows, whose outputs callers drop.
@@ -19,10 +29,10 @@ pub const TILE: usize = 16;
 pub struct Tiles<const B: usize, const S: usize> {
     out_dim: usize,
     nb: usize,
-    /// `[tile][block][chunk: B/4][lane: 16][4 bytes]`.
-    qs: Vec<u8>,
+    /// `[tile][block][chunk: B/4][lane: 16][4 bytes]`, a chunk a line.
+    qs: Vec<Line>,
     /// Scale `s` of every row block: `[tile][block][lane]`.
-    scales: [Vec<f32>; S],
+    scales: [Vec<Lanes>; S],
 }
 
 impl<const B: usize, const S: usize> Default for Tiles<B, S> {
@@ -37,8 +47,8 @@ impl<const B: usize, const S: usize> Default for Tiles<B, S> {
 }
 
 impl<const B: usize, const S: usize> Tiles<B, S> {
-    /// Bytes of one tile block.
-    pub const TILE_BYTES: usize = TILE * B;
+    /// Lines of one tile block (a chunk of four values per row is one line).
+    pub const LINES: usize = B / 4;
 
     /// Builds the tiles from `(scales, bytes)` of row `o`, block `b`.
     pub fn from_fn(
@@ -50,19 +60,18 @@ impl<const B: usize, const S: usize> Tiles<B, S> {
         let mut t = Tiles {
             out_dim,
             nb,
-            qs: vec![0; n * Self::TILE_BYTES],
-            scales: std::array::from_fn(|_| vec![0.0; n * TILE]),
+            qs: vec![Line([0; 64]); n * Self::LINES],
+            scales: std::array::from_fn(|_| vec![Lanes([0.0; TILE]); n]),
         };
         for o in 0..out_dim {
             for b in 0..nb {
                 let (scales, bytes) = f(o, b);
                 let (i, lane) = t.index(o, b);
                 for (dst, v) in t.scales.iter_mut().zip(scales) {
-                    dst[i * TILE + lane] = v;
+                    dst[i].0[lane] = v;
                 }
                 for (k, chunk) in bytes.chunks_exact(4).enumerate() {
-                    let at = i * Self::TILE_BYTES + k * 4 * TILE + lane * 4;
-                    t.qs[at..at + 4].copy_from_slice(chunk);
+                    t.qs[i * Self::LINES + k].0[lane * 4..lane * 4 + 4].copy_from_slice(chunk);
                 }
             }
         }
@@ -79,13 +88,9 @@ impl<const B: usize, const S: usize> Tiles<B, S> {
         let (i, lane) = self.index(o, b);
         let mut bytes = [0u8; B];
         for (k, chunk) in bytes.chunks_exact_mut(4).enumerate() {
-            let at = i * Self::TILE_BYTES + k * 4 * TILE + lane * 4;
-            chunk.copy_from_slice(&self.qs[at..at + 4]);
+            chunk.copy_from_slice(&self.qs[i * Self::LINES + k].0[lane * 4..lane * 4 + 4]);
         }
-        (
-            std::array::from_fn(|s| self.scales[s][i * TILE + lane]),
-            bytes,
-        )
+        (std::array::from_fn(|s| self.scales[s][i].0[lane]), bytes)
     }
 
     pub fn out_dim(&self) -> usize {
@@ -100,14 +105,14 @@ impl<const B: usize, const S: usize> Tiles<B, S> {
         self.out_dim.div_ceil(TILE)
     }
 
-    /// The interleaved bytes of tile block `i` (`tile · blocks_per_row + block`).
-    pub fn tile_bytes(&self, i: usize) -> &[u8] {
-        &self.qs[i * Self::TILE_BYTES..(i + 1) * Self::TILE_BYTES]
+    /// The interleaved chunks of tile block `i` (`tile · blocks_per_row + block`).
+    pub fn tile_lines(&self, i: usize) -> &[Line] {
+        &self.qs[i * Self::LINES..(i + 1) * Self::LINES]
     }
 
     /// Scale `s` of the 16 rows of tile block `i`.
-    pub fn tile_scales(&self, s: usize, i: usize) -> &[f32] {
-        &self.scales[s][i * TILE..(i + 1) * TILE]
+    pub fn tile_scales(&self, s: usize, i: usize) -> &Lanes {
+        &self.scales[s][i]
     }
 
     /// Rows `rows` (in order), blocks `blocks` of each (a tensor-parallel shard).
@@ -163,6 +168,6 @@ mod tests {
         }
         assert!(Tiles::concat(&[t.clone(), t.select(&[0], 0..1)]).is_none());
         // Padding rows of the last tile are zero.
-        assert_eq!(t.tile_scales(0, t.blocks_per_row())[5..], [0.0; 11]);
+        assert_eq!(t.tile_scales(0, t.blocks_per_row()).0[5..], [0.0; 11]);
     }
 }

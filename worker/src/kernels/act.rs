@@ -1,0 +1,213 @@
+//! Activations quantized per row to ggml's Q8_1 (for Q4_1 weights) and Q8_0 (for Q8_0
+//! weights), bitwise what candle's `from_float` produces, laid out for the tile kernels:
+//! scales widened to f32, values as little-endian dwords (four values each) that a kernel
+//! broadcasts with one aligned load.
+
+use half::f16;
+
+/// One block of 32 values quantized as ggml does: `d = amax / 127`, values
+/// `round(x / d)` (half away from zero). Returns `(d as f16, values, Σ values)`.
+#[inline(always)]
+fn quantize_block(x: &[f32]) -> (f16, [i8; 32], i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; 32];
+    let mut sum = 0i32;
+    for (q, x) in q.iter_mut().zip(x) {
+        *q = (x * id).round() as i8;
+        sum += *q as i32;
+    }
+    (f16::from_f32(d), q, sum)
+}
+
+/// Runs `f` over every block of `rows × in_dim` values, in a function compiled for AVX-512
+/// where the CPU has it (so `round` and the max vectorise); same bits either way.
+fn for_each_block(x: &[f32], mut f: impl FnMut(f16, [i8; 32], i32)) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn fast(x: &[f32], f: &mut dyn FnMut(f16, [i8; 32], i32)) {
+        for b in x.chunks_exact(32) {
+            let (d, q, sum) = quantize_block(b);
+            f(d, q, sum);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if *HAS_AVX512 {
+        // SAFETY: the CPU supports the enabled target features (checked at runtime).
+        return unsafe { fast(x, &mut f) };
+    }
+    for b in x.chunks_exact(32) {
+        let (d, q, sum) = quantize_block(b);
+        f(d, q, sum);
+    }
+}
+
+static HAS_AVX512: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
+
+fn dwords(q: &[i8; 32]) -> impl Iterator<Item = i32> + '_ {
+    q.chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]))
+}
+
+/// Q8_1 rows: per block `d`, `s = d · Σ values` (both rounded through f16, as ggml) and
+/// 8 dwords of values.
+#[derive(Debug, Clone, Default)]
+pub struct Q81Rows {
+    pub nb: usize,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub qs: Vec<i32>,
+}
+
+impl Q81Rows {
+    /// `rows` rows of `in_dim` values (a multiple of 32).
+    pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
+        let n = rows * in_dim / 32;
+        let mut p = Q81Rows {
+            nb: in_dim / 32,
+            d: Vec::with_capacity(n),
+            s: Vec::with_capacity(n),
+            qs: Vec::with_capacity(8 * n),
+        };
+        for_each_block(&x[..rows * in_dim], |d, q, sum| {
+            p.d.push(d.to_f32());
+            p.s.push((f16::from_f32(sum as f32) * d).to_f32());
+            p.qs.extend(dwords(&q));
+        });
+        p
+    }
+
+    pub fn rows(&self) -> usize {
+        self.d.len().checked_div(self.nb).unwrap_or(0)
+    }
+
+    /// The 32 values of block `ab`.
+    pub fn values(&self, ab: usize) -> [i8; 32] {
+        values(&self.qs[ab * 8..ab * 8 + 8])
+    }
+}
+
+/// Q8_0 rows: per block `d`, 8 dwords of values and, for kernels that multiply biased
+/// unsigned weights, `128 · Σ` of each dword's four values.
+#[derive(Debug, Clone, Default)]
+pub struct Q80Rows {
+    pub nb: usize,
+    pub d: Vec<f32>,
+    pub corr: Vec<i32>,
+    pub qs: Vec<i32>,
+}
+
+impl Q80Rows {
+    /// `rows` rows of `in_dim` values (a multiple of 32).
+    pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
+        let n = rows * in_dim / 32;
+        let mut p = Q80Rows {
+            nb: in_dim / 32,
+            d: Vec::with_capacity(n),
+            corr: Vec::with_capacity(8 * n),
+            qs: Vec::with_capacity(8 * n),
+        };
+        for_each_block(&x[..rows * in_dim], |d, q, _| {
+            p.d.push(d.to_f32());
+            p.corr.extend(
+                q.chunks_exact(4)
+                    .map(|c| 128 * c.iter().map(|&v| v as i32).sum::<i32>()),
+            );
+            p.qs.extend(dwords(&q));
+        });
+        p
+    }
+
+    pub fn rows(&self) -> usize {
+        self.d.len().checked_div(self.nb).unwrap_or(0)
+    }
+
+    /// The 32 values of block `ab`.
+    pub fn values(&self, ab: usize) -> [i8; 32] {
+        values(&self.qs[ab * 8..ab * 8 + 8])
+    }
+}
+
+fn values(dw: &[i32]) -> [i8; 32] {
+    std::array::from_fn(|j| dw[j / 4].to_le_bytes()[j % 4] as i8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlType;
+    use candle_core::quantized::k_quants::{BlockQ8_0, BlockQ8_1};
+
+    /// Values around rounding ties, zeros (d = 0), and a wide range of magnitudes.
+    fn inputs() -> Vec<f32> {
+        let mut seed = 11u64;
+        let mut v = Vec::new();
+        for b in 0..40 {
+            for j in 0..32 {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let r = ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5;
+                v.push(match b % 4 {
+                    0 => r * 10f32.powi(b / 4 - 5),
+                    1 => (j as f32 - 16.0) * 0.5 * 127.0 / 16.0,
+                    2 => 0.0,
+                    _ => r * 1e3,
+                });
+            }
+        }
+        v
+    }
+
+    fn bytes_of<T>(v: &[T]) -> &[u8] {
+        // SAFETY: reading plain-old-data blocks as bytes.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+    }
+
+    #[test]
+    fn q8_1_and_q8_0_match_candle_bitwise() {
+        let x = inputs();
+        let n = x.len() / 32;
+        let (rows, in_dim) = (2, x.len() / 2);
+        let mut c1 = vec![BlockQ8_1::zeros(); n];
+        BlockQ8_1::from_float(&x, &mut c1);
+        let mut c0 = vec![BlockQ8_0::zeros(); n];
+        BlockQ8_0::from_float(&x, &mut c0);
+        let (q1, q0) = (
+            Q81Rows::quantize(&x, rows, in_dim),
+            Q80Rows::quantize(&x, rows, in_dim),
+        );
+        assert_eq!((q1.rows(), q0.rows()), (2, 2));
+        for b in 0..n {
+            // BlockQ8_1: d f16, s f16, 32 values; BlockQ8_0: d f16, 32 values.
+            let b1 = &bytes_of(&c1)[b * 36..(b + 1) * 36];
+            let b0 = &bytes_of(&c0)[b * 34..(b + 1) * 34];
+            let f = |x: &[u8]| f16::from_le_bytes([x[0], x[1]]).to_f32();
+            assert_eq!(
+                (q1.d[b], q1.s[b]),
+                (f(&b1[0..2]), f(&b1[2..4])),
+                "block {b}"
+            );
+            assert_eq!(q1.values(b).map(|v| v as u8)[..], b1[4..]);
+            assert_eq!(q0.d[b], f(&b0[0..2]));
+            assert_eq!(q0.values(b).map(|v| v as u8)[..], b0[2..]);
+            let vals = q0.values(b);
+            for l in 0..8 {
+                let s: i32 = vals[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum();
+                assert_eq!(q0.corr[b * 8 + l], 128 * s);
+            }
+        }
+    }
+}
