@@ -325,12 +325,13 @@ impl BlockManager {
 
 /// K and V of every layer, in `num_blocks` blocks of `block_size` positions, f32.
 ///
-/// Layout `[layer][block][kv_head][slot][head_dim]`, so attention for one KV head reads
-/// one contiguous run per block.
+/// Per `[layer][block][kv_head]` one run of `block_size × head_dim` values each: keys
+/// dimension-major (`[dim][slot]`, so one load holds a dimension of every position and
+/// attention scores a whole block at once), values position-major (`[slot][dim]`).
 #[derive(Debug)]
 pub struct KvStore {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
     num_blocks: usize,
     block_size: usize,
     kv_heads: usize,
@@ -372,12 +373,41 @@ impl KvStore {
         self.block_size
     }
 
-    /// Offset of `(layer, block, head, slot)`'s head vector.
+    /// Start of `(layer, block, head)`'s run.
     #[inline]
-    pub fn offset(&self, layer: usize, block: BlockId, head: usize, slot: usize) -> usize {
-        (((layer * self.num_blocks + block as usize) * self.kv_heads + head) * self.block_size
-            + slot)
+    fn run(&self, layer: usize, block: BlockId, head: usize) -> usize {
+        ((layer * self.num_blocks + block as usize) * self.kv_heads + head)
+            * self.block_size
             * self.head_dim
+    }
+
+    /// Stores one position's key and value head vectors.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        block: BlockId,
+        head: usize,
+        slot: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let (r, hd, bs) = (self.run(layer, block, head), self.head_dim, self.block_size);
+        for (i, &x) in k[..hd].iter().enumerate() {
+            self.k[r + i * bs + slot] = x;
+        }
+        self.v[r + slot * hd..r + (slot + 1) * hd].copy_from_slice(&v[..hd]);
+    }
+
+    /// `(layer, block, head)`'s keys, `[dim][slot]`.
+    pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
+        let r = self.run(layer, block, head);
+        &self.k[r..r + self.block_size * self.head_dim]
+    }
+
+    /// `(layer, block, head)`'s values, `[slot][dim]`.
+    pub fn values(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
+        let r = self.run(layer, block, head);
+        &self.v[r..r + self.block_size * self.head_dim]
     }
 }
 

@@ -484,28 +484,32 @@ pub fn sum_lanes(xs: &[f32]) -> f32 {
     total
 }
 
-/// One query head attending over `keys`/`values` (one head vector per position, in
-/// position order): `out = softmax(q·k · scale) · V`.
+/// One KV head's cache of a sequence, as attention reads it: `keys[j]` and `values[j]`
+/// are block `j`'s runs (keys `[dim][slot]`, values `[slot][dim]`, `block_size` slots),
+/// positions `0..len` in order.
+#[derive(Debug, Clone, Copy)]
+pub struct KvBlocks<'a> {
+    pub keys: &'a [&'a [f32]],
+    pub values: &'a [&'a [f32]],
+    pub block_size: usize,
+    pub len: usize,
+}
+
+/// One query head attending over `kv`: `out = softmax(q·k · scale) · V`.
 ///
-/// Scores are sequential fused multiply-add chains over the head dimension and the value
-/// sum a fused chain over positions, per output element (a gemm micro-kernel's order,
-/// which is what candle's attention computes), softmax as candle's. Eight score chains
-/// run interleaved to hide FMA latency; the order inside each chain is unchanged, so
-/// results do not depend on the CPU path or on anything outside this head.
-pub fn attend(
-    q: &[f32],
-    keys: &[&[f32]],
-    values: &[&[f32]],
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+/// Each score is a sequential fused multiply-add chain over the head dimension and each
+/// output element a fused chain over positions (a gemm micro-kernel's order, which is
+/// what candle's attention computes), softmax as candle's. A block's scores are computed
+/// side by side — the keys are stored dimension-major so one vector holds a dimension of
+/// every slot — which changes nothing inside a chain, so results do not depend on the CPU
+/// path or on anything outside this head.
+pub fn attend(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if *HAS_FMA {
         // SAFETY: the CPU supports FMA and AVX2 (checked at runtime).
-        return unsafe { attend_fma(q, keys, values, scale, scores, out) };
+        return unsafe { attend_fma(q, kv, scale, scores, out) };
     }
-    attend_impl(q, keys, values, scale, scores, out)
+    attend_impl(q, kv, scale, scores, out)
 }
 
 static HAS_FMA: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
@@ -523,58 +527,55 @@ static HAS_FMA: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
 #[target_feature(enable = "fma,avx2")]
 unsafe fn attend_fma(
     q: &[f32],
-    keys: &[&[f32]],
-    values: &[&[f32]],
+    kv: KvBlocks<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    attend_impl(q, keys, values, scale, scores, out)
+    attend_impl(q, kv, scale, scores, out)
 }
 
+/// Slots a block's score loop handles at once (the KV block size of the worker).
+const SLOTS: usize = 16;
+
 #[inline(always)]
-fn attend_impl(
-    q: &[f32],
-    keys: &[&[f32]],
-    values: &[&[f32]],
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let n = keys.len();
-    let hd = q.len();
+fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let (hd, bs, n) = (q.len(), kv.block_size, kv.len);
     scores.clear();
-    scores.resize(n, 0.0);
-    let mut p = 0;
-    while p + 8 <= n {
-        let mut acc = [0f32; 8];
-        let ks: [&[f32]; 8] = std::array::from_fn(|j| &keys[p + j][..hd]);
-        for i in 0..hd {
-            for j in 0..8 {
-                acc[j] = q[i].mul_add(ks[j][i], acc[j]);
+    scores.resize(kv.keys.len() * bs, 0.0);
+    for (keys, sc) in kv.keys.iter().zip(scores.chunks_exact_mut(bs)) {
+        let keys = &keys[..hd * bs];
+        if bs == SLOTS {
+            let mut acc = [0f32; SLOTS];
+            for (qi, k) in q.iter().zip(keys.chunks_exact(SLOTS)) {
+                for s in 0..SLOTS {
+                    acc[s] = qi.mul_add(k[s], acc[s]);
+                }
+            }
+            for (s, a) in sc.iter_mut().zip(acc) {
+                *s = a * scale;
+            }
+        } else {
+            for (s, y) in sc.iter_mut().enumerate() {
+                let mut acc = 0f32;
+                for (i, qi) in q.iter().enumerate() {
+                    acc = qi.mul_add(keys[i * bs + s], acc);
+                }
+                *y = acc * scale;
             }
         }
-        for j in 0..8 {
-            scores[p + j] = acc[j] * scale;
-        }
-        p += 8;
     }
-    for (s, k) in scores[p..].iter_mut().zip(&keys[p..]) {
-        let mut acc = 0f32;
-        for i in 0..hd {
-            acc = q[i].mul_add(k[i], acc);
-        }
-        *s = acc * scale;
-    }
+    scores.truncate(n);
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
     }
     let sum = sum_lanes(scores);
     out.fill(0.0);
-    for (s, v) in scores.iter().zip(values) {
+    for (p, s) in scores.iter().enumerate() {
         let w = s / sum;
-        for (o, x) in out.iter_mut().zip(&v[..hd]) {
+        let v = &kv.values[p / bs][(p % bs) * hd..(p % bs + 1) * hd];
+        for (o, x) in out.iter_mut().zip(v) {
             *o = w.mul_add(*x, *o);
         }
     }

@@ -20,7 +20,7 @@ pub mod tiny;
 use rayon::prelude::*;
 
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels::{Linear, attend, rms_norm, rope, silu_mul};
+use crate::kernels::{KvBlocks, Linear, attend, rms_norm, rope, silu_mul};
 use crate::kv::{BlockId, KvStore};
 use crate::tp::shard::RankPart;
 use crate::tp::{CommError, Communicator, SingleRank};
@@ -264,11 +264,9 @@ impl LlamaModel {
                 }
                 let p = step.plan[t];
                 for g in 0..nkv {
-                    let off = kv.offset(li, p.block, g, p.slot);
                     let k = &row[(nh + g) * hd..(nh + g + 1) * hd];
                     let v = &row[(nh + nkv + g) * hd..(nh + nkv + g + 1) * hd];
-                    kv.k[off..off + hd].copy_from_slice(k);
-                    kv.v[off..off + hd].copy_from_slice(v);
+                    kv.write(li, p.block, g, p.slot, k, v);
                 }
             }
             let attn = self.attention(li, step, &qkv, kv);
@@ -349,21 +347,21 @@ impl LlamaModel {
                 let p = step.plan[t];
                 let table = step.tables[p.chunk];
                 let npos = p.pos + 1;
-                let mut keys: Vec<&[f32]> = Vec::with_capacity(npos);
-                let mut values: Vec<&[f32]> = Vec::with_capacity(npos);
-                for pos in 0..npos {
-                    let off = kv.offset(layer, table[pos / bs], g, pos % bs);
-                    keys.push(&kv.k[off..off + hd]);
-                    values.push(&kv.v[off..off + hd]);
-                }
+                let blocks = &table[..npos.div_ceil(bs)];
+                let keys: Vec<&[f32]> = blocks.iter().map(|&b| kv.keys(layer, b, g)).collect();
+                let values: Vec<&[f32]> = blocks.iter().map(|&b| kv.values(layer, b, g)).collect();
                 let mut scores = Vec::with_capacity(npos);
                 for qi in 0..group {
                     let head = g * group + qi;
                     let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
                     attend(
                         q,
-                        &keys,
-                        &values,
+                        KvBlocks {
+                            keys: &keys,
+                            values: &values,
+                            block_size: bs,
+                            len: npos,
+                        },
                         scale,
                         &mut scores,
                         &mut out_g[qi * hd..(qi + 1) * hd],
