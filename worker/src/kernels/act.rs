@@ -9,16 +9,26 @@ use half::f16;
 /// `round(x / d)` (half away from zero). Returns `(d as f16, values, Σ values)`.
 #[inline(always)]
 fn quantize_block(x: &[f32]) -> (f16, [i8; 32], i32) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let x: &[f32; 32] = x.try_into().expect("blocks are 32 values; this is a bug");
+    let mut amax = 0f32;
+    for v in x {
+        amax = amax.max(v.abs());
+    }
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut q = [0i8; 32];
-    let mut sum = 0i32;
-    for (q, x) in q.iter_mut().zip(x) {
-        *q = (x * id).round() as i8;
-        sum += *q as i32;
+    // Rounded values stay in -127..=127, so the f32 sum is exact and the i8 cast never
+    // saturates; plain loops over arrays, so every step vectorises.
+    let mut r = [0f32; 32];
+    for (r, v) in r.iter_mut().zip(x) {
+        *r = (v * id).round();
     }
-    (f16::from_f32(d), q, sum)
+    let mut sum = 0f32;
+    let mut q = [0i8; 32];
+    for (q, r) in q.iter_mut().zip(&r) {
+        sum += r;
+        *q = *r as i8;
+    }
+    (f16::from_f32(d), q, sum as i32)
 }
 
 /// Runs `f` over every block of `rows × in_dim` values, in a function compiled for AVX-512

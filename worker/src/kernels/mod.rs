@@ -266,12 +266,12 @@ impl Linear {
     /// reduces, whether the segments sit on one tensor-parallel rank or on several.
     /// Slices must be whole storage blocks (and whole activation blocks).
     pub fn forward_segments(&self, x: &[f32], rows: usize, segments: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), rows * self.in_dim);
+        assert_eq!(x.len(), rows * self.in_dim);
         let seg = Segments {
             n: segments.max(1),
             len: self.in_dim / segments.max(1),
         };
-        debug_assert_eq!(seg.n * seg.len, self.in_dim);
+        assert_eq!(seg.n * seg.len, self.in_dim);
         match &self.w {
             WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows, seg),
             WeightData::Q4_1(w) => {
@@ -408,30 +408,26 @@ fn matmul_tiled(
     yt.par_chunks_mut(tiles_per_task * per_tile)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let mut acc = vec![[0f32; TILE]; rows_per_call];
             for (j, tile_out) in chunk.chunks_mut(per_tile).enumerate() {
                 let tile = c * tiles_per_task + j;
                 for (s, seg_out) in tile_out.chunks_mut(rows * TILE).enumerate() {
-                    for (ri, part) in seg_out.chunks_mut(rows_per_call * TILE).enumerate() {
-                        let n = part.len() / TILE;
-                        kernel(
-                            tile,
-                            s * sb..(s + 1) * sb,
-                            ri * rows_per_call,
-                            &mut acc[..n],
-                        );
-                        for (dst, src) in part.chunks_exact_mut(TILE).zip(&acc) {
-                            dst.copy_from_slice(src);
-                        }
+                    let (seg_out, _) = seg_out.as_chunks_mut::<TILE>();
+                    for (ri, part) in seg_out.chunks_mut(rows_per_call).enumerate() {
+                        kernel(tile, s * sb..(s + 1) * sb, ri * rows_per_call, part);
                     }
                 }
             }
         });
     let mut y = vec![0f32; seg.n * rows * out_dim];
+    let (yt, _) = yt.as_chunks::<TILE>();
     y.par_chunks_mut(out_dim).enumerate().for_each(|(sr, row)| {
-        for (tile, dst) in row.chunks_mut(TILE).enumerate() {
-            let src = tile * per_tile + sr * TILE;
-            dst.copy_from_slice(&yt[src..src + dst.len()]);
+        let (full, tail) = row.as_chunks_mut::<TILE>();
+        for (tile, dst) in full.iter_mut().enumerate() {
+            *dst = yt[tile * per_tile / TILE + sr];
+        }
+        if !tail.is_empty() {
+            let src = &yt[full.len() * per_tile / TILE + sr];
+            tail.copy_from_slice(&src[..tail.len()]);
         }
     });
     y
@@ -538,11 +534,11 @@ unsafe fn attend_fma(
 /// Slots a block's score loop handles at once (the KV block size of the worker).
 const SLOTS: usize = 16;
 
+/// `scores[p] = (q · k_p) · scale`, each dot product a sequential FMA chain over the
+/// head dimension.
 #[inline(always)]
-fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let (hd, bs, n) = (q.len(), kv.block_size, kv.len);
-    scores.clear();
-    scores.resize(kv.keys.len() * bs, 0.0);
+fn block_scores(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
+    let (hd, bs) = (q.len(), kv.block_size);
     for (keys, sc) in kv.keys.iter().zip(scores.chunks_exact_mut(bs)) {
         let keys = &keys[..hd * bs];
         if bs == SLOTS {
@@ -552,8 +548,8 @@ fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, o
                     acc[s] = qi.mul_add(k[s], acc[s]);
                 }
             }
-            for (s, a) in sc.iter_mut().zip(acc) {
-                *s = a * scale;
+            for (y, a) in sc.iter_mut().zip(acc) {
+                *y = a * scale;
             }
         } else {
             for (s, y) in sc.iter_mut().enumerate() {
@@ -565,6 +561,82 @@ fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, o
             }
         }
     }
+}
+
+/// [`block_scores`] for 16-slot blocks in AVX-512, eight blocks side by side so eight
+/// independent FMA chains hide the latency; the chain of each score is unchanged.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_scores_avx512(q: &[f32], keys: &[&[f32]], scale: f32, scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const WIDE: usize = 8;
+    let hd = q.len();
+    assert!(scores.len() >= keys.len() * SLOTS && keys.iter().all(|k| k.len() >= hd * SLOTS));
+    let scale = _mm512_set1_ps(scale);
+    let mut j = 0;
+    while j < keys.len() {
+        let n = (keys.len() - j).min(WIDE);
+        let k: [*const f32; WIDE] = std::array::from_fn(|b| keys[j + b.min(n - 1)].as_ptr());
+        let mut acc = [_mm512_setzero_ps(); WIDE];
+        if n == WIDE {
+            for (i, &qi) in q.iter().enumerate() {
+                let qi = _mm512_set1_ps(qi);
+                for b in 0..WIDE {
+                    // SAFETY: each key run holds `hd × 16` floats (asserted above).
+                    let kv = unsafe { _mm512_loadu_ps(k[b].add(i * SLOTS)) };
+                    acc[b] = _mm512_fmadd_ps(qi, kv, acc[b]);
+                }
+            }
+        } else {
+            for (b, acc) in acc.iter_mut().enumerate().take(n) {
+                for (i, &qi) in q.iter().enumerate() {
+                    // SAFETY: as above.
+                    let kv = unsafe { _mm512_loadu_ps(k[b].add(i * SLOTS)) };
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(qi), kv, *acc);
+                }
+            }
+        }
+        for (b, acc) in acc.iter().enumerate().take(n) {
+            // SAFETY: `scores` holds 16 floats per key block (asserted above).
+            unsafe {
+                _mm512_storeu_ps(
+                    scores.as_mut_ptr().add((j + b) * SLOTS),
+                    _mm512_mul_ps(*acc, scale),
+                )
+            };
+        }
+        j += n;
+    }
+}
+
+static HAS_AVX512: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
+
+#[inline(always)]
+fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let (hd, bs, n) = (q.len(), kv.block_size, kv.len);
+    scores.clear();
+    scores.resize(kv.keys.len() * bs, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if bs == SLOTS && *HAS_AVX512 {
+        // SAFETY: the CPU supports AVX-512F (checked at runtime).
+        unsafe { block_scores_avx512(q, kv.keys, scale, scores) };
+    } else {
+        block_scores(q, kv, scale, scores);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    block_scores(q, kv, scale, scores);
     scores.truncate(n);
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for s in scores.iter_mut() {
@@ -572,11 +644,12 @@ fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, o
     }
     let sum = sum_lanes(scores);
     out.fill(0.0);
-    for (p, s) in scores.iter().enumerate() {
-        let w = s / sum;
-        let v = &kv.values[p / bs][(p % bs) * hd..(p % bs + 1) * hd];
-        for (o, x) in out.iter_mut().zip(v) {
-            *o = w.mul_add(*x, *o);
+    for (block, sc) in kv.values.iter().zip(scores.chunks(bs)) {
+        for (s, v) in sc.iter().zip(block.chunks_exact(hd)) {
+            let w = s / sum;
+            for (o, x) in out.iter_mut().zip(v) {
+                *o = w.mul_add(*x, *o);
+            }
         }
     }
 }

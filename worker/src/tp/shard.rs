@@ -187,7 +187,7 @@ fn pick<T: Clone>(v: &[T], per_row: usize, rows: &[usize], blocks: Range<usize>)
 /// lie on block boundaries of `l`'s format.
 fn select(l: &Linear, rows: &[usize], cols: Range<usize>) -> Linear {
     let bl = block_len(&l.w);
-    debug_assert!(cols.start.is_multiple_of(bl) && cols.end.is_multiple_of(bl));
+    assert!(cols.start.is_multiple_of(bl) && cols.end.is_multiple_of(bl));
     let per = l.in_dim / bl;
     let blocks = cols.start / bl..cols.end / bl;
     macro_rules! each {
