@@ -10,25 +10,30 @@ use half::f16;
 #[inline(always)]
 fn quantize_block(x: &[f32]) -> (f16, [i8; 32], i32) {
     let x: &[f32; 32] = x.try_into().expect("blocks are 32 values; this is a bug");
-    let mut amax = 0f32;
-    for v in x {
-        amax = amax.max(v.abs());
+    // `max` is exact and order-free (NaN is skipped either way), so 16 lanes then a tree
+    // give the sequential result.
+    let mut m = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        for l in 0..16 {
+            m[l] = m[l].max(c[l].abs());
+        }
     }
-    let d = amax / 127.0;
+    let mut w = 8;
+    while w > 0 {
+        for l in 0..w {
+            m[l] = m[l].max(m[l + w]);
+        }
+        w /= 2;
+    }
+    let d = m[0] / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    // Rounded values stay in -127..=127, so the f32 sum is exact and the i8 cast never
-    // saturates; plain loops over arrays, so every step vectorises.
-    let mut r = [0f32; 32];
-    for (r, v) in r.iter_mut().zip(x) {
-        *r = (v * id).round();
-    }
-    let mut sum = 0f32;
+    // Rounded values stay in -127..=127, so the i8 cast never saturates.
     let mut q = [0i8; 32];
-    for (q, r) in q.iter_mut().zip(&r) {
-        sum += r;
-        *q = *r as i8;
+    for (q, v) in q.iter_mut().zip(x) {
+        *q = (v * id).round() as i8;
     }
-    (f16::from_f32(d), q, sum as i32)
+    let sum = q.iter().map(|&v| v as i32).sum();
+    (f16::from_f32(d), q, sum)
 }
 
 /// Runs `f` over every block of `rows × in_dim` values, in a function compiled for AVX-512

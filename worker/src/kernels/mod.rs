@@ -643,6 +643,11 @@ fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, o
         *s = (*s - max).exp();
     }
     let sum = sum_lanes(scores);
+    #[cfg(target_arch = "x86_64")]
+    if hd == 64 && *HAS_AVX512 {
+        // SAFETY: the CPU supports AVX-512F (checked at runtime).
+        return unsafe { weighted_values_avx512::<4>(scores, sum, kv, out) };
+    }
     out.fill(0.0);
     for (block, sc) in kv.values.iter().zip(scores.chunks(bs)) {
         for (s, v) in sc.iter().zip(block.chunks_exact(hd)) {
@@ -651,6 +656,39 @@ fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, o
                 *o = w.mul_add(*x, *o);
             }
         }
+    }
+}
+
+/// `out = Σ_p (scores[p] / sum) · v_p` in position order, one fused chain per element,
+/// for a head of `C × 16` dimensions held in registers.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_values_avx512<const C: usize>(
+    scores: &[f32],
+    sum: f32,
+    kv: KvBlocks<'_>,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (hd, bs) = (C * 16, kv.block_size);
+    assert!(out.len() == hd && kv.values.iter().all(|v| v.len() >= bs * hd));
+    let mut acc = [_mm512_setzero_ps(); C];
+    for (block, sc) in kv.values.iter().zip(scores.chunks(bs)) {
+        for (slot, s) in sc.iter().enumerate() {
+            let w = _mm512_set1_ps(s / sum);
+            let v = block.as_ptr().wrapping_add(slot * hd);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: slot `slot` of the block holds `hd` floats (asserted above).
+                *acc = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(v.add(c * 16)) }, *acc);
+            }
+        }
+    }
+    for (c, acc) in acc.iter().enumerate() {
+        // SAFETY: `out` holds `hd` floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *acc) };
     }
 }
 

@@ -181,13 +181,15 @@ unsafe fn tile_vnni<const R: usize>(
                             *a.s.get_unchecked(ab),
                         )
                     };
-                    let mut s = _mm512_setzero_si512();
+                    // Two chains of exact integer sums (half the dependency depth).
+                    let (mut sl, mut sh) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for k in 0..4 {
                         // SAFETY: as above.
                         let (xl, xh) = unsafe { (*x.add(k), *x.add(4 + k)) };
-                        s = _mm512_dpbusd_epi32(s, lo[k], _mm512_set1_epi32(xl));
-                        s = _mm512_dpbusd_epi32(s, hi[k], _mm512_set1_epi32(xh));
+                        sl = _mm512_dpbusd_epi32(sl, lo[k], _mm512_set1_epi32(xl));
+                        sh = _mm512_dpbusd_epi32(sh, hi[k], _mm512_set1_epi32(xh));
                     }
+                    let s = _mm512_add_epi32(sl, sh);
                     // ggml's per-block expression, unfused, then the running sum.
                     let t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), wd);
                     let t = _mm512_mul_ps(t, _mm512_set1_ps(xd));
