@@ -4,6 +4,7 @@
 //! broadcasts with one aligned load.
 
 use half::f16;
+use rayon::prelude::*;
 
 /// One block of 32 values quantized as ggml does: `d = amax / 127`, values
 /// `round(x / d)` (half away from zero). Returns `(d as f16, values, Σ values)`.
@@ -36,25 +37,50 @@ fn quantize_block(x: &[f32]) -> (f16, [i8; 32], i32) {
     (f16::from_f32(d), q, sum)
 }
 
-/// Runs `f` over every block of `rows × in_dim` values, in a function compiled for AVX-512
-/// where the CPU has it (so `round` and the max vectorise); same bits either way.
-fn for_each_block(x: &[f32], mut f: impl FnMut(f16, [i8; 32], i32)) {
+/// Row counts from which quantization splits rows over the thread pool (below it, the
+/// fork-join costs more than the work).
+const PAR_ROWS: usize = 8;
+
+/// Quantizes `rows × in_dim` values block by block into `make(d, values, Σ values)`, rows
+/// in parallel when there are many.
+fn quantize_rows<B: Clone + Default + Send>(
+    x: &[f32],
+    rows: usize,
+    in_dim: usize,
+    make: impl Fn(f16, [i8; 32], i32) -> B + Sync,
+) -> Vec<B> {
+    let nb = in_dim / 32;
+    let mut out = vec![B::default(); rows * nb];
+    let x = &x[..rows * in_dim];
+    if rows >= PAR_ROWS {
+        out.par_chunks_mut(nb)
+            .zip(x.par_chunks(in_dim))
+            .for_each(|(out, x)| quantize_row(x, out, &make));
+    } else {
+        quantize_row(x, &mut out, &make);
+    }
+    out
+}
+
+/// One row (or several back to back), in a function compiled for AVX-512 where the CPU
+/// has it (so `round` and the max vectorise); same bits either way.
+fn quantize_row<B>(x: &[f32], out: &mut [B], make: &(impl Fn(f16, [i8; 32], i32) -> B + Sync)) {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn fast(x: &[f32], f: &mut dyn FnMut(f16, [i8; 32], i32)) {
-        for b in x.chunks_exact(32) {
+    fn fast<B>(x: &[f32], out: &mut [B], make: &dyn Fn(f16, [i8; 32], i32) -> B) {
+        for (b, o) in x.chunks_exact(32).zip(out) {
             let (d, q, sum) = quantize_block(b);
-            f(d, q, sum);
+            *o = make(d, q, sum);
         }
     }
     #[cfg(target_arch = "x86_64")]
     if *HAS_AVX512 {
         // SAFETY: the CPU supports the enabled target features (checked at runtime).
-        return unsafe { fast(x, &mut f) };
+        return unsafe { fast(x, out, make) };
     }
-    for b in x.chunks_exact(32) {
+    for (b, o) in x.chunks_exact(32).zip(out) {
         let (d, q, sum) = quantize_block(b);
-        f(d, q, sum);
+        *o = make(d, q, sum);
     }
 }
 
@@ -71,92 +97,101 @@ static HAS_AVX512: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
     }
 });
 
-fn dwords(q: &[i8; 32]) -> impl Iterator<Item = i32> + '_ {
-    q.chunks_exact(4)
-        .map(|c| i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]))
+fn dwords(q: &[i8; 32]) -> [i32; 8] {
+    std::array::from_fn(|k| {
+        i32::from_le_bytes([
+            q[4 * k] as u8,
+            q[4 * k + 1] as u8,
+            q[4 * k + 2] as u8,
+            q[4 * k + 3] as u8,
+        ])
+    })
 }
 
-/// Q8_1 rows: per block `d`, `s = d · Σ values` (both rounded through f16, as ggml) and
-/// 8 dwords of values.
+fn values(dw: &[i32; 8]) -> [i8; 32] {
+    std::array::from_fn(|j| dw[j / 4].to_le_bytes()[j % 4] as i8)
+}
+
+/// A Q8_1 block: values as 8 dwords, `d` and `s = d · Σ values` (both rounded through
+/// f16, as ggml), widened to f32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Q81Block {
+    pub qs: [i32; 8],
+    pub d: f32,
+    pub s: f32,
+}
+
+/// Rows of Q8_1 blocks (for Q4_1 weights).
 #[derive(Debug, Clone, Default)]
 pub struct Q81Rows {
     pub nb: usize,
-    pub d: Vec<f32>,
-    pub s: Vec<f32>,
-    pub qs: Vec<i32>,
+    pub blocks: Vec<Q81Block>,
 }
 
 impl Q81Rows {
     /// `rows` rows of `in_dim` values (a multiple of 32).
     pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
-        let n = rows * in_dim / 32;
-        let mut p = Q81Rows {
-            nb: in_dim / 32,
-            d: Vec::with_capacity(n),
-            s: Vec::with_capacity(n),
-            qs: Vec::with_capacity(8 * n),
-        };
-        for_each_block(&x[..rows * in_dim], |d, q, sum| {
-            p.d.push(d.to_f32());
-            p.s.push((f16::from_f32(sum as f32) * d).to_f32());
-            p.qs.extend(dwords(&q));
+        let blocks = quantize_rows(x, rows, in_dim, |d, q, sum| Q81Block {
+            qs: dwords(&q),
+            d: d.to_f32(),
+            s: (f16::from_f32(sum as f32) * d).to_f32(),
         });
-        p
+        Q81Rows {
+            nb: in_dim / 32,
+            blocks,
+        }
     }
 
     pub fn rows(&self) -> usize {
-        self.d.len().checked_div(self.nb).unwrap_or(0)
+        self.blocks.len().checked_div(self.nb).unwrap_or(0)
     }
 
     /// The 32 values of block `ab`.
     pub fn values(&self, ab: usize) -> [i8; 32] {
-        values(&self.qs[ab * 8..ab * 8 + 8])
+        values(&self.blocks[ab].qs)
     }
 }
 
-/// Q8_0 rows: per block `d`, 8 dwords of values and, for kernels that multiply biased
-/// unsigned weights, `128 · Σ` of each dword's four values.
+/// A Q8_0 block: values as 8 dwords, `d` widened to f32 and, for kernels that multiply
+/// biased unsigned weights, `128 · Σ` of each dword's four values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Q80Block {
+    pub qs: [i32; 8],
+    pub corr: [i32; 8],
+    pub d: f32,
+}
+
+/// Rows of Q8_0 blocks (for Q8_0 weights).
 #[derive(Debug, Clone, Default)]
 pub struct Q80Rows {
     pub nb: usize,
-    pub d: Vec<f32>,
-    pub corr: Vec<i32>,
-    pub qs: Vec<i32>,
+    pub blocks: Vec<Q80Block>,
 }
 
 impl Q80Rows {
     /// `rows` rows of `in_dim` values (a multiple of 32).
     pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
-        let n = rows * in_dim / 32;
-        let mut p = Q80Rows {
-            nb: in_dim / 32,
-            d: Vec::with_capacity(n),
-            corr: Vec::with_capacity(8 * n),
-            qs: Vec::with_capacity(8 * n),
-        };
-        for_each_block(&x[..rows * in_dim], |d, q, _| {
-            p.d.push(d.to_f32());
-            p.corr.extend(
-                q.chunks_exact(4)
-                    .map(|c| 128 * c.iter().map(|&v| v as i32).sum::<i32>()),
-            );
-            p.qs.extend(dwords(&q));
+        let blocks = quantize_rows(x, rows, in_dim, |d, q, _| Q80Block {
+            qs: dwords(&q),
+            corr: std::array::from_fn(|l| {
+                128 * q[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum::<i32>()
+            }),
+            d: d.to_f32(),
         });
-        p
+        Q80Rows {
+            nb: in_dim / 32,
+            blocks,
+        }
     }
 
     pub fn rows(&self) -> usize {
-        self.d.len().checked_div(self.nb).unwrap_or(0)
+        self.blocks.len().checked_div(self.nb).unwrap_or(0)
     }
 
     /// The 32 values of block `ab`.
     pub fn values(&self, ab: usize) -> [i8; 32] {
-        values(&self.qs[ab * 8..ab * 8 + 8])
+        values(&self.blocks[ab].qs)
     }
-}
-
-fn values(dw: &[i32]) -> [i8; 32] {
-    std::array::from_fn(|j| dw[j / 4].to_le_bytes()[j % 4] as i8)
 }
 
 #[cfg(test)]
@@ -211,17 +246,17 @@ mod tests {
             let b0 = &bytes_of(&c0)[b * 34..(b + 1) * 34];
             let f = |x: &[u8]| f16::from_le_bytes([x[0], x[1]]).to_f32();
             assert_eq!(
-                (q1.d[b], q1.s[b]),
+                (q1.blocks[b].d, q1.blocks[b].s),
                 (f(&b1[0..2]), f(&b1[2..4])),
                 "block {b}"
             );
             assert_eq!(q1.values(b).map(|v| v as u8)[..], b1[4..]);
-            assert_eq!(q0.d[b], f(&b0[0..2]));
+            assert_eq!(q0.blocks[b].d, f(&b0[0..2]));
             assert_eq!(q0.values(b).map(|v| v as u8)[..], b0[2..]);
             let vals = q0.values(b);
             for l in 0..8 {
                 let s: i32 = vals[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum();
-                assert_eq!(q0.corr[b * 8 + l], 128 * s);
+                assert_eq!(q0.blocks[b].corr[l], 128 * s);
             }
         }
     }

@@ -692,19 +692,41 @@ unsafe fn weighted_values_avx512<const C: usize>(
     }
 }
 
+/// Rows from which the elementwise ops split rows over the thread pool.
+const PAR_ROWS: usize = 8;
+
+/// Runs `f(input_row, output_row)` over rows, in parallel when there are many.
+fn per_row(
+    x: &[f32],
+    in_len: usize,
+    out_len: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let rows = x.len() / in_len;
+    let mut y = vec![0f32; rows * out_len];
+    if rows >= PAR_ROWS {
+        y.par_chunks_mut(out_len)
+            .zip(x.par_chunks(in_len))
+            .for_each(|(y, x)| f(x, y));
+    } else {
+        for (y, x) in y.chunks_mut(out_len).zip(x.chunks(in_len)) {
+            f(x, y);
+        }
+    }
+    y
+}
+
 /// `y = x / rms(x) · w` for each row of `x` (`rows × w.len()`). Sequential sum and a
 /// division, the order candle's `rms_norm` uses, so we track the reference closely.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
-    let mut y = vec![0f32; x.len()];
-    for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+    per_row(x, n, n, |xr, yr| {
         let sum2: f32 = xr.iter().map(|v| v * v).sum();
         let m = (sum2 / n as f32 + eps).sqrt();
         for i in 0..n {
             yr[i] = xr[i] / m * w[i];
         }
-    }
-    y
+    })
 }
 
 /// Rotates one head vector in place; `cos`/`sin` hold one value per pair.
@@ -725,16 +747,12 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 
 /// SwiGLU on rows of `gu` = `[gate | up]` (each `ffn` wide) → `rows × ffn`.
 pub fn silu_mul(gu: &[f32], ffn: usize) -> Vec<f32> {
-    let rows = gu.len() / (2 * ffn);
-    let mut out = vec![0f32; rows * ffn];
-    for r in 0..rows {
-        let g = &gu[r * 2 * ffn..r * 2 * ffn + ffn];
-        let u = &gu[r * 2 * ffn + ffn..(r + 1) * 2 * ffn];
+    per_row(gu, 2 * ffn, ffn, |gu, out| {
+        let (g, u) = gu.split_at(ffn);
         for i in 0..ffn {
-            out[r * ffn + i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+            out[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
         }
-    }
-    out
+    })
 }
 
 #[cfg(test)]

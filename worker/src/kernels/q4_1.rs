@@ -130,7 +130,7 @@ fn tile_portable(
                     sumi += (q4[j] & 0x0F) as i32 * q8[j] as i32
                         + (q4[j] >> 4) as i32 * q8[j + 16] as i32;
                 }
-                acc += sumi as f32 * d * a.d[ab] + m * a.s[ab];
+                acc += sumi as f32 * d * a.blocks[ab].d + m * a.blocks[ab].s;
             }
             *y = acc;
         }
@@ -174,13 +174,8 @@ unsafe fn tile_vnni<const R: usize>(
                     let ab = (r0 + $r) * a.nb + b;
                     // SAFETY: block `ab` of `a` is in bounds per the caller's contract:
                     // 8 dwords of values and one scale pair.
-                    let (x, xd, xs) = unsafe {
-                        (
-                            a.qs.as_ptr().add(ab * 8),
-                            *a.d.get_unchecked(ab),
-                            *a.s.get_unchecked(ab),
-                        )
-                    };
+                    let blk = unsafe { a.blocks.get_unchecked(ab) };
+                    let (x, xd, xs) = (blk.qs.as_ptr(), blk.d, blk.s);
                     // Two chains of exact integer sums (half the dependency depth).
                     let (mut sl, mut sh) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for k in 0..4 {

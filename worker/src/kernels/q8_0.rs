@@ -134,7 +134,7 @@ fn tile_portable(
                 let ([d], q) = w.block(tile * TILE + lane, b);
                 let ab = (r0 + r) * a.nb + b;
                 let x = a.values(ab);
-                let scale = d * a.d[ab];
+                let scale = d * a.blocks[ab].d;
                 for (l, acc) in acc.iter_mut().enumerate() {
                     let sum: i32 = (4 * l..4 * l + 4)
                         .map(|j| ((q[j] ^ 0x80) as i8) as i32 * x[j] as i32)
@@ -172,7 +172,10 @@ unsafe fn tile_vnni<const R: usize>(
         // SAFETY: block `ab[r]` of `a` is in bounds for r < R per the caller's contract.
         let scale = [0, 1].map(|r| {
             if r < R {
-                _mm512_mul_ps(wd, _mm512_set1_ps(unsafe { *a.d.get_unchecked(ab[r]) }))
+                _mm512_mul_ps(
+                    wd,
+                    _mm512_set1_ps(unsafe { a.blocks.get_unchecked(ab[r]).d }),
+                )
             } else {
                 wd
             }
@@ -183,12 +186,8 @@ unsafe fn tile_vnni<const R: usize>(
                 let wl = unsafe { *q.add($l) };
                 for r in 0..R {
                     // SAFETY: dword `$l` and correction `$l` of block `ab[r]`, in bounds.
-                    let (x, corr) = unsafe {
-                        (
-                            *a.qs.get_unchecked(ab[r] * 8 + $l),
-                            *a.corr.get_unchecked(ab[r] * 8 + $l),
-                        )
-                    };
+                    let blk = unsafe { a.blocks.get_unchecked(ab[r]) };
+                    let (x, corr) = (blk.qs[$l], blk.corr[$l]);
                     let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, _mm512_set1_epi32(x));
                     let s = _mm512_sub_epi32(s, _mm512_set1_epi32(corr));
                     acc[r][$l] = _mm512_fmadd_ps(scale[r], _mm512_cvtepi32_ps(s), acc[r][$l]);
