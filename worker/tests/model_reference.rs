@@ -3,18 +3,18 @@
 //! reference's greedy tokens: argmax agreement ≥ `MIN_AGREEMENT`, every disagreement a
 //! near-tie (top-2 gap < `NEAR_TIE`), and logits within `LOGIT_TOL` of the reference.
 //!
-//! Our Q4_1/Q8_0 matmuls are bitwise candle's when run unsegmented (checked on SmolLM2's
-//! own weights). Since tensor parallelism, o_proj and down reduce in one segment per KV
-//! head (so logits do not change with tp), which alone moves their outputs by f32
-//! rounding. The architecture itself matches exactly (see
-//! `model_tiny::tiny_f32_matches_candle_quantized_llama`, |Δ| < 1e-5 on f32 weights);
-//! what remains is f32 rounding (norms, RoPE, softmax, segment sums) flipping int8
-//! activation quantization steps, amplified over 30 layers.
+//! The same run measures the noise floor: a second candle model that reads the prompt one
+//! token at a time (then the same teacher-forced steps). candle's own numerics depend on
+//! how a prompt is chunked (its attention kernel and softmax sum change order with the
+//! matrix size), so candle disagrees with itself: 507/512, max |Δlogit| 1.43, largest
+//! disagreement gap 0.215. Ours is chunk-invariant by design, so it cannot follow both.
 //!
-//! Measured with segments: 501/512 (97.85 %) agreement, max |Δlogit| 1.81, the largest
-//! disagreement gap 0.33 (before segments: 501/512, largest gap 0.19). The issue asks
-//! ≥ 98 % and gaps < 0.2; on this sample we sit at 97.85 %, so the bars here are 97.5 %
-//! and 0.35 — the shortfall is noted on the engine issue.
+//! Our matmuls, activation quantization and decode-step attention are bitwise candle's
+//! (kernel unit tests). What remains is the prefill path above and, since tensor
+//! parallelism, o_proj/down reducing in one segment per KV head (logits do not change with
+//! tp). Measured: 502/512 (98.05 %), max |Δlogit| 1.99, largest disagreement gap 0.234
+//! (without the segments: 507/512, 1.43, 0.215 — exactly candle vs itself). The issue asks
+//! ≥ 98 % and gaps < 0.2; the gap bar here is 0.25 since candle fails 0.2 against itself.
 
 mod common;
 
@@ -26,13 +26,12 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use shardline_worker::loader::{LoadOptions, load_llama_runner};
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
 
-/// Max |ours − reference| over every logit of every step. Both run Q4_1 × Q8_1 dot products
-/// over identical blocks; the remaining differences are f32 rounding in norms, RoPE,
-/// softmax and attention order, amplified through 30 layers.
-const LOGIT_TOL: f32 = 2.0;
-const MIN_AGREEMENT: f64 = 0.975;
+/// Max |ours − reference| over every logit of every step: prompt-path and segment-sum
+/// rounding, amplified through 30 layers of int8 activation steps (candle vs itself: 1.43).
+const LOGIT_TOL: f32 = 2.5;
+const MIN_AGREEMENT: f64 = 0.98;
 /// Largest reference top-2 gap at which a disagreement still counts as a near-tie.
-const NEAR_TIE: f32 = 0.35;
+const NEAR_TIE: f32 = 0.25;
 const STEPS: usize = 64;
 
 fn vocab_ids(path: &std::path::Path, pieces: &[&str]) -> Vec<u32> {
@@ -85,6 +84,20 @@ fn chat(words: &str) -> Vec<String> {
     v
 }
 
+fn one_token(t: u32) -> Tensor {
+    Tensor::new(&[t], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn top2_gap(x: &[f32]) -> f32 {
     let mut s: Vec<f32> = x.to_vec();
     s.sort_by(|a, b| b.total_cmp(a));
@@ -116,6 +129,11 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
     let mut file = std::fs::File::open(&path).unwrap();
     let ct = gguf_file::Content::read(&mut file).unwrap();
     let mut reference = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).unwrap();
+    // The noise floor: candle reading the prompt one token at a time.
+    let mut file = std::fs::File::open(&path).unwrap();
+    let ct = gguf_file::Content::read(&mut file).unwrap();
+    let mut stepwise = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).unwrap();
+    let (mut floor_agree, mut floor_diff, mut floor_gap) = (0usize, 0f32, 0f32);
 
     let (mut agree, mut total, mut max_diff) = (0usize, 0usize, 0f32);
     let mut far = Vec::new();
@@ -124,6 +142,12 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
         let pieces: Vec<&str> = pieces.iter().map(|s| s.as_str()).collect();
         let prompt = vocab_ids(&path, &pieces);
         reference.clear_kv_cache();
+        stepwise.clear_kv_cache();
+        let mut stepwise_pos = 0;
+        for &t in &prompt[..prompt.len() - 1] {
+            stepwise.forward(&one_token(t), stepwise_pos).unwrap();
+            stepwise_pos += 1;
+        }
         let id = SeqId(pi as u64);
         assert_eq!(runner.add_sequence(id, &prompt).unwrap(), 0);
         let mut input = prompt.clone();
@@ -148,6 +172,21 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
                 }])
                 .unwrap();
             let o = &ours[0].data;
+            let last = *input.last().expect("a step has a token");
+            let f: Vec<f32> = stepwise
+                .forward(&one_token(last), stepwise_pos)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            stepwise_pos += 1;
+            if argmax(&f) == argmax(&r) {
+                floor_agree += 1;
+            } else {
+                floor_gap = floor_gap.max(top2_gap(&r));
+            }
+            floor_diff = floor_diff.max(max_abs_diff(&f, &r));
             assert_eq!(o.len(), vocab);
             pos += input.len();
             let (ra, oa) = (argmax(&r), argmax(o));
@@ -161,17 +200,16 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
                 );
                 far.push((pi, step, gap));
             }
-            let d = o
-                .iter()
-                .zip(&r)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            max_diff = max_diff.max(d);
+            max_diff = max_diff.max(max_abs_diff(o, &r));
             input = vec![ra];
         }
         runner.remove_sequence(id);
     }
     eprintln!("argmax agreement {agree}/{total}, max |Δlogit| {max_diff}");
+    eprintln!(
+        "noise floor (candle, prompt token by token): {floor_agree}/{total}, \
+         max |Δlogit| {floor_diff}, largest disagreement gap {floor_gap}"
+    );
     assert!(
         far.iter().all(|f| f.2 < NEAR_TIE),
         "disagreements that are not near-ties: {far:?}"

@@ -493,12 +493,12 @@ pub struct KvBlocks<'a> {
 
 /// One query head attending over `kv`: `out = softmax(q·k · scale) · V`.
 ///
-/// Each score is a sequential fused multiply-add chain over the head dimension and each
-/// output element a fused chain over positions (a gemm micro-kernel's order, which is
-/// what candle's attention computes), softmax as candle's. A block's scores are computed
-/// side by side — the keys are stored dimension-major so one vector holds a dimension of
-/// every slot — which changes nothing inside a chain, so results do not depend on the CPU
-/// path or on anything outside this head.
+/// Scores are reduced in the order of candle's decode-step kernel (see [`block_scores`]),
+/// each output element is a fused chain over positions (candle's gemv order), softmax as
+/// candle's: a decode step is bitwise candle's. A block's 16 scores are computed side by
+/// side — keys are stored dimension-major, so one vector holds a dimension of every slot —
+/// which changes nothing inside a reduction, so results depend neither on the CPU path
+/// nor on anything outside this head.
 pub fn attend(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if *HAS_FMA {
@@ -534,88 +534,105 @@ unsafe fn attend_fma(
 /// Slots a block's score loop handles at once (the KV block size of the worker).
 const SLOTS: usize = 16;
 
-/// `scores[p] = (q · k_p) · scale`, each dot product a sequential FMA chain over the
-/// head dimension.
+/// `scores[p] = (q · k_p) · scale`, every dot product in the order of the kernel
+/// candle's attention runs for a decode step (gemm's horizontal f32 kernel, 8 lanes on
+/// x86, used while the scores matrix has at most 256 entries): lane `l` a fused chain
+/// over dimensions `l, l + 8, …`, then `((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))`.
+/// One order for every token whatever its step, so results stay batch- and
+/// chunk-invariant; candle itself switches orders with the matrix size (long prompts go
+/// through its packed micro-kernel), which the reference test measures.
 #[inline(always)]
 fn block_scores(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
     let (hd, bs) = (q.len(), kv.block_size);
     for (keys, sc) in kv.keys.iter().zip(scores.chunks_exact_mut(bs)) {
         let keys = &keys[..hd * bs];
         if bs == SLOTS {
-            let mut acc = [0f32; SLOTS];
-            for (qi, k) in q.iter().zip(keys.chunks_exact(SLOTS)) {
-                for s in 0..SLOTS {
-                    acc[s] = qi.mul_add(k[s], acc[s]);
-                }
-            }
-            for (y, a) in sc.iter_mut().zip(acc) {
-                *y = a * scale;
+            for (y, d) in sc.iter_mut().zip(lane_dots_16(q, keys)) {
+                *y = d * scale;
             }
         } else {
             for (s, y) in sc.iter_mut().enumerate() {
-                let mut acc = 0f32;
-                for (i, qi) in q.iter().enumerate() {
-                    acc = qi.mul_add(keys[i * bs + s], acc);
-                }
-                *y = acc * scale;
+                *y = lane_dot(q, |i| keys[i * bs + s]) * scale;
             }
         }
     }
 }
 
-/// [`block_scores`] for 16-slot blocks in AVX-512, eight blocks side by side so eight
-/// independent FMA chains hide the latency; the chain of each score is unchanged.
+/// One dot product `q · k` in the order of [`block_scores`].
+#[inline(always)]
+fn lane_dot(q: &[f32], k: impl Fn(usize) -> f32) -> f32 {
+    let mut a = [0f32; 8];
+    for (i, qi) in q.iter().enumerate() {
+        a[i % 8] = qi.mul_add(k(i), a[i % 8]);
+    }
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// [`lane_dot`] for the 16 slots of a block at once (keys `[dim][slot]`): the same
+/// operations, each across the 16 slots.
+#[inline(always)]
+fn lane_dots_16(q: &[f32], keys: &[f32]) -> [f32; SLOTS] {
+    let mut a = [[0f32; SLOTS]; 8];
+    for (i, (qi, k)) in q.iter().zip(keys.chunks_exact(SLOTS)).enumerate() {
+        let a = &mut a[i % 8];
+        for s in 0..SLOTS {
+            a[s] = qi.mul_add(k[s], a[s]);
+        }
+    }
+    std::array::from_fn(|s| {
+        ((a[0][s] + a[4][s]) + (a[2][s] + a[6][s])) + ((a[1][s] + a[5][s]) + (a[3][s] + a[7][s]))
+    })
+}
+
+/// [`block_scores`] on the best path this CPU has.
+fn attend_scores(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if *HAS_AVX512 {
+        // SAFETY: the CPU supports AVX-512F and FMA (checked at runtime).
+        return unsafe { block_scores_avx512(q, kv, scale, scores) };
+    }
+    block_scores(q, kv, scale, scores)
+}
+
+/// [`block_scores`] compiled for AVX-512 (16 slots a register).
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn block_scores_avx512(q: &[f32], keys: &[&[f32]], scale: f32, scores: &mut [f32]) {
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn block_scores_avx512(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
     use std::arch::x86_64::*;
-    const WIDE: usize = 8;
     let hd = q.len();
-    assert!(scores.len() >= keys.len() * SLOTS && keys.iter().all(|k| k.len() >= hd * SLOTS));
+    if kv.block_size != SLOTS || !hd.is_multiple_of(8) {
+        return block_scores(q, kv, scale, scores);
+    }
+    assert!(scores.len() >= kv.keys.len() * SLOTS && kv.keys.iter().all(|k| k.len() >= hd * SLOTS));
     let scale = _mm512_set1_ps(scale);
-    let mut j = 0;
-    while j < keys.len() {
-        let n = (keys.len() - j).min(WIDE);
-        let k: [*const f32; WIDE] = std::array::from_fn(|b| keys[j + b.min(n - 1)].as_ptr());
-        let mut acc = [_mm512_setzero_ps(); WIDE];
-        if n == WIDE {
-            for (i, &qi) in q.iter().enumerate() {
-                let qi = _mm512_set1_ps(qi);
-                for b in 0..WIDE {
-                    // SAFETY: each key run holds `hd × 16` floats (asserted above).
-                    let kv = unsafe { _mm512_loadu_ps(k[b].add(i * SLOTS)) };
-                    acc[b] = _mm512_fmadd_ps(qi, kv, acc[b]);
-                }
-            }
-        } else {
-            for (b, acc) in acc.iter_mut().enumerate().take(n) {
-                for (i, &qi) in q.iter().enumerate() {
-                    // SAFETY: as above.
-                    let kv = unsafe { _mm512_loadu_ps(k[b].add(i * SLOTS)) };
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(qi), kv, *acc);
-                }
+    for (b, keys) in kv.keys.iter().enumerate() {
+        let k = keys.as_ptr();
+        // The eight lane chains of `lane_dot`, each across the 16 slots.
+        let mut a = [_mm512_setzero_ps(); 8];
+        for i0 in (0..hd).step_by(8) {
+            for (l, a) in a.iter_mut().enumerate() {
+                let i = i0 + l;
+                // SAFETY: key row `i < hd` of the block holds 16 floats (asserted above).
+                let kv = unsafe { _mm512_loadu_ps(k.add(i * SLOTS)) };
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), kv, *a);
             }
         }
-        for (b, acc) in acc.iter().enumerate().take(n) {
-            // SAFETY: `scores` holds 16 floats per key block (asserted above).
-            unsafe {
-                _mm512_storeu_ps(
-                    scores.as_mut_ptr().add((j + b) * SLOTS),
-                    _mm512_mul_ps(*acc, scale),
-                )
-            };
-        }
-        j += n;
+        let t = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+            _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+        );
+        // SAFETY: `scores` holds 16 floats per key block (asserted above).
+        unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(b * SLOTS), _mm512_mul_ps(t, scale)) };
     }
 }
 
 static HAS_AVX512: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -628,15 +645,7 @@ fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, o
     let (hd, bs, n) = (q.len(), kv.block_size, kv.len);
     scores.clear();
     scores.resize(kv.keys.len() * bs, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    if bs == SLOTS && *HAS_AVX512 {
-        // SAFETY: the CPU supports AVX-512F (checked at runtime).
-        unsafe { block_scores_avx512(q, kv.keys, scale, scores) };
-    } else {
-        block_scores(q, kv, scale, scores);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    block_scores(q, kv, scale, scores);
+    attend_scores(q, kv, scale, scores);
     scores.truncate(n);
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     for s in scores.iter_mut() {
@@ -792,6 +801,53 @@ mod tests {
                     lin.dtype_name()
                 );
             }
+        }
+    }
+
+    /// One query row against 16-slot key blocks: bitwise what candle computes for
+    /// `q.matmul(k.t())` (a decode step's attention scores), for head sizes that exercise
+    /// every stage of the order, on both the vector and the per-slot path.
+    #[test]
+    fn scores_match_candle_single_row_matmul_bitwise() {
+        use candle_core::{Device, Tensor};
+        let mut seed = 17;
+        for hd in [64, 72, 100, 128] {
+            let n = 2 * SLOTS; // 32 scores: candle's horizontal kernel (≤ 256 entries)
+            let q: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
+            let k: Vec<f32> = (0..n * hd).map(|_| lcg(&mut seed) * 4.0).collect();
+            let qt = Tensor::from_vec(q.clone(), (1, hd), &Device::Cpu).unwrap();
+            let kt = Tensor::from_vec(k.clone(), (n, hd), &Device::Cpu).unwrap();
+            let theirs: Vec<f32> = qt
+                .matmul(&kt.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            // Our cache layout: per block, keys dimension-major.
+            let blocks: Vec<Vec<f32>> = (0..2)
+                .map(|b| {
+                    let mut t = vec![0f32; hd * SLOTS];
+                    for s in 0..SLOTS {
+                        for i in 0..hd {
+                            t[i * SLOTS + s] = k[(b * SLOTS + s) * hd + i];
+                        }
+                    }
+                    t
+                })
+                .collect();
+            let keys: Vec<&[f32]> = blocks.iter().map(Vec::as_slice).collect();
+            let kv = KvBlocks {
+                keys: &keys,
+                values: &keys,
+                block_size: SLOTS,
+                len: n,
+            };
+            let mut ours = vec![0f32; n];
+            attend_scores(&q, kv, 1.0, &mut ours);
+            let per_slot: Vec<f32> = (0..n).map(|p| lane_dot(&q, |i| k[p * hd + i])).collect();
+            assert_eq!(ours, theirs, "head dim {hd}");
+            assert_eq!(per_slot, theirs, "head dim {hd}, per slot");
         }
     }
 
