@@ -74,7 +74,7 @@ fn quantize_row<B>(x: &[f32], out: &mut [B], make: &(impl Fn(f16, [i8; 32], i32)
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if *HAS_AVX512 {
+    if super::CPU.avx512 {
         // SAFETY: the CPU supports the enabled target features (checked at runtime).
         return unsafe { fast(x, out, make) };
     }
@@ -83,19 +83,6 @@ fn quantize_row<B>(x: &[f32], out: &mut [B], make: &(impl Fn(f16, [i8; 32], i32)
         *o = make(d, q, sum);
     }
 }
-
-static HAS_AVX512: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
 
 fn dwords(q: &[i8; 32]) -> [i32; 8] {
     std::array::from_fn(|k| {

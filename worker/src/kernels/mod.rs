@@ -24,6 +24,39 @@ use rayon::prelude::*;
 
 use tiles::TILE;
 
+/// CPU features the kernels pick their paths by, detected once. Every path of a kernel
+/// gives the same bits; only speed differs.
+pub(crate) struct Cpu {
+    /// FMA and AVX2.
+    pub fma: bool,
+    /// AVX-512 F, BW and VL (with FMA).
+    pub avx512: bool,
+    /// AVX-512 VNNI on top of `avx512`.
+    pub vnni: bool,
+}
+
+pub(crate) static CPU: std::sync::LazyLock<Cpu> = std::sync::LazyLock::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let fma = has!("fma") && has!("avx2");
+        let avx512 = fma && has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+        Cpu {
+            fma,
+            avx512,
+            vnni: avx512 && has!("avx512vnni"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Cpu {
+            fma: false,
+            avx512: false,
+            vnni: false,
+        }
+    }
+});
+
 /// Weights of one linear layer, `out_dim` rows of `in_dim` values, in storage format.
 #[derive(Debug, Clone)]
 pub enum WeightData {
@@ -501,23 +534,12 @@ pub struct KvBlocks<'a> {
 /// nor on anything outside this head.
 pub fn attend(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if *HAS_FMA {
+    if CPU.fma {
         // SAFETY: the CPU supports FMA and AVX2 (checked at runtime).
         return unsafe { attend_fma(q, kv, scale, scores, out) };
     }
     attend_impl(q, kv, scale, scores, out)
 }
-
-static HAS_FMA: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
@@ -587,7 +609,7 @@ fn lane_dots_16(q: &[f32], keys: &[f32]) -> [f32; SLOTS] {
 /// [`block_scores`] on the best path this CPU has.
 fn attend_scores(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if *HAS_AVX512 {
+    if CPU.avx512 {
         // SAFETY: the CPU supports AVX-512F and FMA (checked at runtime).
         return unsafe { block_scores_avx512(q, kv, scale, scores) };
     }
@@ -629,17 +651,6 @@ unsafe fn block_scores_avx512(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &
     }
 }
 
-static HAS_AVX512: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
-
 #[inline(always)]
 fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let (hd, bs, n) = (q.len(), kv.block_size, kv.len);
@@ -653,7 +664,7 @@ fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, o
     }
     let sum = sum_lanes(scores);
     #[cfg(target_arch = "x86_64")]
-    if hd == 64 && *HAS_AVX512 {
+    if hd == 64 && CPU.avx512 {
         // SAFETY: the CPU supports AVX-512F (checked at runtime).
         return unsafe { weighted_values_avx512::<4>(scores, sum, kv, out) };
     }

@@ -5,7 +5,6 @@
 //! activation rows sharing the unpacked weights, or the CPU path.
 
 use std::ops::Range;
-use std::sync::LazyLock;
 
 use super::act::Q81Rows;
 use super::tiles::{TILE, Tiles};
@@ -28,22 +27,13 @@ struct Q41 {
 const _: () = assert!(std::mem::size_of::<Q41>() == std::mem::size_of::<BlockQ4_1>());
 const _: () = assert!(std::mem::align_of::<Q41>() == std::mem::align_of::<BlockQ4_1>());
 
-static HAS_VNNI: LazyLock<bool> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
-
 /// Which implementation the matmul runs on this machine.
 pub fn kernel_name() -> &'static str {
-    if *HAS_VNNI { "avx512-vnni" } else { "portable" }
+    if super::CPU.vnni {
+        "avx512-vnni"
+    } else {
+        "portable"
+    }
 }
 
 /// Q4_1 weights in tiles: 16 bytes of nibbles and scales `(d, m)` per row block.
@@ -92,7 +82,7 @@ pub fn tile_dot(
         "tile_dot out of bounds; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]
-    if *HAS_VNNI {
+    if super::CPU.vnni {
         // SAFETY: the CPU supports the enabled target features (checked at runtime), and
         // every index the kernel forms is within the bounds asserted above.
         unsafe {
@@ -237,32 +227,22 @@ mod tests {
         BlockQ8_1::from_float(&x, &mut xq);
         let wp = tiles_from_blocks(&wq, out_dim);
         let ap = Q81Rows::quantize(&x, rows, n);
-        for blocks in [0..nb, 8..20] {
-            for t in 0..wp.tiles() {
-                for r0 in 0..rows {
-                    let take = (rows - r0).min(ROWS);
-                    let mut fast = vec![[0f32; TILE]; take];
-                    let mut slow = vec![[0f32; TILE]; take];
-                    tile_dot(&wp, t, blocks.clone(), &ap, r0, &mut fast);
-                    tile_portable(&wp, t, blocks.clone(), &ap, r0, &mut slow);
-                    for r in 0..take {
-                        for lane in 0..TILE {
-                            let o = t * TILE + lane;
-                            let (f, s) = (fast[r][lane], slow[r][lane]);
-                            assert_eq!(f.to_bits(), s.to_bits(), "{} o {o}", kernel_name());
-                            if o >= out_dim {
-                                assert_eq!(f, 0.0);
-                                continue;
-                            }
-                            let row = &wq[o * nb + blocks.start..o * nb + blocks.end];
-                            let act = &xq[(r0 + r) * nb + blocks.start..][..blocks.len()];
-                            let theirs = BlockQ4_1::vec_dot(blocks.len() * 32, row, act);
-                            assert_eq!(f.to_bits(), theirs.to_bits(), "o {o} row {}", r0 + r);
-                        }
-                    }
-                }
-            }
-        }
+        super::super::tiles::check::kernels_agree(
+            wp.tiles(),
+            out_dim,
+            rows,
+            ROWS,
+            &[0..nb, 8..20],
+            (
+                &|t, b, r0, out| tile_dot(&wp, t, b, &ap, r0, out),
+                &|t, b, r0, out| tile_portable(&wp, t, b, &ap, r0, out),
+            ),
+            &|o, r, b| {
+                let row = &wq[o * nb + b.start..o * nb + b.end];
+                let act = &xq[r * nb + b.start..][..b.len()];
+                (BlockQ4_1::vec_dot(b.len() * 32, row, act), true)
+            },
+        );
     }
 
     #[test]

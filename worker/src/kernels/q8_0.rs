@@ -12,7 +12,6 @@
 //! integer sum stays exact.
 
 use std::ops::Range;
-use std::sync::LazyLock;
 
 use candle_core::quantized::k_quants::BlockQ8_0;
 
@@ -42,18 +41,6 @@ fn view(xs: &[BlockQ8_0]) -> &[Q80] {
     unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<Q80>(), xs.len()) }
 }
 
-static HAS_VNNI: LazyLock<bool> = LazyLock::new(|| {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
-
 /// `out_dim` rows of whole blocks, row-major (the GGUF layout), as tiles.
 pub fn tiles_from_blocks(blocks: &[BlockQ8_0], out_dim: usize) -> Q80Tiles {
     let x = view(blocks);
@@ -76,7 +63,11 @@ pub fn dequantize_row(w: &Q80Tiles, o: usize, out: &mut [f32]) {
 
 /// Which implementation the matmul runs on this machine.
 pub fn kernel_name() -> &'static str {
-    if *HAS_VNNI { "avx512-vnni" } else { "portable" }
+    if super::CPU.vnni {
+        "avx512-vnni"
+    } else {
+        "portable"
+    }
 }
 
 /// Dot products of tile `tile`'s 16 rows with activation rows `r0..r0 + out.len()` over
@@ -98,7 +89,7 @@ pub fn tile_dot(
         "tile_dot out of bounds; this is a bug"
     );
     #[cfg(target_arch = "x86_64")]
-    if *HAS_VNNI {
+    if super::CPU.vnni {
         // SAFETY: the CPU supports the enabled target features (checked at runtime), and
         // every index the kernel forms is within the bounds asserted above.
         unsafe {
@@ -241,36 +232,23 @@ mod tests {
         let ap = Q80Rows::quantize(&x, rows, n);
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
-        for blocks in [0..nb, 4..11] {
-            for t in 0..wt.tiles() {
-                for r0 in 0..rows {
-                    let take = (rows - r0).min(ROWS);
-                    let mut fast = vec![[0f32; TILE]; take];
-                    let mut slow = vec![[0f32; TILE]; take];
-                    tile_dot(&wt, t, blocks.clone(), &ap, r0, &mut fast);
-                    tile_portable(&wt, t, blocks.clone(), &ap, r0, &mut slow);
-                    for r in 0..take {
-                        for lane in 0..TILE {
-                            let o = t * TILE + lane;
-                            let (f, s) = (fast[r][lane], slow[r][lane]);
-                            assert_eq!(f.to_bits(), s.to_bits(), "{} o {o}", kernel_name());
-                            if o >= out_dim {
-                                assert_eq!(f, 0.0);
-                                continue;
-                            }
-                            let row = &wq[o * nb + blocks.start..o * nb + blocks.end];
-                            let act = &xq[(r0 + r) * nb + blocks.start..][..blocks.len()];
-                            let theirs = BlockQ8_0::vec_dot(blocks.len() * 32, row, act);
-                            if avx2 {
-                                assert_eq!(f.to_bits(), theirs.to_bits(), "o {o} row {}", r0 + r);
-                            } else {
-                                assert!((f - theirs).abs() <= 1e-4 * theirs.abs().max(1.0));
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        // candle runs its AVX2 kernel (our order) where the CPU has it, scalar code else.
+        super::super::tiles::check::kernels_agree(
+            wt.tiles(),
+            out_dim,
+            rows,
+            ROWS,
+            &[0..nb, 4..11],
+            (
+                &|t, b, r0, out| tile_dot(&wt, t, b, &ap, r0, out),
+                &|t, b, r0, out| tile_portable(&wt, t, b, &ap, r0, out),
+            ),
+            &|o, r, b| {
+                let row = &wq[o * nb + b.start..o * nb + b.end];
+                let act = &xq[r * nb + b.start..][..b.len()];
+                (BlockQ8_0::vec_dot(b.len() * 32, row, act), avx2)
+            },
+        );
     }
 
     #[test]

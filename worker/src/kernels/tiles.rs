@@ -140,6 +140,58 @@ impl<const B: usize, const S: usize> Tiles<B, S> {
     }
 }
 
+/// The check every tile kernel's test runs.
+#[cfg(test)]
+pub(crate) mod check {
+    use super::TILE;
+    use std::ops::Range;
+
+    /// A tile kernel: `(tile, blocks, first activation row, out)`.
+    pub type Kernel<'a> = &'a dyn Fn(usize, Range<usize>, usize, &mut [[f32; TILE]]);
+
+    /// Runs `fast` and `slow` (the portable path) over every tile, starting row and block
+    /// range: they agree bitwise, padding lanes are zero, and real outputs equal
+    /// `reference(output, row, blocks)` bitwise when it says `exact`, within 1e-4 otherwise.
+    pub fn kernels_agree(
+        tiles: usize,
+        out_dim: usize,
+        rows: usize,
+        rows_per_call: usize,
+        ranges: &[Range<usize>],
+        (fast, slow): (Kernel<'_>, Kernel<'_>),
+        reference: &dyn Fn(usize, usize, Range<usize>) -> (f32, bool),
+    ) {
+        for blocks in ranges {
+            for t in 0..tiles {
+                for r0 in 0..rows {
+                    let take = (rows - r0).min(rows_per_call);
+                    let mut f = vec![[0f32; TILE]; take];
+                    let mut s = vec![[0f32; TILE]; take];
+                    fast(t, blocks.clone(), r0, &mut f);
+                    slow(t, blocks.clone(), r0, &mut s);
+                    for r in 0..take {
+                        for lane in 0..TILE {
+                            let o = t * TILE + lane;
+                            let (f, s) = (f[r][lane], s[r][lane]);
+                            assert_eq!(f.to_bits(), s.to_bits(), "fast vs portable, o {o}");
+                            if o >= out_dim {
+                                assert_eq!(f, 0.0, "padding lane {o}");
+                                continue;
+                            }
+                            let (theirs, exact) = reference(o, r0 + r, blocks.clone());
+                            if exact {
+                                assert_eq!(f.to_bits(), theirs.to_bits(), "o {o} row {}", r0 + r);
+                            } else {
+                                assert!((f - theirs).abs() <= 1e-4 * theirs.abs().max(1.0));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
