@@ -246,7 +246,7 @@ impl BlockManager {
 
     fn release_block(&mut self, b: BlockId) {
         let rc = &mut self.refcount[b as usize];
-        assert!(*rc > 0, "double free of block {b}");
+        assert!(*rc > 0, "double free of block {b}; this is a bug");
         *rc = rc.saturating_sub(1);
         if *rc == 0 {
             if self.block_hash[b as usize].is_some() {
