@@ -21,7 +21,24 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `shardline up` on the default model with `extra` flags and waits (up to
     /// two minutes: the first start compiles nothing but loads the model) until ready.
+    /// Ports are picked free just before the start, so another test can take one in
+    /// between; a start that fails on "Address already in use" is retried on new ports.
     pub fn start(bin: &Path, extra: &[&str]) -> Cluster {
+        const ATTEMPTS: usize = 4;
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_start(bin, extra) {
+                Ok(cluster) => return cluster,
+                Err(out) if attempt < ATTEMPTS && out.contains("Address already in use") => {
+                    eprintln!("shardline up lost a port race (attempt {attempt}); retrying");
+                }
+                Err(out) => panic!("shardline up exited before it was ready:\n{out}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// One start; `Err(output)` if the process exits before it is ready.
+    fn try_start(bin: &Path, extra: &[&str]) -> Result<Cluster, String> {
         let (http, grpc, worker) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(bin);
         cmd.arg("up")
@@ -35,22 +52,28 @@ impl Cluster {
         let mut proc = Proc::spawn("shardline-up", cmd);
         let http = format!("http://127.0.0.1:{http}");
         let health = format!("{http}/health");
+        let mut exited = false;
         let ready = wait_until(Duration::from_secs(120), || {
-            proc.assert_running();
-            let ok = http_get_status(&health) == Some(200);
-            ok.then_some(())
+            if proc.try_exit_code().is_some() {
+                exited = true;
+                return Some(());
+            }
+            (http_get_status(&health) == Some(200)).then_some(())
         });
+        if exited {
+            return Err(proc.output());
+        }
         assert!(
             ready.is_some(),
             "shardline up never became ready:\n{}",
             proc.output()
         );
-        Cluster {
+        Ok(Cluster {
             proc,
             http,
             grpc: format!("http://127.0.0.1:{grpc}"),
             worker: format!("http://127.0.0.1:{worker}"),
-        }
+        })
     }
 }
 
