@@ -229,13 +229,7 @@ unsafe fn weighted_values_avx512<const C: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
+    use crate::kernels::test_rand;
 
     /// One query row against 16-slot key blocks: bitwise what candle computes for
     /// `q.matmul(k.t())` (a decode step's attention scores), for head sizes that exercise
@@ -246,8 +240,8 @@ mod tests {
         let mut seed = 17;
         for hd in [64, 72, 100, 128] {
             let n = 2 * SLOTS; // 32 scores: candle's horizontal kernel (≤ 256 entries)
-            let q: Vec<f32> = (0..hd).map(|_| lcg(&mut seed)).collect();
-            let k: Vec<f32> = (0..n * hd).map(|_| lcg(&mut seed) * 4.0).collect();
+            let q: Vec<f32> = (0..hd).map(|_| test_rand(&mut seed)).collect();
+            let k: Vec<f32> = (0..n * hd).map(|_| test_rand(&mut seed) * 4.0).collect();
             let qt = Tensor::from_vec(q.clone(), (1, hd), &Device::Cpu).unwrap();
             let kt = Tensor::from_vec(k.clone(), (n, hd), &Device::Cpu).unwrap();
             let theirs: Vec<f32> = qt

@@ -557,23 +557,25 @@ pub fn silu_mul(gu: &[f32], ffn: usize) -> Vec<f32> {
     })
 }
 
+/// A deterministic value in [-0.5, 0.5) for kernel tests.
+#[cfg(test)]
+pub(crate) fn test_rand(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
 
     #[test]
     fn matmul_rows_are_independent_of_batch() {
         let mut s = 7;
         let (out, inn) = (70, 96);
-        let w: Vec<f32> = (0..out * inn).map(|_| lcg(&mut s)).collect();
-        let x: Vec<f32> = (0..5 * inn).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..out * inn).map(|_| test_rand(&mut s)).collect();
+        let x: Vec<f32> = (0..5 * inn).map(|_| test_rand(&mut s)).collect();
         let mut q = vec![BlockQ8_0::zeros(); out * inn / 32];
         BlockQ8_0::from_float(&w, &mut q);
         for lin in [

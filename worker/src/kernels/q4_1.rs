@@ -203,15 +203,9 @@ fn view(xs: &[BlockQ4_1]) -> &[Q41] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_rand;
     use candle_core::quantized::GgmlType;
     use candle_core::quantized::k_quants::BlockQ8_1;
-
-    fn rand(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
 
     /// 37 rows (two full tiles and a padded one) × 26 blocks, 5 activation rows.
     #[test]
@@ -219,15 +213,15 @@ mod tests {
         let (out_dim, nb, rows) = (37, 26, 5);
         let n = nb * 32;
         let mut seed = 3u64;
-        let w: Vec<f32> = (0..out_dim * n).map(|_| rand(&mut seed)).collect();
-        let x: Vec<f32> = (0..rows * n).map(|_| rand(&mut seed) * 3.0).collect();
+        let w: Vec<f32> = (0..out_dim * n).map(|_| test_rand(&mut seed)).collect();
+        let x: Vec<f32> = (0..rows * n).map(|_| test_rand(&mut seed) * 3.0).collect();
         let mut wq = vec![BlockQ4_1::zeros(); out_dim * nb];
         BlockQ4_1::from_float(&w, &mut wq);
         let mut xq = vec![BlockQ8_1::zeros(); rows * nb];
         BlockQ8_1::from_float(&x, &mut xq);
         let wp = tiles_from_blocks(&wq, out_dim);
         let ap = Q81Rows::quantize(&x, rows, n);
-        super::super::tiles::check::kernels_agree(
+        crate::kernels::tiles::check::kernels_agree(
             wp.tiles(),
             out_dim,
             rows,
@@ -249,7 +243,9 @@ mod tests {
     fn rows_dequantize_as_candle_does() {
         let (out_dim, nb) = (21, 3);
         let mut seed = 9u64;
-        let w: Vec<f32> = (0..out_dim * nb * 32).map(|_| rand(&mut seed)).collect();
+        let w: Vec<f32> = (0..out_dim * nb * 32)
+            .map(|_| test_rand(&mut seed))
+            .collect();
         let mut wq = vec![BlockQ4_1::zeros(); out_dim * nb];
         BlockQ4_1::from_float(&w, &mut wq);
         let t = tiles_from_blocks(&wq, out_dim);

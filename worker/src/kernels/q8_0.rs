@@ -207,14 +207,8 @@ unsafe fn tile_vnni<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_rand;
     use candle_core::quantized::GgmlType;
-
-    fn rand(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
 
     /// 37 rows (two full tiles and a padded one) × 18 blocks, 3 activation rows.
     #[test]
@@ -222,8 +216,8 @@ mod tests {
         let (out_dim, nb, rows) = (37, 18, 3);
         let n = nb * 32;
         let mut seed = 5u64;
-        let w: Vec<f32> = (0..out_dim * n).map(|_| rand(&mut seed)).collect();
-        let x: Vec<f32> = (0..rows * n).map(|_| rand(&mut seed) * 3.0).collect();
+        let w: Vec<f32> = (0..out_dim * n).map(|_| test_rand(&mut seed)).collect();
+        let x: Vec<f32> = (0..rows * n).map(|_| test_rand(&mut seed) * 3.0).collect();
         let mut wq = vec![BlockQ8_0::zeros(); out_dim * nb];
         BlockQ8_0::from_float(&w, &mut wq);
         let mut xq = vec![BlockQ8_0::zeros(); rows * nb];
@@ -233,7 +227,7 @@ mod tests {
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
         // candle runs its AVX2 kernel (our order) where the CPU has it, scalar code else.
-        super::super::tiles::check::kernels_agree(
+        crate::kernels::tiles::check::kernels_agree(
             wt.tiles(),
             out_dim,
             rows,
@@ -255,7 +249,9 @@ mod tests {
     fn rows_dequantize_as_candle_does() {
         let (out_dim, nb) = (19, 2);
         let mut seed = 1u64;
-        let w: Vec<f32> = (0..out_dim * nb * 32).map(|_| rand(&mut seed)).collect();
+        let w: Vec<f32> = (0..out_dim * nb * 32)
+            .map(|_| test_rand(&mut seed))
+            .collect();
         let mut wq = vec![BlockQ8_0::zeros(); out_dim * nb];
         BlockQ8_0::from_float(&w, &mut wq);
         let t = tiles_from_blocks(&wq, out_dim);
