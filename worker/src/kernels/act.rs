@@ -99,33 +99,31 @@ fn values(dw: &[i32; 8]) -> [i8; 32] {
     std::array::from_fn(|j| dw[j / 4].to_le_bytes()[j % 4] as i8)
 }
 
-/// A Q8_1 block: values as 8 dwords, `d` and `s = d · Σ values` (both rounded through
-/// f16, as ggml), widened to f32.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Q81Block {
-    pub qs: [i32; 8],
-    pub d: f32,
-    pub s: f32,
+/// One activation block as the kernels read it: its 32 values as 8 little-endian dwords,
+/// plus format-specific scales.
+pub trait ActBlock: Clone + Default + Send {
+    fn dwords(&self) -> &[i32; 8];
 }
 
-/// Rows of Q8_1 blocks (for Q4_1 weights).
+/// Rows of activation blocks, `nb` blocks a row.
 #[derive(Debug, Clone, Default)]
-pub struct Q81Rows {
+pub struct Rows<B> {
     pub nb: usize,
-    pub blocks: Vec<Q81Block>,
+    pub blocks: Vec<B>,
 }
 
-impl Q81Rows {
-    /// `rows` rows of `in_dim` values (a multiple of 32).
-    pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
-        let blocks = quantize_rows(x, rows, in_dim, |d, q, sum| Q81Block {
-            qs: dwords(&q),
-            d: d.to_f32(),
-            s: (f16::from_f32(sum as f32) * d).to_f32(),
-        });
-        Q81Rows {
+impl<B: ActBlock> Rows<B> {
+    /// `rows` rows of `in_dim` values (a multiple of 32), each block built by
+    /// `make(d, values, Σ values)`.
+    fn quantize_with(
+        x: &[f32],
+        rows: usize,
+        in_dim: usize,
+        make: impl Fn(f16, [i8; 32], i32) -> B + Sync,
+    ) -> Self {
+        Rows {
             nb: in_dim / 32,
-            blocks,
+            blocks: quantize_rows(x, rows, in_dim, make),
         }
     }
 
@@ -135,7 +133,36 @@ impl Q81Rows {
 
     /// The 32 values of block `ab`.
     pub fn values(&self, ab: usize) -> [i8; 32] {
-        values(&self.blocks[ab].qs)
+        values(self.blocks[ab].dwords())
+    }
+}
+
+/// A Q8_1 block: values as 8 dwords, `d` and `s = d · Σ values` (both rounded through
+/// f16, as ggml), widened to f32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Q81Block {
+    pub qs: [i32; 8],
+    pub d: f32,
+    pub s: f32,
+}
+
+impl ActBlock for Q81Block {
+    fn dwords(&self) -> &[i32; 8] {
+        &self.qs
+    }
+}
+
+/// Rows of Q8_1 blocks (for Q4_1 weights).
+pub type Q81Rows = Rows<Q81Block>;
+
+impl Q81Rows {
+    /// `rows` rows of `in_dim` values (a multiple of 32).
+    pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
+        Self::quantize_with(x, rows, in_dim, |d, q, sum| Q81Block {
+            qs: dwords(&q),
+            d: d.to_f32(),
+            s: (f16::from_f32(sum as f32) * d).to_f32(),
+        })
     }
 }
 
@@ -148,36 +175,25 @@ pub struct Q80Block {
     pub d: f32,
 }
 
-/// Rows of Q8_0 blocks (for Q8_0 weights).
-#[derive(Debug, Clone, Default)]
-pub struct Q80Rows {
-    pub nb: usize,
-    pub blocks: Vec<Q80Block>,
+impl ActBlock for Q80Block {
+    fn dwords(&self) -> &[i32; 8] {
+        &self.qs
+    }
 }
+
+/// Rows of Q8_0 blocks (for Q8_0 weights).
+pub type Q80Rows = Rows<Q80Block>;
 
 impl Q80Rows {
     /// `rows` rows of `in_dim` values (a multiple of 32).
     pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
-        let blocks = quantize_rows(x, rows, in_dim, |d, q, _| Q80Block {
+        Self::quantize_with(x, rows, in_dim, |d, q, _| Q80Block {
             qs: dwords(&q),
             corr: std::array::from_fn(|l| {
                 128 * q[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum::<i32>()
             }),
             d: d.to_f32(),
-        });
-        Q80Rows {
-            nb: in_dim / 32,
-            blocks,
-        }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.blocks.len().checked_div(self.nb).unwrap_or(0)
-    }
-
-    /// The 32 values of block `ab`.
-    pub fn values(&self, ab: usize) -> [i8; 32] {
-        values(&self.blocks[ab].qs)
+        })
     }
 }
 
