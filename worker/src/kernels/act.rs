@@ -4,7 +4,6 @@
 //! broadcasts with one aligned load.
 
 use half::f16;
-use rayon::prelude::*;
 
 /// One block of 32 values quantized as ggml does: `d = amax / 127`, values
 /// `round(x / d)` (half away from zero). Returns `(d as f16, values, Σ values)`.
@@ -37,10 +36,6 @@ fn quantize_block(x: &[f32]) -> (f16, [i8; 32], i32) {
     (f16::from_f32(d), q, sum)
 }
 
-/// Row counts from which quantization splits rows over the thread pool (below it, the
-/// fork-join costs more than the work).
-const PAR_ROWS: usize = 8;
-
 /// Quantizes `rows × in_dim` values block by block into `make(d, values, Σ values)`, rows
 /// in parallel when there are many.
 fn quantize_rows<B: Clone + Default + Send>(
@@ -49,20 +44,12 @@ fn quantize_rows<B: Clone + Default + Send>(
     in_dim: usize,
     make: impl Fn(f16, [i8; 32], i32) -> B + Sync,
 ) -> Vec<B> {
-    let nb = in_dim / 32;
-    let mut out = vec![B::default(); rows * nb];
-    let x = &x[..rows * in_dim];
-    if rows >= PAR_ROWS {
-        out.par_chunks_mut(nb)
-            .zip(x.par_chunks(in_dim))
-            .for_each(|(out, x)| quantize_row(x, out, &make));
-    } else {
-        quantize_row(x, &mut out, &make);
-    }
-    out
+    super::per_row(&x[..rows * in_dim], in_dim, in_dim / 32, |x, out| {
+        quantize_row(x, out, &make)
+    })
 }
 
-/// One row (or several back to back), in a function compiled for AVX-512 where the CPU
+/// One row, in a function compiled for AVX-512 where the CPU
 /// has it (so `round` and the max vectorise); same bits either way.
 fn quantize_row<B>(x: &[f32], out: &mut [B], make: &(impl Fn(f16, [i8; 32], i32) -> B + Sync)) {
     #[cfg(target_arch = "x86_64")]

@@ -494,18 +494,20 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
-/// Rows from which the elementwise ops split rows over the thread pool.
+/// Rows from which the per-row ops split rows over the thread pool (below it, the
+/// fork-join costs more than the work).
 const PAR_ROWS: usize = 8;
 
-/// Runs `f(input_row, output_row)` over rows, in parallel when there are many.
-fn per_row(
+/// Runs `f(input_row, output_row)` over rows of `in_len` inputs and `out_len` outputs, in
+/// parallel when there are many.
+pub(crate) fn per_row<T: Clone + Default + Send>(
     x: &[f32],
     in_len: usize,
     out_len: usize,
-    f: impl Fn(&[f32], &mut [f32]) + Sync,
-) -> Vec<f32> {
+    f: impl Fn(&[f32], &mut [T]) + Sync,
+) -> Vec<T> {
     let rows = x.len() / in_len;
-    let mut y = vec![0f32; rows * out_len];
+    let mut y = vec![T::default(); rows * out_len];
     if rows >= PAR_ROWS {
         y.par_chunks_mut(out_len)
             .zip(x.par_chunks(in_len))
