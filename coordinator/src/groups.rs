@@ -5,7 +5,7 @@
 //! another group (migration) and reconnect.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -85,6 +85,8 @@ struct Inner {
     ready: RwLock<HashMap<String, Group>>,
     ready_tx: watch::Sender<usize>,
     affinity: Mutex<Affinity>,
+    /// Bumped per routed request: rotates the router's last tie-break.
+    turn: AtomicUsize,
     /// Addresses of groups that take no new requests (membership says DRAINING).
     draining: Mutex<std::collections::HashSet<String>>,
     shutdown: CancellationToken,
@@ -107,6 +109,7 @@ impl GroupSet {
                 ready: RwLock::default(),
                 ready_tx,
                 affinity: Mutex::default(),
+                turn: AtomicUsize::new(0),
                 draining: Mutex::default(),
                 shutdown,
             }),
@@ -268,17 +271,21 @@ impl GroupSet {
             .draining
             .lock()
             .expect("lock poisoned; this is a bug");
-        let groups: Vec<&Group> = ready
+        let mut groups: Vec<&Group> = ready
             .values()
             .filter(|g| !draining.contains(&g.key))
             .collect();
         drop(draining);
+        // A stable order, so that taking turns visits every group.
+        groups.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let candidates: Vec<Candidate> = groups
             .iter()
             .map(|g| Candidate {
                 key: g.key.clone(),
                 free: g.handle.load.free_capacity(),
                 total: g.info.total_blocks as i64,
+                active: g.handle.load.waiting.load(Ordering::Relaxed)
+                    + g.handle.load.running.load(Ordering::Relaxed),
             })
             .collect();
         let block_size = groups.first()?.info.block_size;
@@ -288,7 +295,8 @@ impl GroupSet {
             .affinity
             .lock()
             .expect("lock poisoned; this is a bug");
-        let chosen = router::pick(&candidates, affinity.get(hash))?;
+        let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
+        let chosen = router::pick(&candidates, affinity.get(hash), turn)?;
         affinity.record(hash, &groups[chosen].key);
         Some(groups[chosen].clone())
     }

@@ -1,7 +1,10 @@
 //! Routing a request to a group: the group with the most free KV capacity (blocks not
-//! reserved by its running batch nor wanted by its queue), with prefix affinity as the
-//! tie-breaker: a group that recently got a request with the same first prompt block
-//! probably holds those blocks in its prefix cache.
+//! reserved by its running batch nor wanted by its queue). Groups within 1/16 of the best
+//! count as tied. Among tied groups prefix affinity wins (a group that recently got a
+//! request with the same first prompt block probably holds those blocks in its prefix
+//! cache), else the one with the fewest requests, else the next in turn: idle groups
+//! take turns, so a group that just joined gets work at once even when the others are
+//! idle too.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -13,6 +16,8 @@ pub struct Candidate {
     /// Free capacity in blocks (may be negative when the queue wants more than exists).
     pub free: i64,
     pub total: i64,
+    /// Requests queued or running there.
+    pub active: i64,
 }
 
 /// Hash of the prompt's first block: the affinity key.
@@ -44,19 +49,22 @@ impl Affinity {
     }
 }
 
-/// Index of the chosen candidate. Groups within 1/16 of the best free capacity count as
-/// tied; among them the affinity group wins, else the freest.
-pub fn pick(candidates: &[Candidate], affinity: Option<&str>) -> Option<usize> {
-    let best = candidates.iter().enumerate().max_by_key(|(_, c)| c.free)?;
+/// Index of the chosen candidate: see the module doc. `turn` rotates the last tie-break
+/// (a counter the caller bumps per request); `candidates` come in a stable order.
+pub fn pick(candidates: &[Candidate], affinity: Option<&str>, turn: usize) -> Option<usize> {
+    let best = candidates.iter().map(|c| c.free).max()?;
+    let slack = |c: &Candidate| (c.total / 16).max(1);
+    let tied = |c: &Candidate| c.free >= best - slack(c);
     if let Some(key) = affinity
-        && let Some((i, c)) = candidates.iter().enumerate().find(|(_, c)| c.key == key)
+        && let Some(i) = candidates.iter().position(|c| c.key == key && tied(c))
     {
-        let slack = (best.1.total / 16).max(1);
-        if c.free >= best.1.free - slack {
-            return Some(i);
-        }
+        return Some(i);
     }
-    Some(best.0)
+    let n = candidates.len();
+    (0..n)
+        .map(|k| (turn + k) % n)
+        .filter(|&i| tied(&candidates[i]))
+        .min_by_key(|&i| candidates[i].active)
 }
 
 #[cfg(test)]
@@ -64,23 +72,49 @@ mod tests {
     use super::*;
 
     fn c(key: &str, free: i64) -> Candidate {
+        busy(key, free, 0)
+    }
+
+    fn busy(key: &str, free: i64, active: i64) -> Candidate {
         Candidate {
             key: key.into(),
             free,
             total: 160,
+            active,
         }
     }
 
     #[test]
     fn most_free_capacity_wins() {
-        assert_eq!(pick(&[c("a", 10), c("b", 50)], None), Some(1));
-        assert_eq!(pick(&[], None), None);
+        for turn in 0..4 {
+            assert_eq!(pick(&[c("a", 10), c("b", 50)], None, turn), Some(1));
+        }
+        assert_eq!(pick(&[], None, 0), None);
     }
 
     #[test]
     fn affinity_breaks_near_ties_only() {
-        assert_eq!(pick(&[c("a", 45), c("b", 50)], Some("a")), Some(0));
-        assert_eq!(pick(&[c("a", 10), c("b", 50)], Some("a")), Some(1));
+        for turn in 0..4 {
+            assert_eq!(pick(&[c("a", 45), c("b", 50)], Some("a"), turn), Some(0));
+            assert_eq!(pick(&[c("a", 10), c("b", 50)], Some("a"), turn), Some(1));
+        }
+    }
+
+    #[test]
+    fn near_ties_go_to_the_least_busy_group() {
+        for turn in 0..4 {
+            let groups = [busy("a", 50, 3), busy("b", 46, 1), busy("c", 50, 2)];
+            assert_eq!(pick(&groups, None, turn), Some(1));
+        }
+    }
+
+    /// An idle cluster spreads requests: a group that just joined next to an idle one
+    /// gets every other request instead of waiting for the first to be busy.
+    #[test]
+    fn idle_groups_take_turns() {
+        let groups = [c("a", 160), c("b", 160)];
+        let picks: Vec<_> = (0..4).map(|t| pick(&groups, None, t).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
     }
 
     #[test]
