@@ -159,17 +159,16 @@ pub async fn run_bench(
             progress: !args.no_progress,
         };
         let scrape_stop = CancellationToken::new();
-        let scraper = args.scrape_metrics.then(|| {
-            let url = args
-                .metrics_url
-                .clone()
-                .unwrap_or_else(|| format!("{}/metrics", root_url(&args.base_url)));
-            tokio::spawn(scrape::sample(
-                url,
-                Duration::from_secs(1),
-                scrape_stop.clone(),
-            ))
-        });
+        let scraper = match args.scrape_metrics {
+            true => {
+                let url = args
+                    .metrics_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{}/metrics", root_url(&args.base_url)));
+                Some(scrape::start(url, Duration::from_secs(1), scrape_stop.clone()).await)
+            }
+            false => None,
+        };
         let records = runner::run_point(
             client.clone(),
             http.clone(),

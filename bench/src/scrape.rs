@@ -153,13 +153,30 @@ fn mean_series(text: &str, name: &str) -> Option<f64> {
     sum_series(text, name).map(|s| s / n.max(1) as f64)
 }
 
-/// Sample `url` every `every` until `stop` fires; then summarise.
-pub async fn sample(url: String, every: Duration, stop: CancellationToken) -> ServerStats {
+/// Takes the run's baseline sample now, before the load starts (histograms are
+/// differenced against it, so it must not race the first requests), then samples `url`
+/// every `every` in a task until `stop` fires; the task's result summarises the run.
+pub async fn start(
+    url: String,
+    every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<ServerStats> {
     let http = reqwest::Client::new();
-    let get = |http: reqwest::Client, url: String| async move {
-        http.get(url).send().await.ok()?.text().await.ok()
-    };
-    let first = get(http.clone(), url.clone()).await;
+    let first = fetch(&http, &url).await;
+    tokio::spawn(sample(http, url, first, every, stop))
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> Option<String> {
+    http.get(url).send().await.ok()?.text().await.ok()
+}
+
+async fn sample(
+    http: reqwest::Client,
+    url: String,
+    first: Option<String>,
+    every: Duration,
+    stop: CancellationToken,
+) -> ServerStats {
     let (mut batch, mut kv, mut running) = (vec![], vec![], vec![]);
     let mut last = first.clone();
     loop {
@@ -167,7 +184,7 @@ pub async fn sample(url: String, every: Duration, stop: CancellationToken) -> Se
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Some(text) = get(http.clone(), url.clone()).await {
+        if let Some(text) = fetch(&http, &url).await {
             batch.extend(mean_series(&text, BATCH_SIZE));
             kv.extend(mean_series(&text, KV_USAGE));
             running.extend(sum_series(&text, RUNNING));
@@ -175,7 +192,7 @@ pub async fn sample(url: String, every: Duration, stop: CancellationToken) -> Se
         }
     }
     // One last sample at the end, so even a run shorter than `every` has one.
-    if let Some(text) = get(http, url).await {
+    if let Some(text) = fetch(&http, &url).await {
         batch.extend(mean_series(&text, BATCH_SIZE));
         kv.extend(mean_series(&text, KV_USAGE));
         running.extend(sum_series(&text, RUNNING));
