@@ -7,6 +7,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+# etcd-client's protos import protobuf's well-known types (descriptor.proto, struct.proto),
+# which Debian ships in libprotobuf-dev, only a recommendation of protobuf-compiler.
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || need_apt+=(libprotobuf-dev)
 if [[ ${SHARDLINE_SETUP_MINIMAL:-0} != 1 ]]; then
   command -v etcd >/dev/null || need_apt+=(etcd-server)
   command -v etcdctl >/dev/null || need_apt+=(etcd-client)

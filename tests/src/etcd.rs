@@ -2,7 +2,7 @@
 //! temporary data dir, stopped by pid and restartable on the same ports and data.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,12 +37,26 @@ impl EtcdServer {
             .expect("cannot create a temp dir for etcd");
         let mut server = Self {
             child: None,
-            client: free_port(),
-            peer: free_port(),
+            client: free_addr(),
+            peer: free_addr(),
             dir,
         };
-        server.spawn().await;
-        server
+        // Ports are picked free just before the start, so another test can take one in
+        // between: a start that fails on "address already in use" retries on new ports.
+        const ATTEMPTS: usize = 4;
+        for attempt in 1..=ATTEMPTS {
+            match server.spawn().await {
+                Ok(()) => return server,
+                Err(log) if attempt < ATTEMPTS && log.contains("address already in use") => {
+                    eprintln!("etcd lost a port race (attempt {attempt}); retrying");
+                    server.client = free_addr();
+                    server.peer = free_addr();
+                    let _ = std::fs::remove_dir_all(server.dir.path().join("data"));
+                }
+                Err(log) => panic!("etcd exited before answering:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
@@ -67,7 +81,9 @@ impl EtcdServer {
     /// answers. Stops it first if it runs.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.spawn().await;
+        if let Err(log) = self.spawn().await {
+            panic!("etcd exited before answering after a restart:\n{log}");
+        }
     }
 
     /// Runs `etcdctl --endpoints <endpoint> <args>` and returns its stdout; panics with
@@ -94,7 +110,8 @@ impl EtcdServer {
         self.dir.path().join("etcd.log")
     }
 
-    async fn spawn(&mut self) {
+    /// Starts etcd and waits until it answers; `Err(log tail)` if it exits first.
+    async fn spawn(&mut self) -> Result<(), String> {
         let data = self.dir.path().join("data");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -117,22 +134,20 @@ impl EtcdServer {
             .spawn()
             .expect("cannot start etcd");
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready().await
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if healthy(self.client) {
-                return;
+                return Ok(());
             }
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!(
-                    "etcd exited with {status} before answering:\n{}",
-                    log_tail(&self.log_path())
-                );
+                self.child = None;
+                return Err(format!("{status}:\n{}", log_tail(&self.log_path())));
             }
             if Instant::now() > deadline {
                 panic!(
@@ -155,11 +170,9 @@ impl Drop for EtcdServer {
     }
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("cannot bind 127.0.0.1:0")
+/// A loopback address nobody listens on right now.
+fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], crate::free_port()))
 }
 
 /// etcd answers `GET /health` on its client port with `{"health":"true"}` once it serves.
