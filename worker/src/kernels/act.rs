@@ -49,25 +49,73 @@ fn quantize_rows<B: Clone + Default + Send>(
     })
 }
 
-/// One row, in a function compiled for AVX-512 where the CPU
-/// has it (so `round` and the max vectorise); same bits either way.
+/// One row, on AVX-512 where the CPU has it; same bits either way.
 fn quantize_row<B>(x: &[f32], out: &mut [B], make: &(impl Fn(f16, [i8; 32], i32) -> B + Sync)) {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn fast<B>(x: &[f32], out: &mut [B], make: &dyn Fn(f16, [i8; 32], i32) -> B) {
-        for (b, o) in x.chunks_exact(32).zip(out) {
-            let (d, q, sum) = quantize_block(b);
-            *o = make(d, q, sum);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
     if super::CPU.avx512 {
-        // SAFETY: the CPU supports the enabled target features (checked at runtime).
-        return unsafe { fast(x, out, make) };
+        // SAFETY: the CPU supports AVX-512 F/BW/VL (checked at runtime).
+        return unsafe { quantize_row_avx512(x, out, make) };
     }
     for (b, o) in x.chunks_exact(32).zip(out) {
         let (d, q, sum) = quantize_block(b);
         *o = make(d, q, sum);
+    }
+}
+
+/// [`quantize_row`] with [`quantize_block`] in AVX-512 registers.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row_avx512<B>(
+    x: &[f32],
+    out: &mut [B],
+    make: &impl Fn(f16, [i8; 32], i32) -> B,
+) {
+    use std::arch::x86_64::*;
+    let abs = |v: __m512| {
+        _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_castps_si512(v),
+            _mm512_set1_epi32(0x7FFF_FFFF),
+        ))
+    };
+    for (b, o) in x.chunks_exact(32).zip(out) {
+        // SAFETY: `b` holds 32 floats.
+        let v = unsafe {
+            [
+                _mm512_loadu_ps(b.as_ptr()),
+                _mm512_loadu_ps(b.as_ptr().add(16)),
+            ]
+        };
+        // `max_ps(a, m)` returns `m` when `a` is NaN: NaN is skipped, as `f32::max` does.
+        let m = _mm512_max_ps(abs(v[1]), _mm512_max_ps(abs(v[0]), _mm512_setzero_ps()));
+        let d = _mm512_reduce_max_ps(m) / 127.0;
+        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let mut q = [0i8; 32];
+        let mut sum = _mm512_setzero_si512();
+        for (h, v) in v.into_iter().enumerate() {
+            // `round` (half away from zero), exactly: truncate, then step away from zero
+            // where the dropped fraction is at least one half.
+            let y = _mm512_mul_ps(v, id);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let up =
+                _mm512_cmp_ps_mask::<_CMP_GE_OQ>(abs(_mm512_sub_ps(y, t)), _mm512_set1_ps(0.5));
+            let sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(i32::MIN));
+            let step = _mm512_castsi512_ps(_mm512_or_si512(
+                sign,
+                _mm512_castps_si512(_mm512_set1_ps(1.0)),
+            ));
+            // NaN lanes become 0, as `NaN as i8` does.
+            let r = _mm512_maskz_cvtps_epi32(
+                _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y),
+                _mm512_mask_add_ps(t, up, t, step),
+            );
+            sum = _mm512_add_epi32(sum, r);
+            // SAFETY: 16 bytes at `16 h` of `q`.
+            unsafe { _mm_storeu_si128(q.as_mut_ptr().add(16 * h).cast(), _mm512_cvtepi32_epi8(r)) };
+        }
+        *o = make(f16::from_f32(d), q, _mm512_reduce_add_epi32(sum));
     }
 }
 
@@ -190,25 +238,46 @@ mod tests {
     use candle_core::quantized::GgmlType;
     use candle_core::quantized::k_quants::{BlockQ8_0, BlockQ8_1};
 
-    /// Values around rounding ties, zeros (d = 0), and a wide range of magnitudes.
+    /// Values around rounding ties, exact ties (d = 1, values `k + 0.5`), zeros (d = 0),
+    /// NaN and infinity, and a wide range of magnitudes.
     fn inputs() -> Vec<f32> {
         let mut seed = 11u64;
         let mut v = Vec::new();
-        for b in 0..40 {
+        for b in 0..48 {
             for j in 0..32 {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 let r = ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5;
-                v.push(match b % 4 {
-                    0 => r * 10f32.powi(b / 4 - 5),
-                    1 => (j as f32 - 16.0) * 0.5 * 127.0 / 16.0,
-                    2 => 0.0,
+                v.push(match (b % 6, j) {
+                    (0, _) => r * 10f32.powi(b / 6 - 4),
+                    (1, _) => (j as f32 - 16.0) * 0.5 * 127.0 / 16.0,
+                    (2, _) => 0.0,
+                    (3, 0) => 127.0,
+                    (3, _) => j as f32 - 16.5,
+                    (4, 3) => f32::NAN,
+                    (4, 7) if b % 12 == 4 => f32::INFINITY,
                     _ => r * 1e3,
                 });
             }
         }
         v
+    }
+
+    /// The vector path (where the CPU has it) and the portable one give the same bits.
+    #[test]
+    fn every_path_quantizes_alike() {
+        let x = inputs();
+        let mut fast = vec![(f16::ZERO, [0i8; 32], 0); x.len() / 32];
+        quantize_row(&x, &mut fast, &|d, q, s| (d, q, s));
+        for (b, got) in x.chunks_exact(32).zip(&fast) {
+            let want = quantize_block(b);
+            assert_eq!(
+                (got.0.to_bits(), got.1, got.2),
+                (want.0.to_bits(), want.1, want.2),
+                "{b:?}"
+            );
+        }
     }
 
     fn bytes_of<T>(v: &[T]) -> &[u8] {
@@ -236,12 +305,12 @@ mod tests {
             let b0 = &bytes_of(&c0)[b * 34..(b + 1) * 34];
             let f = |x: &[u8]| f16::from_le_bytes([x[0], x[1]]).to_f32();
             assert_eq!(
-                (q1.blocks[b].d, q1.blocks[b].s),
-                (f(&b1[0..2]), f(&b1[2..4])),
+                (q1.blocks[b].d.to_bits(), q1.blocks[b].s.to_bits()),
+                (f(&b1[0..2]).to_bits(), f(&b1[2..4]).to_bits()),
                 "block {b}"
             );
             assert_eq!(q1.values(b).map(|v| v as u8)[..], b1[4..]);
-            assert_eq!(q0.blocks[b].d, f(&b0[0..2]));
+            assert_eq!(q0.blocks[b].d.to_bits(), f(&b0[0..2]).to_bits());
             assert_eq!(q0.values(b).map(|v| v as u8)[..], b0[2..]);
             let vals = q0.values(b);
             for l in 0..8 {

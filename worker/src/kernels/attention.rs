@@ -38,37 +38,51 @@ pub struct KvBlocks<'a> {
     pub len: usize,
 }
 
-/// One query head attending over `kv`: `out = softmax(q·k · scale) · V`.
+/// The query heads of one KV head attending over `kv`: for each head `h` (`q` holds them
+/// one after the other, `head_dim` values each), `out[h] = softmax(q_h·k · scale) · V`.
 ///
 /// Scores are reduced in the order of candle's decode-step kernel (see `block_scores`),
 /// each output element is a fused chain over positions (candle's gemv order), softmax as
 /// candle's: a decode step is bitwise candle's. A block's 16 scores are computed side by
 /// side — keys are stored dimension-major, so one vector holds a dimension of every slot —
-/// which changes nothing inside a reduction, so results depend neither on the CPU path
-/// nor on anything outside this head.
-pub fn attend(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// and the heads of a KV head share each key and value load; neither changes anything
+/// inside a reduction, so results depend neither on the CPU path nor on anything outside
+/// this head. `scores` is scratch space.
+pub fn attend(
+    q: &[f32],
+    head_dim: usize,
+    kv: KvBlocks<'_>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if CPU.fma {
         // SAFETY: the CPU supports FMA and AVX2 (checked at runtime).
-        return unsafe { attend_fma(q, kv, scale, scores, out) };
+        return unsafe { attend_fma(q, head_dim, kv, scale, scores, out) };
     }
-    attend_impl(q, kv, scale, scores, out)
+    attend_impl(q, head_dim, kv, scale, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
 unsafe fn attend_fma(
     q: &[f32],
+    head_dim: usize,
     kv: KvBlocks<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    attend_impl(q, kv, scale, scores, out)
+    attend_impl(q, head_dim, kv, scale, scores, out)
 }
 
 /// Slots a block's score loop handles at once (the KV block size of the worker).
 const SLOTS: usize = 16;
+
+/// Most query heads one pass of the vector kernels carries (their accumulators fill the
+/// registers); more heads take several passes.
+const MAX_HEADS: usize = 3;
 
 /// `scores[p] = (q · k_p) · scale`, every dot product in the order of the kernel
 /// candle's attention runs for a decode step (gemm's horizontal f32 kernel, 8 lanes on
@@ -120,109 +134,196 @@ fn lane_dots_16(q: &[f32], keys: &[f32]) -> [f32; SLOTS] {
     })
 }
 
-/// [`block_scores`] on the best path this CPU has.
-fn attend_scores(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
+/// [`block_scores`] of every head in `q` (`head_dim` each) into `scores`, `stride`
+/// values a head, on the best path this CPU has.
+fn attend_scores(
+    q: &[f32],
+    head_dim: usize,
+    kv: KvBlocks<'_>,
+    scale: f32,
+    scores: &mut [f32],
+    stride: usize,
+) {
     #[cfg(target_arch = "x86_64")]
-    if CPU.avx512 {
-        // SAFETY: the CPU supports AVX-512F and FMA (checked at runtime).
-        return unsafe { block_scores_avx512(q, kv, scale, scores) };
+    if CPU.avx512 && kv.block_size == SLOTS && head_dim.is_multiple_of(8) {
+        for (q, sc) in q
+            .chunks(MAX_HEADS * head_dim)
+            .zip(scores.chunks_mut(MAX_HEADS * stride))
+        {
+            // SAFETY: the CPU supports AVX-512F and FMA (checked at runtime); 16-slot
+            // blocks and a head size of whole lane rounds (checked above).
+            unsafe {
+                match q.len() / head_dim {
+                    1 => block_scores_avx512::<1>(q, kv, scale, sc, stride),
+                    2 => block_scores_avx512::<2>(q, kv, scale, sc, stride),
+                    _ => block_scores_avx512::<3>(q, kv, scale, sc, stride),
+                }
+            }
+        }
+        return;
     }
-    block_scores(q, kv, scale, scores)
+    for (q, sc) in q.chunks_exact(head_dim).zip(scores.chunks_mut(stride)) {
+        block_scores(q, kv, scale, sc);
+    }
 }
 
-/// [`block_scores`] compiled for AVX-512 (16 slots a register).
+/// [`block_scores`] of `H` heads compiled for AVX-512 (16 slots a register), every key
+/// vector loaded once for all of them.
 ///
 /// # Safety
-/// The CPU must support AVX-512F.
+/// The CPU must support AVX-512F; blocks of 16 slots, a head size that is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn block_scores_avx512(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
+unsafe fn block_scores_avx512<const H: usize>(
+    q: &[f32],
+    kv: KvBlocks<'_>,
+    scale: f32,
+    scores: &mut [f32],
+    stride: usize,
+) {
     use std::arch::x86_64::*;
-    let hd = q.len();
-    if kv.block_size != SLOTS || !hd.is_multiple_of(8) {
-        return block_scores(q, kv, scale, scores);
-    }
-    assert!(scores.len() >= kv.keys.len() * SLOTS && kv.keys.iter().all(|k| k.len() >= hd * SLOTS));
+    let hd = q.len() / H;
+    assert!(
+        q.len() == H * hd
+            && hd.is_multiple_of(8)
+            && kv.block_size == SLOTS
+            && stride >= kv.keys.len() * SLOTS
+            && scores.len() >= (H - 1) * stride + kv.keys.len() * SLOTS
+            && kv.keys.iter().all(|k| k.len() >= hd * SLOTS),
+        "attention score shapes; this is a bug"
+    );
     let scale = _mm512_set1_ps(scale);
     for (b, keys) in kv.keys.iter().enumerate() {
         let k = keys.as_ptr();
-        // The eight lane chains of `lane_dot`, each across the 16 slots.
-        let mut a = [_mm512_setzero_ps(); 8];
+        // The eight lane chains of `lane_dot` for each head, each across the 16 slots.
+        let mut a = [[_mm512_setzero_ps(); 8]; H];
         for i0 in (0..hd).step_by(8) {
-            for (l, a) in a.iter_mut().enumerate() {
+            for l in 0..8 {
                 let i = i0 + l;
                 // SAFETY: key row `i < hd` of the block holds 16 floats (asserted above).
                 let kv = unsafe { _mm512_loadu_ps(k.add(i * SLOTS)) };
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), kv, *a);
+                for (h, a) in a.iter_mut().enumerate() {
+                    // SAFETY: `h · hd + i < q.len()`.
+                    let qi = unsafe { *q.get_unchecked(h * hd + i) };
+                    a[l] = _mm512_fmadd_ps(_mm512_set1_ps(qi), kv, a[l]);
+                }
             }
         }
-        let t = _mm512_add_ps(
-            _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
-            _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
-        );
-        // SAFETY: `scores` holds 16 floats per key block (asserted above).
-        unsafe { _mm512_storeu_ps(scores.as_mut_ptr().add(b * SLOTS), _mm512_mul_ps(t, scale)) };
+        for (h, a) in a.iter().enumerate() {
+            let t = _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+            );
+            // SAFETY: head `h`'s run of `scores` holds 16 floats per key block (asserted).
+            unsafe {
+                _mm512_storeu_ps(
+                    scores.as_mut_ptr().add(h * stride + b * SLOTS),
+                    _mm512_mul_ps(t, scale),
+                )
+            };
+        }
     }
 }
 
 #[inline(always)]
-fn attend_impl(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let (hd, bs, n) = (q.len(), kv.block_size, kv.len);
+fn attend_impl(
+    q: &[f32],
+    hd: usize,
+    kv: KvBlocks<'_>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (bs, n) = (kv.block_size, kv.len);
+    let heads = q.len() / hd;
+    assert!(q.len() == heads * hd && out.len() == q.len() && n <= kv.keys.len() * bs);
+    let stride = kv.keys.len() * bs;
     scores.clear();
-    scores.resize(kv.keys.len() * bs, 0.0);
-    attend_scores(q, kv, scale, scores);
-    scores.truncate(n);
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
+    scores.resize(heads * stride, 0.0);
+    attend_scores(q, hd, kv, scale, scores, stride);
+    // Softmax as candle's: exp of the shifted scores, their sum, then each divided by it
+    // (the weights the values are summed with).
+    for sc in scores.chunks_exact_mut(stride) {
+        let sc = &mut sc[..n];
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in sc.iter_mut() {
+            *s = (*s - max).exp();
+        }
+        let sum = sum_lanes(sc);
+        for s in sc.iter_mut() {
+            *s /= sum;
+        }
     }
-    let sum = sum_lanes(scores);
     #[cfg(target_arch = "x86_64")]
     if hd == 64 && CPU.avx512 {
-        // SAFETY: the CPU supports AVX-512F (checked at runtime).
-        return unsafe { weighted_values_avx512::<4>(scores, sum, kv, out) };
+        for (w, o) in scores
+            .chunks(MAX_HEADS * stride)
+            .zip(out.chunks_mut(MAX_HEADS * hd))
+        {
+            // SAFETY: the CPU supports AVX-512F (checked at runtime).
+            unsafe {
+                match o.len() / hd {
+                    1 => weighted_values_avx512::<4, 1>(w, stride, kv, o),
+                    2 => weighted_values_avx512::<4, 2>(w, stride, kv, o),
+                    _ => weighted_values_avx512::<4, 3>(w, stride, kv, o),
+                }
+            }
+        }
+        return;
     }
-    out.fill(0.0);
-    for (block, sc) in kv.values.iter().zip(scores.chunks(bs)) {
-        for (s, v) in sc.iter().zip(block.chunks_exact(hd)) {
-            let w = s / sum;
-            for (o, x) in out.iter_mut().zip(v) {
-                *o = w.mul_add(*x, *o);
+    for (w, out) in scores.chunks_exact(stride).zip(out.chunks_exact_mut(hd)) {
+        out.fill(0.0);
+        for (block, ws) in kv.values.iter().zip(w[..n].chunks(bs)) {
+            for (w, v) in ws.iter().zip(block.chunks_exact(hd)) {
+                for (o, x) in out.iter_mut().zip(v) {
+                    *o = w.mul_add(*x, *o);
+                }
             }
         }
     }
 }
 
-/// `out = Σ_p (scores[p] / sum) · v_p` in position order, one fused chain per element,
-/// for a head of `C × 16` dimensions held in registers.
+/// `out[h] = Σ_p w[h][p] · v_p` in position order, one fused chain per element, for `H`
+/// heads of `C × 16` dimensions held in registers, each value vector loaded once for all
+/// of them. `w` holds `stride` weights a head.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_values_avx512<const C: usize>(
-    scores: &[f32],
-    sum: f32,
+unsafe fn weighted_values_avx512<const C: usize, const H: usize>(
+    w: &[f32],
+    stride: usize,
     kv: KvBlocks<'_>,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let (hd, bs) = (C * 16, kv.block_size);
-    assert!(out.len() == hd && kv.values.iter().all(|v| v.len() >= bs * hd));
-    let mut acc = [_mm512_setzero_ps(); C];
-    for (block, sc) in kv.values.iter().zip(scores.chunks(bs)) {
-        for (slot, s) in sc.iter().enumerate() {
-            let w = _mm512_set1_ps(s / sum);
-            let v = block.as_ptr().wrapping_add(slot * hd);
-            for (c, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: slot `slot` of the block holds `hd` floats (asserted above).
-                *acc = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(v.add(c * 16)) }, *acc);
+    let (hd, bs, n) = (C * 16, kv.block_size, kv.len);
+    assert!(
+        out.len() == H * hd
+            && w.len() >= (H - 1) * stride + n
+            && n <= kv.values.len() * bs
+            && kv.values.iter().all(|v| v.len() >= bs * hd),
+        "attention value shapes; this is a bug"
+    );
+    let mut acc = [[_mm512_setzero_ps(); C]; H];
+    for p in 0..n {
+        // SAFETY: block `p / bs` exists and its slot `p % bs` holds `hd` floats (asserted).
+        let v = unsafe { kv.values.get_unchecked(p / bs).as_ptr().add((p % bs) * hd) };
+        let v: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(v.add(c * 16)) });
+        for (h, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: `h · stride + p < w.len()` (asserted above).
+            let wp = _mm512_set1_ps(unsafe { *w.get_unchecked(h * stride + p) });
+            for (acc, v) in acc.iter_mut().zip(&v) {
+                *acc = _mm512_fmadd_ps(wp, *v, *acc);
             }
         }
     }
-    for (c, acc) in acc.iter().enumerate() {
-        // SAFETY: `out` holds `hd` floats.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *acc) };
+    for (h, acc) in acc.iter().enumerate() {
+        for (c, acc) in acc.iter().enumerate() {
+            // SAFETY: `out` holds `H · hd` floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(h * hd + c * 16), *acc) };
+        }
     }
 }
 
@@ -230,6 +331,72 @@ unsafe fn weighted_values_avx512<const C: usize>(
 mod tests {
     use super::*;
     use crate::kernels::test_rand;
+
+    /// One head the plain way, in the order `attend` promises: lane-chain scores,
+    /// candle's softmax, then one fused chain per output over positions.
+    fn one_head(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], n: usize, scale: f32) -> Vec<f32> {
+        let hd = q.len();
+        let slot = |p: usize| (p / SLOTS, p % SLOTS);
+        let mut w: Vec<f32> = (0..n)
+            .map(|p| {
+                let (b, s) = slot(p);
+                lane_dot(q, |i| k[b][i * SLOTS + s]) * scale
+            })
+            .collect();
+        let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        w.iter_mut().for_each(|s| *s = (*s - max).exp());
+        let sum = sum_lanes(&w);
+        let mut out = vec![0f32; hd];
+        for (p, w) in w.iter().enumerate() {
+            let (b, s) = slot(p);
+            for (o, x) in out.iter_mut().zip(&v[b][s * hd..(s + 1) * hd]) {
+                *o = (w / sum).mul_add(*x, *o);
+            }
+        }
+        out
+    }
+
+    /// Any number of heads per KV head, any length (partial last block): each head's
+    /// output is bitwise the one-head computation, on whichever path this CPU takes.
+    #[test]
+    fn grouped_heads_match_one_head_at_a_time_bitwise() {
+        let mut seed = 5;
+        let hd = 64;
+        let blocks = 5;
+        let k: Vec<Vec<f32>> = (0..blocks)
+            .map(|_| {
+                (0..hd * SLOTS)
+                    .map(|_| test_rand(&mut seed) * 4.0)
+                    .collect()
+            })
+            .collect();
+        let v: Vec<Vec<f32>> = (0..blocks)
+            .map(|_| (0..hd * SLOTS).map(|_| test_rand(&mut seed)).collect())
+            .collect();
+        let (kr, vr): (Vec<&[f32]>, Vec<&[f32]>) = (
+            k.iter().map(|b| b.as_slice()).collect(),
+            v.iter().map(|b| b.as_slice()).collect(),
+        );
+        let mut scores = Vec::new();
+        for heads in [1, 2, 3, 4, 7] {
+            let q: Vec<f32> = (0..heads * hd).map(|_| test_rand(&mut seed)).collect();
+            for n in [1, 15, 16, 17, 50, blocks * SLOTS] {
+                let nb = n.div_ceil(SLOTS);
+                let kv = KvBlocks {
+                    keys: &kr[..nb],
+                    values: &vr[..nb],
+                    block_size: SLOTS,
+                    len: n,
+                };
+                let mut out = vec![0f32; heads * hd];
+                attend(&q, hd, kv, 0.125, &mut scores, &mut out);
+                for (h, got) in out.chunks_exact(hd).enumerate() {
+                    let want = one_head(&q[h * hd..(h + 1) * hd], &k, &v, n, 0.125);
+                    assert_eq!(got, want, "{heads} heads, head {h}, {n} positions");
+                }
+            }
+        }
+    }
 
     /// One query row against 16-slot key blocks: bitwise what candle computes for
     /// `q.matmul(k.t())` (a decode step's attention scores), for head sizes that exercise
@@ -271,7 +438,7 @@ mod tests {
                 len: n,
             };
             let mut ours = vec![0f32; n];
-            attend_scores(&q, kv, 1.0, &mut ours);
+            attend_scores(&q, hd, kv, 1.0, &mut ours, n);
             let per_slot: Vec<f32> = (0..n).map(|p| lane_dot(&q, |i| k[p * hd + i])).collect();
             assert_eq!(ours, theirs, "head dim {hd}");
             assert_eq!(per_slot, theirs, "head dim {hd}, per slot");

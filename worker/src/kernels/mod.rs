@@ -303,41 +303,76 @@ impl Linear {
     /// reduces, whether the segments sit on one tensor-parallel rank or on several.
     /// Slices must be whole storage blocks (and whole activation blocks).
     pub fn forward_segments(&self, x: &[f32], rows: usize, segments: usize) -> Vec<f32> {
+        self.run(x, rows, segments, SegmentOut::Apart)
+    }
+
+    /// [`Self::forward_segments`] summed in segment order (`rows × out_dim`): the bits of
+    /// [`sum_segments`] over the separate products, without holding them.
+    pub fn forward_summed(&self, x: &[f32], rows: usize, segments: usize) -> Vec<f32> {
+        self.run(x, rows, segments, SegmentOut::Summed)
+    }
+
+    fn run(&self, x: &[f32], rows: usize, segments: usize, out: SegmentOut) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.in_dim);
         let seg = Segments {
             n: segments.max(1),
             len: self.in_dim / segments.max(1),
         };
         assert_eq!(seg.n * seg.len, self.in_dim);
-        match &self.w {
-            WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows, seg),
+        let apart = match &self.w {
             WeightData::Q4_1(w) => {
                 let xq = act::Q81Rows::quantize(x, rows, self.in_dim);
-                matmul_tiled(
+                return matmul_tiled(
                     w.tiles(),
                     self.out_dim,
                     rows,
                     seg,
+                    out,
                     q4_1::ROWS,
                     |t, b, r0, out| q4_1::tile_dot(w, t, b, &xq, r0, out),
-                )
+                );
             }
             WeightData::Q8_0(w) => {
                 let xq = act::Q80Rows::quantize(x, rows, self.in_dim);
-                matmul_tiled(
+                return matmul_tiled(
                     w.tiles(),
                     self.out_dim,
                     rows,
                     seg,
+                    out,
                     q8_0::ROWS,
                     |t, b, r0, out| q8_0::tile_dot(w, t, b, &xq, r0, out),
-                )
+                );
             }
+            WeightData::F32(w) => matmul_f32(w, self.out_dim, self.in_dim, x, rows, seg),
             other => {
                 dispatch!(other, v => matmul_q(v, self.out_dim, self.in_dim, x, rows, seg, GgmlType::vec_dot))
             }
+        };
+        match out {
+            SegmentOut::Apart => apart,
+            SegmentOut::Summed => sum_segments(&apart, rows * self.out_dim),
         }
     }
+}
+
+/// Sums `segments × size` values segment by segment, in order: `((s0 + s1) + s2) …`.
+pub fn sum_segments(all: &[f32], size: usize) -> Vec<f32> {
+    let mut segs = all.chunks_exact(size);
+    let mut out = segs.next().map(<[f32]>::to_vec).unwrap_or_default();
+    for s in segs {
+        for (a, b) in out.iter_mut().zip(s) {
+            *a += b;
+        }
+    }
+    out
+}
+
+/// Whether a matmul returns each input segment's product or their ordered sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SegmentOut {
+    Apart,
+    Summed,
 }
 
 /// Equal slices of a matmul's input axis, reduced separately.
@@ -425,48 +460,99 @@ fn matmul_q<T: GgmlType>(
     })
 }
 
+/// Most activation rows a tile kernel takes per call.
+const MAX_ROWS_PER_CALL: usize = 4;
+
+/// The output of a matmul, written by parallel tile tasks, each to its own columns.
+struct TileOut(*mut f32);
+
+// SAFETY: the tasks sharing a `TileOut` write disjoint elements (their own tiles'
+// columns) and nothing reads the buffer until they are all joined.
+unsafe impl Sync for TileOut {}
+
 /// A matmul over weights in [`tiles::Tiles`]: `kernel(tile, blocks, r0, out)` fills
 /// `out[r][lane]` for activation rows `r0..r0 + out.len()` (at most `rows_per_call`).
-/// Tiles run in parallel, each over all rows and segments while its weights sit in L1;
-/// the per-tile results `[segment][row][lane]` are then laid out row-major.
+/// Tiles run in parallel, each over all rows and segments while its weights sit in L1,
+/// writing its 16 columns of the row-major result directly: `segments × rows × out_dim`,
+/// or with [`SegmentOut::Summed`] the segments added in order as they come
+/// (`rows × out_dim`, the bits of [`sum_segments`]).
 fn matmul_tiled(
     tiles: usize,
     out_dim: usize,
     rows: usize,
     seg: Segments,
+    mode: SegmentOut,
     rows_per_call: usize,
     kernel: impl Fn(usize, std::ops::Range<usize>, usize, &mut [[f32; TILE]]) + Sync,
 ) -> Vec<f32> {
+    assert!(
+        rows_per_call <= MAX_ROWS_PER_CALL && tiles == out_dim.div_ceil(TILE),
+        "tile matmul shape; this is a bug"
+    );
     let sb = seg.len / 32;
-    let per_tile = seg.n * rows * TILE;
+    let out_segs = match mode {
+        SegmentOut::Apart => seg.n,
+        SegmentOut::Summed => 1,
+    };
+    let len = out_segs * rows * out_dim;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    let dst = TileOut(y.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
     let tiles_per_task = tiles.div_ceil(threads * 4).max(1);
-    let mut yt = vec![0f32; tiles * per_tile];
-    yt.par_chunks_mut(tiles_per_task * per_tile)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (j, tile_out) in chunk.chunks_mut(per_tile).enumerate() {
-                let tile = c * tiles_per_task + j;
-                for (s, seg_out) in tile_out.chunks_mut(rows * TILE).enumerate() {
-                    let (seg_out, _) = seg_out.as_chunks_mut::<TILE>();
-                    for (ri, part) in seg_out.chunks_mut(rows_per_call).enumerate() {
-                        kernel(tile, s * sb..(s + 1) * sb, ri * rows_per_call, part);
+    (0..tiles.div_ceil(tiles_per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let dst = &dst;
+            let tiles = task * tiles_per_task..((task + 1) * tiles_per_task).min(tiles);
+            let mut part = [[0f32; TILE]; MAX_ROWS_PER_CALL];
+            let mut sum = [[0f32; TILE]; MAX_ROWS_PER_CALL];
+            for tile in tiles {
+                let (col, lanes) = (tile * TILE, (out_dim - tile * TILE).min(TILE));
+                let write = |row: usize, v: &[f32; TILE]| {
+                    debug_assert!(row < out_segs * rows);
+                    // SAFETY: `row < out_segs · rows` and `col + lanes <= out_dim`, so the
+                    // run is inside `y`'s `len` reserved elements; this task alone writes
+                    // columns `col..col + lanes`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            v.as_ptr(),
+                            dst.0.add(row * out_dim + col),
+                            lanes,
+                        )
+                    };
+                };
+                for r0 in (0..rows).step_by(rows_per_call) {
+                    let nr = rows_per_call.min(rows - r0);
+                    for s in 0..seg.n {
+                        let part = &mut part[..nr];
+                        kernel(tile, s * sb..(s + 1) * sb, r0, part);
+                        match mode {
+                            SegmentOut::Apart => {
+                                for (r, v) in part.iter().enumerate() {
+                                    write(s * rows + r0 + r, v);
+                                }
+                            }
+                            SegmentOut::Summed if s == 0 => sum[..nr].copy_from_slice(part),
+                            SegmentOut::Summed => {
+                                for (acc, v) in sum.iter_mut().zip(part.iter()) {
+                                    for (a, b) in acc.iter_mut().zip(v) {
+                                        *a += b;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if mode == SegmentOut::Summed {
+                        for (r, v) in sum[..nr].iter().enumerate() {
+                            write(r0 + r, v);
+                        }
                     }
                 }
             }
         });
-    let mut y = vec![0f32; seg.n * rows * out_dim];
-    let (yt, _) = yt.as_chunks::<TILE>();
-    y.par_chunks_mut(out_dim).enumerate().for_each(|(sr, row)| {
-        let (full, tail) = row.as_chunks_mut::<TILE>();
-        for (tile, dst) in full.iter_mut().enumerate() {
-            *dst = yt[tile * per_tile / TILE + sr];
-        }
-        if !tail.is_empty() {
-            let src = &yt[full.len() * per_tile / TILE + sr];
-            tail.copy_from_slice(&src[..tail.len()]);
-        }
-    });
+    // SAFETY: the tasks above wrote every element: each (segment, row) of each tile's
+    // `lanes` columns, and the tiles cover `0..out_dim`.
+    unsafe { y.set_len(len) };
     y
 }
 

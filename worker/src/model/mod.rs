@@ -20,7 +20,7 @@ pub mod tiny;
 use rayon::prelude::*;
 
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels::{KvBlocks, Linear, attend, rms_norm, rope, silu_mul};
+use crate::kernels::{KvBlocks, Linear, attend, rms_norm, rope, silu_mul, sum_segments};
 use crate::kv::{BlockId, KvStore};
 use crate::tp::shard::RankPart;
 use crate::tp::{CommError, Communicator, SingleRank};
@@ -270,20 +270,14 @@ impl LlamaModel {
                 }
             }
             let attn = self.attention(li, step, &qkv, kv);
-            let o = layer
-                .o_proj
-                .forward_segments(&attn, n, self.part.segments.len());
-            let o = self.reduce_segments(o, n, comm)?;
+            let o = self.row_parallel(&layer.o_proj, &attn, n, comm)?;
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             let xn = rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps);
             let gu = layer.gate_up.forward(&xn, n);
             let act = silu_mul(&gu, self.part.ffn.len());
-            let d = layer
-                .down
-                .forward_segments(&act, n, self.part.segments.len());
-            let d = self.reduce_segments(d, n, comm)?;
+            let d = self.row_parallel(&layer.down, &act, n, comm)?;
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
             }
@@ -299,34 +293,28 @@ impl LlamaModel {
         self.head(&last, step.logit_rows.len(), comm)
     }
 
-    /// Sums the segment products of a row-parallel layer (`segments × n × hidden`, this
-    /// rank's segments) over the whole group, in segment order on every rank.
-    fn reduce_segments(
+    /// A row-parallel layer's output over the whole group: this rank's segment products
+    /// (`segments × n × hidden`) summed with every other rank's, in segment order on
+    /// every rank, so the result does not depend on the tensor-parallel size.
+    fn row_parallel(
         &self,
-        mine: Vec<f32>,
+        layer: &Linear,
+        x: &[f32],
         n: usize,
         comm: &mut dyn Communicator<Buffer = [f32]>,
     ) -> Result<Vec<f32>, CommError> {
-        let size = n * self.cfg.hidden_size;
-        let all = if comm.world_size() == 1 {
-            mine
-        } else {
-            // Each segment's product travels apart (zeros elsewhere add exactly), so the
-            // order of the final sum is the segments', not the ranks'.
-            let mut all = vec![0f32; self.part.num_segments * size];
-            all[self.part.segments.start * size..self.part.segments.end * size]
-                .copy_from_slice(&mine);
-            comm.all_reduce_sum(&mut all)?;
-            all
-        };
-        let mut segs = all.chunks_exact(size);
-        let mut out = segs.next().map(<[f32]>::to_vec).unwrap_or_default();
-        for s in segs {
-            for (a, b) in out.iter_mut().zip(s) {
-                *a += b;
-            }
+        let segments = self.part.segments.len();
+        if comm.world_size() == 1 {
+            return Ok(layer.forward_summed(x, n, segments));
         }
-        Ok(out)
+        let size = n * self.cfg.hidden_size;
+        // Each segment's product travels apart (zeros elsewhere add exactly), so the
+        // order of the final sum is the segments', not the ranks'.
+        let mut all = vec![0f32; self.part.num_segments * size];
+        all[self.part.segments.start * size..self.part.segments.end * size]
+            .copy_from_slice(&layer.forward_segments(x, n, segments));
+        comm.all_reduce_sum(&mut all)?;
+        Ok(sum_segments(&all, size))
     }
 
     /// Causal attention of every token of the step over its own sequence's blocks.
@@ -350,23 +338,21 @@ impl LlamaModel {
                 let blocks = &table[..npos.div_ceil(bs)];
                 let keys: Vec<&[f32]> = blocks.iter().map(|&b| kv.keys(layer, b, g)).collect();
                 let values: Vec<&[f32]> = blocks.iter().map(|&b| kv.values(layer, b, g)).collect();
-                let mut scores = Vec::with_capacity(npos);
-                for qi in 0..group {
-                    let head = g * group + qi;
-                    let q = &qkv[t * qkv_dim + head * hd..t * qkv_dim + (head + 1) * hd];
-                    attend(
-                        q,
-                        KvBlocks {
-                            keys: &keys,
-                            values: &values,
-                            block_size: bs,
-                            len: npos,
-                        },
-                        scale,
-                        &mut scores,
-                        &mut out_g[qi * hd..(qi + 1) * hd],
-                    );
-                }
+                let mut scores = Vec::with_capacity(group * blocks.len() * bs);
+                let q = &qkv[t * qkv_dim + g * group * hd..t * qkv_dim + (g + 1) * group * hd];
+                attend(
+                    q,
+                    hd,
+                    KvBlocks {
+                        keys: &keys,
+                        values: &values,
+                        block_size: bs,
+                        len: npos,
+                    },
+                    scale,
+                    &mut scores,
+                    out_g,
+                );
             });
         out
     }
