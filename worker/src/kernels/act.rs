@@ -202,11 +202,12 @@ impl Q81Rows {
 }
 
 /// A Q8_0 block: values as 8 dwords, `d` widened to f32 and, for kernels that multiply
-/// biased unsigned weights, `128 · Σ` of each dword's four values.
+/// biased unsigned weights, `-128 · Σ` of each dword's four values (the exact correction,
+/// which such a kernel starts its integer sum from).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Q80Block {
     pub qs: [i32; 8],
-    pub corr: [i32; 8],
+    pub bias: [i32; 8],
     pub d: f32,
 }
 
@@ -224,8 +225,8 @@ impl Q80Rows {
     pub fn quantize(x: &[f32], rows: usize, in_dim: usize) -> Self {
         Self::quantize_with(x, rows, in_dim, |d, q, _| Q80Block {
             qs: dwords(&q),
-            corr: std::array::from_fn(|l| {
-                128 * q[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum::<i32>()
+            bias: std::array::from_fn(|l| {
+                -128 * q[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum::<i32>()
             }),
             d: d.to_f32(),
         })
@@ -315,7 +316,7 @@ mod tests {
             let vals = q0.values(b);
             for l in 0..8 {
                 let s: i32 = vals[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum();
-                assert_eq!(q0.blocks[b].corr[l], 128 * s);
+                assert_eq!(q0.blocks[b].bias[l], -128 * s);
             }
         }
     }

@@ -461,7 +461,7 @@ fn matmul_q<T: GgmlType>(
 }
 
 /// Most activation rows a tile kernel takes per call.
-const MAX_ROWS_PER_CALL: usize = 4;
+const MAX_ROWS_PER_CALL: usize = 8;
 
 /// The output of a matmul, written by parallel tile tasks, each to its own columns.
 struct TileOut(*mut f32);

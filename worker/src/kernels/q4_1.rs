@@ -12,9 +12,10 @@ use super::tiles::{TILE, Tiles};
 use candle_core::quantized::k_quants::BlockQ4_1;
 use half::f16;
 
-/// Activation rows computed against one unpacked weight block (registers allow more;
-/// four already make the unpacking a small share of the work).
-pub const ROWS: usize = 4;
+/// Activation rows computed against one unpacked weight block: their accumulators, the
+/// unpacked block and the scales fill most of the 32 vector registers, and the rows'
+/// independent chains keep the VNNI port busy.
+pub const ROWS: usize = 8;
 
 /// Layout mirror of candle's `BlockQ4_1` (whose fields are crate-private).
 #[repr(C)]
@@ -90,7 +91,11 @@ pub fn tile_dot(
                 1 => tile_vnni::<1>(w, tile, blocks, a, r0, out),
                 2 => tile_vnni::<2>(w, tile, blocks, a, r0, out),
                 3 => tile_vnni::<3>(w, tile, blocks, a, r0, out),
-                _ => tile_vnni::<4>(w, tile, blocks, a, r0, out),
+                4 => tile_vnni::<4>(w, tile, blocks, a, r0, out),
+                5 => tile_vnni::<5>(w, tile, blocks, a, r0, out),
+                6 => tile_vnni::<6>(w, tile, blocks, a, r0, out),
+                7 => tile_vnni::<7>(w, tile, blocks, a, r0, out),
+                _ => tile_vnni::<8>(w, tile, blocks, a, r0, out),
             }
         }
         return;
@@ -129,7 +134,7 @@ fn tile_portable(
 
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI; `tile`, `blocks` and rows `r0..r0 + R` must be
-/// in bounds of `w` and `a` (as [`tile_dot`] asserts); `R <= 4`.
+/// in bounds of `w` and `a` (as [`tile_dot`] asserts); `R <= 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_vnni<const R: usize>(
@@ -142,8 +147,8 @@ unsafe fn tile_vnni<const R: usize>(
 ) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
-    // Four accumulators whatever R, indexed by constants only, so they live in registers.
-    let mut acc = [_mm512_setzero_ps(); 4];
+    // Eight accumulators whatever R, indexed by constants only, so they live in registers.
+    let mut acc = [_mm512_setzero_ps(); 8];
     for b in blocks {
         let i = tile * w.blocks_per_row() + b;
         let (q, wd, wm) = (w.tile_lines(i), w.tile_scales(0, i), w.tile_scales(1, i));
@@ -187,6 +192,10 @@ unsafe fn tile_vnni<const R: usize>(
         row!(1);
         row!(2);
         row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
     }
     for (o, acc) in out.iter_mut().zip(acc).take(R) {
         // SAFETY: `o` holds 16 floats.
@@ -207,10 +216,11 @@ mod tests {
     use candle_core::quantized::GgmlType;
     use candle_core::quantized::k_quants::BlockQ8_1;
 
-    /// 37 rows (two full tiles and a padded one) × 26 blocks, 5 activation rows.
+    /// 37 rows (two full tiles and a padded one) × 26 blocks, 10 activation rows (calls
+    /// of every size up to `ROWS`).
     #[test]
     fn tiles_match_candle_bitwise_on_every_path() {
-        let (out_dim, nb, rows) = (37, 26, 5);
+        let (out_dim, nb, rows) = (37, 26, 10);
         let n = nb * 32;
         let mut seed = 3u64;
         let w: Vec<f32> = (0..out_dim * n).map(|_| test_rand(&mut seed)).collect();

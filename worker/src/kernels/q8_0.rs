@@ -8,7 +8,7 @@
 //! tile, the rows sharing a weight load, or the CPU path.
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, so weights are stored biased
-//! (`w + 128`, as `u8`) and `128 · Σ x` of the same four values is subtracted: the
+//! (`w + 128`, as `u8`) and the sum starts from `-128 · Σ x` of the same four values: the
 //! integer sum stays exact.
 
 use std::ops::Range;
@@ -178,9 +178,9 @@ unsafe fn tile_vnni<const R: usize>(
                 for r in 0..R {
                     // SAFETY: dword `$l` and correction `$l` of block `ab[r]`, in bounds.
                     let blk = unsafe { a.blocks.get_unchecked(ab[r]) };
-                    let (x, corr) = (blk.qs[$l], blk.corr[$l]);
-                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, _mm512_set1_epi32(x));
-                    let s = _mm512_sub_epi32(s, _mm512_set1_epi32(corr));
+                    let (x, bias) = (blk.qs[$l], blk.bias[$l]);
+                    // Starting from the bias makes the exact signed sum in one step.
+                    let s = _mm512_dpbusd_epi32(_mm512_set1_epi32(bias), wl, _mm512_set1_epi32(x));
                     acc[r][$l] = _mm512_fmadd_ps(scale[r], _mm512_cvtepi32_ps(s), acc[r][$l]);
                 }
             };
