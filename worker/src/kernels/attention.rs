@@ -247,8 +247,9 @@ fn attend_impl(
         let sc = &mut sc[..n];
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         for s in sc.iter_mut() {
-            *s = (*s - max).exp();
+            *s -= max;
         }
+        super::exp::exp_in_place(sc);
         let sum = sum_lanes(sc);
         for s in sc.iter_mut() {
             *s /= sum;

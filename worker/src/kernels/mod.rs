@@ -11,9 +11,11 @@
 //!   matmul kernels (portable fallbacks, same bits), bitwise candle's per-output order;
 //!   [`act`]: activations quantized for them.
 //! - [`attend`]: attention of a token's query heads over its paged KV blocks.
+//! - [`exp`]: `exp` over many values, bitwise the C library's.
 
 pub mod act;
 mod attention;
+pub mod exp;
 pub mod q4_1;
 pub mod q8_0;
 pub mod tiles;
@@ -635,12 +637,17 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
     }
 }
 
-/// SwiGLU on rows of `gu` = `[gate | up]` (each `ffn` wide) → `rows × ffn`.
+/// SwiGLU on rows of `gu` = `[gate | up]` (each `ffn` wide) → `rows × ffn`:
+/// `g / (1 + exp(-g)) · u`, each operation as written.
 pub fn silu_mul(gu: &[f32], ffn: usize) -> Vec<f32> {
     per_row(gu, 2 * ffn, ffn, |gu, out| {
         let (g, u) = gu.split_at(ffn);
-        for i in 0..ffn {
-            out[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+        for (o, g) in out.iter_mut().zip(g) {
+            *o = -g;
+        }
+        exp::exp_in_place(out);
+        for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + *o) * u;
         }
     })
 }
