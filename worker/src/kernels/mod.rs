@@ -516,11 +516,13 @@ fn matmul_tiled(
                     // run is inside `y`'s `len` reserved elements; this task alone writes
                     // columns `col..col + lanes`.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            v.as_ptr(),
-                            dst.0.add(row * out_dim + col),
-                            lanes,
-                        )
+                        let at = dst.0.add(row * out_dim + col);
+                        if lanes == TILE {
+                            // A whole tile: one fixed-size store, not a call to memcpy.
+                            at.cast::<[f32; TILE]>().write_unaligned(*v);
+                        } else {
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), at, lanes);
+                        }
                     };
                 };
                 for r0 in (0..rows).step_by(rows_per_call) {
