@@ -125,10 +125,8 @@ fn main() -> anyhow::Result<()> {
     .expect("load");
     let m = runner.model();
     let x = vec![0.01f32; m.cfg.hidden_size];
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
-    let head_us = pool.install(|| {
+    let team = shardline_worker::kernels::team::Team::new(threads, "tp-bench");
+    let head_us = team.install(|| {
         let t = Instant::now();
         for _ in 0..50 {
             std::hint::black_box(m.lm_head.forward(&x, 1));

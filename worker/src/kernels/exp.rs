@@ -78,7 +78,7 @@ static VECTOR: std::sync::LazyLock<bool> =
 #[cfg(target_arch = "x86_64")]
 fn agrees_with_library() -> bool {
     let mut xs: Vec<f32> = (0..1 << 16)
-        .map(|i| f32::from_bits(((i as u32) << 16) | (i as u32 * 40503 & 0xffff)))
+        .map(|i| f32::from_bits(((i as u32) << 16) | ((i as u32 * 40503) & 0xffff)))
         .chain((-2100..2100).map(|i| i as f32 / 20.0))
         .collect();
     let want: Vec<u32> = xs.iter().map(|x| x.exp().to_bits()).collect();

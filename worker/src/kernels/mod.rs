@@ -12,12 +12,14 @@
 //!   [`act`]: activations quantized for them.
 //! - [`attend`]: attention of a token's query heads over its paged KV blocks.
 //! - [`exp`]: `exp` over many values, bitwise the C library's.
+//! - [`team`]: the threads the kernels split their loops over.
 
 pub mod act;
 mod attention;
 pub mod exp;
 pub mod q4_1;
 pub mod q8_0;
+pub mod team;
 pub mod tiles;
 
 use candle_core::quantized::GgmlDType;
@@ -25,7 +27,6 @@ use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
     BlockQ8_0, GgmlType,
 };
-use rayon::prelude::*;
 
 pub use attention::{KvBlocks, attend};
 use tiles::TILE;
@@ -387,8 +388,7 @@ struct Segments {
 /// Output columns per parallel task: small enough to spread over the threads, large
 /// enough to amortise task overhead. Does not affect numerics.
 fn col_chunk(out_dim: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    out_dim.div_ceil(threads * 4).clamp(8, 256)
+    out_dim.div_ceil(team::threads() * 4).clamp(8, 256)
 }
 
 /// Runs `f(o, yt_col)` for every output column in parallel, `yt_col` being the column's
@@ -396,13 +396,11 @@ fn col_chunk(out_dim: usize) -> usize {
 fn per_column(out_dim: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let ch = col_chunk(out_dim);
     let mut yt = vec![0f32; out_dim * rows];
-    yt.par_chunks_mut(ch * rows)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (j, col) in chunk.chunks_mut(rows).enumerate() {
-                f(c * ch + j, col);
-            }
-        });
+    team::for_each_chunk_mut(&mut yt, ch * rows, |c, chunk| {
+        for (j, col) in chunk.chunks_mut(rows).enumerate() {
+            f(c * ch + j, col);
+        }
+    });
     if rows == 1 {
         return yt;
     }
@@ -465,13 +463,6 @@ fn matmul_q<T: GgmlType>(
 /// Most activation rows a tile kernel takes per call.
 const MAX_ROWS_PER_CALL: usize = 8;
 
-/// The output of a matmul, written by parallel tile tasks, each to its own columns.
-struct TileOut(*mut f32);
-
-// SAFETY: the tasks sharing a `TileOut` write disjoint elements (their own tiles'
-// columns) and nothing reads the buffer until they are all joined.
-unsafe impl Sync for TileOut {}
-
 /// A matmul over weights in [`tiles::Tiles`]: `kernel(tile, blocks, r0, out)` fills
 /// `out[r][lane]` for activation rows `r0..r0 + out.len()` (at most `rows_per_call`).
 /// Tiles run in parallel, each over all rows and segments while its weights sit in L1,
@@ -498,62 +489,59 @@ fn matmul_tiled(
     };
     let len = out_segs * rows * out_dim;
     let mut y: Vec<f32> = Vec::with_capacity(len);
-    let dst = TileOut(y.as_mut_ptr());
-    let threads = rayon::current_num_threads().max(1);
-    let tiles_per_task = tiles.div_ceil(threads * 4).max(1);
-    (0..tiles.div_ceil(tiles_per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let dst = &dst;
-            let tiles = task * tiles_per_task..((task + 1) * tiles_per_task).min(tiles);
-            let mut part = [[0f32; TILE]; MAX_ROWS_PER_CALL];
-            let mut sum = [[0f32; TILE]; MAX_ROWS_PER_CALL];
-            for tile in tiles {
-                let (col, lanes) = (tile * TILE, (out_dim - tile * TILE).min(TILE));
-                let write = |row: usize, v: &[f32; TILE]| {
-                    debug_assert!(row < out_segs * rows);
-                    // SAFETY: `row < out_segs · rows` and `col + lanes <= out_dim`, so the
-                    // run is inside `y`'s `len` reserved elements; this task alone writes
-                    // columns `col..col + lanes`.
-                    unsafe {
-                        let at = dst.0.add(row * out_dim + col);
-                        if lanes == TILE {
-                            // A whole tile: one fixed-size store, not a call to memcpy.
-                            at.cast::<[f32; TILE]>().write_unaligned(*v);
-                        } else {
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), at, lanes);
-                        }
-                    };
-                };
-                for r0 in (0..rows).step_by(rows_per_call) {
-                    let nr = rows_per_call.min(rows - r0);
-                    for s in 0..seg.n {
-                        let part = &mut part[..nr];
-                        kernel(tile, s * sb..(s + 1) * sb, r0, part);
-                        match mode {
-                            SegmentOut::Apart => {
-                                for (r, v) in part.iter().enumerate() {
-                                    write(s * rows + r0 + r, v);
-                                }
-                            }
-                            SegmentOut::Summed if s == 0 => sum[..nr].copy_from_slice(part),
-                            SegmentOut::Summed => {
-                                for (acc, v) in sum.iter_mut().zip(part.iter()) {
-                                    for (a, b) in acc.iter_mut().zip(v) {
-                                        *a += b;
-                                    }
-                                }
-                            }
-                        }
+    // Tasks write disjoint columns; nothing reads `y` before they are all done.
+    let dst = team::SendPtr(y.as_mut_ptr());
+    let tiles_per_task = tiles.div_ceil(team::threads() * 4).max(1);
+    team::for_each(tiles.div_ceil(tiles_per_task), |task| {
+        let tiles = task * tiles_per_task..((task + 1) * tiles_per_task).min(tiles);
+        let mut part = [[0f32; TILE]; MAX_ROWS_PER_CALL];
+        let mut sum = [[0f32; TILE]; MAX_ROWS_PER_CALL];
+        for tile in tiles {
+            let (col, lanes) = (tile * TILE, (out_dim - tile * TILE).min(TILE));
+            let write = |row: usize, v: &[f32; TILE]| {
+                debug_assert!(row < out_segs * rows);
+                // SAFETY: `row < out_segs · rows` and `col + lanes <= out_dim`, so the
+                // run is inside `y`'s `len` reserved elements; this task alone writes
+                // columns `col..col + lanes`.
+                unsafe {
+                    let at = dst.get().add(row * out_dim + col);
+                    if lanes == TILE {
+                        // A whole tile: one fixed-size store, not a call to memcpy.
+                        at.cast::<[f32; TILE]>().write_unaligned(*v);
+                    } else {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), at, lanes);
                     }
-                    if mode == SegmentOut::Summed {
-                        for (r, v) in sum[..nr].iter().enumerate() {
-                            write(r0 + r, v);
+                };
+            };
+            for r0 in (0..rows).step_by(rows_per_call) {
+                let nr = rows_per_call.min(rows - r0);
+                for s in 0..seg.n {
+                    let part = &mut part[..nr];
+                    kernel(tile, s * sb..(s + 1) * sb, r0, part);
+                    match mode {
+                        SegmentOut::Apart => {
+                            for (r, v) in part.iter().enumerate() {
+                                write(s * rows + r0 + r, v);
+                            }
+                        }
+                        SegmentOut::Summed if s == 0 => sum[..nr].copy_from_slice(part),
+                        SegmentOut::Summed => {
+                            for (acc, v) in sum.iter_mut().zip(part.iter()) {
+                                for (a, b) in acc.iter_mut().zip(v) {
+                                    *a += b;
+                                }
+                            }
                         }
                     }
                 }
+                if mode == SegmentOut::Summed {
+                    for (r, v) in sum[..nr].iter().enumerate() {
+                        write(r0 + r, v);
+                    }
+                }
             }
-        });
+        }
+    });
     // SAFETY: the tasks above wrote every element: each (segment, row) of each tile's
     // `lanes` columns, and the tiles cover `0..out_dim`.
     unsafe { y.set_len(len) };
@@ -599,9 +587,9 @@ pub(crate) fn per_row<T: Clone + Default + Send>(
     let rows = x.len() / in_len;
     let mut y = vec![T::default(); rows * out_len];
     if rows >= PAR_ROWS {
-        y.par_chunks_mut(out_len)
-            .zip(x.par_chunks(in_len))
-            .for_each(|(y, x)| f(x, y));
+        team::for_each_chunk_mut(&mut y, out_len, |r, y| {
+            f(&x[r * in_len..(r + 1) * in_len], y)
+        });
     } else {
         for (y, x) in y.chunks_mut(out_len).zip(x.chunks(in_len)) {
             f(x, y);

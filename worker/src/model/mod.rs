@@ -17,10 +17,8 @@ pub mod device;
 pub mod runner;
 pub mod tiny;
 
-use rayon::prelude::*;
-
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels::{KvBlocks, Linear, attend, rms_norm, rope, silu_mul, sum_segments};
+use crate::kernels::{KvBlocks, Linear, attend, rms_norm, rope, silu_mul, sum_segments, team};
 use crate::kv::{BlockId, KvStore};
 use crate::tp::shard::RankPart;
 use crate::tp::{CommError, Communicator, SingleRank};
@@ -328,32 +326,30 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let bs = kv.block_size();
         let mut out = vec![0f32; step.tokens.len() * nh * hd];
-        out.par_chunks_mut(group * hd)
-            .enumerate()
-            .for_each(|(idx, out_g)| {
-                let (t, g) = (idx / nkv, idx % nkv);
-                let p = step.plan[t];
-                let table = step.tables[p.chunk];
-                let npos = p.pos + 1;
-                let blocks = &table[..npos.div_ceil(bs)];
-                let keys: Vec<&[f32]> = blocks.iter().map(|&b| kv.keys(layer, b, g)).collect();
-                let values: Vec<&[f32]> = blocks.iter().map(|&b| kv.values(layer, b, g)).collect();
-                let mut scores = Vec::with_capacity(group * blocks.len() * bs);
-                let q = &qkv[t * qkv_dim + g * group * hd..t * qkv_dim + (g + 1) * group * hd];
-                attend(
-                    q,
-                    hd,
-                    KvBlocks {
-                        keys: &keys,
-                        values: &values,
-                        block_size: bs,
-                        len: npos,
-                    },
-                    scale,
-                    &mut scores,
-                    out_g,
-                );
-            });
+        team::for_each_chunk_mut(&mut out, group * hd, |idx, out_g| {
+            let (t, g) = (idx / nkv, idx % nkv);
+            let p = step.plan[t];
+            let table = step.tables[p.chunk];
+            let npos = p.pos + 1;
+            let blocks = &table[..npos.div_ceil(bs)];
+            let keys: Vec<&[f32]> = blocks.iter().map(|&b| kv.keys(layer, b, g)).collect();
+            let values: Vec<&[f32]> = blocks.iter().map(|&b| kv.values(layer, b, g)).collect();
+            let mut scores = Vec::with_capacity(group * blocks.len() * bs);
+            let q = &qkv[t * qkv_dim + g * group * hd..t * qkv_dim + (g + 1) * group * hd];
+            attend(
+                q,
+                hd,
+                KvBlocks {
+                    keys: &keys,
+                    values: &values,
+                    block_size: bs,
+                    len: npos,
+                },
+                scale,
+                &mut scores,
+                out_g,
+            );
+        });
         out
     }
 }

@@ -1,8 +1,8 @@
 //! [`GroupRunner`]: the [`ModelRunner`] over a [`RankGroup`] of one or more ranks, with
 //! the paged KV cache's bookkeeping. The block manager (which blocks a sequence owns) is
 //! one per group; each rank stores its own KV heads of those blocks. [`LlamaRunner`] is
-//! it over [`LlamaModel`] shards on the CPU kernels (model threads are dedicated rayon
-//! pools, not the async runtime's); [`crate::model::device::DeviceRunner`] over device
+//! it over [`LlamaModel`] shards on the CPU kernels (model threads are the ranks' own
+//! kernel teams, not the async runtime's); [`crate::model::device::DeviceRunner`] over device
 //! ranks.
 
 use std::collections::HashSet;

@@ -4,8 +4,8 @@
 //! own; every rank owns its model shard, its KV cache shard (its KV heads of every block)
 //! and its communicator. A step's plan reaches the other ranks over an in-process channel
 //! as one shared allocation — no second network hop — and only rank 0 returns logits.
-//! What a rank is, is a [`GroupRank`]: a [`CpuRank`] (the CPU kernels, a rayon pool per
-//! rank) or a device rank ([`crate::model::device::DeviceRank`], a candle device each).
+//! What a rank is, is a [`GroupRank`]: a [`CpuRank`] (the CPU kernels, a kernel
+//! [`Team`] per rank, led by the rank's thread) or a device rank ([`crate::model::device::DeviceRank`], a candle device each).
 //!
 //! Failure: a rank whose forward errs or panics aborts the group's communicator, so the
 //! others leave their collectives at once; a rank that stops answering is caught by the
@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use super::cpu::CpuCommunicator;
 use super::{Communicator, SingleRank};
+use crate::kernels::team::Team;
 use crate::kv::{BlockId, KvStore};
 use crate::model::{LlamaModel, StepPlan, TokenPlan};
 
@@ -99,11 +100,11 @@ pub trait GroupRank: Send + 'static {
     fn is_aborted(&self) -> bool;
 }
 
-/// A rank on the CPU kernels: its [`LlamaModel`] shard, KV shard and rayon pool.
+/// A rank on the CPU kernels: its [`LlamaModel`] shard, KV shard and kernel team.
 pub struct CpuRank {
     model: LlamaModel,
     kv: KvStore,
-    pool: rayon::ThreadPool,
+    team: Team,
     comm: Box<dyn Communicator<Buffer = [f32]>>,
 }
 
@@ -126,10 +127,10 @@ impl GroupRank for CpuRank {
         let CpuRank {
             model,
             kv,
-            pool,
+            team,
             comm,
         } = self;
-        pool.install(|| step.run(model, kv, comm.as_mut()))
+        team.install(|| step.run(model, kv, comm.as_mut()))
     }
 
     fn abort(&self, reason: &str) {
@@ -241,15 +242,11 @@ impl RankGroup<CpuRank> {
                 model.part.kv_heads.len(),
                 cfg.head_dim,
             );
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads_per_rank.max(1))
-                .thread_name(move |i| format!("shardline-rank{r}-{i}"))
-                .build()
-                .map_err(|e| format!("rank {r} thread pool: {e}"))?;
+            let team = Team::new(threads_per_rank, &format!("shardline-rank{r}"));
             ranks.push(CpuRank {
                 model,
                 kv,
-                pool,
+                team,
                 comm,
             });
         }
