@@ -193,13 +193,28 @@ unsafe fn block_scores_avx512<const H: usize>(
         "attention score shapes; this is a bug"
     );
     let scale = _mm512_set1_ps(scale);
+    // Keys two blocks ahead and this block's values (read after the softmax) are fetched
+    // while a block computes: blocks are scattered, so the hardware prefetcher stops at
+    // each one. A block run is `hd` lines of 16 floats.
+    let fetch = |run: &[f32]| {
+        for line in run[..hd * SLOTS].chunks_exact(SLOTS) {
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+        }
+    };
+    if let Some(k1) = kv.keys.get(1) {
+        fetch(k1);
+    }
     for (b, keys) in kv.keys.iter().enumerate() {
         let k = keys.as_ptr();
+        let next_k = kv.keys.get(b + 2).unwrap_or(keys).as_ptr();
+        let this_v = kv.values.get(b).unwrap_or(keys).as_ptr();
         // The eight lane chains of `lane_dot` for each head, each across the 16 slots.
         let mut a = [[_mm512_setzero_ps(); 8]; H];
         for i0 in (0..hd).step_by(8) {
             for l in 0..8 {
                 let i = i0 + l;
+                _mm_prefetch::<_MM_HINT_T0>(next_k.wrapping_add(i * SLOTS).cast());
+                _mm_prefetch::<_MM_HINT_T1>(this_v.wrapping_add(i * SLOTS).cast());
                 // SAFETY: key row `i < hd` of the block holds 16 floats (asserted above).
                 let kv = unsafe { _mm512_loadu_ps(k.add(i * SLOTS)) };
                 for (h, a) in a.iter_mut().enumerate() {
