@@ -516,27 +516,31 @@ fn matmul_tiled(
             for r0 in (0..rows).step_by(rows_per_call) {
                 let nr = rows_per_call.min(rows - r0);
                 for s in 0..seg.n {
-                    let part = &mut part[..nr];
-                    kernel(tile, s * sb..(s + 1) * sb, r0, part);
-                    match mode {
-                        SegmentOut::Apart => {
-                            for (r, v) in part.iter().enumerate() {
-                                write(s * rows + r0 + r, v);
-                            }
-                        }
-                        SegmentOut::Summed if s == 0 => sum[..nr].copy_from_slice(part),
-                        SegmentOut::Summed => {
-                            for (acc, v) in sum.iter_mut().zip(part.iter()) {
-                                for (a, b) in acc.iter_mut().zip(v) {
-                                    *a += b;
-                                }
+                    // The kernel writes the running sum itself where nothing is to be
+                    // added (every segment apart, the first of a sum).
+                    let first = mode == SegmentOut::Apart || s == 0;
+                    let out = if first {
+                        &mut sum[..nr]
+                    } else {
+                        &mut part[..nr]
+                    };
+                    kernel(tile, s * sb..(s + 1) * sb, r0, out);
+                    if !first {
+                        for (acc, v) in sum.iter_mut().zip(&part[..nr]) {
+                            for (a, b) in acc.iter_mut().zip(v) {
+                                *a += b;
                             }
                         }
                     }
-                }
-                if mode == SegmentOut::Summed {
-                    for (r, v) in sum[..nr].iter().enumerate() {
-                        write(r0 + r, v);
+                    if mode == SegmentOut::Apart || s + 1 == seg.n {
+                        let row0 = if mode == SegmentOut::Apart {
+                            s * rows
+                        } else {
+                            0
+                        };
+                        for (r, v) in sum[..nr].iter().enumerate() {
+                            write(row0 + r0 + r, v);
+                        }
                     }
                 }
             }
