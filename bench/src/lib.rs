@@ -159,15 +159,14 @@ pub async fn run_bench(
             progress: !args.no_progress,
         };
         let scrape_stop = CancellationToken::new();
-        let scraper = match args.scrape_metrics {
-            true => {
-                let url = args
-                    .metrics_url
-                    .clone()
-                    .unwrap_or_else(|| format!("{}/metrics", root_url(&args.base_url)));
-                Some(scrape::start(url, Duration::from_secs(1), scrape_stop.clone()).await)
-            }
-            false => None,
+        let scraper = if args.scrape_metrics {
+            let url = args
+                .metrics_url
+                .clone()
+                .unwrap_or_else(|| format!("{}/metrics", root_url(&args.base_url)));
+            Some(scrape::start(url, Duration::from_secs(1), scrape_stop.clone()).await)
+        } else {
+            None
         };
         let records = runner::run_point(
             client.clone(),

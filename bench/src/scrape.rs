@@ -179,24 +179,24 @@ async fn sample(
 ) -> ServerStats {
     let (mut batch, mut kv, mut running) = (vec![], vec![], vec![]);
     let mut last = first.clone();
+    let mut record = |text: String| {
+        batch.extend(mean_series(&text, BATCH_SIZE));
+        kv.extend(mean_series(&text, KV_USAGE));
+        running.extend(sum_series(&text, RUNNING));
+        last = Some(text);
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
         }
         if let Some(text) = fetch(&http, &url).await {
-            batch.extend(mean_series(&text, BATCH_SIZE));
-            kv.extend(mean_series(&text, KV_USAGE));
-            running.extend(sum_series(&text, RUNNING));
-            last = Some(text);
+            record(text);
         }
     }
     // One last sample at the end, so even a run shorter than `every` has one.
     if let Some(text) = fetch(&http, &url).await {
-        batch.extend(mean_series(&text, BATCH_SIZE));
-        kv.extend(mean_series(&text, KV_USAGE));
-        running.extend(sum_series(&text, RUNNING));
-        last = Some(text);
+        record(text);
     }
     let mut stats = ServerStats {
         samples: kv.len().max(batch.len()).max(running.len()) as u32,
