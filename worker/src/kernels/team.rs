@@ -118,13 +118,7 @@ impl Team {
 
     /// Runs `f` with this team as the calling thread's current one.
     pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
-        struct Restore(*const Team);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                CURRENT.set(self.0);
-            }
-        }
-        let _restore = Restore(CURRENT.replace(self));
+        let _restore = Reset::to(&CURRENT, self as *const Team);
         f()
     }
 
@@ -202,15 +196,31 @@ impl std::fmt::Debug for Team {
     }
 }
 
-/// Claims and runs tasks of the current loop until none is left.
-fn run_tasks(s: &Shared, f: &Task<'_>, n: usize) {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            IN_TASK.set(self.0);
+/// A thread-local set for a scope: the old value comes back when this drops (also when
+/// the scope unwinds).
+struct Reset<T: Copy + 'static> {
+    key: &'static std::thread::LocalKey<Cell<T>>,
+    old: T,
+}
+
+impl<T: Copy + 'static> Reset<T> {
+    fn to(key: &'static std::thread::LocalKey<Cell<T>>, value: T) -> Self {
+        Reset {
+            key,
+            old: key.replace(value),
         }
     }
-    let _restore = Restore(IN_TASK.replace(true));
+}
+
+impl<T: Copy + 'static> Drop for Reset<T> {
+    fn drop(&mut self) {
+        self.key.set(self.old);
+    }
+}
+
+/// Claims and runs tasks of the current loop until none is left.
+fn run_tasks(s: &Shared, f: &Task<'_>, n: usize) {
+    let _restore = Reset::to(&IN_TASK, true);
     loop {
         let i = s.next.0.fetch_add(1, Ordering::Relaxed);
         if i >= n {
