@@ -16,7 +16,7 @@ use shardline_proto::v1::WorkerState;
 use shardline_proto::worker::v1::{HealthRequest, HealthResponse, worker_client::WorkerClient};
 use shardline_tests::etcd::EtcdServer;
 use shardline_tests::http::metric_sum;
-use shardline_tests::{Proc, free_port, model_path};
+use shardline_tests::{Proc, model_path};
 use tokio_util::sync::CancellationToken;
 
 fn bin() -> &'static std::path::Path {
@@ -44,17 +44,33 @@ macro_rules! until {
 
 struct Worker {
     proc: Proc,
-    url: String,
+    /// Known once the worker has logged the port it bound (it listens on port 0).
+    url: Option<String>,
     group: String,
 }
 
+impl Worker {
+    /// `http://127.0.0.1:PORT` of the worker's gRPC service, waiting for the model load.
+    fn url(&mut self) -> String {
+        if self.url.is_none() {
+            let addr = self.proc.logged(
+                "worker gRPC service listening",
+                "addr",
+                Duration::from_secs(120),
+            );
+            self.url = Some(format!("http://{addr}"));
+        }
+        self.url.clone().expect("set above")
+    }
+}
+
+/// Starts a worker on port 0 (it registers the port it bound), without waiting for it.
 fn start_worker(etcd: &EtcdServer, group: &str, extra: &[&str]) -> Worker {
-    let port = free_port();
     let mut cmd = Command::new(bin());
     cmd.arg("worker")
         .arg("--model")
         .arg(model_path())
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--etcd", &etcd.endpoint(), "--group-id", group])
         .args([
             "--lease-ttl-secs",
@@ -68,7 +84,7 @@ fn start_worker(etcd: &EtcdServer, group: &str, extra: &[&str]) -> Worker {
         .env("RUST_LOG", "info");
     Worker {
         proc: Proc::spawn(&format!("worker-{group}"), cmd),
-        url: format!("http://127.0.0.1:{port}"),
+        url: None,
         group: group.to_string(),
     }
 }
@@ -78,19 +94,21 @@ struct Coordinator {
     http: String,
 }
 
-/// Starts a coordinator following `etcd` and waits until it has `groups` ready groups.
+/// Starts a coordinator following `etcd` on port 0 and waits until it has `groups` ready
+/// groups.
 async fn start_coordinator(etcd: &EtcdServer, name: &str, groups: u64) -> Coordinator {
-    let (http, grpc) = (free_port(), free_port());
     let mut cmd = Command::new(bin());
     cmd.arg("coordinator")
         .args(["--etcd", &etcd.endpoint()])
-        .args(["--http-listen", &format!("127.0.0.1:{http}")])
-        .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
         .args(["--step-timeout-s", "30"])
         .env("RUST_LOG", "info");
+    let mut proc = Proc::spawn(name, cmd);
+    let http = proc.logged("coordinator listening", "http", Duration::from_secs(120));
     let mut c = Coordinator {
-        proc: Proc::spawn(name, cmd),
-        http: format!("http://127.0.0.1:{http}"),
+        proc,
+        http: format!("http://{http}"),
     };
     let health = format!("{}/health", c.http);
     until!(Duration::from_secs(120), "the coordinator to be ready", {
@@ -166,6 +184,9 @@ impl Observer {
                 .all(|w| self.state(&w.group) == Some(WorkerState::Ready))
                 .then_some(())
         });
+        for w in workers.iter_mut() {
+            w.url();
+        }
     }
 }
 
@@ -403,7 +424,7 @@ async fn two_workers_register_and_both_get_requests() {
     let coordinator = start_coordinator(&etcd, "coordinator", 2).await;
     let results = streams(&coordinator.http, 0, 8, 8, Arc::default()).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let (sa, sb) = (started(&a.url).await, started(&b.url).await);
+    let (sa, sb) = (started(&a.url()).await, started(&b.url()).await);
     assert!(
         sa > 0 && sb > 0,
         "the coordinator routes to both groups (a: {sa}, b: {sb})"
@@ -436,7 +457,7 @@ async fn kill_9_mid_stream_migrates_without_changing_the_text() {
     until!(Duration::from_secs(60), "tokens to flow", {
         (tokens.load(Ordering::Relaxed) >= 16).then_some(())
     });
-    let running = health(&a.url).await.map_or(0, |h| h.num_running);
+    let running = health(&a.url()).await.map_or(0, |h| h.num_running);
     assert!(running > 0, "worker a runs sequences when it is killed");
     a.proc.signal("KILL");
     let at = tokens.load(Ordering::Relaxed);
@@ -485,16 +506,16 @@ async fn sigterm_drains_before_the_record_disappears() {
         (tokens.load(Ordering::Relaxed) >= 16).then_some(())
     });
     assert!(
-        health(&a.url).await.unwrap().num_running > 0,
+        health(&a.url()).await.unwrap().num_running > 0,
         "a runs sequences"
     );
     a.proc.signal("TERM");
     until!(Duration::from_secs(5), "a to be DRAINING", {
         (observer.state("a") == Some(WorkerState::Draining)).then_some(())
     });
-    let a_started = started(&a.url).await;
+    let a_started = started(&a.url()).await;
     // New requests meanwhile go to b.
-    let b_before = started(&b.url).await;
+    let b_before = started(&b.url()).await;
     let fresh =
         futures::future::join_all((100..104).map(|i| complete(&coordinator.http, body(i, 4))))
             .await;
@@ -502,11 +523,11 @@ async fn sigterm_drains_before_the_record_disappears() {
         assert_eq!(*status, 200, "{v}");
     }
     assert_eq!(
-        started(&b.url).await - b_before,
+        started(&b.url()).await - b_before,
         4,
         "new requests went to b"
     );
-    if let Some(h) = health(&a.url).await {
+    if let Some(h) = health(&a.url()).await {
         assert_eq!(
             h.sequences_started, a_started,
             "no new sequence started on the draining a"
@@ -515,7 +536,7 @@ async fn sigterm_drains_before_the_record_disappears() {
     }
     // a's sequences run to their end; the record goes only after that.
     let mut last_running = Instant::now();
-    while let Some(h) = health(&a.url).await {
+    while let Some(h) = health(&a.url()).await {
         if h.num_running > 0 {
             last_running = Instant::now();
         }
@@ -573,11 +594,11 @@ async fn etcd_outage_under_load_changes_nothing() {
         "requests were served during the outage"
     );
     // The coordinator still routes to both.
-    let (sa, sb) = (started(&a.url).await, started(&b.url).await);
+    let (sa, sb) = (started(&a.url()).await, started(&b.url()).await);
     // Prompts the load never sent: no prefix-cache affinity to either group.
     let results = streams(&coordinator.http, 500, 8, 4, Arc::default()).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let (da, db) = (started(&a.url).await - sa, started(&b.url).await - sb);
+    let (da, db) = (started(&a.url()).await - sa, started(&b.url()).await - sb);
     assert!(
         da > 0 && db > 0,
         "both groups still get requests after the outage (a: {da}, b: {db})"
@@ -617,7 +638,7 @@ async fn a_joining_worker_gets_requests_within_two_seconds() {
         (sent > 0.0).then(Instant::now)
     });
     load.finish().await;
-    assert!(started(&b.url).await > 0, "b ran the requests it got");
+    assert!(started(&b.url()).await > 0, "b ran the requests it got");
     let after = first.duration_since(registered);
     assert!(
         after <= Duration::from_secs(2),
@@ -656,7 +677,7 @@ async fn two_coordinators_never_overcommit_one_group() {
     }
     // Every sequence was admitted exactly once: none was dropped for lack of KV blocks
     // after the worker took it (a drop shows as a second admission of the request).
-    let h = health(&w.url).await.unwrap();
+    let h = health(&w.url()).await.unwrap();
     assert_eq!(
         h.sequences_started, 32,
         "a sequence ran out of KV blocks on the worker and was restarted"

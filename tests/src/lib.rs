@@ -125,6 +125,32 @@ impl Proc {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The value of `key=VALUE` on the first output line containing `line`, waiting up to
+    /// `timeout` for it. Processes started on port 0 log the address they bound this way,
+    /// so a test never races another for a port. Panics with the output if it never comes
+    /// or the process exits first.
+    pub fn logged(&mut self, line: &str, key: &str, timeout: Duration) -> String {
+        let needle = format!(" {key}=");
+        let found = wait_until(timeout, || {
+            let out = self.output();
+            let value = out.lines().filter(|l| l.contains(line)).find_map(|l| {
+                let (_, rest) = l.split_once(&needle)?;
+                Some(rest.split_whitespace().next().unwrap_or("").to_string())
+            });
+            if value.is_none() {
+                self.assert_running();
+            }
+            value
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "{} never logged {key}= on a line with {line:?}; its output:\n{}",
+                self.name,
+                self.output()
+            )
+        })
+    }
 }
 
 impl Drop for Proc {
