@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use shardline_proto::worker::v1::InfoRequest;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
+use shardline_proto::worker::v1::{HealthRequest, InfoRequest};
 use tokenizers::Tokenizer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +75,11 @@ pub enum ConnectError {
     Tokenizer(String),
     #[error("worker sent an unusable chat template: {0}")]
     Template(String),
+    #[error("Health RPC: {0}")]
+    Health(tonic::Status),
+    /// The worker answers but must not get requests: draining, or its engine failed.
+    #[error("worker is not ready: {0}")]
+    NotReady(String),
 }
 
 struct Inner {
@@ -372,6 +377,16 @@ async fn connect(
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
     let info = client.info(InfoRequest {}).await?.into_inner();
+    // A worker whose engine failed still answers Info; it gets no requests until its
+    // Health says it is ready (it may be on its way out of the membership).
+    let health = client
+        .health(HealthRequest {})
+        .await
+        .map_err(ConnectError::Health)?
+        .into_inner();
+    if !health.ready {
+        return Err(ConnectError::NotReady(health.message));
+    }
     let tokenizer: Tokenizer = info
         .tokenizer_json
         .parse()

@@ -121,6 +121,11 @@ pub struct FakeStats {
     pub admitted_prompts: Mutex<Vec<Vec<u32>>>,
     /// When set, every RPC fails with UNAVAILABLE.
     pub fail: AtomicBool,
+    /// When set, the worker acts as one whose engine failed: Info still answers, Health
+    /// says not ready, every Step fails with UNAVAILABLE.
+    pub engine_failed: AtomicBool,
+    /// Steps refused because of `engine_failed`.
+    pub failed_steps: AtomicU64,
 }
 
 struct Inner {
@@ -437,6 +442,10 @@ impl Worker for FakeWorker {
 
     async fn step(&self, r: Request<StepRequest>) -> Result<Response<StepResponse>, Status> {
         self.check()?;
+        if self.stats.engine_failed.load(Ordering::SeqCst) {
+            self.stats.failed_steps.fetch_add(1, Ordering::SeqCst);
+            return Err(Status::unavailable("the engine failed and refuses work"));
+        }
         if !self.config.step_delay.is_zero() {
             tokio::time::sleep(self.config.step_delay).await;
         }
@@ -487,10 +496,11 @@ impl Worker for FakeWorker {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         self.check()?;
         let inner = self.inner.lock().expect("lock poisoned");
+        let failed = self.stats.engine_failed.load(Ordering::SeqCst);
         Ok(Response::new(HealthResponse {
-            ready: true,
+            ready: !failed,
             draining: false,
-            message: String::new(),
+            message: if failed { "the engine failed" } else { "ok" }.into(),
             kv_blocks_free: inner.free_blocks,
             num_running: inner.seqs.len() as u32,
             sequences_started: self.stats.admitted.load(Ordering::SeqCst),

@@ -346,6 +346,100 @@ async fn requests_migrate_off_a_failed_group() {
     );
 }
 
+/// A group whose engine failed for good still answers Info, but its Health says not
+/// ready: its requests move to another group, and it gets no new ones (no round trips to
+/// it, no second migration) until it is healthy again.
+#[tokio::test]
+async fn a_group_whose_engine_failed_gets_no_new_requests() {
+    let workers = vec![
+        FakeWorkerConfig {
+            group_id: "a".into(),
+            ..slow(10)
+        },
+        FakeWorkerConfig {
+            group_id: "b".into(),
+            ..slow(10)
+        },
+    ];
+    let c = cluster(Config::default(), workers).await;
+    let run = |from: usize, n: usize, tokens: usize| {
+        (from..from + n)
+            .map(|i| {
+                let http = c.http.clone();
+                let url = format!("{}/v1/completions", c.base);
+                tokio::spawn(async move {
+                    let body = json!({"prompt": format!("broken {i} "), "max_tokens": tokens,
+                                      "temperature": 0, "stream": true});
+                    let events = sse_events(http.post(url).json(&body).send().await.unwrap()).await;
+                    (i, completion_text(&events))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let tasks = run(0, 6, 40);
+    let victim = loop {
+        if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    victim.stats().engine_failed.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let (i, text) = t.await.unwrap();
+        assert_eq!(
+            text,
+            expected_greedy(&format!("broken {i} "), 40),
+            "request {i}"
+        );
+    }
+    let refused = victim.stats().failed_steps.load(Ordering::SeqCst);
+    assert!(refused > 0, "the failure was seen mid-generation");
+    let migrations = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("shardline_request_migrations_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = migrations(&c.metrics().await);
+    assert!(before > 0.0);
+    // Let the coordinator try to reconnect to the failed group a few times.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for t in run(100, 8, 8) {
+        let (i, text) = t.await.unwrap();
+        assert_eq!(
+            text,
+            expected_greedy(&format!("broken {i} "), 8),
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        victim.stats().failed_steps.load(Ordering::SeqCst),
+        refused,
+        "the failed group got new steps"
+    );
+    assert_eq!(
+        migrations(&c.metrics().await),
+        before,
+        "new requests migrated"
+    );
+    // Healthy again (a restarted process on the same address): it gets requests again.
+    victim.stats().engine_failed.store(false, Ordering::SeqCst);
+    let admitted = victim.stats().admitted.load(Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut next = 200;
+    while victim.stats().admitted.load(Ordering::SeqCst) == admitted {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the recovered group never got a request"
+        );
+        for t in run(next, 4, 2) {
+            t.await.unwrap();
+        }
+        next += 4;
+    }
+}
+
 /// The KV-budget check: queued demand beyond the ratio gets an immediate 429.
 #[tokio::test]
 async fn kv_demand_over_budget_gets_429() {
