@@ -120,12 +120,22 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         );
         println!("Ctrl-C stops it.");
     }
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        Some(res) = tasks.join_next() => {
-            shutdown.cancel();
-            res.context("worker task")??;
-            anyhow::bail!("a worker group stopped unexpectedly");
+    // A group whose engine failed leaves (the coordinator continues its requests on the
+    // others); `up` stops only when none is left.
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(res) = tasks.join_next() => {
+                let error = match res.context("worker task") {
+                    Ok(Ok(())) => anyhow::anyhow!("it stopped unexpectedly"),
+                    Ok(Err(e)) | Err(e) => e,
+                };
+                if tasks.is_empty() {
+                    shutdown.cancel();
+                    return Err(error.context("the last worker group stopped"));
+                }
+                tracing::error!(error = format!("{error:#}"), groups_left = tasks.len(), "a worker group stopped; serving on the others");
+            }
         }
     }
     while let Some(res) = tasks.join_next().await {

@@ -66,7 +66,18 @@ impl Worker {
 
 /// Starts a worker on port 0 (it registers the port it bound), without waiting for it.
 fn start_worker(etcd: &EtcdServer, group: &str, extra: &[&str]) -> Worker {
+    start_worker_with(etcd, group, extra, &[])
+}
+
+/// [`start_worker`] with extra environment variables.
+fn start_worker_with(
+    etcd: &EtcdServer,
+    group: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Worker {
     let mut cmd = Command::new(bin());
+    cmd.envs(env.iter().copied());
     cmd.arg("worker")
         .arg("--model")
         .arg(model_path())
@@ -485,6 +496,63 @@ async fn kill_9_mid_stream_migrates_without_changing_the_text() {
         "a's record to expire",
         observer.state("a").is_none().then_some(())
     );
+}
+
+/// (2b) A tensor-parallel group whose rank stops answering mid-stream: the step fails at
+/// the collectives' deadline, the coordinator continues the group's requests on the other
+/// group with the same text, and the failed worker leaves the membership and exits
+/// non-zero (for its supervisor to restart) instead of staying registered and unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tensor_parallel_group_leaves_and_its_requests_continue() {
+    let _serial = serial().await;
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let mut b = start_worker(&etcd, "b", &[]);
+    observer.wait_ready(&mut [&mut b]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 1).await;
+
+    // Rank 1 of a's three ranks hangs in a's 12th step; collectives wait 1 s.
+    let mut a = start_worker_with(
+        &etcd,
+        "a",
+        &["--tp", "3", "--tp-timeout-secs", "1"],
+        &[("SHARDLINE_INJECT_FAILURE", "hang:1:11")],
+    );
+    observer.wait_ready(&mut [&mut a]).await;
+    until!(Duration::from_secs(30), "the coordinator to route to a", {
+        ready_groups(&format!("{}/health", coordinator.http))
+            .await
+            .filter(|&n| n == 2)
+    });
+    let results = streams(&coordinator.http, 0, 8, 40, Arc::default()).await;
+    let migrations = metric_sum(&coordinator.http, "shardline_request_migrations_total").await;
+    assert!(migrations > 0.0, "a ran requests when its rank hung");
+    let code = a.proc.wait_exit(Duration::from_secs(30));
+    assert!(
+        matches!(code, Some(Some(c)) if c != 0),
+        "a exits non-zero after its group failed: {code:?}"
+    );
+    let out = a.proc.output();
+    assert!(out.contains("leaving the cluster"), "{out}");
+    assert!(
+        observer
+            .seen(|e| *e == MembershipEvent::Delete("a".into()))
+            .is_some(),
+        "a's record was deleted (lease revoked), not left to expire"
+    );
+    // Afterwards every request runs on b, with nothing more to migrate; the same
+    // requests again, on b alone, are the reference for the texts that moved.
+    let b_before = started(&b.url()).await;
+    let reference = streams(&coordinator.http, 0, 8, 40, Arc::default()).await;
+    assert_eq!(started(&b.url()).await - b_before, 8);
+    assert_eq!(
+        metric_sum(&coordinator.http, "shardline_request_migrations_total").await,
+        migrations
+    );
+    for (i, (got, want)) in results.iter().zip(&reference).enumerate() {
+        let want = want.as_ref().expect("reference request");
+        assert_eq!(got.as_ref(), Ok(want), "request {i}: text differs");
+    }
 }
 
 /// (3) SIGTERM a worker under load: drain, then leave.

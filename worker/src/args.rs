@@ -181,6 +181,17 @@ pub async fn run_with_listener(
             res.context("server task failed")??;
             anyhow::bail!("the gRPC server stopped unexpectedly");
         }
+        // An engine that failed for good (a panicked model, a failed tensor-parallel
+        // group) cannot serve again: leave the cluster at once (coordinators drop the
+        // group and continue its requests elsewhere) and exit non-zero, so the
+        // supervisor (Kubernetes, systemd) starts a fresh process.
+        reason = engine.failed() => {
+            tracing::error!(%reason, "the engine failed; leaving the cluster");
+            registration.deregister().await;
+            stop_serving.cancel();
+            let _ = server.await;
+            anyhow::bail!("the engine failed: {reason}");
+        }
     }
     // Draining record first (coordinators stop routing here), then finish the running
     // sequences, then revoke the lease (the record disappears), then stop serving.

@@ -7,6 +7,7 @@
 //!
 //! A panic inside the model does not take the process down: the step fails with
 //! [`EngineError::Failed`], the engine refuses further steps and `Health` reports it.
+//! [`EngineHandle::failed`] resolves then, so the worker can leave the cluster.
 
 pub mod fake;
 mod seq;
@@ -15,7 +16,7 @@ mod state;
 use std::panic::AssertUnwindSafe;
 
 use shardline_proto::worker::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use state::{EngineConfig, EngineCounters, EngineState, EngineStatus};
 
@@ -74,6 +75,8 @@ pub enum EngineCommand {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<EngineCommand>,
+    /// The engine's health after its last command.
+    health: watch::Receiver<Result<(), String>>,
 }
 
 /// Commands waiting for the engine; the coordinator sends one step at a time per group,
@@ -88,11 +91,22 @@ impl EngineHandle {
     ) -> Result<(Self, std::thread::JoinHandle<()>), EngineError> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let state = EngineState::new(runner, config);
+        let (health_tx, health) = watch::channel(state.healthy());
         let join = std::thread::Builder::new()
             .name("shardline-engine".into())
-            .spawn(move || run_engine(state, rx))
+            .spawn(move || run_engine(state, rx, health_tx))
             .map_err(EngineError::Spawn)?;
-        Ok((Self { tx }, join))
+        Ok((Self { tx, health }, join))
+    }
+
+    /// Resolves with the reason once the engine has failed for good (a panic in the
+    /// model, a failed tensor-parallel group) or its thread is gone.
+    pub async fn failed(&self) -> String {
+        let mut health = self.health.clone();
+        match health.wait_for(Result::is_err).await {
+            Ok(h) => h.clone().err().unwrap_or_default(),
+            Err(_) => "the engine thread has stopped".into(),
+        }
     }
 
     async fn call<T>(
@@ -126,8 +140,13 @@ impl EngineHandle {
     }
 }
 
-fn run_engine(mut state: EngineState, mut rx: mpsc::Receiver<EngineCommand>) {
+fn run_engine(
+    mut state: EngineState,
+    mut rx: mpsc::Receiver<EngineCommand>,
+    health: watch::Sender<Result<(), String>>,
+) {
     while let Some(cmd) = rx.blocking_recv() {
+        let changes_health = matches!(cmd, EngineCommand::Step(..) | EngineCommand::Release(..));
         match cmd {
             EngineCommand::Step(req, reply) => {
                 let out = std::panic::catch_unwind(AssertUnwindSafe(|| state.step(req)));
@@ -158,6 +177,13 @@ fn run_engine(mut state: EngineState, mut rx: mpsc::Receiver<EngineCommand>) {
             EngineCommand::Status(reply) => {
                 let _ = reply.send(state.status());
             }
+        }
+        // Once failed, the engine stays failed: only the first failure is sent.
+        if changes_health
+            && health.borrow().is_ok()
+            && let Err(e) = state.healthy()
+        {
+            let _healthy_before = health.send_replace(Err(e));
         }
     }
 }

@@ -352,6 +352,10 @@ async fn the_worker_reports_unhealthy_after_a_rank_fails() {
         },
     };
     let (engine, _join) = EngineHandle::spawn(Box::new(runner), config).unwrap();
+    let failed = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.failed().await }
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -380,11 +384,39 @@ async fn the_worker_reports_unhealthy_after_a_rank_fails() {
     c.step(step(1)).await.unwrap();
     let h = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
     assert!(h.ready, "{h:?}");
+    assert!(!failed.is_finished(), "a healthy engine reported a failure");
     injector.inject(1, InjectedFailure::Panic);
     let err = c.step(step(2)).await.unwrap_err();
     assert!(err.message().contains("injected panic"), "{err}");
     let h = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
     assert!(!h.ready, "the worker must report the failed group: {h:?}");
     assert!(h.message.contains("injected panic"), "{h:?}");
+    // What makes the worker process leave the cluster.
+    let reason = tokio::time::timeout(Duration::from_secs(10), failed)
+        .await
+        .expect("EngineHandle::failed resolves once the group failed")
+        .unwrap();
+    assert!(reason.contains("injected panic"), "{reason}");
     shutdown.cancel();
+}
+
+#[test]
+fn an_armed_failure_waits_its_steps() {
+    let (_dir, mut r) = tp2_runner(Duration::from_millis(500));
+    let injector = r.failure_injector();
+    for (spec, why) in [
+        ("hang:1", "KIND:RANK:STEPS"),
+        ("melt:1:2", "unknown failure"),
+        ("error:x:2", "rank"),
+        ("error:2:2", "the group has 2 ranks"),
+        ("error:1:-1", "steps"),
+    ] {
+        let err = injector.arm(spec).unwrap_err();
+        assert!(err.contains(why), "{spec}: {err}");
+    }
+    injector.arm("error:1:2").unwrap();
+    one_step(&mut r, 1).unwrap();
+    one_step(&mut r, 2).unwrap();
+    let err = one_step(&mut r, 3).unwrap_err();
+    assert!(err.contains("injected error"), "{err}");
 }

@@ -108,13 +108,18 @@ impl EngineState {
         }
     }
 
-    pub fn status(&self) -> EngineStatus {
-        let healthy = match &self.poisoned {
+    /// `Err(why)` once the engine cannot serve any more (a panic in the model, a failed
+    /// tensor-parallel group); it does not recover.
+    pub fn healthy(&self) -> Result<(), String> {
+        match &self.poisoned {
             Some(msg) => Err(msg.clone()),
             None => self.runner.healthy().map_err(|e| e.to_string()),
-        };
+        }
+    }
+
+    pub fn status(&self) -> EngineStatus {
         EngineStatus {
-            healthy,
+            healthy: self.healthy(),
             kv_blocks_free: self.runner.free_blocks(),
             num_running: self.seqs.len(),
             counters: self.counters,

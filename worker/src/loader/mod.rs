@@ -187,14 +187,19 @@ fn load_shards(path: &Path, opts: &LoadOptions, kv_elem_bytes: usize) -> Result<
 /// Loads a model and builds its runner (CPU kernels, f32 KV cache) sized by `opts`.
 pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner, LoadError> {
     let Loaded { shards, blocks, id } = load_shards(path, opts, std::mem::size_of::<f32>())?;
-    Ok(LlamaRunner::sharded(
+    let runner = LlamaRunner::sharded(
         shards,
         id,
         blocks,
         opts.block_size,
         opts.threads,
         opts.collective_timeout,
-    )?)
+    )?;
+    runner
+        .failure_injector()
+        .arm_from_env()
+        .map_err(LoadError::Options)?;
+    Ok(runner)
 }
 
 /// The runner `opts` asks for behind the engine's trait object: [`load_llama_runner`]

@@ -64,7 +64,39 @@ pub enum InjectedFailure {
     Hang,
 }
 
-type Hook = Arc<Mutex<Option<InjectedFailure>>>;
+impl std::str::FromStr for InjectedFailure {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "error" => Ok(Self::Error),
+            "panic" => Ok(Self::Panic),
+            "hang" => Ok(Self::Hang),
+            _ => Err(format!("unknown failure {s:?}: want error, panic or hang")),
+        }
+    }
+}
+
+/// An armed failure: `kind` after `after` more steps run normally.
+#[derive(Debug, Default)]
+struct Armed {
+    kind: Option<InjectedFailure>,
+    after: u64,
+}
+
+impl Armed {
+    /// The failure this step must show, if its turn has come.
+    fn fire(&mut self) -> Option<InjectedFailure> {
+        self.kind?;
+        if self.after == 0 {
+            return self.kind.take();
+        }
+        self.after -= 1;
+        None
+    }
+}
+
+type Hook = Arc<Mutex<Armed>>;
 
 /// A handle that makes one rank's next step fail; it stays usable after the runner moved
 /// into the engine thread.
@@ -73,12 +105,55 @@ pub struct FailureInjector {
     hooks: Vec<Hook>,
 }
 
+/// The environment variable that arms a failure in a worker process, for end-to-end
+/// tests of a group's failure path: `KIND:RANK:STEPS` (`hang:1:20`: rank 1 stops
+/// answering in the step after its first 20). Never set in production.
+pub const INJECT_FAILURE_ENV: &str = "SHARDLINE_INJECT_FAILURE";
+
 impl FailureInjector {
     /// Makes `rank`'s next step fail the way `kind` says (unknown ranks are ignored).
     pub fn inject(&self, rank: usize, kind: InjectedFailure) {
+        self.inject_after(rank, kind, 0);
+    }
+
+    /// Makes `rank` fail the way `kind` says once `steps` more steps have run.
+    pub fn inject_after(&self, rank: usize, kind: InjectedFailure, steps: u64) {
         if let Some(h) = self.hooks.get(rank) {
-            *h.lock().unwrap_or_else(|e| e.into_inner()) = Some(kind);
+            *h.lock().unwrap_or_else(|e| e.into_inner()) = Armed {
+                kind: Some(kind),
+                after: steps,
+            };
         }
+    }
+
+    /// Arms the failure [`INJECT_FAILURE_ENV`] describes, if it is set.
+    pub fn arm_from_env(&self) -> Result<(), String> {
+        match std::env::var(INJECT_FAILURE_ENV) {
+            Ok(spec) => self
+                .arm(&spec)
+                .map_err(|e| format!("{INJECT_FAILURE_ENV}={spec:?}: {e}")),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Arms `KIND:RANK:STEPS` (see [`INJECT_FAILURE_ENV`]).
+    pub fn arm(&self, spec: &str) -> Result<(), String> {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let [kind, rank, steps] = parts[..] else {
+            return Err("want KIND:RANK:STEPS".into());
+        };
+        let kind: InjectedFailure = kind.parse()?;
+        let rank: usize = rank.parse().map_err(|e| format!("rank: {e}"))?;
+        let steps: u64 = steps.parse().map_err(|e| format!("steps: {e}"))?;
+        if rank >= self.hooks.len() {
+            return Err(format!(
+                "rank {rank}: the group has {} ranks",
+                self.hooks.len()
+            ));
+        }
+        tracing::warn!(?kind, rank, steps, "failure injection armed (a test run)");
+        self.inject_after(rank, kind, steps);
+        Ok(())
     }
 }
 
@@ -151,7 +226,7 @@ struct Slot<R> {
 impl<R: GroupRank> Slot<R> {
     /// One step on this rank, errors and panics turned into an abort of the group.
     fn step(&mut self, step: &OwnedStep) -> Result<Vec<f32>, String> {
-        let injected = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let injected = self.hook.lock().unwrap_or_else(|e| e.into_inner()).fire();
         let r = &mut self.rank;
         let rank = r.rank();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match injected {
