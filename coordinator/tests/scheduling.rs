@@ -10,7 +10,7 @@ use common::*;
 use futures::StreamExt;
 use serde_json::json;
 use shardline_coordinator::Config;
-use shardline_coordinator::testing::{FakeWorkerConfig, test_tokenizer};
+use shardline_coordinator::testing::{FakeWorkerConfig, FakeWorkerHandle, test_tokenizer};
 
 fn slow(step_ms: u64) -> FakeWorkerConfig {
     FakeWorkerConfig {
@@ -296,21 +296,31 @@ async fn high_priority_overtakes_earlier_low_priority() {
     assert_eq!(order[1], "high", "admission order: {order:?}");
 }
 
+/// Groups "a" and "b", 10 ms a step.
+fn two_slow_groups() -> Vec<FakeWorkerConfig> {
+    ["a", "b"]
+        .map(|g| FakeWorkerConfig {
+            group_id: g.into(),
+            ..slow(10)
+        })
+        .into()
+}
+
+/// The first worker that holds sequences, once one does.
+async fn busy_worker(c: &Cluster) -> &FakeWorkerHandle {
+    loop {
+        if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
+            return w;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Issue 3's mechanism: when a group's step fails, its requests continue on another group
 /// with nothing lost or duplicated.
 #[tokio::test]
 async fn requests_migrate_off_a_failed_group() {
-    let workers = vec![
-        FakeWorkerConfig {
-            group_id: "a".into(),
-            ..slow(10)
-        },
-        FakeWorkerConfig {
-            group_id: "b".into(),
-            ..slow(10)
-        },
-    ];
-    let c = cluster(Config::default(), workers).await;
+    let c = cluster(Config::default(), two_slow_groups()).await;
     let mut tasks = Vec::new();
     for i in 0..6 {
         let http = c.http.clone();
@@ -322,12 +332,7 @@ async fn requests_migrate_off_a_failed_group() {
         }));
     }
     // Fail whichever group holds sequences, mid-generation.
-    let victim = loop {
-        if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
-            break w;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let victim = busy_worker(&c).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     victim.stats().fail.store(true, Ordering::SeqCst);
     for (i, t) in tasks.into_iter().enumerate() {
@@ -351,17 +356,7 @@ async fn requests_migrate_off_a_failed_group() {
 /// it, no second migration) until it is healthy again.
 #[tokio::test]
 async fn a_group_whose_engine_failed_gets_no_new_requests() {
-    let workers = vec![
-        FakeWorkerConfig {
-            group_id: "a".into(),
-            ..slow(10)
-        },
-        FakeWorkerConfig {
-            group_id: "b".into(),
-            ..slow(10)
-        },
-    ];
-    let c = cluster(Config::default(), workers).await;
+    let c = cluster(Config::default(), two_slow_groups()).await;
     let run = |from: usize, n: usize, tokens: usize| {
         (from..from + n)
             .map(|i| {
@@ -377,12 +372,7 @@ async fn a_group_whose_engine_failed_gets_no_new_requests() {
             .collect::<Vec<_>>()
     };
     let tasks = run(0, 6, 40);
-    let victim = loop {
-        if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
-            break w;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let victim = busy_worker(&c).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     victim.stats().engine_failed.store(true, Ordering::SeqCst);
     for t in tasks {
@@ -485,17 +475,7 @@ async fn kv_demand_over_budget_gets_429() {
 /// Removing a group (membership delete) moves its requests to the remaining group.
 #[tokio::test]
 async fn removed_group_hands_its_requests_over() {
-    let workers = vec![
-        FakeWorkerConfig {
-            group_id: "a".into(),
-            ..slow(10)
-        },
-        FakeWorkerConfig {
-            group_id: "b".into(),
-            ..slow(10)
-        },
-    ];
-    let c = cluster(Config::default(), workers).await;
+    let c = cluster(Config::default(), two_slow_groups()).await;
     let mut tasks = Vec::new();
     for i in 0..4 {
         let http = c.http.clone();
@@ -512,12 +492,7 @@ async fn removed_group_hands_its_requests_over() {
                 .unwrap()
         }));
     }
-    let victim = loop {
-        if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
-            break w;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let victim = busy_worker(&c).await;
     c.coordinator.groups.remove(&victim.url());
     for (i, t) in tasks.into_iter().enumerate() {
         let body = t.await.unwrap();

@@ -224,6 +224,10 @@ pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunne
         opts.block_size,
         opts.collective_timeout,
     )?;
+    runner
+        .failure_injector()
+        .arm_from_env()
+        .map_err(LoadError::Options)?;
     Ok(Box::new(runner))
 }
 
