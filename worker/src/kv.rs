@@ -323,6 +323,20 @@ impl BlockManager {
     }
 }
 
+/// `n` zeros with every page faulted in now (about 0.2 s for 512 MiB): the cache is
+/// reserved when the worker starts — one that cannot hold it fails while loading, not
+/// under load, and its resident memory shows the reservation — and the first requests'
+/// steps do not pay the first-touch page faults (steady-state speed is unchanged).
+fn reserved(n: usize) -> Vec<f32> {
+    const PAGE: usize = 4096 / std::mem::size_of::<f32>();
+    let mut v = vec![0f32; n];
+    // `black_box`: the stores must not be dropped as redundant on fresh zeroed memory.
+    for x in std::hint::black_box(&mut v[..]).iter_mut().step_by(PAGE) {
+        *x = 0.0;
+    }
+    v
+}
+
 /// K and V of every layer, in `num_blocks` blocks of `block_size` positions, f32.
 ///
 /// Per `[layer][block][kv_head]` one run of `block_size × head_dim` values each: keys
@@ -348,8 +362,8 @@ impl KvStore {
     ) -> Self {
         let n = layers * num_blocks * block_size * kv_heads * head_dim;
         KvStore {
-            k: vec![0.0; n],
-            v: vec![0.0; n],
+            k: reserved(n),
+            v: reserved(n),
             num_blocks,
             block_size,
             kv_heads,
@@ -421,6 +435,29 @@ mod tests {
         let rest = &toks[cached..];
         m.reserve(&[(id, rest.len())]).unwrap();
         m.commit(id, rest).unwrap();
+    }
+
+    /// Resident bytes of this process (Linux `statm`).
+    #[cfg(target_os = "linux")]
+    fn resident_bytes() -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_cache_is_resident_from_the_start() {
+        let before = resident_bytes();
+        // K and V: 32 layers × 512 blocks × 16 slots × 2 heads × 64 dims × 4 bytes each.
+        let kv = KvStore::new(32, 512, 16, 2, 64);
+        let bytes = 2 * 32 * 512 * 16 * 2 * 64 * 4;
+        let grown = resident_bytes().saturating_sub(before);
+        assert!(
+            grown >= bytes * 9 / 10,
+            "a new {bytes}-byte cache made only {grown} bytes resident"
+        );
+        assert!(kv.keys(31, 511, 1).iter().all(|&x| x == 0.0));
     }
 
     #[test]
