@@ -120,11 +120,23 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         );
         println!("Ctrl-C stops it.");
     }
-    // A group whose engine failed leaves (the coordinator continues its requests on the
-    // others); `up` stops only when none is left.
+    serve_groups(&mut tasks, &shutdown).await?;
+    while let Some(res) = tasks.join_next().await {
+        res.context("worker task")??;
+    }
+    coordinator.wait().await
+}
+
+/// Runs until `shutdown`. A group that stops meanwhile (its engine failed: it has left
+/// the membership, and the coordinator continues its requests on the others) is logged;
+/// when the last one stops, everything shuts down with its error.
+async fn serve_groups(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return Ok(()),
             Some(res) = tasks.join_next() => {
                 let error = match res.context("worker task") {
                     Ok(Ok(())) => anyhow::anyhow!("it stopped unexpectedly"),
@@ -138,10 +150,6 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             }
         }
     }
-    while let Some(res) = tasks.join_next().await {
-        res.context("worker task")??;
-    }
-    coordinator.wait().await
 }
 
 /// Waits until at least one group is ready; fails if a worker task ends first.
@@ -163,5 +171,51 @@ async fn wait_ready(
             }
             changed = ready.changed() => changed.context("the group set stopped")?,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_group_leaves_the_others_serving() {
+        let (shutdown, last) = (CancellationToken::new(), CancellationToken::new());
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async { anyhow::bail!("the engine failed: rank 1 hung") });
+        tasks.spawn({
+            let last = last.clone();
+            async move {
+                last.cancelled().await;
+                anyhow::bail!("the engine failed: rank 2 hung")
+            }
+        });
+        let serving = tokio::time::timeout(
+            Duration::from_millis(200),
+            serve_groups(&mut tasks, &shutdown),
+        )
+        .await;
+        assert!(serving.is_err(), "up stopped with a group still serving");
+        assert!(!shutdown.is_cancelled());
+        last.cancel();
+        let err = serve_groups(&mut tasks, &shutdown).await.unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("the last worker group stopped"), "{err}");
+        assert!(err.contains("rank 2 hung"), "{err}");
+        assert!(
+            shutdown.is_cancelled(),
+            "the coordinator is told to stop too"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_serving_without_an_error() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(std::future::pending::<anyhow::Result<()>>());
+        shutdown.cancel();
+        serve_groups(&mut tasks, &shutdown).await.unwrap();
     }
 }
