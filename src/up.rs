@@ -88,6 +88,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             max_context: None,
             model_id: None,
             drain_timeout_secs: 2,
+            seq_idle_timeout_secs: 120,
             registration: shardline_worker::registration::RegistrationArgs {
                 membership: Some(membership.clone()),
                 ..Default::default()

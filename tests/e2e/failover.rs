@@ -13,7 +13,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use shardline_proto::membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
-use shardline_proto::worker::v1::{HealthRequest, HealthResponse, worker_client::WorkerClient};
+use shardline_proto::worker::v1::{
+    HealthRequest, HealthResponse, InfoRequest, worker_client::WorkerClient,
+};
 use shardline_tests::etcd::EtcdServer;
 use shardline_tests::http::metric_sum;
 use shardline_tests::{Proc, model_path};
@@ -553,6 +555,57 @@ async fn a_failed_tensor_parallel_group_leaves_and_its_requests_continue() {
         let want = want.as_ref().expect("reference request");
         assert_eq!(got.as_ref(), Ok(want), "request {i}: text differs");
     }
+}
+
+/// (2c) A coordinator killed with sequences running: the worker releases them once no
+/// step has named them for `--seq-idle-timeout-secs`, and its KV cache is whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_coordinators_sequences_are_released_by_the_worker() {
+    let _serial = serial().await;
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let mut a = start_worker(&etcd, "a", &["--seq-idle-timeout-secs", "2"]);
+    observer.wait_ready(&mut [&mut a]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 1).await;
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let run = tokio::spawn({
+        let (http, tokens) = (coordinator.http.clone(), tokens.clone());
+        async move { streams(&http, 0, 4, 400, tokens).await }
+    });
+    until!(Duration::from_secs(60), "tokens to flow", {
+        (tokens.load(Ordering::Relaxed) >= 8).then_some(())
+    });
+    let h = health(&a.url()).await.expect("worker health");
+    assert!(h.num_running > 0, "sequences run on a: {h:?}");
+    let total = {
+        let mut w = WorkerClient::connect(a.url()).await.unwrap();
+        w.info(InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .kv_blocks_total
+    };
+    assert!(h.kv_blocks_free < total, "they hold KV blocks: {h:?}");
+    coordinator.proc.signal("KILL");
+    let killed = Instant::now();
+    let results = run.await.unwrap();
+    assert!(
+        results.iter().all(Result::is_err),
+        "streams end with the coordinator"
+    );
+    let h = until!(Duration::from_secs(20), "a to release the sequences", {
+        health(&a.url())
+            .await
+            .filter(|h| h.num_running == 0 && h.kv_blocks_free == total)
+    });
+    // Not before the idle timeout (2 s, checked every 0.5 s).
+    assert!(killed.elapsed() >= Duration::from_millis(1500), "{h:?}");
+    assert!(
+        a.proc.output().contains("released sequences no step named"),
+        "{}",
+        a.proc.output()
+    );
+    a.proc.assert_running();
 }
 
 /// (3) SIGTERM a worker under load: drain, then leave.

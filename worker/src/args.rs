@@ -84,6 +84,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "SHARDLINE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
 
+    /// Seconds after which a sequence that no step has named is released (its
+    /// coordinator crashed: a live one names every sequence in every step); 0 never.
+    #[arg(long, env = "SHARDLINE_SEQ_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    pub seq_idle_timeout_secs: u64,
+
     /// Membership: `--etcd`, `--etcd-prefix`, `--lease-ttl-secs`, `--advertise`.
     #[command(flatten)]
     pub registration: crate::registration::RegistrationArgs,
@@ -161,6 +166,13 @@ pub async fn run_with_listener(
         "model loaded"
     );
     let (engine, engine_thread) = EngineHandle::spawn(runner, config)?;
+    // Stops with this function, however it returns (and lets go of the engine).
+    let stop_idle = CancellationToken::new();
+    let _stop_idle = stop_idle.clone().drop_guard();
+    if args.seq_idle_timeout_secs > 0 {
+        let idle = Duration::from_secs(args.seq_idle_timeout_secs);
+        tokio::spawn(release_idle(engine.clone(), idle, stop_idle.clone()));
+    }
 
     let draining = CancellationToken::new();
     let stop_serving = CancellationToken::new();
@@ -201,6 +213,7 @@ pub async fn run_with_listener(
     registration.deregister().await;
     stop_serving.cancel();
     server.await.context("server task failed")??;
+    stop_idle.cancel();
     drop(engine);
     // The engine thread ends once the last handle is gone (the server's went with it).
     tokio::task::spawn_blocking(move || engine_thread.join())
@@ -208,6 +221,30 @@ pub async fn run_with_listener(
         .context("joining the engine thread")?
         .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     Ok(())
+}
+
+/// Every quarter of `idle` (at most every 250 ms), releases the sequences no step has
+/// named for `idle`: those of a coordinator that crashed would otherwise hold their KV
+/// blocks until the worker restarts.
+async fn release_idle(engine: EngineHandle, idle: Duration, stop: CancellationToken) {
+    let mut every = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match engine.release_idle(idle).await {
+            Ok(ids) if !ids.is_empty() => tracing::warn!(
+                released = ids.len(),
+                ?ids,
+                idle_s = idle.as_secs_f64(),
+                "released sequences no step named (their coordinator is gone?)"
+            ),
+            Ok(_) => {}
+            Err(_) => return, // the engine stopped
+        }
+    }
 }
 
 /// Waits until no sequence runs on the engine, or `timeout`.

@@ -67,6 +67,8 @@ pub enum EngineCommand {
         oneshot::Sender<Result<pb::StepResponse, EngineError>>,
     ),
     Release(Vec<u64>, oneshot::Sender<usize>),
+    /// Release the sequences no step has named for this long; replies with their ids.
+    ReleaseIdle(std::time::Duration, oneshot::Sender<Vec<u64>>),
     Info(oneshot::Sender<pb::InfoResponse>),
     Status(oneshot::Sender<EngineStatus>),
 }
@@ -131,6 +133,12 @@ impl EngineHandle {
         self.call(|r| EngineCommand::Release(ids, r)).await
     }
 
+    /// Releases the sequences no step has named for `idle` (abandoned by a coordinator
+    /// that crashed); their ids.
+    pub async fn release_idle(&self, idle: std::time::Duration) -> Result<Vec<u64>, EngineError> {
+        self.call(|r| EngineCommand::ReleaseIdle(idle, r)).await
+    }
+
     pub async fn info(&self) -> Result<pb::InfoResponse, EngineError> {
         self.call(EngineCommand::Info).await
     }
@@ -146,7 +154,10 @@ fn run_engine(
     health: watch::Sender<Result<(), String>>,
 ) {
     while let Some(cmd) = rx.blocking_recv() {
-        let changes_health = matches!(cmd, EngineCommand::Step(..) | EngineCommand::Release(..));
+        let changes_health = matches!(
+            cmd,
+            EngineCommand::Step(..) | EngineCommand::Release(..) | EngineCommand::ReleaseIdle(..)
+        );
         match cmd {
             EngineCommand::Step(req, reply) => {
                 let out = std::panic::catch_unwind(AssertUnwindSafe(|| state.step(req)));
@@ -164,6 +175,20 @@ fn run_engine(
                 match free {
                     Ok(free) => {
                         let _ = reply.send(free);
+                    }
+                    Err(panic) => {
+                        let msg = panic_message(panic.as_ref());
+                        state.poison(format!("model panicked in release: {msg}"));
+                    }
+                }
+            }
+            EngineCommand::ReleaseIdle(idle, reply) => {
+                let now = std::time::Instant::now();
+                let ids =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| state.release_idle(now, idle)));
+                match ids {
+                    Ok(ids) => {
+                        let _ = reply.send(ids);
                     }
                     Err(panic) => {
                         let msg = panic_message(panic.as_ref());

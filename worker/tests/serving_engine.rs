@@ -346,6 +346,38 @@ fn release_returns_blocks_and_ignores_unknown_ids() {
 }
 
 #[test]
+fn sequences_no_step_names_are_released_after_the_idle_timeout() {
+    let (mut e, _) = engine(64, 4, 16);
+    step(
+        &mut e,
+        vec![
+            first(1, (1..=9).collect(), params(10), 0),
+            first(2, (1..=4).collect(), params(10), 0),
+        ],
+        vec![],
+    );
+    assert_eq!(e.status().num_running, 2);
+    let idle = std::time::Duration::from_millis(100);
+    assert!(e.release_idle(std::time::Instant::now(), idle).is_empty());
+    std::thread::sleep(idle * 3);
+    // Only 1 is still being stepped (2's coordinator is gone).
+    decode(&mut e, &[1]);
+    let released = e.release_idle(std::time::Instant::now(), idle);
+    assert_eq!(released, vec![2]);
+    assert_eq!(e.status().num_running, 1);
+    assert_eq!(e.status().counters.seqs_released_idle, 1);
+    token(&decode(&mut e, &[1]).results[0]);
+    assert_eq!(
+        status(&decode(&mut e, &[2]).results[0]),
+        pb::SeqStatus::Invalid
+    );
+    // 1, stepped just now, stays.
+    assert!(e.release_idle(std::time::Instant::now(), idle).is_empty());
+    e.release(&[1]);
+    assert_eq!(e.status().kv_blocks_free, 16);
+}
+
+#[test]
 fn forward_failure_fails_the_step_and_undoes_new_sequences() {
     let (mut e, log) = engine(64, 4, 16);
     step(&mut e, vec![first(1, vec![1, 2], params(10), 0)], vec![]);

@@ -101,6 +101,10 @@ pub(crate) struct Sequence {
     pub penalties: PenaltyState,
     /// Logprobs of prompt tokens `1..computed+1`, gathered over the prefill chunks.
     pub prompt_logprobs: Vec<pb::TokenLogprob>,
+    /// When a `Step` last named this sequence (see [`EngineState::release_idle`]).
+    ///
+    /// [`EngineState::release_idle`]: super::EngineState::release_idle
+    pub touched: std::time::Instant,
 }
 
 impl Sequence {
@@ -114,6 +118,7 @@ impl Sequence {
             generated: Vec::new(),
             penalties,
             prompt_logprobs: Vec::new(),
+            touched: std::time::Instant::now(),
         }
     }
 

@@ -11,7 +11,7 @@
 //!    are freed here, so the coordinator need not release them.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shardline_proto::worker::v1 as pb;
 
@@ -32,6 +32,8 @@ pub struct EngineCounters {
     pub tokens_generated: u64,
     pub prompt_tokens_computed: u64,
     pub prompt_tokens_cached: u64,
+    /// Sequences released because no `Step` named them for the idle timeout.
+    pub seqs_released_idle: u64,
 }
 
 /// A point-in-time view for `Health`.
@@ -133,6 +135,22 @@ impl EngineState {
             self.runner.remove_sequence(SeqId(id));
         }
         self.runner.free_blocks()
+    }
+
+    /// Releases the sequences no `Step` has named for `idle` (their coordinator crashed
+    /// or lost them) and returns their ids. A live coordinator names each of its
+    /// sequences in every step, so only abandoned ones are idle for long; without this
+    /// their KV blocks would stay taken until the worker restarts.
+    pub fn release_idle(&mut self, now: Instant, idle: Duration) -> Vec<u64> {
+        let ids: Vec<u64> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.touched) > idle)
+            .map(|(id, _)| id.0)
+            .collect();
+        self.release(&ids);
+        self.counters.seqs_released_idle += ids.len() as u64;
+        ids
     }
 
     /// Marks the engine failed (after a panic inside the model).
@@ -238,6 +256,11 @@ impl EngineState {
                 result.has_token = false;
                 result.token = None;
                 invalid(result, msg);
+            }
+        }
+        for r in &results {
+            if let Some(seq) = self.seqs.get_mut(&SeqId(r.seq_id)) {
+                seq.touched = started;
             }
         }
         self.counters.steps += 1;
