@@ -163,6 +163,17 @@ impl CoordinatorArgs {
                 message: "must be >= 0".into(),
             });
         }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            // Every running sequence decodes one token in every step; with fewer tokens
+            // per step than sequences, the same ones would be left out of every step.
+            return Err(ConfigError {
+                flag: "max-num-batched-tokens",
+                message: format!(
+                    "must be at least --max-num-seqs ({}): each running sequence takes one token of every step",
+                    self.max_num_seqs
+                ),
+            });
+        }
         let burst = self.tenant_burst.unwrap_or(self.tenant_rate.max(1.0));
         if !burst.is_finite() || burst < 1.0 {
             return Err(ConfigError {
@@ -250,5 +261,20 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["x", "--step-timeout-s", "0"]).unwrap();
         assert_eq!(cli.args.config().unwrap_err().flag, "step-timeout-s");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--max-num-seqs",
+            "64",
+            "--max-num-batched-tokens",
+            "32",
+        ])
+        .unwrap();
+        let err = cli.args.config().unwrap_err();
+        assert_eq!(err.flag, "max-num-batched-tokens");
+        assert!(
+            err.message.contains("--max-num-seqs (64)"),
+            "{}",
+            err.message
+        );
     }
 }
