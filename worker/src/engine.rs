@@ -171,29 +171,14 @@ fn run_engine(
                 let _ = reply.send(out);
             }
             EngineCommand::Release(ids, reply) => {
-                let free = std::panic::catch_unwind(AssertUnwindSafe(|| state.release(&ids)));
-                match free {
-                    Ok(free) => {
-                        let _ = reply.send(free);
-                    }
-                    Err(panic) => {
-                        let msg = panic_message(panic.as_ref());
-                        state.poison(format!("model panicked in release: {msg}"));
-                    }
+                if let Some(free) = releasing(&mut state, |s| s.release(&ids)) {
+                    let _ = reply.send(free);
                 }
             }
             EngineCommand::ReleaseIdle(idle, reply) => {
                 let now = std::time::Instant::now();
-                let ids =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| state.release_idle(now, idle)));
-                match ids {
-                    Ok(ids) => {
-                        let _ = reply.send(ids);
-                    }
-                    Err(panic) => {
-                        let msg = panic_message(panic.as_ref());
-                        state.poison(format!("model panicked in release: {msg}"));
-                    }
+                if let Some(ids) = releasing(&mut state, |s| s.release_idle(now, idle)) {
+                    let _ = reply.send(ids);
                 }
             }
             EngineCommand::Info(reply) => {
@@ -209,6 +194,19 @@ fn run_engine(
             && let Err(e) = state.healthy()
         {
             let _healthy_before = health.send_replace(Err(e));
+        }
+    }
+}
+
+/// Runs a release on `state`; a panic inside the runner poisons the engine (and drops
+/// the reply, which the caller sees as a closed engine).
+fn releasing<T>(state: &mut EngineState, f: impl FnOnce(&mut EngineState) -> T) -> Option<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| f(state))) {
+        Ok(v) => Some(v),
+        Err(panic) => {
+            let msg = panic_message(panic.as_ref());
+            state.poison(format!("model panicked in release: {msg}"));
+            None
         }
     }
 }
