@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use shardline_proto::membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
 use shardline_proto::worker::v1::{
-    HealthRequest, HealthResponse, InfoRequest, worker_client::WorkerClient,
+    HealthRequest, HealthResponse, InfoRequest, InfoResponse, worker_client::WorkerClient,
 };
 use shardline_tests::etcd::EtcdServer;
 use shardline_tests::http::metric_sum;
@@ -206,6 +206,16 @@ impl Observer {
 async fn health(worker: &str) -> Option<HealthResponse> {
     let mut w = WorkerClient::connect(worker.to_string()).await.ok()?;
     Some(w.health(HealthRequest {}).await.ok()?.into_inner())
+}
+
+async fn info(worker: &str) -> InfoResponse {
+    let mut w = WorkerClient::connect(worker.to_string())
+        .await
+        .expect("connect to the worker");
+    w.info(InfoRequest {})
+        .await
+        .expect("worker info")
+        .into_inner()
 }
 
 async fn started(worker: &str) -> u64 {
@@ -577,14 +587,7 @@ async fn a_killed_coordinators_sequences_are_released_by_the_worker() {
     });
     let h = health(&a.url()).await.expect("worker health");
     assert!(h.num_running > 0, "sequences run on a: {h:?}");
-    let total = {
-        let mut w = WorkerClient::connect(a.url()).await.unwrap();
-        w.info(InfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .kv_blocks_total
-    };
+    let total = info(&a.url()).await.kv_blocks_total;
     assert!(h.kv_blocks_free < total, "they hold KV blocks: {h:?}");
     coordinator.proc.signal("KILL");
     let killed = Instant::now();
