@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions`
-//! (JSON or SSE), `/v1/models`, `/health`, `/metrics`. Bodies are parsed by hand so every
+//! (JSON or SSE), `/v1/models`, `/health` (ready: a worker group is), `/livez` (the
+//! process serves), `/metrics`. Bodies are parsed by hand so every
 //! malformed input gets an OpenAI-style error naming the problem.
 
 mod chat;
@@ -37,6 +38,7 @@ pub fn router(service: Service) -> axum::Router {
     axum::Router::new()
         .merge(api)
         .route("/health", get(health))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
@@ -99,6 +101,12 @@ async fn health(State(service): State<Service>) -> Response {
         )
             .into_response()
     }
+}
+
+/// Liveness: answers while the HTTP server does, whatever the worker groups' state (a
+/// liveness probe on `/health` would restart every coordinator while no group is up).
+async fn livez() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
 }
 
 async fn metrics(State(service): State<Service>) -> Response {
