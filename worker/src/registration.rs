@@ -34,8 +34,9 @@ pub struct RegistrationArgs {
     #[arg(long, env = "SHARDLINE_LEASE_TTL_SECS", default_value_t = 5)]
     pub lease_ttl_secs: u64,
 
-    /// Address coordinators reach this worker at, `host:port` or a URL (default: the
-    /// listen address; set it when listening on 0.0.0.0 or behind NAT).
+    /// Address coordinators reach this worker at: `host:port`, a URL, or a host alone
+    /// (then the listen port), e.g. the pod IP in Kubernetes (default: the listen
+    /// address; set it when listening on 0.0.0.0 or behind NAT).
     #[arg(long, env = "SHARDLINE_ADVERTISE")]
     pub advertise: Option<String>,
 
@@ -62,7 +63,7 @@ impl Default for RegistrationArgs {
 pub enum RegistrationError {
     #[error("invalid --lease-ttl-secs {0}: must be at least {min} s", min = MIN_LEASE_TTL.as_secs())]
     Ttl(u64),
-    #[error("invalid --advertise {0:?}: want host:port or http://host:port")]
+    #[error("invalid --advertise {0:?}: want host, host:port or http://host:port")]
     Advertise(String),
     #[error(transparent)]
     Membership(#[from] MembershipError),
@@ -83,7 +84,8 @@ impl RegistrationArgs {
             return Err(RegistrationError::Ttl(self.lease_ttl_secs));
         }
         if let Some(a) = &self.advertise {
-            advertised_url(a)?;
+            // The format only: the port a bare host takes is known once bound.
+            advertised_url(a, 1)?;
         }
         Ok(())
     }
@@ -91,32 +93,41 @@ impl RegistrationArgs {
     /// The URL coordinators dial: `--advertise`, else the bound listen address.
     pub fn address(&self, listening: SocketAddr) -> Result<String, RegistrationError> {
         match &self.advertise {
-            Some(a) => advertised_url(a),
+            Some(a) => advertised_url(a, listening.port()),
             None => Ok(format!("http://{listening}")),
         }
     }
 }
 
-fn advertised_url(a: &str) -> Result<String, RegistrationError> {
+/// `--advertise` as the URL coordinators dial; a host without a port takes `port`.
+fn advertised_url(a: &str, port: u16) -> Result<String, RegistrationError> {
     let a = a.trim();
-    let rest = a
-        .strip_prefix("http://")
-        .or_else(|| a.strip_prefix("https://"))
-        .unwrap_or(a);
-    let ok = !rest.is_empty()
-        && !rest.contains('/')
-        && !rest.contains(char::is_whitespace)
-        && rest
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    let (scheme, rest) = match a.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+        Some(_) => return Err(RegistrationError::Advertise(a.to_string())),
+        None => ("http", a),
+    };
+    let bad = rest.is_empty()
+        || rest.contains('/')
+        || rest.contains(char::is_whitespace)
+        || rest.starts_with(':');
+    if bad {
+        return Err(RegistrationError::Advertise(a.to_string()));
+    }
+    // A bare IP (IPv6 included, whose colons are not a port) or a name without a port.
+    if let Ok(ip) = rest.parse::<std::net::IpAddr>() {
+        return Ok(format!("{scheme}://{}", SocketAddr::new(ip, port)));
+    }
+    if !rest.contains(':') {
+        return Ok(format!("{scheme}://{rest}:{port}"));
+    }
+    let ok = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
     if !ok {
         return Err(RegistrationError::Advertise(a.to_string()));
     }
-    Ok(if a.contains("://") {
-        a.to_string()
-    } else {
-        format!("http://{a}")
-    })
+    Ok(format!("{scheme}://{rest}"))
 }
 
 /// The record this group publishes.
@@ -218,12 +229,29 @@ mod tests {
     #[test]
     fn advertise_is_normalised_and_checked() {
         assert_eq!(
-            advertised_url("10.0.0.7:50051").unwrap(),
+            advertised_url("10.0.0.7:50051", 9).unwrap(),
             "http://10.0.0.7:50051"
         );
-        assert_eq!(advertised_url("http://w1:7").unwrap(), "http://w1:7");
-        for bad in ["", "w1", "http://w1", "w1:x", "w 1:7", "http://w1:7/x"] {
-            assert!(advertised_url(bad).is_err(), "{bad:?} accepted");
+        assert_eq!(advertised_url("http://w1:7", 9).unwrap(), "http://w1:7");
+        // A host alone (a pod IP from the downward API) takes the listen port.
+        assert_eq!(advertised_url("10.0.0.7", 9).unwrap(), "http://10.0.0.7:9");
+        assert_eq!(advertised_url("w1", 9).unwrap(), "http://w1:9");
+        assert_eq!(advertised_url("http://w1", 9).unwrap(), "http://w1:9");
+        assert_eq!(advertised_url("fd00::7", 9).unwrap(), "http://[fd00::7]:9");
+        assert_eq!(
+            advertised_url("[fd00::7]:50051", 9).unwrap(),
+            "http://[fd00::7]:50051"
+        );
+        for bad in [
+            "",
+            ":7",
+            "w1:x",
+            "w 1:7",
+            "http://w1:7/x",
+            "ftp://w1:7",
+            "http://",
+        ] {
+            assert!(advertised_url(bad, 9).is_err(), "{bad:?} accepted");
         }
         let args = RegistrationArgs {
             etcd: vec!["http://127.0.0.1:1".into()],
