@@ -9,15 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use shardline_proto::membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
-use shardline_proto::worker::v1::{
-    HealthRequest, HealthResponse, InfoRequest, InfoResponse, worker_client::WorkerClient,
-};
+use shardline_proto::worker::v1::{InfoRequest, InfoResponse, worker_client::WorkerClient};
 use shardline_tests::etcd::EtcdServer;
 use shardline_tests::http::metric_sum;
+use shardline_tests::load::{body, client, complete, streams};
+use shardline_tests::worker::health;
 use shardline_tests::{Proc, model_path};
 use tokio_util::sync::CancellationToken;
 
@@ -203,11 +202,6 @@ impl Observer {
     }
 }
 
-async fn health(worker: &str) -> Option<HealthResponse> {
-    let mut w = WorkerClient::connect(worker.to_string()).await.ok()?;
-    Some(w.health(HealthRequest {}).await.ok()?.into_inner())
-}
-
 async fn info(worker: &str) -> InfoResponse {
     let mut w = WorkerClient::connect(worker.to_string())
         .await
@@ -223,103 +217,6 @@ async fn started(worker: &str) -> u64 {
         .await
         .expect("worker health")
         .sequences_started
-}
-
-fn client() -> reqwest::Client {
-    shardline_tests::http::client(Duration::from_secs(120))
-}
-
-fn body(i: usize, max_tokens: u32) -> Value {
-    let prompt = format!(
-        "Question {i}: list some facts about the number {}. Answer:",
-        i * 7 + 3
-    );
-    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
-}
-
-/// Non-streaming completion: the status and the body.
-async fn complete(http: &str, body: Value) -> (u16, Value) {
-    match client()
-        .post(format!("{http}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-    {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(e) => (0, json!({"transport error": e.to_string()})),
-    }
-}
-
-/// Streams a completion; `Err` on a non-200 status or an error event. `tokens` counts
-/// the text chunks received (all streams together).
-async fn stream(http: &str, mut body: Value, tokens: Arc<AtomicUsize>) -> Result<String, String> {
-    body["stream"] = json!(true);
-    let r = client()
-        .post(format!("{http}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status() != 200 {
-        return Err(format!(
-            "status {}: {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        ));
-    }
-    let (mut text, mut buf, mut finished) = (String::new(), String::new(), false);
-    let mut bytes = r.bytes_stream();
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(std::str::from_utf8(&chunk.map_err(|e| e.to_string())?).unwrap());
-        while let Some(i) = buf.find("\n\n") {
-            let event: String = buf.drain(..i + 2).collect();
-            let data = event
-                .trim()
-                .strip_prefix("data: ")
-                .unwrap_or("")
-                .to_string();
-            if data == "[DONE]" || data.is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&data).map_err(|e| format!("{e}: {data}"))?;
-            if v.get("error").is_some() {
-                return Err(format!("error event after {text:?}: {v}"));
-            }
-            if let Some(t) = v["choices"][0]["text"].as_str() {
-                text.push_str(t);
-                tokens.fetch_add(1, Ordering::Relaxed);
-            }
-            finished |= v["choices"][0]["finish_reason"].is_string();
-        }
-    }
-    if !finished {
-        return Err(format!(
-            "stream ended without a finish reason after {text:?}"
-        ));
-    }
-    Ok(text)
-}
-
-/// Streams requests `first..first + n` at once.
-async fn streams(
-    http: &str,
-    first: usize,
-    n: usize,
-    max_tokens: u32,
-    tokens: Arc<AtomicUsize>,
-) -> Vec<Result<String, String>> {
-    let all = (first..first + n).map(|i| {
-        let (http, tokens) = (http.to_string(), tokens.clone());
-        tokio::spawn(async move { stream(&http, body(i, max_tokens), tokens).await })
-    });
-    futures::future::join_all(all)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect()
 }
 
 /// Client loops sending short requests back to back until stopped; every status seen.
