@@ -13,6 +13,9 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Logs and trace export, for every command.
+    #[command(flatten)]
+    pub telemetry: shardline_telemetry::TelemetryArgs,
 }
 
 // Parsed once at start-up and consumed at once: the variants' sizes do not matter.
@@ -36,6 +39,19 @@ pub enum Command {
     /// Benchmark the model engine alone (no server): prompt processing and decode
     /// tokens/s per batch, and on a device the memory-bandwidth ratio.
     EngineBench(EngineBenchArgs),
+}
+
+impl Command {
+    /// The service name of the process in traces.
+    pub fn service_name(&self) -> &'static str {
+        match self {
+            Command::Up(_) => "shardline-up",
+            Command::Coordinator(_) => "shardline-coordinator",
+            Command::Worker(_) => "shardline-worker",
+            Command::Bench(_) => "shardline-bench",
+            Command::EngineBench(_) => "shardline-engine-bench",
+        }
+    }
 }
 
 /// Flags of `shardline engine-bench`.

@@ -36,21 +36,15 @@ async fn engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // In the runtime: the trace exporter's gRPC channel runs on it.
+        let telemetry = shardline_telemetry::init(&cli.telemetry, cli.command.service_name())?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        match cli.command {
+        let result = match cli.command {
             Command::Up(args) => up::run(args, shutdown).await,
             Command::Coordinator(args) => shardline_coordinator::run(args, shutdown).await,
             Command::Worker(args) => match sim_profile(&args) {
@@ -59,7 +53,9 @@ fn main() -> anyhow::Result<()> {
             },
             Command::Bench(args) => shardline_bench::run(args, shutdown).await,
             Command::EngineBench(args) => engine_bench(args).await,
-        }
+        };
+        tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+        result
     })
 }
 

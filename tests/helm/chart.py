@@ -53,6 +53,7 @@ MATRIX = {
         "networkPolicy": {"enabled": True, "apiFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]},
         "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "model": {"servedName": "smollm2"},
+        "logFormat": "json", "otlpEndpoint": "http://otel-collector.observability:4317",
     },
     "autoscaled-keda": {
         "coordinator": {"autoscaling": {"enabled": True}, "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
