@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes the Debian bookworm base image the runtime stage of deploy/container/Dockerfile
+# Makes the Debian bookworm base image the runtime stages of deploy/container/Dockerfile
 # starts from, without a container registry: debootstrap (minbase) from the apt mirror
 # this machine uses, imported into podman's local storage. Skips the work when the image
 # is there. Needs root, debootstrap and podman (deploy/setup.sh installs them).

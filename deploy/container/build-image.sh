@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the shardline image with podman where no registry is reachable: the runtime
-# stage of deploy/container/Dockerfile (BINARY_FROM=context) over a Debian base made by
+# Builds the shardline image with podman where no registry is reachable: the
+# `runtime-prebuilt` target of deploy/container/Dockerfile over a Debian base made by
 # deploy/container/base-image.sh, with a binary built on this machine. With a registry,
 # build the whole Dockerfile instead (its header says how).
 #
@@ -50,7 +50,6 @@ if ((cuda)); then
     "$repo/deploy/container/collect-libs.sh" "$context/shardline" "$repo/.cuda/toolkit/lib64" "$context/lib"
 fi
 podman build --quiet -f "$repo/deploy/container/Dockerfile" \
-    --build-arg BINARY_FROM=context --build-arg BASE_IMAGE="$base" \
-    --target runtime -t "$tag" "$context" >/dev/null
+    --build-arg BASE_IMAGE="$base" --target runtime-prebuilt -t "$tag" "$context" >/dev/null
 echo "build-image: $tag ($(podman image inspect "$tag" --format '{{.Size}}') bytes) from $binary" >&2
 echo "$tag"

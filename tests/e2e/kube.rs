@@ -1,5 +1,5 @@
 //! The Helm chart's cluster, live: the image built from `deploy/container/Dockerfile`
-//! (its runtime stage over this build's binary), the chart rendered with
+//! (its `runtime-prebuilt` target over this build's binary), the chart rendered with
 //! `tests/helm/values-podman.yaml`, and its coordinator and two worker workloads run by
 //! `podman kube play` with host networking against a real etcd on loopback.
 //!

@@ -1,6 +1,6 @@
 //! Containers for the end-to-end tests: the shardline image built from
-//! `deploy/container/Dockerfile` (its runtime stage over this build's binary, by
-//! `deploy/container/build-image.sh`) and the Helm chart's workloads run by
+//! `deploy/container/Dockerfile` (its `runtime-prebuilt` target over this build's
+//! binary, by `deploy/container/build-image.sh`) and the Helm chart's workloads run by
 //! `podman kube play`, stopped (`kube down`) when dropped.
 //!
 //! podman runs with its own configuration (`CONTAINERS_CONF`): runc (crun fails on this
