@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -63,6 +63,42 @@ fn worker_keys(etcd: &EtcdServer) -> Vec<String> {
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect()
+}
+
+/// Requests `first..first + n` (32 greedy tokens each) streaming in the background, once
+/// the worker at `worker` runs some of them: what the test does next happens mid-stream.
+async fn streams_running_on(
+    http: &str,
+    worker: &str,
+    first: usize,
+    n: usize,
+) -> tokio::task::JoinHandle<Vec<Result<String, String>>> {
+    let run = tokio::spawn({
+        let http = http.to_string();
+        async move { streams(&http, first, n, 32, Arc::new(AtomicUsize::new(0))).await }
+    });
+    until(
+        Duration::from_secs(60),
+        "the worker to run sequences",
+        async || health(worker).await.filter(|h| h.num_running > 0),
+    )
+    .await;
+    run
+}
+
+/// Every stream of `run` succeeded with the same text as undisturbed (`reference[first..]`).
+async fn assert_reference_texts(
+    run: tokio::task::JoinHandle<Vec<Result<String, String>>>,
+    reference: &[String],
+    first: usize,
+    what: &str,
+) {
+    for (i, r) in run.await.unwrap().iter().enumerate() {
+        let text = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("a stream failed {what}: {e}"));
+        assert_eq!(text, &reference[first + i], "stream {} {what}", first + i);
+    }
 }
 
 /// The official `openai` Python client against the coordinator: models, a chat
@@ -196,8 +232,7 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
     println!("{}", openai_client_answers(&http));
 
     // The texts the requests must have, whatever happens to the groups serving them.
-    let tokens = Arc::new(AtomicUsize::new(0));
-    let reference: Vec<String> = streams(&http, 0, 12, 32, tokens.clone())
+    let reference: Vec<String> = streams(&http, 0, 12, 32, Arc::new(AtomicUsize::new(0)))
         .await
         .into_iter()
         .map(|r| r.expect("reference request"))
@@ -205,15 +240,7 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
 
     // A worker killed mid-stream: its streams finish on the other group.
     let before = metric_sum(&http, "shardline_request_migrations_total").await;
-    tokens.store(0, Ordering::Relaxed);
-    let run = tokio::spawn({
-        let (http, tokens) = (http.clone(), tokens.clone());
-        async move { streams(&http, 0, 6, 32, tokens).await }
-    });
-    until(Duration::from_secs(60), "a to run sequences", async || {
-        health(&a_url).await.filter(|h| h.num_running > 0)
-    })
-    .await;
+    let run = streams_running_on(&http, &a_url, 0, 6).await;
     // A crash, not a stop: kill -9 of the worker's process from outside (a user's
     // `podman kill` would also switch the restart policy off).
     let pid = podman.ok(&[
@@ -227,14 +254,7 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
         .status()
         .expect("run kill");
     assert!(killed.success(), "kill -9 {pid}");
-    let results = run.await.unwrap();
-    for (i, r) in results.iter().enumerate() {
-        assert_eq!(
-            r.as_ref().expect("a stream failed after the kill"),
-            &reference[i],
-            "stream {i}"
-        );
-    }
+    assert_reference_texts(run, &reference, 0, "after the kill").await;
     let moved = metric_sum(&http, "shardline_request_migrations_total").await - before;
     assert!(moved > 0.0, "a's streams moved to b (migrations {moved})");
     println!(
@@ -258,27 +278,12 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
         .expect("the worker's grace period")
         .to_string();
     let before = metric_sum(&http, "shardline_request_migrations_total").await;
-    let run = tokio::spawn({
-        let (http, tokens) = (http.clone(), tokens.clone());
-        async move { streams(&http, 6, 6, 32, tokens).await }
-    });
-    until(Duration::from_secs(60), "b to run sequences", async || {
-        health(&b_url).await.filter(|h| h.num_running > 0)
-    })
-    .await;
+    let run = streams_running_on(&http, &b_url, 6, 6).await;
     let pod = format!("{RELEASE}-worker-b-pod-0");
     let stopping = Instant::now();
     podman.ok(&["pod", "stop", "--time", &grace, &pod]);
     let took = stopping.elapsed();
-    let results = run.await.unwrap();
-    for (i, r) in results.iter().enumerate() {
-        assert_eq!(
-            r.as_ref().expect("a stream failed during the drain"),
-            &reference[6 + i],
-            "stream {}",
-            6 + i
-        );
-    }
+    assert_reference_texts(run, &reference, 6, "during the drain").await;
     let moved = metric_sum(&http, "shardline_request_migrations_total").await - before;
     assert_eq!(
         moved, 0.0,
@@ -313,45 +318,21 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
         (ready_groups(&http).await == 2).then_some(())
     })
     .await;
-    let run = tokio::spawn({
-        let (http, tokens) = (http.clone(), tokens.clone());
-        async move { streams(&http, 6, 6, 32, tokens).await }
-    });
-    until(Duration::from_secs(60), "b to run sequences", async || {
-        health(&b_url).await.filter(|h| h.num_running > 0)
-    })
-    .await;
+    let run = streams_running_on(&http, &b_url, 6, 6).await;
     b.down();
-    let results = run.await.unwrap();
-    for (i, r) in results.iter().enumerate() {
-        assert_eq!(
-            r.as_ref().expect("a stream failed after kube down"),
-            &reference[6 + i],
-            "stream {}",
-            6 + i
-        );
-    }
+    assert_reference_texts(run, &reference, 6, "after kube down").await;
     println!("kube down of worker b under load: 6/6 streams finished with the reference text");
 
     // New requests still work on a alone.
-    let after: Vec<_> = streams(&http, 0, 2, 32, tokens.clone()).await;
-    for (i, r) in after.iter().enumerate() {
-        assert_eq!(
-            r.as_ref().expect("a request after the drain"),
-            &reference[i]
-        );
-    }
+    let run = tokio::spawn({
+        let http = http.clone();
+        async move { streams(&http, 0, 2, 32, Arc::new(AtomicUsize::new(0))).await }
+    });
+    assert_reference_texts(run, &reference, 0, "after the drain").await;
 
     // The coordinator drains too: on SIGTERM it takes no new connection and finishes
     // the streams it serves, then exits 0.
-    let run = tokio::spawn({
-        let (http, tokens) = (http.clone(), tokens.clone());
-        async move { streams(&http, 0, 4, 32, tokens).await }
-    });
-    until(Duration::from_secs(60), "a to run sequences", async || {
-        health(&a_url).await.filter(|h| h.num_running > 0)
-    })
-    .await;
+    let run = streams_running_on(&http, &a_url, 0, 4).await;
     podman.ok(&[
         "pod",
         "stop",
@@ -359,14 +340,7 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
         "60",
         &format!("{RELEASE}-coordinator-pod-0"),
     ]);
-    let results = run.await.unwrap();
-    for (i, r) in results.iter().enumerate() {
-        assert_eq!(
-            r.as_ref()
-                .expect("a stream failed while the coordinator drained"),
-            &reference[i]
-        );
-    }
+    assert_reference_texts(run, &reference, 0, "while the coordinator drained").await;
     let exit = podman.ok(&[
         "inspect",
         &container("coordinator", "coordinator"),

@@ -60,37 +60,48 @@ pub async fn stream(
             r.text().await.unwrap_or_default()
         ));
     }
-    let (mut text, mut buf, mut finished) = (String::new(), String::new(), false);
-    let mut bytes = r.bytes_stream();
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(std::str::from_utf8(&chunk.map_err(|e| e.to_string())?).unwrap());
-        while let Some(i) = buf.find("\n\n") {
-            let event: String = buf.drain(..i + 2).collect();
-            let data = event
-                .trim()
-                .strip_prefix("data: ")
-                .unwrap_or("")
-                .to_string();
-            if data == "[DONE]" || data.is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&data).map_err(|e| format!("{e}: {data}"))?;
-            if v.get("error").is_some() {
-                return Err(format!("error event after {text:?}: {v}"));
-            }
-            if let Some(t) = v["choices"][0]["text"].as_str() {
-                text.push_str(t);
-                tokens.fetch_add(1, Ordering::Relaxed);
-            }
-            finished |= v["choices"][0]["finish_reason"].is_string();
+    let (mut text, mut finished) = (String::new(), false);
+    sse_events(r, |v| {
+        if v.get("error").is_some() {
+            return Err(format!("error event after {text:?}: {v}"));
         }
-    }
+        if let Some(t) = v["choices"][0]["text"].as_str() {
+            text.push_str(t);
+            tokens.fetch_add(1, Ordering::Relaxed);
+        }
+        finished |= v["choices"][0]["finish_reason"].is_string();
+        Ok(())
+    })
+    .await?;
     if !finished {
         return Err(format!(
             "stream ended without a finish reason after {text:?}"
         ));
     }
     Ok(text)
+}
+
+/// Reads an SSE response event by event, calling `on_event` with each `data:` JSON
+/// object as it arrives (not `[DONE]`); stops at the first error `on_event` returns.
+pub async fn sse_events(
+    response: reqwest::Response,
+    mut on_event: impl FnMut(Value) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut buf = String::new();
+    let mut bytes = response.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        buf.push_str(std::str::from_utf8(&chunk).map_err(|e| e.to_string())?);
+        while let Some(i) = buf.find("\n\n") {
+            let event: String = buf.drain(..i + 2).collect();
+            let data = event.trim().strip_prefix("data: ").unwrap_or("");
+            if data == "[DONE]" || data.is_empty() {
+                continue;
+            }
+            on_event(serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Streams requests `first..first + n` at once.
