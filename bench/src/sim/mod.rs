@@ -50,7 +50,7 @@ pub enum SimError {
 /// `shardline worker --model sim:<profile>` / `shardline bench sim`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimArgs {
-    /// Cost-model profile (h100-llama3-8b, 4xh100-llama3-70b, tiny); `sim:` prefix accepted.
+    /// Cost-model profile (h100-llama3-8b, 4xh100-llama3-70b, h100-llama3.2-1b, tiny); `sim:` prefix accepted.
     #[arg(long, env = "SHARDLINE_SIM_PROFILE", default_value = "h100-llama3-8b")]
     pub profile: String,
     /// gRPC address to listen on.
