@@ -17,7 +17,7 @@ pub struct CoordinatorArgs {
     #[arg(long = "etcd", env = "SHARDLINE_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// Key prefix of the cluster in etcd.
-    #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_proto::membership::DEFAULT_PREFIX)]
+    #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_membership::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// Address the OpenAI-compatible HTTP API listens on.
     #[arg(long, env = "SHARDLINE_HTTP_LISTEN", default_value = "0.0.0.0:8000")]

@@ -448,6 +448,7 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             },
             max_batched_tokens: config.max_num_batched_tokens,
             block_size: info.block_size,
+            context_length: info.context_length,
             // A worker that does not report its KV size is not budgeted here.
             total_blocks: if info.total_blocks == 0 {
                 u32::MAX / 2

@@ -19,6 +19,7 @@ use crate::kv::KvStore;
 use crate::model::runner::LlamaRunner;
 use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
 use crate::runner::{ModelRunner, RunnerError};
+use crate::tp::group::FailureInjector;
 
 /// How to size and run a loaded model.
 #[derive(Debug, Clone)]
@@ -195,10 +196,6 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
         opts.threads,
         opts.collective_timeout,
     )?;
-    runner
-        .failure_injector()
-        .arm_from_env()
-        .map_err(LoadError::Options)?;
     Ok(runner)
 }
 
@@ -207,8 +204,19 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
 /// (a group of `opts.tp` device ranks: NCCL on `cuda:N..N+tp`, the host communicator on
 /// `cpu`; the KV cache in the device dtype).
 pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunner>, LoadError> {
+    load_runner_with_injector(path, opts).map(|(runner, _)| runner)
+}
+
+/// [`load_runner`], plus the handle that makes a rank fail on purpose (end-to-end tests
+/// of the failure path arm it through `shardline worker`'s hidden `--inject-failure`).
+pub fn load_runner_with_injector(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<(Box<dyn ModelRunner>, FailureInjector), LoadError> {
     let Some(device) = opts.device else {
-        return Ok(Box::new(load_llama_runner(path, opts)?));
+        let runner = load_llama_runner(path, opts)?;
+        let injector = runner.failure_injector();
+        return Ok((Box::new(runner), injector));
     };
     let Loaded { shards, blocks, id } =
         load_shards(path, opts, device.weight_dtype().size_in_bytes())?;
@@ -224,11 +232,8 @@ pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunne
         opts.block_size,
         opts.collective_timeout,
     )?;
-    runner
-        .failure_injector()
-        .arm_from_env()
-        .map_err(LoadError::Options)?;
-    Ok(Box::new(runner))
+    let injector = runner.failure_injector();
+    Ok((Box::new(runner), injector))
 }
 
 fn model_name(path: &Path) -> String {

@@ -105,11 +105,6 @@ pub struct FailureInjector {
     hooks: Vec<Hook>,
 }
 
-/// The environment variable that arms a failure in a worker process, for end-to-end
-/// tests of a group's failure path: `KIND:RANK:STEPS` (`hang:1:20`: rank 1 stops
-/// answering in the step after its first 20). Never set in production.
-pub const INJECT_FAILURE_ENV: &str = "SHARDLINE_INJECT_FAILURE";
-
 impl FailureInjector {
     /// Makes `rank`'s next step fail the way `kind` says (unknown ranks are ignored).
     pub fn inject(&self, rank: usize, kind: InjectedFailure) {
@@ -126,17 +121,8 @@ impl FailureInjector {
         }
     }
 
-    /// Arms the failure [`INJECT_FAILURE_ENV`] describes, if it is set.
-    pub fn arm_from_env(&self) -> Result<(), String> {
-        match std::env::var(INJECT_FAILURE_ENV) {
-            Ok(spec) => self
-                .arm(&spec)
-                .map_err(|e| format!("{INJECT_FAILURE_ENV}={spec:?}: {e}")),
-            Err(_) => Ok(()),
-        }
-    }
-
-    /// Arms `KIND:RANK:STEPS` (see [`INJECT_FAILURE_ENV`]).
+    /// Arms `KIND:RANK:STEPS` (`hang:1:20`: rank 1 stops answering in the step after its
+    /// first 20).
     pub fn arm(&self, spec: &str) -> Result<(), String> {
         let parts: Vec<&str> = spec.split(':').collect();
         let [kind, rank, steps] = parts[..] else {
