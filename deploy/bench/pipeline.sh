@@ -58,6 +58,7 @@ sim_before=$(cpu_s "$sim")
 "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --concurrency "$CONCURRENCY" \
   --num-requests "$NUM_REQUESTS" --warmup-requests "$CONCURRENCY" --input-len "$INPUT_LEN" \
   --output-len "$OUTPUT_LEN" --json "$OUT/$LABEL.json" --no-progress >"$OUT/bench-$LABEL.txt"
+curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" >"$OUT/metrics-$LABEL.txt" || true
 cpu=$(awk -v a="$(cpu_s "$coord")" -v b="$before" 'BEGIN { print a - b }')
 sim_cpu=$(awk -v a="$(cpu_s "$sim")" -v b="$sim_before" 'BEGIN { print a - b }')
 python3 - "$OUT/$LABEL.json" "$cpu" "$sim_cpu" <<PY
@@ -78,6 +79,13 @@ n, i, o = $CONCURRENCY, $INPUT_LEN, $OUTPUT_LEN
 step = $A_S + $B_S * (n + n * i / o) + $C_S * n * (i + o / 2)
 ideal = n / step
 cpu = float(sys.argv[2])
+import re
+metrics = open("$OUT/metrics-$LABEL.txt").read() if __import__("os").path.exists("$OUT/metrics-$LABEL.txt") else ""
+def mean(name):
+    s = [float(x) for x in re.findall(rf"^{name}_sum{{[^}}]*}} (\S+)", metrics, re.M)]
+    c = [float(x) for x in re.findall(rf"^{name}_count{{[^}}]*}} (\S+)", metrics, re.M)]
+    return sum(s) / sum(c) if c and sum(c) else float("nan")
+steps = f"step as the coordinator sees it {1e3*mean('shardline_step_duration_seconds'):.3f} ms, of which not the worker's {1e3*mean('shardline_step_overhead_seconds'):.3f} ms; mean batch {mean('shardline_batch_size'):.1f}"
 print(f"$LABEL: {tok_s:.0f} output tok/s, ideal {ideal:.0f} (modelled step {step*1e3:.3f} ms): {100*tok_s/ideal:.1f} % of ideal; "
-      f"coordinator CPU {cpu:.2f} s = {1e6*cpu/tokens:.1f} us/output token ({tokens} tokens); simulated worker CPU {float(sys.argv[3]):.2f} s")
+      f"coordinator CPU {cpu:.2f} s = {1e6*cpu/tokens:.1f} us/output token ({tokens} tokens); simulated worker CPU {float(sys.argv[3]):.2f} s; {steps}")
 PY

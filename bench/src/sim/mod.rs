@@ -25,10 +25,13 @@ use tokio_util::sync::CancellationToken;
 pub use profile::Profile;
 pub use runner::SimRunner;
 
-/// Largest synthetic vocabulary: the engine samples every logits row over the whole
-/// vocabulary, on the CPU, between two steps; a few hundred tokens keep that well under
-/// a percent of even the fast profile's 1.5 ms step.
-pub const SIM_VOCAB_MAX: u32 = 512;
+/// Largest synthetic vocabulary. The engine samples every logits row over the whole
+/// vocabulary on the CPU, between two steps, where a GPU worker samples on the device
+/// inside the modelled step time. Engine CPU per 32-sequence decode step (the
+/// `sim_step_cost` example, 2-core development machine): 286 µs with 512 tokens, a fifth
+/// of the fast profile's 1.5 ms step; 14 µs with 128, which still hold the specials, the
+/// roles and every word the bench's prompts use.
+pub const SIM_VOCAB_MAX: u32 = 128;
 
 /// Failures starting or serving a simulated worker.
 #[derive(Debug, thiserror::Error)]
