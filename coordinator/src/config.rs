@@ -64,8 +64,8 @@ pub struct CoordinatorArgs {
     /// Default per-request deadline in seconds when the request sets none (0 = none).
     #[arg(long, env = "SHARDLINE_DEFAULT_TIMEOUT_S", default_value_t = 0.0)]
     pub default_timeout_s: f64,
-    /// Timeout of one `Step` RPC to a worker, in seconds; a group that exceeds it is
-    /// considered failed.
+    /// How long the answer to one step may take from when the step was sent, in seconds;
+    /// a group that exceeds it is considered failed.
     #[arg(long, env = "SHARDLINE_STEP_TIMEOUT_S", default_value_t = 120.0)]
     pub step_timeout_s: f64,
     /// Most stop strings per request.

@@ -5,7 +5,7 @@
 //!
 //! Stated tolerance: when tp divides the KV heads the logits are **bitwise** equal to
 //! tp=1's (the row-parallel reductions run in the same segment order at every tp, see
-//! `tp::shard`); with replicated KV heads only the sum order differs, |Δ| ≤ 1e-4 ·
+//! `model::shard`); with replicated KV heads only the sum order differs, |Δ| ≤ 1e-4 ·
 //! max|logit| per row.
 
 mod common;
@@ -20,10 +20,10 @@ use shardline_engine::testing::step_once;
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_worker::loader::{LoadOptions, load_llama_runner};
+use shardline_worker::model::group::InjectedFailure;
 use shardline_worker::model::runner::LlamaRunner;
 use shardline_worker::model::tiny::{TinySpec, TinyWeights};
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
-use shardline_worker::tp::group::InjectedFailure;
 
 /// Replicated KV heads: logits may differ from tp=1 by the order of the sums only,
 /// |Δ| ≤ TOL · max|logit| per row.

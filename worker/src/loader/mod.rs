@@ -16,10 +16,10 @@ use crate::config::{ConfigError, LlamaConfig};
 use crate::kernels::KernelError;
 use crate::kernels::Linear;
 use crate::kv::KvStore;
+use crate::model::group::FailureInjector;
 use crate::model::runner::LlamaRunner;
 use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
 use crate::runner::{ModelRunner, RunnerError};
-use crate::tp::group::FailureInjector;
 
 /// How to size and run a loaded model.
 #[derive(Debug, Clone)]
@@ -160,7 +160,7 @@ fn load_shards(path: &Path, opts: &LoadOptions, kv_elem_bytes: usize) -> Result<
     if let Some(max) = opts.max_context {
         model.cfg.context_length = model.cfg.context_length.min(max.max(1));
     }
-    let shards = crate::tp::shard::shard_all(model, opts.tp.max(1))
+    let shards = crate::model::shard::shard_all(model, opts.tp.max(1))
         .map_err(|e| LoadError::Options(e.to_string()))?;
     let cfg = &shards[0].cfg;
     // The budget is the group's: every rank's KV heads (replicated ones counted on each).

@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::cpu::CpuCommunicator;
-use super::{Communicator, SingleRank};
 use crate::kernels::team::Team;
 use crate::kv::{BlockId, KvStore};
 use crate::model::{LlamaModel, StepPlan, TokenPlan};
+use crate::tp::cpu::CpuCommunicator;
+use crate::tp::{Communicator, SingleRank};
 
 /// A step with owned data, shared by all ranks.
 #[derive(Debug, Default)]
