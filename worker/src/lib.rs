@@ -2,7 +2,8 @@
 //!
 //! The worker protocol itself (engine, sampler, gRPC service, serving lifecycle) is
 //! `shardline-engine`'s, model-free; this crate is the model behind it:
-//! - [`tokenizer`]: the model's tokenizer (GGUF metadata or `tokenizer.json`).
+//! - [`tokenizer`]: the model's tokenizer (GGUF metadata or `tokenizer.json`), from
+//!   `shardline-tokenizer`.
 //! - [`args`]: `WorkerArgs` + `run`: load the model, then serve it through
 //!   `shardline_engine::serve`.
 //! - [`config`], [`kv`], [`kernels`], [`model`], [`loader`]: the model side — Llama config,
@@ -23,6 +24,7 @@ pub mod tp;
 
 // Serving side (flags, tokenizer).
 pub mod args;
-pub mod tokenizer;
+/// The model's tokenizer (re-exported from `shardline-tokenizer`).
+pub use shardline_tokenizer as tokenizer;
 
 pub use args::{WorkerArgs, run};

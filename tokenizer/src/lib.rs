@@ -19,11 +19,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
 use serde_json::{Value as Json, json};
 use tokenizers::Tokenizer;
 
+pub mod gguf;
 mod spm;
+
+use gguf as gguf_file;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -97,15 +99,17 @@ impl ModelTokenizer {
     }
 
     pub fn from_gguf_file(path: &Path) -> Result<Self, TokenizerError> {
-        let mut file = std::fs::File::open(path).map_err(|source| TokenizerError::Io {
+        let file = std::fs::File::open(path).map_err(|source| TokenizerError::Io {
             path: path.to_owned(),
             source,
         })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| TokenizerError::Gguf {
-            path: path.to_owned(),
-            message: e.to_string(),
+        let metadata = gguf::read_metadata(std::io::BufReader::new(file)).map_err(|message| {
+            TokenizerError::Gguf {
+                path: path.to_owned(),
+                message,
+            }
         })?;
-        Self::from_gguf_metadata(&content.metadata)
+        Self::from_gguf_metadata(&metadata)
     }
 
     /// Builds the tokenizer from `tokenizer.ggml.*` / `tokenizer.chat_template`.

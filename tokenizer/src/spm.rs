@@ -123,8 +123,8 @@ pub(super) fn spm_tokenizer_json(
 
 #[cfg(test)]
 mod tests {
-    use super::super::ModelTokenizer;
-    use candle_core::quantized::gguf_file::Value as V;
+    use crate::ModelTokenizer;
+    use crate::gguf::Value as V;
     use std::collections::HashMap;
 
     /// A toy Llama-style vocabulary: unk/bos/eos, two byte tokens, pieces with scores.
