@@ -311,7 +311,7 @@ fn workload_seed(base: u64, what: SeedUse, index: usize) -> u64 {
 }
 
 /// `--tokenizer`: a Hugging Face `tokenizer.json`, a GGUF file (tokenizer from its
-/// metadata) or a Hugging Face model directory, read by the worker's own loader.
+/// metadata) or a Hugging Face model directory, read by `shardline-tokenizer`.
 pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
     let is_json = path
         .extension()
