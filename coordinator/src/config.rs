@@ -17,7 +17,7 @@ pub struct CoordinatorArgs {
     #[arg(long = "etcd", env = "SHARDLINE_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// Key prefix of the cluster in etcd.
-    #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_proto::membership::DEFAULT_PREFIX)]
+    #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_membership::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// Address the OpenAI-compatible HTTP API listens on.
     #[arg(long, env = "SHARDLINE_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
@@ -64,8 +64,8 @@ pub struct CoordinatorArgs {
     /// Default per-request deadline in seconds when the request sets none (0 = none).
     #[arg(long, env = "SHARDLINE_DEFAULT_TIMEOUT_S", default_value_t = 0.0)]
     pub default_timeout_s: f64,
-    /// Timeout of one `Step` RPC to a worker, in seconds; a group that exceeds it is
-    /// considered failed.
+    /// How long the answer to one step may take from when the step was sent, in seconds;
+    /// a group that exceeds it is considered failed.
     #[arg(long, env = "SHARDLINE_STEP_TIMEOUT_S", default_value_t = 120.0)]
     pub step_timeout_s: f64,
     /// Most stop strings per request.

@@ -10,8 +10,10 @@
 //! - [`generation`] is the request owner's side: streaming detokenization ([`detok`]),
 //!   stop strings, usage;
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
-//! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags);
-//! - [`testing`]: an in-process fake worker for tests (feature `testing`).
+//! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
+//!
+//! Tests run against the real worker service over a fake runner (`shardline-engine`'s
+//! `testing` feature, a dev-dependency): the fake never ships in this crate.
 
 pub mod admission;
 pub mod chat_template;
@@ -29,8 +31,6 @@ pub mod request;
 pub mod router;
 pub mod scheduler;
 pub mod service;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -173,7 +173,7 @@ pub async fn run(args: CoordinatorArgs, shutdown: CancellationToken) -> anyhow::
     if args.etcd.is_empty() {
         return serve(config, http, grpc, &args.workers, shutdown).await;
     }
-    let membership = shardline_proto::membership::Membership::etcd(&args.etcd, &args.etcd_prefix)
+    let membership = shardline_membership::Membership::etcd(&args.etcd, &args.etcd_prefix)
         .await
         .context("--etcd")?;
     let coordinator = Coordinator::start(config, http, grpc, shutdown.clone())?;

@@ -226,7 +226,16 @@ pub fn validate(
             "`min_tokens` must not exceed `max_tokens`",
         ));
     }
-    let blocks = (prompt.len() + max_tokens).div_ceil(model.block_size.max(1) as usize);
+    let demand = SequenceParams {
+        max_new_tokens: max_tokens.max(1) as u32,
+        ..Default::default()
+    };
+    let blocks = shardline_proto::worker::kv_blocks_demand(
+        prompt.len(),
+        &demand,
+        model.context_length,
+        model.block_size as usize,
+    );
     if model.total_blocks > 0 && blocks > model.total_blocks as usize {
         return Err(ApiError::invalid(
             field,
@@ -323,7 +332,7 @@ fn tokenize(input: Option<Input>, model: &ModelInfo) -> Result<Vec<u32>, ApiErro
 mod tests {
     use super::*;
     use crate::chat_template::ChatTemplate;
-    use crate::testing::{TEST_CHAT_TEMPLATE, test_tokenizer};
+    use shardline_engine::testing::{TEST_CHAT_TEMPLATE, test_tokenizer};
 
     fn model() -> ModelInfo {
         ModelInfo {

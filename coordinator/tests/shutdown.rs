@@ -8,22 +8,16 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use shardline_coordinator::testing::{FakeWorker, FakeWorkerConfig};
 use shardline_coordinator::{Config, Coordinator};
+use shardline_engine::testing::{TestWorker, TestWorkerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A coordinator over one fake worker whose steps take 20 ms.
-async fn slow_coordinator(
-    drain_timeout: Duration,
-) -> (
-    Coordinator,
-    CancellationToken,
-    shardline_coordinator::testing::FakeWorkerHandle,
-) {
-    let worker = FakeWorker::start(FakeWorkerConfig {
+/// A coordinator over one test worker whose steps take 20 ms.
+async fn slow_coordinator(drain_timeout: Duration) -> (Coordinator, CancellationToken, TestWorker) {
+    let worker = TestWorker::start(TestWorkerConfig {
         step_delay: Duration::from_millis(20),
-        ..FakeWorkerConfig::default()
+        ..TestWorkerConfig::default()
     })
     .await
     .expect("fake worker");
@@ -70,7 +64,7 @@ async fn shutdown_finishes_the_streams_in_flight_and_refuses_new_connections() {
         "a draining coordinator accepts no new connection"
     );
     let events = events.await.unwrap();
-    // Every token arrived: the fake generates one byte of text per token.
+    // Every token arrived: the fake runner generates one byte of text per token.
     assert_eq!(completion_text(&events).len(), 30);
     assert_eq!(finish_reason(&events).as_deref(), Some("length"));
     tokio::time::timeout(Duration::from_secs(10), stopped)

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shardline_proto::membership::{Membership, MembershipEvent, MembershipView};
+use shardline_membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
 use shardline_proto::worker::v1::{InfoRequest, InfoResponse, worker_client::WorkerClient};
 use shardline_tests::etcd::EtcdServer;
@@ -67,18 +67,7 @@ impl Worker {
 
 /// Starts a worker on port 0 (it registers the port it bound), without waiting for it.
 fn start_worker(etcd: &EtcdServer, group: &str, extra: &[&str]) -> Worker {
-    start_worker_with(etcd, group, extra, &[])
-}
-
-/// [`start_worker`] with extra environment variables.
-fn start_worker_with(
-    etcd: &EtcdServer,
-    group: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Worker {
     let mut cmd = Command::new(bin());
-    cmd.envs(env.iter().copied());
     cmd.arg("worker")
         .arg("--model")
         .arg(model_path())
@@ -421,11 +410,17 @@ async fn a_failed_tensor_parallel_group_leaves_and_its_requests_continue() {
     let coordinator = start_coordinator(&etcd, "coordinator", 1).await;
 
     // Rank 1 of a's three ranks hangs in a's 12th step; collectives wait 1 s.
-    let mut a = start_worker_with(
+    let mut a = start_worker(
         &etcd,
         "a",
-        &["--tp", "3", "--tp-timeout-secs", "1"],
-        &[("SHARDLINE_INJECT_FAILURE", "hang:1:11")],
+        &[
+            "--tp",
+            "3",
+            "--tp-timeout-secs",
+            "1",
+            "--inject-failure",
+            "hang:1:11",
+        ],
     );
     observer.wait_ready(&mut [&mut a]).await;
     until!(Duration::from_secs(30), "the coordinator to route to a", {

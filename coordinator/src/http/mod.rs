@@ -316,18 +316,48 @@ pub(crate) fn sse<S>(events: S) -> Response
 where
     S: futures::Stream<Item = serde_json::Value> + Send + 'static,
 {
-    use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
-    let stream = events
-        .map(|v| Event::default().data(v.to_string()))
-        .chain(futures::stream::once(async {
-            Event::default().data("[DONE]")
-        }))
-        .map(Ok::<_, std::convert::Infallible>);
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
+    // Every event ready when the body is polled goes out in one frame (one write): a
+    // stream that fell behind its steps catches up in one syscall, not one per token.
+    let frames = events
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
+        .ready_chunks(SSE_COALESCE_MAX)
+        .map(|events| {
+            let mut frame = String::new();
+            for event in events {
+                frame.push_str("data: ");
+                match event {
+                    Some(v) => frame.push_str(&v.to_string()),
+                    None => frame.push_str("[DONE]"),
+                }
+                frame.push_str("\n\n");
+            }
+            Bytes::from(frame)
+        });
+    // A comment line after SSE_KEEP_ALIVE without an event keeps proxies from closing a
+    // stream that waits in the queue (what axum's `KeepAlive` default did).
+    let body = tokio_stream::StreamExt::timeout_repeating(
+        frames,
+        tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE, SSE_KEEP_ALIVE),
+    )
+    .map(|frame| {
+        Ok::<_, std::convert::Infallible>(frame.unwrap_or_else(|_| Bytes::from_static(b":\n\n")))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
         .into_response()
 }
+
+/// Most events coalesced into one SSE frame.
+const SSE_COALESCE_MAX: usize = 64;
+/// Idle time after which an SSE stream gets a keep-alive comment.
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Error event inside a stream (the status line is already sent).
 pub(crate) fn stream_error(e: &ApiError) -> serde_json::Value {
@@ -359,4 +389,38 @@ where
             Some((event, (next, on_chunk, on_usage)))
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// Events that are ready together leave in one frame (one write), `[DONE]` included;
+    /// one that comes later gets its own.
+    #[tokio::test]
+    async fn ready_sse_events_are_coalesced_into_one_frame() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..3 {
+            tx.send(serde_json::json!({ "i": i })).unwrap();
+        }
+        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let response = sse(events);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let mut body = response.into_body().into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(
+            first,
+            "data: {\"i\":0}\n\ndata: {\"i\":1}\n\ndata: {\"i\":2}\n\n"
+        );
+        tx.send(serde_json::json!({ "i": 3 })).unwrap();
+        drop(tx);
+        let rest = body.next().await.unwrap().unwrap();
+        assert_eq!(rest, "data: {\"i\":3}\n\ndata: [DONE]\n\n");
+        assert!(body.next().await.is_none());
+    }
 }
