@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rewrites the `shardline <command> --help` blocks of a Markdown file (default
-README.md) from the binary, so the flags reference stays verbatim (the e2e test
-`readme_documents_every_flag_verbatim` checks it).
+docs/configuration.md) from the binary, so the flags reference stays verbatim (the e2e
+test `configuration_docs_show_every_flag_verbatim` checks it).
 
   deploy/sync-flags.py [--bin target/debug/shardline] [FILE]
 
@@ -16,7 +16,7 @@ import sys
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(root, "target")), "debug", "shardline"))
-ap.add_argument("file", nargs="?", default=os.path.join(root, "README.md"))
+ap.add_argument("file", nargs="?", default=os.path.join(root, "docs", "configuration.md"))
 args = ap.parse_args()
 env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDLINE_")}
 text = open(args.file).read()

@@ -313,7 +313,7 @@ async fn api_key_is_enforced() {
     );
 }
 
-/// Issue 2, test 6: each bad input gets a 4xx naming the problem; serving continues.
+/// Each bad input gets a 4xx naming the problem; serving continues.
 #[tokio::test]
 async fn bad_inputs_get_clear_4xx_and_serving_continues() {
     let c = one_worker(

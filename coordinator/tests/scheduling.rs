@@ -18,7 +18,7 @@ fn slow(step_ms: u64) -> TestWorkerConfig {
     }
 }
 
-/// Issue 2, test 2: 16 concurrent streams share steps; each output equals its solo output.
+/// 16 concurrent streams share steps; each output equals its solo output.
 #[tokio::test]
 async fn concurrent_streams_are_batched() {
     let c = one_worker(Config::default(), slow(5)).await;
@@ -55,7 +55,7 @@ async fn concurrent_streams_are_batched() {
     );
 }
 
-/// Issue 2, test 3: over --max-concurrent-requests → immediate 429 with Retry-After.
+/// Over --max-concurrent-requests → immediate 429 with Retry-After.
 #[tokio::test]
 async fn excess_requests_get_429_with_retry_after() {
     let config = Config {
@@ -108,7 +108,7 @@ async fn excess_requests_get_429_with_retry_after() {
     );
 }
 
-/// Issue 2, test 4: dropped streams give their KV blocks back.
+/// Dropped streams give their KV blocks back.
 #[tokio::test]
 async fn dropped_streams_release_their_kv_blocks() {
     let c = one_worker(Config::default(), slow(10)).await;
@@ -177,7 +177,7 @@ async fn dropped_non_streaming_request_is_released() {
     }
 }
 
-/// Issue 2, test 5a: a request whose deadline passes in the queue gets 504 and never
+/// A request whose deadline passes in the queue gets 504 and never
 /// reaches the worker.
 #[tokio::test]
 async fn deadline_expired_in_queue_never_reaches_the_worker() {
@@ -229,7 +229,7 @@ async fn deadline_expired_in_queue_never_reaches_the_worker() {
     assert_eq!(status, 200);
 }
 
-/// Issue 2, test 5b: with the group saturated, `high` requests run before `low` ones
+/// With the group saturated, `high` requests run before `low` ones
 /// that arrived earlier.
 #[tokio::test]
 async fn high_priority_overtakes_earlier_low_priority() {
@@ -304,7 +304,7 @@ async fn busy_worker(c: &Cluster) -> &TestWorker {
     }
 }
 
-/// Issue 3's mechanism: when a group's step fails, its requests continue on another group
+/// Failover: when a group's step fails, its requests continue on another group
 /// with nothing lost or duplicated.
 #[tokio::test]
 async fn requests_migrate_off_a_failed_group() {

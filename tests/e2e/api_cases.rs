@@ -1,7 +1,7 @@
-// The end-to-end cases of the coordinator against the real worker and SmolLM2 (issue 2's
-// "what it must show"), included by `api.rs` (one worker group, tp 1) and `api_tp.rs`
-// (the same cases with a tensor-parallel group). Each file defines `UP_ARGS`, the extra
-// `shardline up` flags of every cluster it starts.
+// The end-to-end cases of the coordinator against the real worker and SmolLM2, included
+// by `api.rs` (one worker group, tp 1) and `api_tp.rs` (the same cases with a
+// tensor-parallel group). Each file defines `UP_ARGS`, the extra `shardline up` flags of
+// every cluster it starts.
 
 use std::time::{Duration, Instant};
 

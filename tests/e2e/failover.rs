@@ -1,4 +1,4 @@
-//! End-to-end tests of membership and failover (issue 3) over real processes: a real etcd,
+//! End-to-end tests of membership and failover over real processes: a real etcd,
 //! `shardline worker --etcd` processes serving SmolLM2, `shardline coordinator --etcd`.
 //!
 //! The tests run one at a time (a process-wide lock): each starts its own etcd and
