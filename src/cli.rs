@@ -39,6 +39,10 @@ pub enum Command {
     /// Benchmark the model engine alone (no server): prompt processing and decode
     /// tokens/s per batch, and on a device the memory-bandwidth ratio.
     EngineBench(EngineBenchArgs),
+    /// Print the SHA-256 form (`sha256:<hex>`) of the API key read from stdin, as the
+    /// keys file (`--api-keys-file`) stores it; e.g. `printf %s "$KEY" | shardline
+    /// hash-key`. One key per line hashes each line.
+    HashKey,
 }
 
 impl Command {
@@ -50,6 +54,7 @@ impl Command {
             Command::Worker(_) => "shardline-worker",
             Command::Bench(_) => "shardline-bench",
             Command::EngineBench(_) => "shardline-engine-bench",
+            Command::HashKey => "shardline-hash-key",
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The `shardline` command: `up`, `coordinator`, `worker`, `bench`, `engine-bench`.
+//! The `shardline` command: `up`, `coordinator`, `worker`, `bench`, `engine-bench`,
+//! `hash-key`.
 //!
 //! Thin on purpose: parse flags, set up logging and the shutdown token (Ctrl-C /
 //! SIGTERM), and call the crate that does the work.
@@ -34,6 +35,18 @@ async fn engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `shardline hash-key`: every line of stdin (a key) as the keys file stores it.
+fn hash_keys() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let key = line.trim_end_matches('\r');
+        anyhow::ensure!(!key.is_empty(), "an empty line is not a key");
+        println!("{}", shardline_coordinator::keys::hash_key(key));
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -53,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             },
             Command::Bench(args) => shardline_bench::run(args, shutdown).await,
             Command::EngineBench(args) => engine_bench(args).await,
+            Command::HashKey => hash_keys(),
         };
         tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
         result

@@ -1,5 +1,6 @@
 //! Admission control, before anything is queued: global concurrency and queue-length
-//! limits, per-tenant concurrency and a per-tenant token bucket. A refusal is immediate
+//! limits; per tenant (see [`crate::keys`]) concurrency, a request-rate token bucket and
+//! a tokens-per-minute budget. A refusal is immediate
 //! (429 / RESOURCE_EXHAUSTED with `Retry-After`); an admitted request holds a [`Permit`]
 //! until it finishes.
 
@@ -11,6 +12,7 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::groups::GroupSet;
+use crate::keys::{Tenant, TenantLimits};
 use crate::metrics::Metrics;
 
 /// A classic token bucket: `rate` tokens per second, at most `burst`.
@@ -42,10 +44,61 @@ impl TokenBucket {
     }
 }
 
+/// Tokens per minute as a level that refills continuously up to one minute's worth and
+/// may go into debt: a request is admitted while the level is positive and pays for its
+/// prompt at once and for its generated tokens when it ends.
+#[derive(Debug, Clone)]
+struct TokenBudget {
+    level: f64,
+    last: Instant,
+}
+
+impl TokenBudget {
+    fn refill(&mut self, per_minute: u64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.level = (self.level + elapsed * per_minute as f64 / 60.0).min(per_minute as f64);
+    }
+
+    /// Seconds until the level is positive again.
+    fn wait(&self, per_minute: u64) -> f64 {
+        (-self.level).max(0.0) / (per_minute as f64 / 60.0)
+    }
+}
+
 #[derive(Debug)]
-struct Tenant {
+struct TenantState {
     bucket: TokenBucket,
+    tokens: TokenBudget,
     active: usize,
+}
+
+impl TenantState {
+    fn new(limits: &TenantLimits, now: Instant) -> TenantState {
+        TenantState {
+            bucket: TokenBucket::new(limits.burst, now),
+            tokens: TokenBudget {
+                level: limits.tokens_per_minute as f64,
+                last: now,
+            },
+            active: 0,
+        }
+    }
+}
+
+/// Where a tenant stands against its limits, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitStatus {
+    /// Requests per minute the rate allows (`None`: no request rate limit).
+    pub limit_requests: Option<u64>,
+    pub remaining_requests: u64,
+    /// Seconds until the request bucket is full again.
+    pub reset_requests_s: f64,
+    /// Tokens per minute (`None`: no token limit).
+    pub limit_tokens: Option<u64>,
+    pub remaining_tokens: u64,
+    /// Seconds until the token budget is full again.
+    pub reset_tokens_s: f64,
 }
 
 struct Inner {
@@ -53,7 +106,8 @@ struct Inner {
     groups: GroupSet,
     metrics: Metrics,
     concurrent: AtomicUsize,
-    tenants: Mutex<HashMap<String, Tenant>>,
+    /// By tenant name: survives key reloads, so in-flight requests keep counting.
+    tenants: Mutex<HashMap<String, TenantState>>,
 }
 
 /// Cloneable admission controller.
@@ -65,7 +119,17 @@ pub struct Admission {
 /// Held by an admitted request; releases its slots when dropped.
 pub struct Permit {
     inner: Arc<Inner>,
+    /// The tenant whose slot and token budget this request holds.
     tenant: Option<String>,
+    /// Generated tokens, charged to the tenant's token budget on drop.
+    generated: u64,
+}
+
+impl Permit {
+    /// Counts `n` generated tokens against the tenant's tokens per minute.
+    pub fn generated(&mut self, n: u64) {
+        self.generated += n;
+    }
 }
 
 impl Drop for Permit {
@@ -80,6 +144,7 @@ impl Drop for Permit {
                 .get_mut(t)
         {
             state.active = state.active.saturating_sub(1);
+            state.tokens.level -= self.generated as f64;
         }
     }
 }
@@ -114,14 +179,21 @@ impl Admission {
         }
     }
 
-    /// Admits a request needing `kv_blocks` or refuses it at once.
-    pub fn admit(&self, tenant: Option<&str>, kv_blocks: u32) -> Result<Permit, ApiError> {
+    /// Admits a request with `prompt_tokens` needing `kv_blocks`, for `tenant` (whose
+    /// limits apply), or refuses it at once.
+    pub fn admit(
+        &self,
+        tenant: Option<&Tenant>,
+        prompt_tokens: u32,
+        kv_blocks: u32,
+    ) -> Result<Permit, ApiError> {
         let config = &self.inner.config;
         let previous = self.inner.concurrent.fetch_add(1, Ordering::AcqRel);
         // From here on the slot is taken: the permit gives it back on every path.
         let mut permit = Permit {
             inner: self.inner.clone(),
             tenant: None,
+            generated: 0,
         };
         if previous >= config.max_concurrent_requests {
             return Err(self.reject(
@@ -157,12 +229,11 @@ impl Admission {
                 1,
             ));
         }
-        let Some(tenant) = tenant.filter(|t| !t.is_empty()) else {
+        let Some(tenant) = tenant.filter(|t| !t.name.is_empty()) else {
             return Ok(permit);
         };
-        if config.tenant_rate <= 0.0 && config.tenant_max_concurrent == 0 {
-            return Ok(permit);
-        }
+        let limits = &tenant.limits;
+        let name = tenant.name.as_str();
         let mut tenants = self
             .inner
             .tenants
@@ -172,39 +243,98 @@ impl Admission {
             tenants.retain(|_, t| t.active > 0);
         }
         let now = Instant::now();
-        let state = tenants.entry(tenant.to_string()).or_insert_with(|| Tenant {
-            bucket: TokenBucket::new(config.tenant_burst, now),
-            active: 0,
-        });
-        if config.tenant_max_concurrent > 0 && state.active >= config.tenant_max_concurrent {
+        let state = tenants
+            .entry(name.to_string())
+            .or_insert_with(|| TenantState::new(limits, now));
+        if limits.max_concurrent > 0 && state.active >= limits.max_concurrent {
             drop(tenants);
             return Err(self.reject(
                 "tenant_concurrency",
                 format!(
-                    "tenant `{tenant}` has {} requests in flight (limit)",
-                    config.tenant_max_concurrent
+                    "tenant `{name}` has {} requests in flight (its limit)",
+                    limits.max_concurrent
                 ),
                 1,
             ));
         }
-        if config.tenant_rate > 0.0
+        if limits.tokens_per_minute > 0 {
+            state.tokens.refill(limits.tokens_per_minute, now);
+            if state.tokens.level <= 0.0 {
+                let wait = state.tokens.wait(limits.tokens_per_minute);
+                drop(tenants);
+                return Err(self.reject(
+                    "tenant_tokens",
+                    format!(
+                        "tenant `{name}` is over its limit of {} tokens per minute",
+                        limits.tokens_per_minute
+                    ),
+                    wait.ceil() as u64,
+                ));
+            }
+        }
+        if limits.requests_per_second > 0.0
             && let Err(wait) = state
                 .bucket
-                .take(config.tenant_rate, config.tenant_burst, now)
+                .take(limits.requests_per_second, limits.burst, now)
         {
             drop(tenants);
             return Err(self.reject(
                 "tenant_rate",
                 format!(
-                    "tenant `{tenant}` is over its rate limit of {} requests/s",
-                    config.tenant_rate
+                    "tenant `{name}` is over its rate limit of {} requests/s",
+                    limits.requests_per_second
                 ),
                 wait.ceil() as u64,
             ));
         }
+        if limits.tokens_per_minute > 0 {
+            state.tokens.level -= f64::from(prompt_tokens);
+        }
         state.active += 1;
-        permit.tenant = Some(tenant.to_string());
+        permit.tenant = Some(name.to_string());
         Ok(permit)
+    }
+
+    /// Where `tenant` stands against its request and token rates.
+    pub fn status(&self, tenant: &Tenant) -> RateLimitStatus {
+        let limits = &tenant.limits;
+        let now = Instant::now();
+        let mut tenants = self
+            .inner
+            .tenants
+            .lock()
+            .expect("lock poisoned; this is a bug");
+        let state = tenants
+            .entry(tenant.name.clone())
+            .or_insert_with(|| TenantState::new(limits, now));
+        let rate = limits.requests_per_second;
+        let (remaining_requests, reset_requests_s) = if rate > 0.0 {
+            let elapsed = now
+                .saturating_duration_since(state.bucket.last)
+                .as_secs_f64();
+            let tokens = (state.bucket.tokens + elapsed * rate).min(limits.burst);
+            (tokens.floor() as u64, (limits.burst - tokens) / rate)
+        } else {
+            (0, 0.0)
+        };
+        let tpm = limits.tokens_per_minute;
+        let (remaining_tokens, reset_tokens_s) = if tpm > 0 {
+            state.tokens.refill(tpm, now);
+            (
+                state.tokens.level.max(0.0) as u64,
+                (tpm as f64 - state.tokens.level) / (tpm as f64 / 60.0),
+            )
+        } else {
+            (0, 0.0)
+        };
+        RateLimitStatus {
+            limit_requests: (rate > 0.0).then(|| (rate * 60.0).round() as u64),
+            remaining_requests,
+            reset_requests_s,
+            limit_tokens: (tpm > 0).then_some(tpm),
+            remaining_tokens,
+            reset_tokens_s,
+        }
     }
 }
 
@@ -231,9 +361,9 @@ mod tests {
             max_concurrent_requests: 2,
             ..Config::default()
         });
-        let p1 = a.admit(None, 0).unwrap();
-        let _p2 = a.admit(None, 0).unwrap();
-        let e = a.admit(None, 0).err().unwrap();
+        let p1 = a.admit(None, 0, 0).unwrap();
+        let _p2 = a.admit(None, 0, 0).unwrap();
+        let e = a.admit(None, 0, 0).err().unwrap();
         assert!(matches!(
             e,
             ApiError::Overloaded {
@@ -243,20 +373,79 @@ mod tests {
         ));
         assert_eq!(a.concurrent(), 2, "a refusal gives its slot back");
         drop(p1);
-        assert!(a.admit(None, 0).is_ok());
+        assert!(a.admit(None, 0, 0).is_ok());
     }
 
     #[test]
     fn tenant_concurrency_is_per_tenant() {
-        let a = admission(Config {
-            tenant_max_concurrent: 1,
-            ..Config::default()
-        });
-        let p = a.admit(Some("t1"), 0).unwrap();
-        assert!(a.admit(Some("t1"), 0).is_err());
-        assert!(a.admit(Some("t2"), 0).is_ok());
+        let a = admission(Config::default());
+        let limits = TenantLimits {
+            max_concurrent: 1,
+            ..TenantLimits::default()
+        };
+        let (t1, t2) = (tenant("t1", limits.clone()), tenant("t2", limits));
+        let p = a.admit(Some(&t1), 0, 0).unwrap();
+        assert!(a.admit(Some(&t1), 0, 0).is_err());
+        assert!(a.admit(Some(&t2), 0, 0).is_ok());
         drop(p);
-        assert!(a.admit(Some("t1"), 0).is_ok());
+        assert!(a.admit(Some(&t1), 0, 0).is_ok());
+    }
+
+    fn tenant(name: &str, limits: TenantLimits) -> Tenant {
+        Tenant {
+            name: name.into(),
+            limits,
+            trusted_gateway: false,
+        }
+    }
+
+    #[test]
+    fn tokens_per_minute_count_prompt_and_generated_tokens() {
+        let a = admission(Config::default());
+        let t = tenant(
+            "t",
+            TenantLimits {
+                tokens_per_minute: 600,
+                ..TenantLimits::default()
+            },
+        );
+        let mut p = a.admit(Some(&t), 500, 0).unwrap();
+        assert_eq!(a.status(&t).remaining_tokens, 100);
+        p.generated(150);
+        drop(p);
+        let status = a.status(&t);
+        assert_eq!(status.remaining_tokens, 0, "in debt by 50 tokens");
+        assert_eq!(status.limit_tokens, Some(600));
+        let e = a.admit(Some(&t), 1, 0).err().unwrap();
+        let ApiError::Overloaded {
+            reason,
+            retry_after_s,
+            ..
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(reason, "tenant_tokens");
+        assert_eq!(retry_after_s, 5, "50 tokens at 10/s");
+    }
+
+    #[test]
+    fn status_reports_the_request_bucket() {
+        let a = admission(Config::default());
+        let t = tenant(
+            "t",
+            TenantLimits {
+                requests_per_second: 1.0,
+                burst: 3.0,
+                ..TenantLimits::default()
+            },
+        );
+        let _p = a.admit(Some(&t), 0, 0).unwrap();
+        let status = a.status(&t);
+        assert_eq!(status.limit_requests, Some(60));
+        assert_eq!(status.remaining_requests, 2);
+        assert!(status.reset_requests_s > 0.9 && status.reset_requests_s <= 1.0);
+        assert_eq!(status.limit_tokens, None);
     }
 
     #[test]

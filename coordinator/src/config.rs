@@ -2,7 +2,10 @@
 //! [`Config`] the rest of the crate reads. No other module reads the environment.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::keys::{KeySource, Keys, TenantLimits};
 
 /// Flags of `shardline coordinator`. Every flag can also be set through its
 /// `SHARDLINE_…` environment variable.
@@ -44,8 +47,9 @@ pub struct CoordinatorArgs {
     /// Most prompt + generated tokens of a request (0 = the model's context length).
     #[arg(long, env = "SHARDLINE_MAX_TOTAL_TOKENS", default_value_t = 0)]
     pub max_total_tokens: usize,
-    /// Per-tenant request rate (requests per second, token bucket; 0 = unlimited).
-    /// The tenant is the `x-shardline-tenant` header, else the request's `user`.
+    /// Per-tenant request rate (requests per second, token bucket; 0 = unlimited): the
+    /// default of every tenant in the keys file. Without API keys the tenant is the
+    /// `x-shardline-tenant` header, else the request's `user`; with keys it is the key's.
     #[arg(long, env = "SHARDLINE_TENANT_RATE", default_value_t = 0.0)]
     pub tenant_rate: f64,
     /// Per-tenant burst size of the token bucket (defaults to max(1, rate)).
@@ -54,9 +58,16 @@ pub struct CoordinatorArgs {
     /// Per-tenant concurrent requests (0 = unlimited).
     #[arg(long, env = "SHARDLINE_TENANT_MAX_CONCURRENT", default_value_t = 0)]
     pub tenant_max_concurrent: usize,
-    /// Require `Authorization: Bearer <key>` on the API (health and metrics stay open).
+    /// Require `Authorization: Bearer <key>` on the API (health and metrics stay open):
+    /// one key, the tenant `default` with the `--tenant-*` limits. Combines with
+    /// `--api-keys-file`.
     #[arg(long, env = "SHARDLINE_API_KEY")]
     pub api_key: Option<String>,
+    /// TOML file mapping SHA-256 hashed API keys to tenants and their limits (see
+    /// docs/security.md); every route but `/health`, `/livez` and `/metrics` then needs
+    /// a key, and the tenant comes from the key. Reloaded on SIGHUP and when it changes.
+    #[arg(long, env = "SHARDLINE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Model name reported by `/v1/models` and accepted in requests (default: the
     /// worker's model id).
     #[arg(long, env = "SHARDLINE_SERVED_MODEL_NAME")]
@@ -97,7 +108,8 @@ pub struct Config {
     pub tenant_rate: f64,
     pub tenant_burst: f64,
     pub tenant_max_concurrent: usize,
-    pub api_key: Option<String>,
+    /// API keys and their tenants (disabled: open API, client-named tenants).
+    pub keys: Keys,
     pub served_model_name: Option<String>,
     pub default_timeout: Option<Duration>,
     pub step_timeout: Duration,
@@ -130,7 +142,7 @@ impl Default for Config {
             tenant_rate: 0.0,
             tenant_burst: 1.0,
             tenant_max_concurrent: 0,
-            api_key: None,
+            keys: Keys::disabled(),
             served_model_name: None,
             default_timeout: None,
             step_timeout: Duration::from_secs(120),
@@ -150,6 +162,18 @@ fn secs(flag: &'static str, v: f64) -> Result<Option<Duration>, ConfigError> {
         });
     }
     Ok((v > 0.0).then(|| Duration::from_secs_f64(v)))
+}
+
+impl Config {
+    /// The limits of a tenant named by the client (no keys configured): the flags'.
+    pub fn tenant_defaults(&self) -> TenantLimits {
+        TenantLimits {
+            requests_per_second: self.tenant_rate,
+            burst: self.tenant_burst,
+            max_concurrent: self.tenant_max_concurrent,
+            ..TenantLimits::default()
+        }
+    }
 }
 
 impl CoordinatorArgs {
@@ -205,7 +229,20 @@ impl CoordinatorArgs {
             tenant_rate: self.tenant_rate,
             tenant_burst: burst,
             tenant_max_concurrent: self.tenant_max_concurrent,
-            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            keys: Keys::load(KeySource {
+                file: self.api_keys_file.clone(),
+                api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+                defaults: TenantLimits {
+                    requests_per_second: self.tenant_rate,
+                    burst,
+                    max_concurrent: self.tenant_max_concurrent,
+                    ..TenantLimits::default()
+                },
+            })
+            .map_err(|e| ConfigError {
+                flag: "api-keys-file",
+                message: e.to_string(),
+            })?,
             served_model_name: self.served_model_name.clone(),
             default_timeout: secs("default-timeout-s", self.default_timeout_s)?,
             step_timeout: secs("step-timeout-s", self.step_timeout_s)?.ok_or(ConfigError {

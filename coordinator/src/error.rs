@@ -20,8 +20,11 @@ pub enum ApiError {
     #[error("request body too large (limit {limit} bytes)")]
     TooLarge { limit: usize },
     /// Missing or wrong API key.
-    #[error("invalid or missing API key")]
+    #[error("invalid or missing API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
+    /// A valid key whose tenant may not do this (model, priority).
+    #[error("{0}")]
+    Forbidden(String),
     /// Over an admission limit; retry after `retry_after_s`.
     #[error("{message}")]
     Overloaded {
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -77,6 +81,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::TooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
             ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
+            ApiError::Forbidden(_) => ("permission_error", Some("permission_denied")),
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
             ApiError::DeadlineExceeded(_) => ("timeout_error", Some("deadline_exceeded")),
             ApiError::Unavailable(_) => ("server_error", Some("unavailable")),
@@ -106,6 +111,7 @@ impl ApiError {
             }
             ApiError::ModelNotFound(_) => tonic::Status::not_found(message),
             ApiError::Unauthorized => tonic::Status::unauthenticated(message),
+            ApiError::Forbidden(_) => tonic::Status::permission_denied(message),
             ApiError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
             ApiError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),

@@ -63,7 +63,8 @@ pub struct Generation {
     pending_tokens: Vec<TokenOut>,
     /// A stop string ended the output.
     stop_hit: bool,
-    _permit: Permit,
+    /// Admission slot and tenant budget, charged for generated tokens.
+    permit: Permit,
 }
 
 /// Everything a non-streaming response needs.
@@ -102,7 +103,7 @@ impl Generation {
             last_token_at: None,
             pending_tokens: Vec::new(),
             stop_hit: false,
-            _permit: permit,
+            permit,
         }
     }
 
@@ -265,6 +266,7 @@ impl Generation {
                     }
                     self.last_token_at = Some(now);
                     self.usage.completion_tokens += 1;
+                    self.permit.generated(1);
                     if self.request.logprobs.is_some() {
                         let out = self.token_out(&token, true);
                         self.pending_tokens.push(out);

@@ -5,6 +5,7 @@
 //! sequence on the worker.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -17,11 +18,13 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::chat_template::Message;
 use crate::error::ApiError;
 use crate::generation::{self, Chunk, TokenOut};
+use crate::keys::{self, Keys, Tenant};
 use crate::request::{Finish, Priority};
 use crate::service::{Service, request_id};
 use crate::validate::{GenerateParams, Input};
@@ -121,16 +124,24 @@ fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
 
 impl InferenceService {
     fn start(&self, request: Request<GenerateRequest>) -> Result<generation::Generation, Status> {
+        let keyed = request.extensions().get::<Arc<Tenant>>().cloned();
         let metadata_tenant = request
             .metadata()
             .get("x-shardline-tenant")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let r = request.into_inner();
-        let tenant = Some(r.tenant.clone())
-            .filter(|t| !t.is_empty())
-            .or(metadata_tenant)
-            .or_else(|| Some(r.user.clone()).filter(|u| !u.is_empty()));
+        let tenant = if self.service.config.keys.enabled() {
+            // The interceptor put it there; without it the request is refused, not served
+            // open.
+            Some(keyed.ok_or_else(|| ApiError::Unauthorized.to_status())?)
+        } else {
+            let named = Some(r.tenant.clone())
+                .filter(|t| !t.is_empty())
+                .or(metadata_tenant)
+                .or_else(|| Some(r.user.clone()).filter(|u| !u.is_empty()));
+            crate::http::client_tenant(&self.service.config, named)
+        };
         let params = params(r).map_err(|e| e.to_status())?;
         self.service
             .start(request_id("gen"), params, tenant.as_deref())
@@ -193,6 +204,26 @@ impl Inference for InferenceService {
     }
 }
 
+/// The interceptor of every keyed gRPC service: with keys configured, the `authorization:
+/// Bearer <key>` metadata must name a tenant (UNAUTHENTICATED otherwise), which travels
+/// on in the request's extensions.
+pub fn key_check(keys: Keys) -> impl tonic::service::Interceptor + Clone {
+    move |mut request: Request<()>| {
+        let Some(set) = keys.current() else {
+            return Ok(request);
+        };
+        let metadata = |name| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        let tenant = keys::authenticate(
+            &set,
+            metadata("authorization"),
+            metadata("x-shardline-tenant"),
+        )
+        .map_err(|e| e.to_status())?;
+        request.extensions_mut().insert(tenant);
+        Ok(request)
+    }
+}
+
 /// Serves gRPC on `listener` until `shutdown`: inference, health and reflection.
 pub async fn serve(
     listener: TcpListener,
@@ -224,22 +255,10 @@ pub async fn serve(
             }
         }
     });
-    let api_key = service.config.api_key.clone();
-    let inference = InferenceServer::with_interceptor(
-        InferenceService { service },
-        move |request: Request<()>| {
-            if let Some(key) = &api_key {
-                let given = request
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok());
-                if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(key.as_str()) {
-                    return Err(ApiError::Unauthorized.to_status());
-                }
-            }
-            Ok(request)
-        },
-    );
+    let check = key_check(service.config.keys.clone());
+    let inference = InferenceServer::with_interceptor(InferenceService { service }, check.clone());
+    // Reflection describes the API: it needs a key too. Health is for probes: open.
+    let reflection = InterceptedService::new(reflection, check);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)

@@ -9,6 +9,7 @@
 //!   [`queue::State`]; [`request`] holds the queue entry and the events it emits;
 //! - [`generation`] is the request owner's side: streaming detokenization ([`detok`]),
 //!   stop strings, usage;
+//! - [`keys`]: API keys → tenants and their limits, reloaded live;
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
 //! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
 //!
@@ -24,6 +25,7 @@ pub mod generation;
 pub mod groups;
 pub mod grpc;
 pub mod http;
+pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod queue;
@@ -77,6 +79,7 @@ impl Coordinator {
         let grpc_addr = grpc.local_addr()?;
         let drain_timeout = config.drain_timeout;
         let config = Arc::new(config);
+        keys::spawn_reloader(config.keys.clone(), shutdown.clone());
         let metrics = Metrics::new();
         let stop_groups = CancellationToken::new();
         let groups = GroupSet::new(config.clone(), metrics.clone(), stop_groups.clone());

@@ -10,9 +10,11 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::generation::Generation;
 use crate::groups::GroupSet;
+use crate::keys::Tenant;
 use crate::metrics::Metrics;
 use crate::request::Entry;
-use crate::validate::{GenerateParams, validate};
+use crate::request::Priority;
+use crate::validate::{GenerateParams, served_name, validate};
 
 /// Shared state of the front ends.
 #[derive(Clone)]
@@ -48,11 +50,20 @@ impl Service {
         &self,
         id: String,
         params: GenerateParams,
-        tenant: Option<&str>,
+        tenant: Option<&Tenant>,
     ) -> Result<Generation, ApiError> {
         let model = self.groups.model().inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["no_group"]).inc();
         })?;
+        if let Some(tenant) = tenant {
+            let names = [served_name(&self.config, &model), model.model_id.clone()];
+            authorize(tenant, &params, &names).inspect_err(|_| {
+                self.metrics
+                    .rejected
+                    .with_label_values(&["forbidden"])
+                    .inc();
+            })?;
+        }
         let request = validate(id, params, &self.config, &model).inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["invalid"]).inc();
         })?;
@@ -62,13 +73,15 @@ impl Service {
             model.context_length,
             model.block_size as usize,
         );
-        let permit = self.admission.admit(tenant, blocks as u32)?;
+        let permit = self
+            .admission
+            .admit(tenant, request.prompt.len() as u32, blocks as u32)?;
         tracing::debug!(
             id = %request.id,
             prompt_tokens = request.prompt.len(),
             max_tokens = request.max_tokens,
             priority = ?request.priority,
-            tenant = tenant.unwrap_or(""),
+            tenant = tenant.map(|t| t.name.as_str()).unwrap_or(""),
             "request admitted"
         );
         let request = Arc::new(request);
@@ -81,5 +94,45 @@ impl Service {
             self.metrics.clone(),
             permit,
         ))
+    }
+}
+
+/// What a tenant's key allows: the model and the priority class. `names` are the served
+/// model's names (the served name, the model id); a request that names none of them is
+/// left to validation's 404.
+pub fn authorize(
+    tenant: &Tenant,
+    params: &GenerateParams,
+    names: &[String],
+) -> Result<(), ApiError> {
+    let limits = &tenant.limits;
+    let model = params
+        .model
+        .as_deref()
+        .filter(|m| !m.is_empty())
+        .unwrap_or(&names[0]);
+    let served = names.iter().any(|n| n == model);
+    if served && !limits.models.is_empty() && !limits.models.iter().any(|m| names.contains(m)) {
+        return Err(ApiError::Forbidden(format!(
+            "tenant `{}` may not use the model `{model}`",
+            tenant.name
+        )));
+    }
+    if params.priority < limits.max_priority {
+        return Err(ApiError::Forbidden(format!(
+            "tenant `{}` may not use priority `{}` (its highest is `{}`)",
+            tenant.name,
+            priority_name(params.priority),
+            priority_name(limits.max_priority)
+        )));
+    }
+    Ok(())
+}
+
+fn priority_name(p: Priority) -> &'static str {
+    match p {
+        Priority::High => "high",
+        Priority::Normal => "normal",
+        Priority::Low => "low",
     }
 }

@@ -283,7 +283,7 @@ async fn health_is_503_without_a_ready_group() {
 async fn api_key_is_enforced() {
     let c = one_worker(
         Config {
-            api_key: Some("sekrit".into()),
+            keys: shardline_coordinator::keys::Keys::single("sekrit", Default::default()),
             ..Config::default()
         },
         TestWorkerConfig::default(),

@@ -1,46 +1,111 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions`
 //! (JSON or SSE), `/v1/models`, `/health` (ready: a worker group is), `/livez` (the
 //! process serves), `/metrics`. Bodies are parsed by hand so every
-//! malformed input gets an OpenAI-style error naming the problem.
+//! malformed input gets an OpenAI-style error naming the problem. With API keys
+//! configured every route but the probes and `/metrics` needs one ([`routes`] says
+//! which); the key decides the tenant.
 
 mod chat;
 mod completions;
 mod types;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::RateLimitStatus;
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::generation::Generation;
+use crate::keys::{self, Tenant};
 use crate::request::Priority;
 use crate::service::Service;
 use crate::validate::{GenerateParams, served_name};
 use types::Common;
 
-/// The HTTP router over `service`.
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Probes and Prometheus: Kubernetes calls them without keys.
+    Public,
+    /// Needs an API key when keys are configured.
+    Key,
+}
+
+/// One route of the API.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// Every route with its handler. [`router`] is built from this list and nothing else, so
+/// the test that walks [`routes`] sees every route there is.
+fn table() -> Vec<(Route, MethodRouter<Service>)> {
+    let key = |method, path, handler| {
+        let access = Access::Key;
+        (
+            Route {
+                method,
+                path,
+                access,
+            },
+            handler,
+        )
+    };
+    let public = |path, handler| {
+        let access = Access::Public;
+        (
+            Route {
+                method: Method::GET,
+                path,
+                access,
+            },
+            handler,
+        )
+    };
+    vec![
+        key(Method::POST, "/v1/completions", post(completions::handle)),
+        key(Method::POST, "/v1/chat/completions", post(chat::handle)),
+        key(Method::GET, "/v1/models", get(models)),
+        public("/health", get(health)),
+        public("/livez", get(livez)),
+        public("/metrics", get(metrics)),
+    ]
+}
+
+/// The routes of the HTTP API and who may call them.
+pub fn routes() -> Vec<Route> {
+    table().into_iter().map(|(route, _)| route).collect()
+}
+
+/// The HTTP router over `service`. Everything but the public routes, unknown paths
+/// included, goes through [`auth`].
 pub fn router(service: Service) -> axum::Router {
     let limit = service.config.max_body_bytes;
-    let api = axum::Router::new()
-        .route("/v1/completions", post(completions::handle))
-        .route("/v1/chat/completions", post(chat::handle))
-        .route("/v1/models", get(models))
-        .route_layer(middleware::from_fn_with_state(service.clone(), auth));
-    axum::Router::new()
-        .merge(api)
-        .route("/health", get(health))
-        .route("/livez", get(livez))
-        .route("/metrics", get(metrics))
+    let mut api = axum::Router::new();
+    let mut open = axum::Router::new();
+    for (route, handler) in table() {
+        match route.access {
+            Access::Key => api = api.route(route.path, handler),
+            Access::Public => open = open.route(route.path, handler),
+        }
+    }
+    let api = api
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(service.clone(), auth));
+    open.merge(api)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(service)
 }
@@ -64,19 +129,62 @@ pub async fn serve(
         .await
 }
 
-async fn auth(State(service): State<Service>, request: Request, next: Next) -> Response {
-    if let Some(key) = &service.config.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return ApiError::Unauthorized.into_response();
-        }
-    }
-    next.run(request).await
+tokio::task_local! {
+    /// The tenant the API key of the request being handled belongs to: [`auth`] sets it
+    /// around the handler, [`start`] and [`models`] read it. (A task-local rather than a
+    /// handler argument keeps the handlers' signatures about the API alone.)
+    static TENANT: Arc<Tenant>;
 }
+
+/// With keys configured: the key must name a tenant (401 otherwise), which the handler
+/// runs as; the response carries the tenant's `x-ratelimit-*` headers.
+async fn auth(State(service): State<Service>, request: Request, next: Next) -> Response {
+    let Some(keys) = service.config.keys.current() else {
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let tenant = match keys::authenticate(
+        &keys,
+        header(header::AUTHORIZATION.as_str()),
+        header(TENANT_HEADER),
+    ) {
+        Ok(tenant) => tenant,
+        Err(e) => return e.into_response(),
+    };
+    let mut response = TENANT.scope(tenant.clone(), next.run(request)).await;
+    rate_limit_headers(&service.admission.status(&tenant), response.headers_mut());
+    response
+}
+
+/// OpenAI's rate-limit headers; a limit the tenant does not have is left out.
+fn rate_limit_headers(status: &RateLimitStatus, headers: &mut HeaderMap) {
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    let reset = |s: f64| format!("{:.3}s", s.max(0.0));
+    if let Some(limit) = status.limit_requests {
+        set("x-ratelimit-limit-requests", limit.to_string());
+        set(
+            "x-ratelimit-remaining-requests",
+            status.remaining_requests.to_string(),
+        );
+        set("x-ratelimit-reset-requests", reset(status.reset_requests_s));
+    }
+    if let Some(limit) = status.limit_tokens {
+        set("x-ratelimit-limit-tokens", limit.to_string());
+        set(
+            "x-ratelimit-remaining-tokens",
+            status.remaining_tokens.to_string(),
+        );
+        set("x-ratelimit-reset-tokens", reset(status.reset_tokens_s));
+    }
+}
+
+/// Header naming the tenant: honoured without keys, or from a trusted gateway's key.
+const TENANT_HEADER: &str = "x-shardline-tenant";
 
 async fn not_found() -> Response {
     (
@@ -118,7 +226,19 @@ async fn metrics(State(service): State<Service>) -> Response {
 }
 
 async fn models(State(service): State<Service>) -> Response {
+    let allowed = |model: &crate::groups::ModelInfo| {
+        TENANT
+            .try_with(|t| {
+                let models = &t.limits.models;
+                models.is_empty()
+                    || models
+                        .iter()
+                        .any(|m| *m == model.model_id || *m == served_name(&service.config, model))
+            })
+            .unwrap_or(true)
+    };
     let data = match service.groups.model() {
+        Ok(model) if !allowed(&model) => Vec::new(),
         Ok(model) => vec![serde_json::json!({
             "id": served_name(&service.config, &model),
             "object": "model",
@@ -274,7 +394,17 @@ pub(crate) fn start(
     id_prefix: &str,
 ) -> Result<Started, ApiError> {
     extensions(headers, &mut params, shape.priority, shape.timeout)?;
-    let tenant = tenant(headers, shape.user.as_deref());
+    let tenant = if service.config.keys.enabled() {
+        // Set by `auth` for every keyed route; its absence would be a routing bug, and
+        // is answered as a missing key rather than served open.
+        Some(
+            TENANT
+                .try_with(Arc::clone)
+                .map_err(|_| ApiError::Unauthorized)?,
+        )
+    } else {
+        client_tenant(&service.config, tenant(headers, shape.user.as_deref()))
+    };
     let id = crate::service::request_id(id_prefix);
     let generation = service.start(id.clone(), params, tenant.as_deref())?;
     let model = service
@@ -292,10 +422,25 @@ pub(crate) fn start(
     })
 }
 
-/// The tenant: the `x-shardline-tenant` header, else the body's `user`.
+/// Without keys, a tenant the client named gets the `--tenant-*` limits; none when
+/// those limit nothing (no state to keep per name).
+pub(crate) fn client_tenant(config: &Config, name: Option<String>) -> Option<Arc<Tenant>> {
+    let limits = config.tenant_defaults();
+    if limits.requests_per_second <= 0.0 && limits.max_concurrent == 0 {
+        return None;
+    }
+    Some(Arc::new(Tenant {
+        name: name.filter(|n| !n.is_empty())?,
+        limits,
+        trusted_gateway: false,
+    }))
+}
+
+/// The tenant a client names (used without keys): the `x-shardline-tenant` header, else
+/// the body's `user`.
 pub(crate) fn tenant(headers: &HeaderMap, user: Option<&str>) -> Option<String> {
     headers
-        .get("x-shardline-tenant")
+        .get(TENANT_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or_else(|| user.map(str::to_string))
