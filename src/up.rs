@@ -50,7 +50,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         "model {} not found: run deploy/fetch-model.sh first (or pass --model)",
         args.model.display()
     );
-    let config = args.coordinator.config()?;
+    let config = args.coordinator.load()?;
     let http = TcpListener::bind(args.coordinator.http_listen)
         .await
         .with_context(|| format!("bind {}", args.coordinator.http_listen))?;

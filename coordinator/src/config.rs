@@ -177,7 +177,24 @@ impl Config {
 }
 
 impl CoordinatorArgs {
-    /// Checks the flags and turns them into a [`Config`].
+    /// [`Self::config`] with the API keys loaded (`--api-key`, `--api-keys-file`): what
+    /// a coordinator serves with.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = self.config()?;
+        config.keys = Keys::load(KeySource {
+            file: self.api_keys_file.clone(),
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            defaults: config.tenant_defaults(),
+        })
+        .map_err(|e| ConfigError {
+            flag: "api-keys-file",
+            message: e.to_string(),
+        })?;
+        Ok(config)
+    }
+
+    /// Checks the flags and turns them into a [`Config`], reading no file: its keys are
+    /// disabled until [`Self::load`].
     pub fn config(&self) -> Result<Config, ConfigError> {
         let positive = |flag: &'static str, v: usize| {
             if v == 0 {
@@ -229,20 +246,7 @@ impl CoordinatorArgs {
             tenant_rate: self.tenant_rate,
             tenant_burst: burst,
             tenant_max_concurrent: self.tenant_max_concurrent,
-            keys: Keys::load(KeySource {
-                file: self.api_keys_file.clone(),
-                api_key: self.api_key.clone().filter(|k| !k.is_empty()),
-                defaults: TenantLimits {
-                    requests_per_second: self.tenant_rate,
-                    burst,
-                    max_concurrent: self.tenant_max_concurrent,
-                    ..TenantLimits::default()
-                },
-            })
-            .map_err(|e| ConfigError {
-                flag: "api-keys-file",
-                message: e.to_string(),
-            })?,
+            keys: Keys::disabled(),
             served_model_name: self.served_model_name.clone(),
             default_timeout: secs("default-timeout-s", self.default_timeout_s)?,
             step_timeout: secs("step-timeout-s", self.step_timeout_s)?.ok_or(ConfigError {
@@ -296,6 +300,25 @@ mod tests {
         let config = cli.args.config().unwrap();
         assert_eq!(config.max_num_seqs, 8);
         assert_eq!(config.default_timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn keys_load_from_the_flags() {
+        let cli = Cli::try_parse_from(["x", "--api-key", "k"]).unwrap();
+        assert!(
+            !cli.args.config().unwrap().keys.enabled(),
+            "config reads no file"
+        );
+        let keys = cli.args.load().unwrap().keys.current().unwrap();
+        assert_eq!(keys.lookup("k").unwrap().name, crate::keys::API_KEY_TENANT);
+        let cli = Cli::try_parse_from(["x", "--api-keys-file", "/nonexistent/keys.toml"]).unwrap();
+        let err = cli.args.load().unwrap_err();
+        assert_eq!(err.flag, "api-keys-file");
+        assert!(
+            err.message.contains("/nonexistent/keys.toml"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

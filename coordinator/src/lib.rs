@@ -161,7 +161,7 @@ pub async fn serve(
 
 /// `shardline coordinator`: binds the configured addresses and serves until `shutdown`.
 pub async fn run(args: CoordinatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let config = args.config()?;
+    let config = args.load()?;
     if args.workers.is_empty() && args.etcd.is_empty() {
         anyhow::bail!(
             "no worker group given: pass --worker URL (or SHARDLINE_WORKERS) or --etcd URL"

@@ -45,7 +45,7 @@ MATRIX = {
     "defaults": {},
     "etcd-3-hard-external-secret": {
         "etcd": {"replicas": 3, "podAntiAffinity": "hard", "persistence": {"enabled": False}},
-        "auth": {"existingSecret": "team-keys", "secretKey": "key"},
+        "auth": {"existingSecret": "team-keys", "secretKey": "key", "keysSecret": "tenant-keys"},
     },
     "external-etcd-apikey-netpol-monitor": {
         "etcd": {"enabled": False, "external": {"endpoints": ["http://etcd.infra:2379", "http://etcd-2.infra:2379"]}},
