@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::keys::{KeySource, Keys, TenantLimits};
+use crate::tls::{ALPN_HTTP, Tls, TlsFiles};
 
 /// Flags of `shardline coordinator`. Every flag can also be set through its
 /// `SHARDLINE_…` environment variable.
@@ -87,6 +88,44 @@ pub struct CoordinatorArgs {
     /// many times the group's KV cache.
     #[arg(long, env = "SHARDLINE_MAX_KV_DEMAND_RATIO", default_value_t = 4.0)]
     pub max_kv_demand_ratio: f64,
+    /// PEM certificate chain of the public HTTP and gRPC APIs: with `--tls-key` both
+    /// serve TLS only (rustls). Re-read when the file changes.
+    #[arg(long, env = "SHARDLINE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SHARDLINE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: with it, API clients must present a certificate this CA signed
+    /// (mutual TLS). Needs `--tls-cert`.
+    #[arg(long, env = "SHARDLINE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Most connections open at once on each API (HTTP, gRPC); more are closed at once.
+    #[arg(long, env = "SHARDLINE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (and to finish its TLS
+    /// handshake) before its connection is closed: slow clients cannot hold the server.
+    #[arg(long, env = "SHARDLINE_HEADER_READ_TIMEOUT_S", default_value_t = 10.0)]
+    pub header_read_timeout_s: f64,
+    /// Seconds a client has to send a request body; slower gets 408.
+    #[arg(long, env = "SHARDLINE_BODY_READ_TIMEOUT_S", default_value_t = 60.0)]
+    pub body_read_timeout_s: f64,
+    /// Largest request body in bytes; larger gets 413.
+    #[arg(long, env = "SHARDLINE_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Of a body over `--max-body-bytes`, how many bytes are read and discarded so the
+    /// client, still uploading, receives its 413 instead of a reset connection.
+    #[arg(long, env = "SHARDLINE_BODY_DRAIN_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub body_drain_bytes: usize,
+    /// Largest request header section in bytes (HTTP/1 read buffer, HTTP/2 header list);
+    /// larger gets 431 (HTTP/1) or a stream reset (HTTP/2).
+    #[arg(long, env = "SHARDLINE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1 request; more gets 431.
+    #[arg(long, env = "SHARDLINE_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
+    /// Most concurrent HTTP/2 streams (requests) per connection, on both APIs.
+    #[arg(long, env = "SHARDLINE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub http2_max_concurrent_streams: u32,
     /// On shutdown (SIGTERM, Ctrl-C), how long requests in flight may keep the
     /// coordinator up: it stops accepting connections at once, finishes what it is
     /// serving, and fails what is left after this many seconds.
@@ -118,8 +157,47 @@ pub struct Config {
     pub max_kv_demand_ratio: f64,
     /// Body size limit of the HTTP API.
     pub max_body_bytes: usize,
+    /// Connection and protocol limits of both front ends.
+    pub server: ServerLimits,
+    /// TLS of both public APIs (`None`: plaintext, h2c for gRPC).
+    pub tls: Option<Tls>,
     /// See `--drain-timeout-secs`.
     pub drain_timeout: Duration,
+}
+
+/// Limits on connections and on what a client may send before its request is parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub body_drain_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            body_drain_bytes: 16 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            http2_max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl ServerLimits {
+    pub fn conn(&self) -> crate::listen::ConnLimits {
+        crate::listen::ConnLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.header_read_timeout,
+        }
+    }
 }
 
 /// A flag value that cannot work.
@@ -149,6 +227,8 @@ impl Default for Config {
             max_stop_sequences: 16,
             max_kv_demand_ratio: 4.0,
             max_body_bytes: 4 * 1024 * 1024,
+            server: ServerLimits::default(),
+            tls: None,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -177,8 +257,8 @@ impl Config {
 }
 
 impl CoordinatorArgs {
-    /// [`Self::config`] with the API keys loaded (`--api-key`, `--api-keys-file`): what
-    /// a coordinator serves with.
+    /// [`Self::config`] with the files loaded (API keys, TLS certificates): what a
+    /// coordinator serves with.
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut config = self.config()?;
         config.keys = Keys::load(KeySource {
@@ -190,11 +270,22 @@ impl CoordinatorArgs {
             flag: "api-keys-file",
             message: e.to_string(),
         })?;
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            };
+            config.tls = Some(Tls::load(files, ALPN_HTTP).map_err(|e| ConfigError {
+                flag: "tls-cert",
+                message: e.to_string(),
+            })?);
+        }
         Ok(config)
     }
 
     /// Checks the flags and turns them into a [`Config`], reading no file: its keys are
-    /// disabled until [`Self::load`].
+    /// disabled and TLS off until [`Self::load`].
     pub fn config(&self) -> Result<Config, ConfigError> {
         let positive = |flag: &'static str, v: usize| {
             if v == 0 {
@@ -265,6 +356,34 @@ impl CoordinatorArgs {
                 });
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            max_body_bytes: positive("max-body-bytes", self.max_body_bytes)?,
+            server: ServerLimits {
+                max_connections: positive("max-connections", self.max_connections)?,
+                header_read_timeout: secs("header-read-timeout-s", self.header_read_timeout_s)?
+                    .ok_or(ConfigError {
+                        flag: "header-read-timeout-s",
+                        message: "must be > 0".into(),
+                    })?,
+                body_read_timeout: secs("body-read-timeout-s", self.body_read_timeout_s)?
+                    .ok_or(ConfigError {
+                        flag: "body-read-timeout-s",
+                        message: "must be > 0".into(),
+                    })?,
+                body_drain_bytes: self.body_drain_bytes,
+                max_header_bytes: if self.max_header_bytes >= 8192 {
+                    self.max_header_bytes
+                } else {
+                    return Err(ConfigError {
+                        flag: "max-header-bytes",
+                        message: "must be at least 8192".into(),
+                    });
+                },
+                max_headers: positive("max-headers", self.max_headers)?,
+                http2_max_concurrent_streams: positive(
+                    "http2-max-concurrent-streams",
+                    self.http2_max_concurrent_streams as usize,
+                )? as u32,
+            },
             ..Config::default()
         })
     }

@@ -224,7 +224,8 @@ pub fn key_check(keys: Keys) -> impl tonic::service::Interceptor + Clone {
     }
 }
 
-/// Serves gRPC on `listener` until `shutdown`: inference, health and reflection.
+/// Serves gRPC on `listener` until `shutdown`: inference, health and reflection, over
+/// the connections [`crate::listen`] accepts (TLS when configured; h2c otherwise).
 pub async fn serve(
     listener: TcpListener,
     service: Service,
@@ -255,18 +256,20 @@ pub async fn serve(
             }
         }
     });
+    let service_limits = service.config.server.clone();
+    let tls = service.config.tls.clone();
     let check = key_check(service.config.keys.clone());
     let inference = InferenceServer::with_interceptor(InferenceService { service }, check.clone());
     // Reflection describes the API: it needs a key too. Health is for probes: open.
     let reflection = InterceptedService::new(reflection, check);
+    let limits = service_limits.clone();
+    let incoming = crate::listen::incoming(listener, tls, limits.conn(), "grpc", shutdown.clone());
     tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .http2_max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .add_service(health)
         .add_service(reflection)
         .add_service(inference)
-        .serve_with_incoming_shutdown(
-            // Streamed responses are small writes: no Nagle delay on them.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

@@ -11,6 +11,7 @@
 //!   stop strings, usage;
 //! - [`keys`]: API keys → tenants and their limits, reloaded live;
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
+//! - [`listen`]: accepting connections (limits, TLS from [`tls`]) for both front ends;
 //! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
 //!
 //! Tests run against the real worker service over a fake runner (`shardline-engine`'s
@@ -26,6 +27,7 @@ pub mod groups;
 pub mod grpc;
 pub mod http;
 pub mod keys;
+pub mod listen;
 pub mod membership;
 pub mod metrics;
 pub mod queue;
@@ -33,6 +35,7 @@ pub mod request;
 pub mod router;
 pub mod scheduler;
 pub mod service;
+pub mod tls;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -80,6 +83,9 @@ impl Coordinator {
         let drain_timeout = config.drain_timeout;
         let config = Arc::new(config);
         keys::spawn_reloader(config.keys.clone(), shutdown.clone());
+        if let Some(tls) = &config.tls {
+            tls::spawn_reloader(tls.clone(), "public API", shutdown.clone());
+        }
         let metrics = Metrics::new();
         let stop_groups = CancellationToken::new();
         let groups = GroupSet::new(config.clone(), metrics.clone(), stop_groups.clone());

@@ -7,6 +7,7 @@
 
 mod chat;
 mod completions;
+mod server;
 mod types;
 
 use std::sync::Arc;
@@ -20,8 +21,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::admission::RateLimitStatus;
 use crate::config::Config;
@@ -31,6 +30,8 @@ use crate::keys::{self, Tenant};
 use crate::request::Priority;
 use crate::service::Service;
 use crate::validate::{GenerateParams, served_name};
+pub use server::serve;
+use server::read_body;
 use types::Common;
 
 /// Who may call a route.
@@ -102,31 +103,14 @@ pub fn router(service: Service) -> axum::Router {
             Access::Public => open = open.route(route.path, handler),
         }
     }
+    // `auth` runs first: a client without a key gets its 401 before any body is read.
     let api = api
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(service.clone(), read_body))
         .layer(middleware::from_fn_with_state(service.clone(), auth));
     open.merge(api)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(service)
-}
-
-/// Serves the HTTP API on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    service: Service,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Each SSE event is a small write: without TCP_NODELAY it can wait ~40 ms for the
-    // client's delayed ACK (Nagle), which shows up directly in TTFT and ITL.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    axum::serve(listener, router(service))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 tokio::task_local! {
