@@ -124,7 +124,11 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "SHARDLINE_MAX_HEADERS", default_value_t = 100)]
     pub max_headers: usize,
     /// Most concurrent HTTP/2 streams (requests) per connection, on both APIs.
-    #[arg(long, env = "SHARDLINE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "SHARDLINE_HTTP2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256
+    )]
     pub http2_max_concurrent_streams: u32,
     /// On shutdown (SIGTERM, Ctrl-C), how long requests in flight may keep the
     /// coordinator up: it stops accepting connections at once, finishes what it is
@@ -364,11 +368,12 @@ impl CoordinatorArgs {
                         flag: "header-read-timeout-s",
                         message: "must be > 0".into(),
                     })?,
-                body_read_timeout: secs("body-read-timeout-s", self.body_read_timeout_s)?
-                    .ok_or(ConfigError {
+                body_read_timeout: secs("body-read-timeout-s", self.body_read_timeout_s)?.ok_or(
+                    ConfigError {
                         flag: "body-read-timeout-s",
                         message: "must be > 0".into(),
-                    })?,
+                    },
+                )?,
                 body_drain_bytes: self.body_drain_bytes,
                 max_header_bytes: if self.max_header_bytes >= 8192 {
                     self.max_header_bytes

@@ -70,11 +70,7 @@ fn snapshot(files: &TlsFiles) -> Result<Vec<Vec<u8>>, TlsError> {
     Ok(out)
 }
 
-fn build(
-    files: &TlsFiles,
-    content: &[Vec<u8>],
-    alpn: &[&[u8]],
-) -> Result<ServerConfig, TlsError> {
+fn build(files: &TlsFiles, content: &[Vec<u8>], alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certs(&files.cert, &content[0])?;
     let key = PrivateKeyDer::from_pem_slice(&content[1]).map_err(|e| TlsError::Pem {

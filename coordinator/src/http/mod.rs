@@ -30,8 +30,8 @@ use crate::keys::{self, Tenant};
 use crate::request::Priority;
 use crate::service::Service;
 use crate::validate::{GenerateParams, served_name};
-pub use server::serve;
 use server::read_body;
+pub use server::serve;
 use types::Common;
 
 /// Who may call a route.

@@ -72,7 +72,11 @@ pub async fn serve(
 /// after reading (and dropping) up to `--body-drain-bytes` more, so a client that is
 /// still uploading reads the answer instead of a reset; a body slower than
 /// `--body-read-timeout-s` gets 408.
-pub(super) async fn read_body(State(service): State<Service>, request: Request, next: Next) -> Response {
+pub(super) async fn read_body(
+    State(service): State<Service>,
+    request: Request,
+    next: Next,
+) -> Response {
     use futures::StreamExt;
     let limit = service.config.max_body_bytes;
     let limits = &service.config.server;
@@ -155,4 +159,3 @@ pub(super) async fn read_body(State(service): State<Service>, request: Request, 
     let request = Request::from_parts(parts, axum::body::Body::from(buf));
     next.run(request).await
 }
-

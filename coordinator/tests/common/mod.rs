@@ -3,6 +3,8 @@
 //! clients.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::time::Duration;
 
 use futures::StreamExt;
