@@ -144,7 +144,10 @@ async fn an_oversized_upload_gets_413_while_uploading() {
     let mut s = raw_post(addr, 64 << 20).await;
     let response = read_all(&mut s, Duration::from_secs(10)).await;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
-    assert!(response.to_ascii_lowercase().contains("connection: close"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
     assert_eq!(completion(&c).await, 200, "the server serves on");
 }
 
@@ -192,14 +195,18 @@ async fn connections_beyond_the_limit_are_closed() {
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
         held.push(s);
     }
     let mut extra = TcpStream::connect(addr).await.unwrap();
-    let _ = extra.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let _ = extra
+        .write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
     let response = read_all(&mut extra, Duration::from_secs(10)).await;
     assert_eq!(response, "", "the fifth connection is closed unanswered");
     drop(held);
@@ -209,7 +216,10 @@ async fn connections_beyond_the_limit_are_closed() {
         let _ = s
             .write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await;
-        if read_all(&mut s, Duration::from_secs(5)).await.starts_with("HTTP/1.1 200") {
+        if read_all(&mut s, Duration::from_secs(5))
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "slots come back");

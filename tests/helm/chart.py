@@ -50,6 +50,7 @@ MATRIX = {
     "external-etcd-apikey-netpol-monitor": {
         "etcd": {"enabled": False, "external": {"endpoints": ["http://etcd.infra:2379", "http://etcd-2.infra:2379"]}},
         "auth": {"apiKey": "sk-test"},
+        "tls": {"existingSecret": "shardline-tls", "requireClientCert": True},
         "networkPolicy": {"enabled": True, "apiFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]},
         "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "model": {"servedName": "smollm2"},
@@ -245,8 +246,16 @@ def structural_checks(name, objects):
                 problems.append(f"{where}: pod not runAsNonRoot")
             for c in pod["containers"]:
                 if c["name"] == "coordinator":
-                    if c["readinessProbe"]["httpGet"]["path"] != "/health" or c["livenessProbe"]["httpGet"]["path"] != "/livez":
+                    if any(a.startswith("--tls-client-ca=") for a in c["args"]):
+                        # Kubelet has no client certificate: only the port can be probed.
+                        if "tcpSocket" not in c["readinessProbe"] or "tcpSocket" not in c["livenessProbe"]:
+                            problems.append(f"{where}: coordinator with client certificates not probed on TCP")
+                    elif c["readinessProbe"].get("httpGet", {}).get("path") != "/health" \
+                            or c["livenessProbe"].get("httpGet", {}).get("path") != "/livez":
                         problems.append(f"{where}: coordinator probes not on /health and /livez")
+                    elif any(a.startswith("--tls-cert=") for a in c["args"]) \
+                            and c["readinessProbe"]["httpGet"].get("scheme") != "HTTPS":
+                        problems.append(f"{where}: coordinator serves TLS but is probed over HTTP")
                 if c["name"] == "worker":
                     if c["readinessProbe"]["grpc"]["service"] != "shardline.worker.v1.Worker" or "startupProbe" not in c:
                         problems.append(f"{where}: worker probes not on the worker's gRPC health")
