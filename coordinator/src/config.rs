@@ -123,6 +123,9 @@ pub struct CoordinatorArgs {
     /// Most header fields in an HTTP/1 request; more gets 431.
     #[arg(long, env = "SHARDLINE_MAX_HEADERS", default_value_t = 100)]
     pub max_headers: usize,
+    /// Deepest nesting of arrays and objects in a JSON request body; deeper gets 400.
+    #[arg(long, env = "SHARDLINE_MAX_JSON_DEPTH", default_value_t = 32)]
+    pub max_json_depth: usize,
     /// Most concurrent HTTP/2 streams (requests) per connection, on both APIs.
     #[arg(
         long,
@@ -179,6 +182,7 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub http2_max_concurrent_streams: u32,
+    pub max_json_depth: usize,
 }
 
 impl Default for ServerLimits {
@@ -190,6 +194,7 @@ impl Default for ServerLimits {
             body_drain_bytes: 16 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
+            max_json_depth: 32,
             http2_max_concurrent_streams: 256,
         }
     }
@@ -384,6 +389,7 @@ impl CoordinatorArgs {
                     });
                 },
                 max_headers: positive("max-headers", self.max_headers)?,
+                max_json_depth: positive("max-json-depth", self.max_json_depth)?,
                 http2_max_concurrent_streams: positive(
                     "http2-max-concurrent-streams",
                     self.http2_max_concurrent_streams as usize,

@@ -156,6 +156,61 @@ pub(super) async fn read_body(
             }
         }
     }
+    if let Err(depth) = check_depth(&buf, limits.max_json_depth) {
+        return ApiError::Invalid {
+            param: None,
+            message: format!(
+                "the request body nests arrays and objects {depth} deep; at most {} (--max-json-depth)",
+                limits.max_json_depth
+            ),
+        }
+        .into_response();
+    }
     let request = Request::from_parts(parts, axum::body::Body::from(buf));
     next.run(request).await
+}
+
+/// How deep `body` nests JSON arrays and objects, counted without parsing (brackets in
+/// strings do not count): `Err(depth)` as soon as it passes `max`. Malformed JSON is the
+/// parser's to report.
+pub fn check_depth(body: &[u8], max: usize) -> Result<(), usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(depth);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_depth;
+
+    #[test]
+    fn depth_counts_brackets_outside_strings() {
+        assert_eq!(check_depth(br#"{"a":[1,{"b":2}]}"#, 3), Ok(()));
+        assert_eq!(check_depth(br#"{"a":[1,{"b":2}]}"#, 2), Err(3));
+        assert_eq!(check_depth(br#"{"a":"[[[[\"{{{{"}"#, 1), Ok(()));
+        assert_eq!(check_depth(&[b'['; 10_000], 32), Err(33));
+    }
 }
