@@ -54,3 +54,38 @@ fn readme_quick_tour_names_the_served_model() {
         "the quick tour's requests were not found in README.md"
     );
 }
+
+/// `shardline up --api-key`: the key guards the API (the model list included), the probes
+/// and metrics stay open.
+#[tokio::test]
+async fn an_api_key_guards_every_route_but_probes_and_metrics() {
+    let up = Cluster::start(bin(), &["--api-key", "sk-e2e"]);
+    let http = reqwest::Client::new();
+    let get = |path: &str, key: Option<&str>| {
+        let mut request = http.get(format!("{}{path}", up.http));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    let models = get("/v1/models", None).await.unwrap();
+    assert_eq!(models.status(), 401);
+    let body: Value = models.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    assert_eq!(
+        get("/v1/models", Some("wrong")).await.unwrap().status(),
+        401
+    );
+    let models: Value = get("/v1/models", Some("sk-e2e"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"].as_array().map(Vec::len), Some(1), "{models}");
+    for open in ["/health", "/livez", "/metrics"] {
+        assert_eq!(get(open, None).await.unwrap().status(), 200, "{open}");
+    }
+    let (status, _) = completion(&up.http, json!({"prompt": "Hi", "max_tokens": 2})).await;
+    assert_eq!(status, 401, "completions need the key too");
+}
