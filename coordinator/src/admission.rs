@@ -14,6 +14,7 @@ use crate::error::ApiError;
 use crate::groups::GroupSet;
 use crate::keys::{Tenant, TenantLimits};
 use crate::metrics::Metrics;
+use prometheus::{IntCounterVec, Opts};
 
 /// A classic token bucket: `rate` tokens per second, at most `burst`.
 #[derive(Debug, Clone)]
@@ -101,10 +102,45 @@ pub struct RateLimitStatus {
     pub reset_tokens_s: f64,
 }
 
+/// Per-tenant usage in the metrics, for tenants of the API keys only (their names are
+/// bounded by the keys file; client-named tenants are not, and are not labelled).
+#[derive(Clone)]
+struct TenantUsage {
+    requests: IntCounterVec,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
+}
+
+impl TenantUsage {
+    fn new(metrics: &Metrics) -> TenantUsage {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &["tenant"])
+                .expect("static metric definition; this is a bug");
+            metrics.register(Box::new(c.clone()));
+            c
+        };
+        TenantUsage {
+            requests: counter(
+                "shardline_tenant_requests_total",
+                "Requests admitted, by API key tenant.",
+            ),
+            prompt_tokens: counter(
+                "shardline_tenant_prompt_tokens_total",
+                "Prompt tokens of admitted requests, by API key tenant.",
+            ),
+            generation_tokens: counter(
+                "shardline_tenant_generation_tokens_total",
+                "Generated tokens, by API key tenant.",
+            ),
+        }
+    }
+}
+
 struct Inner {
     config: Arc<Config>,
     groups: GroupSet,
     metrics: Metrics,
+    usage: TenantUsage,
     concurrent: AtomicUsize,
     /// By tenant name: survives key reloads, so in-flight requests keep counting.
     tenants: Mutex<HashMap<String, TenantState>>,
@@ -145,6 +181,13 @@ impl Drop for Permit {
         {
             state.active = state.active.saturating_sub(1);
             state.tokens.level -= self.generated as f64;
+            if self.inner.config.keys.enabled() {
+                self.inner
+                    .usage
+                    .generation_tokens
+                    .with_label_values(&[t.as_str()])
+                    .inc_by(self.generated);
+            }
         }
     }
 }
@@ -153,6 +196,7 @@ impl Admission {
     pub fn new(config: Arc<Config>, groups: GroupSet, metrics: Metrics) -> Admission {
         Admission {
             inner: Arc::new(Inner {
+                usage: TenantUsage::new(&metrics),
                 config,
                 groups,
                 metrics,
@@ -291,6 +335,15 @@ impl Admission {
             state.tokens.level -= f64::from(prompt_tokens);
         }
         state.active += 1;
+        drop(tenants);
+        if config.keys.enabled() {
+            let usage = &self.inner.usage;
+            usage.requests.with_label_values(&[name]).inc();
+            usage
+                .prompt_tokens
+                .with_label_values(&[name])
+                .inc_by(u64::from(prompt_tokens));
+        }
         permit.tenant = Some(name.to_string());
         Ok(permit)
     }

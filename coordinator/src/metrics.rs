@@ -192,6 +192,13 @@ impl Metrics {
         m
     }
 
+    /// Adds a collector another module owns (e.g. the per-tenant usage of admission).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("metric names are unique; this is a bug");
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

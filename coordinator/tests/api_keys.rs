@@ -323,6 +323,20 @@ async fn one_tenants_flood_gets_429_and_others_are_served() {
         others.iter().all(|r| r.status() == 200),
         "tenant b is served"
     );
+    let metrics = c.metrics().await;
+    assert!(
+        metrics.contains("shardline_tenant_requests_total{tenant=\"b\"} 20"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shardline_tenant_requests_total{tenant=\"a\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shardline_tenant_generation_tokens_total{tenant=\"b\"} 80"),
+        "4 tokens x 20 requests: {metrics}"
+    );
+    assert!(metrics.contains("shardline_tenant_prompt_tokens_total{tenant=\"b\"}"));
     let last = post("key-a").await;
     let json: Value = last.json().await.unwrap();
     assert_eq!(json["error"]["type"], "rate_limit_error", "{json}");
