@@ -61,6 +61,9 @@ fn main() -> anyhow::Result<()> {
             Command::Up(args) => up::run(args, shutdown).await,
             Command::Coordinator(args) => shardline_coordinator::run(args, shutdown).await,
             Command::Worker(args) => match sim_profile(&args) {
+                Some(_) if args.tls_cert.is_some() => Err(anyhow::anyhow!(
+                    "--tls-cert: the simulated worker (--model sim:…) serves no TLS"
+                )),
                 Some(profile) => shardline_bench::run_sim(sim_args(args, profile), shutdown).await,
                 None => shardline_worker::run(args, shutdown).await,
             },

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::keys::{KeySource, Keys, TenantLimits};
-use crate::tls::{ALPN_HTTP, Tls, TlsFiles};
+use crate::tls::{ALPN_HTTP, ClientFiles, Tls, TlsFiles, client_config};
 
 /// Flags of `shardline coordinator`. Every flag can also be set through its
 /// `SHARDLINE_…` environment variable.
@@ -99,6 +99,19 @@ pub struct CoordinatorArgs {
     /// (mutual TLS). Needs `--tls-cert`.
     #[arg(long, env = "SHARDLINE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// PEM cluster CA for calling workers over mutual TLS: a worker's certificate must be
+    /// signed by it and name the address the worker is known by (etcd, `--worker`).
+    /// With `--worker-tls-cert` and `--worker-tls-key`; without, workers are called over
+    /// plaintext h2c.
+    #[arg(long, env = "SHARDLINE_WORKER_TLS_CA", requires_all = ["worker_tls_cert", "worker_tls_key"])]
+    pub worker_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (signed by the cluster CA) this coordinator presents to
+    /// workers.
+    #[arg(long, env = "SHARDLINE_WORKER_TLS_CERT", requires = "worker_tls_ca")]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--worker-tls-cert`.
+    #[arg(long, env = "SHARDLINE_WORKER_TLS_KEY", requires = "worker_tls_ca")]
+    pub worker_tls_key: Option<PathBuf>,
     /// Most connections open at once on each API (HTTP, gRPC); more are closed at once.
     #[arg(long, env = "SHARDLINE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -168,6 +181,8 @@ pub struct Config {
     pub server: ServerLimits,
     /// TLS of both public APIs (`None`: plaintext, h2c for gRPC).
     pub tls: Option<Tls>,
+    /// Mutual TLS towards the workers (`None`: plaintext h2c).
+    pub worker_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// See `--drain-timeout-secs`.
     pub drain_timeout: Duration,
 }
@@ -238,6 +253,7 @@ impl Default for Config {
             max_body_bytes: 4 * 1024 * 1024,
             server: ServerLimits::default(),
             tls: None,
+            worker_tls: None,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -287,6 +303,21 @@ impl CoordinatorArgs {
             };
             config.tls = Some(Tls::load(files, ALPN_HTTP).map_err(|e| ConfigError {
                 flag: "tls-cert",
+                message: e.to_string(),
+            })?);
+        }
+        if let (Some(ca), Some(cert), Some(key)) = (
+            &self.worker_tls_ca,
+            &self.worker_tls_cert,
+            &self.worker_tls_key,
+        ) {
+            let files = ClientFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            config.worker_tls = Some(client_config(&files).map_err(|e| ConfigError {
+                flag: "worker-tls-ca",
                 message: e.to_string(),
             })?);
         }

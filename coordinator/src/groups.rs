@@ -323,14 +323,44 @@ pub fn worker_url(address: &str) -> String {
     }
 }
 
+/// Connects to the worker at `address`; with `tls`, over mutual TLS, the worker's
+/// certificate checked against the host of `address` (what etcd or `--worker` said).
 async fn connect(
     address: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<(WorkerClient<Channel>, ModelInfo, String), ConnectError> {
-    let endpoint = Endpoint::from_shared(worker_url(address))
+    let url = worker_url(address);
+    let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| ConnectError::Address(address.to_string(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
-    let channel = endpoint.connect().await?;
+    let channel = match tls {
+        None => endpoint.connect().await?,
+        Some(tls) => {
+            let uri = endpoint.uri().clone();
+            let host = uri
+                .host()
+                .ok_or_else(|| ConnectError::Address(address.to_string(), "no host".into()))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| ConnectError::Address(address.to_string(), e.to_string()))?;
+            let connector = tokio_rustls::TlsConnector::from(tls);
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let (connector, name, host) = (connector.clone(), name.clone(), host.clone());
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                        tcp.set_nodelay(true)?;
+                        let tls = connector.connect(name, tcp).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                    }
+                }))
+                .await?
+        }
+    };
     let mut client = WorkerClient::new(channel)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
@@ -383,7 +413,7 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
     loop {
         let connected = tokio::select! {
             _ = token.cancelled() => return,
-            c = connect(&address) => c,
+            c = connect(&address, set.inner.config.worker_tls.clone()) => c,
         };
         let (client, info, id) = match connected {
             Ok(c) => c,

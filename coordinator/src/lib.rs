@@ -11,7 +11,8 @@
 //!   stop strings, usage;
 //! - [`keys`]: API keys → tenants and their limits, reloaded live;
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
-//! - [`listen`]: accepting connections (limits, TLS from [`tls`]) for both front ends;
+//! - [`listen`] and [`tls`] (from `shardline-net`): accepting connections (limits, TLS)
+//!   for both front ends;
 //! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
 //!
 //! Tests run against the real worker service over a fake runner (`shardline-engine`'s
@@ -27,7 +28,6 @@ pub mod groups;
 pub mod grpc;
 pub mod http;
 pub mod keys;
-pub mod listen;
 pub mod membership;
 pub mod metrics;
 pub mod queue;
@@ -35,7 +35,6 @@ pub mod request;
 pub mod router;
 pub mod scheduler;
 pub mod service;
-pub mod tls;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -49,6 +48,8 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Config, CoordinatorArgs};
 pub use groups::GroupSet;
 pub use metrics::Metrics;
+/// The connection layer (shared with the workers): TLS and the accept loop.
+pub use shardline_net::{listen, tls};
 
 /// A started coordinator: both front ends serving, groups added through [`Self::groups`].
 ///

@@ -36,6 +36,8 @@ pub struct ServeOptions {
     /// On shutdown, how long running sequences may keep the group up.
     pub drain_timeout: Duration,
     pub registration: RegistrationArgs,
+    /// Mutual TLS of the worker API (`None`: plaintext h2c, as before).
+    pub tls: Option<shardline_net::tls::Tls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +90,12 @@ pub async fn serve_group(
     let draining = CancellationToken::new();
     let stop_serving = CancellationToken::new();
     let service = WorkerService::new(engine.clone(), draining.clone());
-    let mut server = tokio::spawn(serve_service(listener, service, stop_serving.clone()));
+    let mut server = tokio::spawn(serve_service(
+        listener,
+        service,
+        opts.tls.clone(),
+        stop_serving.clone(),
+    ));
     let address = opts.registration.address(listening)?;
     let record = worker_record(&group_id, address, &served);
     let registration = Registration::start(&opts.registration, record).await?;

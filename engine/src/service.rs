@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use futures::Stream;
+use shardline_net::tls::Tls;
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use tokio::net::TcpListener;
@@ -252,13 +253,24 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let draining = shutdown.child_token();
-    serve_service(listener, WorkerService::new(engine, draining), shutdown).await
+    serve_service(
+        listener,
+        WorkerService::new(engine, draining),
+        None,
+        shutdown,
+    )
+    .await
 }
 
-/// Like [`serve`], with a service whose draining token the caller controls.
+/// Connections a worker accepts at once: coordinators hold one or two each.
+const WORKER_MAX_CONNECTIONS: usize = 4096;
+
+/// Like [`serve`], with a service whose draining token the caller controls; with `tls`
+/// (whose configuration should require client certificates) only over mutual TLS.
 pub async fn serve_service(
     listener: TcpListener,
     service: WorkerService,
+    tls: Option<Tls>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let addr: SocketAddr = listener.local_addr().map_err(ServeError::Addr)?;
@@ -274,7 +286,17 @@ pub async fn serve_service(
             _ = watch_shutdown.cancelled() => {}
         }
     });
-    tracing::info!(%addr, "worker gRPC service listening");
+    match &tls {
+        Some(_) => tracing::info!(%addr, "worker gRPC service listening (mutual TLS)"),
+        None => tracing::warn!(
+            %addr,
+            "worker gRPC service listening WITHOUT TLS: anyone who reaches this port can run \
+             steps; give --tls-cert, --tls-key and --tls-client-ca outside a trusted network"
+        ),
+    }
+    if let Some(tls) = &tls {
+        shardline_net::tls::spawn_reloader(tls.clone(), "worker", shutdown.clone());
+    }
     let mut service = service;
     service.stopping = shutdown.clone();
     let worker = WorkerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -282,8 +304,17 @@ pub async fn serve_service(
         .add_service(health_service)
         .add_service(worker)
         .serve_with_incoming_shutdown(
-            // Every step answer is a few small HTTP/2 writes: no Nagle delay on them.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // Every step answer is a few small HTTP/2 writes: `incoming` sets TCP_NODELAY.
+            shardline_net::listen::incoming(
+                listener,
+                tls,
+                shardline_net::listen::ConnLimits {
+                    max_connections: WORKER_MAX_CONNECTIONS,
+                    handshake_timeout: std::time::Duration::from_secs(10),
+                },
+                "worker",
+                shutdown.clone(),
+            ),
             shutdown.cancelled(),
         )
         .await?;

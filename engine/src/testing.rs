@@ -80,6 +80,8 @@ pub struct TestWorkerConfig {
     pub max_num_seqs: usize,
     /// Time each forward takes (a "saturated" group in priority tests).
     pub step_delay: Duration,
+    /// Mutual TLS of the worker API (`None`: plaintext).
+    pub tls: Option<shardline_net::tls::Tls>,
 }
 
 impl Default for TestWorkerConfig {
@@ -92,6 +94,7 @@ impl Default for TestWorkerConfig {
             context_length: 2048,
             max_num_seqs: 256,
             step_delay: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -149,7 +152,12 @@ impl TestWorker {
             EngineHandle::spawn(Box::new(runner), engine_config).map_err(std::io::Error::other)?;
         let shutdown = CancellationToken::new();
         let service = WorkerService::new(engine.clone(), shutdown.child_token());
-        tokio::spawn(serve_service(listener, service, shutdown.clone()));
+        tokio::spawn(serve_service(
+            listener,
+            service,
+            config.tls.clone(),
+            shutdown.clone(),
+        ));
         Ok(TestWorker {
             addr,
             engine,

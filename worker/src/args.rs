@@ -104,6 +104,18 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub registration: RegistrationArgs,
 
+    /// PEM certificate of this worker, signed by the cluster CA; with `--tls-key` and
+    /// `--tls-client-ca` the worker API serves mutual TLS only. Its names must cover the
+    /// address the worker advertises (coordinators check them). Without: plaintext h2c.
+    #[arg(long, env = "SHARDLINE_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SHARDLINE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM cluster CA: only clients (coordinators) with a certificate it signed may call.
+    #[arg(long, env = "SHARDLINE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Test hook, hidden from `--help` and read from no environment variable: makes a
     /// tensor-parallel rank fail after some steps, `KIND:RANK:STEPS` (`hang:1:11`: rank 1
     /// stops answering in the step after its first 11; kinds `error`, `panic`, `hang`).
@@ -133,6 +145,9 @@ impl WorkerArgs {
             drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
             seq_idle_timeout_secs: DEFAULT_SEQ_IDLE_TIMEOUT_SECS,
             registration: RegistrationArgs::default(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             inject_failure: None,
         }
     }
@@ -207,6 +222,7 @@ pub async fn run_with_listener(
         block_size = info.kv_block_size,
         "model loaded"
     );
+    let tls = worker_tls(&args)?;
     let opts = ServeOptions {
         engine: EngineConfig {
             max_num_seqs: args.max_num_seqs,
@@ -220,9 +236,27 @@ pub async fn run_with_listener(
             .then(|| Duration::from_secs(args.seq_idle_timeout_secs)),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         registration: args.registration,
+        tls,
     };
     serve_group(runner, listener, opts, shutdown).await?;
     Ok(())
+}
+
+/// The worker API's mutual TLS from `--tls-cert`, `--tls-key`, `--tls-client-ca`.
+pub fn worker_tls(args: &WorkerArgs) -> anyhow::Result<Option<shardline_net::tls::Tls>> {
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_client_ca)
+    else {
+        return Ok(None);
+    };
+    let files = shardline_net::tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: Some(ca.clone()),
+    };
+    Ok(Some(
+        shardline_net::tls::Tls::load(files, shardline_net::tls::ALPN_GRPC)
+            .context("--tls-cert")?,
+    ))
 }
 
 /// What the worker reports about its model in `Info`, from its tokenizer.

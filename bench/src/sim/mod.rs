@@ -155,6 +155,7 @@ pub async fn serve_sim(
         seq_idle_timeout: Some(Duration::from_secs(DEFAULT_SEQ_IDLE_TIMEOUT_SECS)),
         drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS),
         registration: args.registration,
+        tls: None,
     };
     serve_group(Box::new(runner), listener, opts, shutdown).await?;
     Ok(())

@@ -178,12 +178,15 @@ impl Tls {
     }
 }
 
-/// Re-reads `tls`'s files every [`crate::keys::RELOAD_POLL`] until `shutdown`; a file
+/// How often [`spawn_reloader`] looks at the files for a change.
+pub const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Re-reads `tls`'s files every [`RELOAD_POLL`] until `shutdown`; a file
 /// that does not make a valid configuration (a half-written rotation) is logged and the
 /// served certificate stays.
 pub fn spawn_reloader(tls: Tls, name: &'static str, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let mut poll = tokio::time::interval(crate::keys::RELOAD_POLL);
+        let mut poll = tokio::time::interval(RELOAD_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -203,4 +206,44 @@ pub fn spawn_reloader(tls: Tls, name: &'static str, shutdown: CancellationToken)
             }
         }
     });
+}
+
+/// The PEM files of a client in the cluster's mutual TLS (a coordinator calling workers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFiles {
+    /// The cluster CA: the only one whose server certificates are trusted.
+    pub ca: PathBuf,
+    /// This client's certificate chain, which the servers check against the same CA.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A rustls client configuration for [`ClientFiles`], speaking HTTP/2 (gRPC). The server
+/// name a connection is made with is checked against the server's certificate.
+pub fn client_config(files: &ClientFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca = read(&files.ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs(&files.ca, &ca)? {
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            path: files.ca.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    let chain = certs(&files.cert, &read(&files.cert)?)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|e| TlsError::Pem {
+        path: files.key.clone(),
+        message: format!("no usable private key: {e}"),
+    })?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Pem {
+            path: files.key.clone(),
+            message: format!("the key does not fit the certificate: {e}"),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
