@@ -192,7 +192,7 @@ async fn draining_is_reported() {
     let shutdown = CancellationToken::new();
     let draining = CancellationToken::new();
     let service = WorkerService::new(engine(), draining.clone());
-    let server = tokio::spawn(serve_service(listener, service, shutdown.clone()));
+    let server = tokio::spawn(serve_service(listener, service, None, shutdown.clone()));
     let mut c = client(addr).await;
     let mut steps = Steps::open(&mut c).await;
     let r = steps
