@@ -463,20 +463,25 @@ impl Keys {
 /// a Kubernetes Secret update swaps a symlink, which polling the path sees), until
 /// `shutdown`. Errors are logged and the current keys stay.
 pub fn spawn_reloader(keys: Keys, shutdown: CancellationToken) {
+    spawn_reloader_polling(keys, RELOAD_POLL, shutdown);
+}
+
+/// [`spawn_reloader`] polling every `every`. The SIGHUP handler is in place when this
+/// returns (a SIGHUP before it would end the process).
+pub fn spawn_reloader_polling(keys: Keys, every: Duration, shutdown: CancellationToken) {
     if keys.file().is_none() {
         return;
     }
+    #[cfg(unix)]
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; the keys file is still polled");
+            None
+        }
+    };
     tokio::spawn(async move {
-        #[cfg(unix)]
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "no SIGHUP handler; the keys file is still polled");
-                None
-            }
-        };
-        let mut poll = tokio::time::interval(RELOAD_POLL);
+        let mut poll = tokio::time::interval(every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             #[cfg(unix)]
@@ -617,6 +622,45 @@ mod tests {
             hash_key("abc"),
             "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    /// SIGHUP reloads at once (the poll here is an hour away).
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn sighup_reloads_the_keys_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let write = |key: &str| {
+            std::fs::write(
+                &path,
+                format!("[tenants.t]\nkeys = [\"{}\"]\n", hash_key(key)),
+            )
+            .unwrap()
+        };
+        write("one");
+        let keys = Keys::load(KeySource {
+            file: Some(path.clone()),
+            ..KeySource::default()
+        })
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let _stop = shutdown.clone().drop_guard();
+        spawn_reloader_polling(keys.clone(), Duration::from_secs(3600), shutdown.clone());
+        // Let the first (immediate) poll tick pass.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        write("two");
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let mut waited = 0;
+        while keys.current().unwrap().lookup("two").is_none() {
+            assert!(waited < 200, "SIGHUP did not reload the keys");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += 1;
+        }
+        assert!(keys.current().unwrap().lookup("one").is_none());
     }
 
     #[test]
