@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Bearer token for the server.
     #[arg(long, env = "SHARDLINE_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM CA certificate to trust for an `https://` base URL (a private CA); the
+    /// client trusts nothing else.
+    #[arg(long, env = "SHARDLINE_BENCH_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Which endpoint to call.
     #[arg(
         long,

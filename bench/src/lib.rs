@@ -66,9 +66,14 @@ pub async fn run_bench(
     args: &BenchArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<RunSummary>> {
-    let http = reqwest::Client::builder()
-        .build()
-        .context("building the HTTP client")?;
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = &args.ca_cert {
+        let pem = std::fs::read(path).with_context(|| format!("--ca-cert {}", path.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("--ca-cert {}: not a PEM certificate", path.display()))?;
+        builder = builder.add_root_certificate(ca);
+    }
+    let http = builder.build().context("building the HTTP client")?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => first_model(&http, &args.base_url).await?,
