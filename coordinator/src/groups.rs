@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::queue::Limits;
 use crate::request::{Entry, SeqEvent};
-use crate::router::{self, Affinity, Candidate};
+use crate::router::{self, Affinity, Candidate, Costed, PrefixIndex, Routing};
 use crate::scheduler::{self, SchedulerHandle, SchedulerTask};
 
 /// A request moves to another group at most this often before it fails with 503.
@@ -91,6 +91,8 @@ struct State {
     slots: HashMap<String, CancellationToken>,
     ready: HashMap<String, Group>,
     affinity: Affinity,
+    /// What each group probably caches (`--routing prefix`).
+    prefix: PrefixIndex,
     /// Addresses of groups that take no new requests (membership says DRAINING).
     draining: HashSet<String>,
 }
@@ -241,6 +243,7 @@ impl GroupSet {
         let State {
             ready,
             affinity,
+            prefix,
             draining,
             ..
         } = &mut *state;
@@ -250,6 +253,32 @@ impl GroupSet {
             .collect();
         // A stable order, so that taking turns visits every group.
         groups.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let block_size = groups.first()?.info.block_size;
+        let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
+        let config = &self.inner.config;
+        if config.routing == Routing::Prefix {
+            let prompt = &entry.request.prompt;
+            let hashes = router::block_hashes(prompt, block_size);
+            let prompt_blocks = prompt.len().div_ceil(block_size.max(1) as usize) as i64;
+            let candidates: Vec<Costed> = groups
+                .iter()
+                .map(|g| {
+                    let load = &g.handle.load;
+                    Costed {
+                        key: g.key.clone(),
+                        prefill_blocks: prompt_blocks - prefix.matched(&g.key, &hashes) as i64,
+                        load_blocks: load.total_blocks.load(Ordering::Relaxed)
+                            - load.free_capacity(),
+                        active: load.waiting.load(Ordering::Relaxed)
+                            + load.running.load(Ordering::Relaxed),
+                    }
+                })
+                .collect();
+            let chosen = router::pick_by_cost(&candidates, config.route_prefix_weight, turn)?;
+            let g = groups[chosen];
+            prefix.record(&g.key, &hashes, g.info.total_blocks as usize);
+            return Some(g.clone());
+        }
         let candidates: Vec<Candidate> = groups
             .iter()
             .map(|g| Candidate {
@@ -260,9 +289,7 @@ impl GroupSet {
                     + g.handle.load.running.load(Ordering::Relaxed),
             })
             .collect();
-        let block_size = groups.first()?.info.block_size;
         let hash = router::prefix_hash(&entry.request.prompt, block_size);
-        let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
         let chosen = router::pick(&candidates, affinity.get(hash), turn)?;
         affinity.record(hash, &groups[chosen].key);
         Some(groups[chosen].clone())
@@ -304,7 +331,11 @@ impl GroupSet {
         let mut state = self.state();
         match group {
             Some(g) => state.ready.insert(key.to_string(), g),
-            None => state.ready.remove(key),
+            None => {
+                // A group that comes back starts with an empty prefix cache.
+                state.prefix.forget(key);
+                state.ready.remove(key)
+            }
         };
         self.inner.ready_tx.send_replace(state.ready.len());
     }
@@ -413,6 +444,8 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             } else {
                 info.total_blocks
             },
+            kv_admission: config.kv_admission,
+            watermark_blocks: (f64::from(info.total_blocks) * config.kv_watermark).ceil() as u32,
         };
         let scheduler_token = token.child_token();
         let (handle, join) = scheduler::spawn(SchedulerTask {

@@ -41,7 +41,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, CoordinatorArgs};
+pub use config::{Config, CoordinatorArgs, KvAdmission, Routing};
 pub use groups::GroupSet;
 pub use metrics::Metrics;
 

@@ -21,6 +21,12 @@ pub struct Metrics {
     pub step_duration: HistogramVec,
     pub rejected: IntCounterVec,
     pub migrations: IntCounterVec,
+    /// Running requests a worker preempted for KV room (vLLM's `num_preemptions`).
+    pub preemptions: IntCounterVec,
+    /// Prompt tokens whose prefill completed, and those of them the worker's prefix cache
+    /// supplied (vLLM's `prefix_cache_queries` / `prefix_cache_hits`).
+    pub prefix_cache_queries: IntCounterVec,
+    pub prefix_cache_hits: IntCounterVec,
     pub requests: IntCounterVec,
     /// Time to first token, split: waiting in the group's queue (for the step in flight,
     /// the token budget or a slot) ...
@@ -135,6 +141,30 @@ impl Metrics {
                 group,
             )
             .expect("static metric definition; this is a bug"),
+            preemptions: IntCounterVec::new(
+                Opts::new(
+                    "shardline_num_preemptions_total",
+                    "Running requests preempted for KV cache room (continued later by prefilling again).",
+                ),
+                group,
+            )
+            .expect("static metric definition; this is a bug"),
+            prefix_cache_queries: IntCounterVec::new(
+                Opts::new(
+                    "shardline_prefix_cache_queries_total",
+                    "Prompt tokens prefilled or looked up in the prefix cache (prompts whose prefill completed).",
+                ),
+                group,
+            )
+            .expect("static metric definition; this is a bug"),
+            prefix_cache_hits: IntCounterVec::new(
+                Opts::new(
+                    "shardline_prefix_cache_hits_total",
+                    "Prompt tokens the worker's prefix cache supplied instead of computing them.",
+                ),
+                group,
+            )
+            .expect("static metric definition; this is a bug"),
             requests: IntCounterVec::new(
                 Opts::new(
                     "shardline_requests_total",
@@ -179,6 +209,9 @@ impl Metrics {
             Box::new(m.step_duration.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.migrations.clone()),
+            Box::new(m.preemptions.clone()),
+            Box::new(m.prefix_cache_queries.clone()),
+            Box::new(m.prefix_cache_hits.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.queue_time.clone()),
             Box::new(m.first_token_overhead.clone()),

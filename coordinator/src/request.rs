@@ -182,6 +182,12 @@ impl Entry {
         ) as u32
     }
 
+    /// KV blocks the sequence fills when it starts: its prompt (generated tokens of an
+    /// earlier placement included) and the first token it samples.
+    pub fn prompt_blocks(&self, limits: &crate::queue::Limits) -> u32 {
+        (self.prompt_len() + 1).div_ceil(limits.block_size.max(1) as usize) as u32
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.tx.is_closed()
     }

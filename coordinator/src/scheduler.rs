@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+use crate::config::KvAdmission;
 use crate::metrics::Metrics;
 use crate::queue::{Limits, State};
 use crate::request::Entry;
@@ -63,7 +64,10 @@ impl SchedulerHandle {
             submitted: Some(Instant::now()),
             ..Default::default()
         };
-        let blocks = entry.blocks_needed(&self.limits) as i64;
+        let blocks = match self.limits.kv_admission {
+            KvAdmission::WorstCase => entry.blocks_needed(&self.limits),
+            KvAdmission::OnDemand => entry.prompt_blocks(&self.limits),
+        } as i64;
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.load
             .waiting_blocks
@@ -259,6 +263,22 @@ async fn run(
             .generation_tokens
             .with_label_values(&labels)
             .inc_by(applied.tokens as u64);
+        if applied.prompt_tokens > 0 {
+            task.metrics
+                .prefix_cache_queries
+                .with_label_values(&labels)
+                .inc_by(applied.prompt_tokens as u64);
+            task.metrics
+                .prefix_cache_hits
+                .with_label_values(&labels)
+                .inc_by(applied.cached_tokens as u64);
+        }
+        if applied.preempted > 0 {
+            task.metrics
+                .preemptions
+                .with_label_values(&labels)
+                .inc_by(applied.preempted as u64);
+        }
     };
     let stream = error.is_none().then_some((steps, &mut answers));
     handback(&mut rx, &mut state, &task, error, &labels, stream).await

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::admission::Admission;
-use crate::config::Config;
+use crate::config::{Config, KvAdmission};
 use crate::error::ApiError;
 use crate::generation::Generation;
 use crate::groups::GroupSet;
@@ -56,12 +56,19 @@ impl Service {
         let request = validate(id, params, &self.config, &model).inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["invalid"]).inc();
         })?;
-        let blocks = shardline_proto::worker::kv_blocks_demand(
-            request.prompt.len(),
-            &request.params,
-            model.context_length,
-            model.block_size as usize,
-        );
+        // What the request adds to a group's KV demand: its worst case, or on demand the
+        // blocks its prompt fills (see `--kv-admission`).
+        let blocks = match self.config.kv_admission {
+            KvAdmission::WorstCase => shardline_proto::worker::kv_blocks_demand(
+                request.prompt.len(),
+                &request.params,
+                model.context_length,
+                model.block_size as usize,
+            ),
+            KvAdmission::OnDemand => {
+                (request.prompt.len() + 1).div_ceil(model.block_size.max(1) as usize)
+            }
+        };
         let permit = self.admission.admit(tenant, blocks as u32)?;
         tracing::debug!(
             id = %request.id,

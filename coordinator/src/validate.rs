@@ -269,6 +269,7 @@ pub fn validate(
             top_logprobs: logprobs.unwrap_or(0),
             prompt_logprobs: p.echo && logprobs.is_some(),
             num_generated: 0,
+            priority: p.priority as u32,
         },
         prompt,
         stop: p.stop,

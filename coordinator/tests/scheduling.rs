@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
-use shardline_coordinator::Config;
+use shardline_coordinator::{Config, KvAdmission};
 use shardline_engine::testing::{TestWorker, TestWorkerConfig, test_tokenizer};
 
 fn slow(step_ms: u64) -> TestWorkerConfig {
@@ -418,11 +418,13 @@ async fn a_group_whose_engine_failed_gets_no_new_requests() {
     }
 }
 
-/// The KV-budget check: queued demand beyond the ratio gets an immediate 429.
+/// The KV-budget check: queued demand beyond the ratio gets an immediate 429 (counted
+/// here by worst cases, `--kv-admission worst-case`, where one request fills the cache).
 #[tokio::test]
 async fn kv_demand_over_budget_gets_429() {
     let config = Config {
         max_kv_demand_ratio: 1.0,
+        kv_admission: KvAdmission::WorstCase,
         ..Config::default()
     };
     let worker = TestWorkerConfig {

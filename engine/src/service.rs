@@ -217,7 +217,7 @@ impl Worker for WorkerService {
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         let draining = self.draining.is_cancelled();
-        let (ready, message, free, running, admitted) = match self.engine.status().await {
+        let (ready, message, free, running, counters) = match self.engine.status().await {
             Ok(s) => {
                 let message = match (&s.healthy, draining) {
                     (Err(e), _) => e.clone(),
@@ -229,10 +229,10 @@ impl Worker for WorkerService {
                     message,
                     s.kv_blocks_free,
                     s.num_running,
-                    s.counters.seqs_admitted,
+                    s.counters,
                 )
             }
-            Err(e) => (false, e.to_string(), 0, 0, 0),
+            Err(e) => (false, e.to_string(), 0, 0, Default::default()),
         };
         Ok(Response::new(pb::HealthResponse {
             ready,
@@ -240,7 +240,10 @@ impl Worker for WorkerService {
             message,
             kv_blocks_free: free as u32,
             num_running: running as u32,
-            sequences_started: admitted,
+            sequences_started: counters.seqs_admitted,
+            sequences_preempted: counters.seqs_preempted,
+            prompt_tokens_computed: counters.prompt_tokens_computed,
+            prompt_tokens_cached: counters.prompt_tokens_cached,
         }))
     }
 }

@@ -80,6 +80,8 @@ pub struct TestWorkerConfig {
     pub max_num_seqs: usize,
     /// Time each forward takes (a "saturated" group in priority tests).
     pub step_delay: Duration,
+    /// Reuse the full prompt blocks of earlier prompts (`FakeRunner::with_prefix_cache`).
+    pub prefix_cache: bool,
 }
 
 impl Default for TestWorkerConfig {
@@ -92,6 +94,7 @@ impl Default for TestWorkerConfig {
             context_length: 2048,
             max_num_seqs: 256,
             step_delay: Duration::ZERO,
+            prefix_cache: false,
         }
     }
 }
@@ -123,7 +126,7 @@ impl TestWorker {
         config: TestWorkerConfig,
     ) -> std::io::Result<TestWorker> {
         let addr = listener.local_addr()?;
-        let runner = FakeRunner::new(
+        let mut runner = FakeRunner::new(
             TEST_VOCAB,
             config.context_length,
             config.block_size,
@@ -132,6 +135,9 @@ impl TestWorker {
         .with_model(echo_next)
         .with_model_id(&config.model_id)
         .with_step_delay(config.step_delay);
+        if config.prefix_cache {
+            runner = runner.with_prefix_cache();
+        }
         let log = runner.log();
         let engine_config = EngineConfig {
             max_num_seqs: config.max_num_seqs,

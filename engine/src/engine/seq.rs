@@ -18,6 +18,8 @@ pub(crate) struct SeqConfig {
     pub prompt_logprobs: bool,
     /// Trailing prompt tokens generated before a migration.
     pub num_generated: usize,
+    /// Scheduling class (0 = most important), for choosing preemption victims.
+    pub priority: u32,
 }
 
 /// Most alternatives a step returns per token (as OpenAI's API caps `top_logprobs`).
@@ -83,6 +85,7 @@ impl SeqConfig {
             top_logprobs: params.top_logprobs as usize,
             prompt_logprobs: params.prompt_logprobs,
             num_generated,
+            priority: params.priority,
         })
     }
 }
@@ -101,8 +104,8 @@ pub(crate) struct Sequence {
     pub penalties: PenaltyState,
     /// Logprobs of prompt tokens `1..computed+1`, gathered over the prefill chunks.
     pub prompt_logprobs: Vec<pb::TokenLogprob>,
-    /// KV blocks reserved for it at admission (prompt + everything it may generate).
-    pub kv_blocks_demand: usize,
+    /// Registration order on this worker (later = preempted first among equals).
+    pub started: u64,
     /// When a step last named this sequence (see [`EngineState::release_idle`]).
     ///
     /// [`EngineState::release_idle`]: super::EngineState::release_idle
@@ -110,7 +113,7 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(prompt: Vec<u32>, cfg: SeqConfig, cached: usize) -> Self {
+    pub fn new(prompt: Vec<u32>, cfg: SeqConfig, cached: usize, started: u64) -> Self {
         let penalties = PenaltyState::new(&prompt, cfg.num_generated);
         Self {
             prompt,
@@ -120,7 +123,7 @@ impl Sequence {
             generated: Vec::new(),
             penalties,
             prompt_logprobs: Vec::new(),
-            kv_blocks_demand: 0,
+            started,
             touched: std::time::Instant::now(),
         }
     }
@@ -232,16 +235,16 @@ mod tests {
     #[test]
     fn finish_reasons() {
         let cfg = SeqConfig::from_proto(&params(), 2, 10).unwrap();
-        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0);
+        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0, 0);
         assert_eq!(s.push(7, &[9], 100), None);
         assert_eq!(s.push(9, &[9], 100), Some(pb::FinishReason::Stop));
-        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0);
+        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0, 0);
         for _ in 0..3 {
             assert_eq!(s.push(7, &[9], 100), None);
         }
         assert_eq!(s.push(7, &[9], 100), Some(pb::FinishReason::Length));
         // context: 2 prompt + 2 generated = 4
-        let mut s = Sequence::new(vec![5, 6], cfg, 0);
+        let mut s = Sequence::new(vec![5, 6], cfg, 0, 0);
         assert_eq!(s.push(7, &[9], 4), None);
         assert_eq!(s.push(7, &[9], 4), Some(pb::FinishReason::Length));
     }
@@ -252,7 +255,7 @@ mod tests {
         p.min_tokens = 2;
         p.stop_token_ids = vec![3];
         let cfg = SeqConfig::from_proto(&p, 2, 10).unwrap();
-        let mut s = Sequence::new(vec![5, 6], cfg, 0);
+        let mut s = Sequence::new(vec![5, 6], cfg, 0, 0);
         assert_eq!(s.banned(&[9]), vec![3, 9]);
         s.push(1, &[9], 100);
         s.push(1, &[9], 100);

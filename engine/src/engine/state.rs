@@ -5,16 +5,19 @@
 //! 0. drop the sequences the step releases;
 //! 1. register new sequences (first chunk: prompt + params), validating them; a bad one
 //!    gets `SEQ_STATUS_INVALID` and the others go on;
-//! 2. plan one chunk per sequence — decode sequences budget KV blocks first (they are
-//!    already paid for), then prefill chunks in request order; one that does not fit gets
-//!    `SEQ_STATUS_OUT_OF_BLOCKS` and is dropped;
+//! 2. plan one chunk per sequence and find the KV blocks they fill. Blocks are taken as
+//!    sequences grow, never reserved for what they may generate; when the step needs more
+//!    than are free, the sequence that ranks last (highest `priority` number, then the
+//!    most recently started) gives its blocks back until the rest fit — a sequence new in
+//!    this step is refused (`SEQ_STATUS_OUT_OF_BLOCKS`), a running one is preempted
+//!    (`SEQ_STATUS_PREEMPTED`; its owner re-prefills prompt + generated tokens later,
+//!    which batch-invariant numerics make byte-identical);
 //! 3. run one forward; sample the sequences whose logits came back; finished sequences
 //!    are freed here, so the coordinator need not release them.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use shardline_proto::worker::kv_blocks_demand;
 use shardline_proto::worker::v1 as pb;
 
 use super::seq::{SeqConfig, Sequence};
@@ -38,6 +41,9 @@ pub struct EngineCounters {
     pub seqs_released: u64,
     /// Sequences released because no step named them for the idle timeout.
     pub seqs_released_idle: u64,
+    /// Running sequences dropped to give their KV blocks to sequences that rank before
+    /// them (`SEQ_STATUS_PREEMPTED`).
+    pub seqs_preempted: u64,
 }
 
 /// A point-in-time view for `Health`.
@@ -64,6 +70,8 @@ pub struct EngineState {
     config: EngineConfig,
     seqs: HashMap<SeqId, Sequence>,
     counters: EngineCounters,
+    /// Sequences ever registered: a sequence's start order, for choosing preemption victims.
+    started: u64,
     /// Set when a forward panicked: the runner's state is unknown from then on.
     poisoned: Option<String>,
 }
@@ -87,6 +95,7 @@ impl EngineState {
             config,
             seqs: HashMap::new(),
             counters: EngineCounters::default(),
+            started: 0,
             poisoned: None,
         }
     }
@@ -219,28 +228,44 @@ impl EngineState {
             }
         }
 
-        // 2. KV budget: decode first, then prefill chunks in request order.
-        let mut budget = self.runner.free_blocks();
+        // 2. KV blocks: what each chunk fills; preempt from the last-ranked until it fits.
         let mut batch = Vec::with_capacity(decode_plans.len() + prefill_plans.len());
+        let mut blocks = Vec::with_capacity(batch.capacity());
         for plan in decode_plans.into_iter().chain(prefill_plans) {
-            let needed = match self.runner.blocks_needed(plan.id, plan.tokens.len()) {
-                Ok(n) => n,
+            match self.runner.blocks_needed(plan.id, plan.tokens.len()) {
+                Ok(n) => {
+                    batch.push(plan);
+                    blocks.push(n);
+                }
                 Err(e) => {
                     self.drop_seq(plan.id);
                     invalid(&mut results[plan.result], e.to_string());
-                    continue;
                 }
-            };
-            if needed > budget {
-                self.drop_seq(plan.id);
-                no_room(
-                    &mut results[plan.result],
-                    format!("KV cache out of blocks: need {needed}, {budget} left in this step"),
-                );
-                continue;
             }
-            budget -= needed;
-            batch.push(plan);
+        }
+        let mut needed: usize = blocks.iter().sum();
+        while needed > self.runner.free_blocks() {
+            let Some(victim) = (0..batch.len()).max_by_key(|&i| self.rank(batch[i].id)) else {
+                break;
+            };
+            let plan = batch.remove(victim);
+            let n = blocks.remove(victim);
+            let why = format!(
+                "KV cache out of blocks: the step needs {needed}, {} free",
+                self.runner.free_blocks()
+            );
+            needed -= n;
+            let priority = self.seqs.get(&plan.id).map_or(0, |s| s.cfg.priority);
+            self.drop_seq(plan.id);
+            let result = &mut results[plan.result];
+            if plan.new {
+                no_room(result, why);
+            } else {
+                self.counters.seqs_preempted += 1;
+                tracing::info!(seq = plan.id.0, priority, reason = %why, "preempting a sequence");
+                result.status = pb::SeqStatus::Preempted as i32;
+                result.error = format!("preempted: {why}");
+            }
         }
 
         // 3. One forward.
@@ -368,20 +393,8 @@ impl EngineState {
                 self.config.max_num_seqs
             )));
         }
-        // Reserve at admission the blocks a sequence can reach (prompt + remaining new
-        // tokens, capped by the context), so an admitted sequence never runs out of KV
-        // mid-decode, even when several coordinators share this worker
-        // (proto/MEMBERSHIP.md). Refused here, it is simply started later or elsewhere.
-        let block = self.runner.info().kv_block_size;
-        let total = self.runner.info().kv_blocks_total;
-        let reserved: usize = self.seqs.values().map(|s| s.kv_blocks_demand).sum();
-        let need = kv_blocks_demand(prompt.len(), params, ctx, block);
-        if !self.seqs.is_empty() && reserved + need > total {
-            return Err(Reject::NoRoom(format!(
-                "out of blocks (reserved at admission): {need} wanted, {} of {total} unreserved",
-                total.saturating_sub(reserved)
-            )));
-        }
+        // No KV blocks are reserved here: a sequence takes blocks as its chunks fill them,
+        // and the step's KV budget refuses or preempts when they run out.
         // Prompt logprobs need the logits of every prompt position: no cached prefix.
         let prefix_cache = if cfg.prompt_logprobs {
             PrefixCache::Skip
@@ -395,8 +408,8 @@ impl EngineState {
         };
         self.counters.seqs_admitted += 1;
         self.counters.prompt_tokens_cached += cached as u64;
-        let mut seq = Sequence::new(prompt.clone(), cfg, cached);
-        seq.kv_blocks_demand = need;
+        self.started += 1;
+        let seq = Sequence::new(prompt.clone(), cfg, cached, self.started);
         self.seqs.insert(id, seq);
         Ok(())
     }
@@ -421,6 +434,14 @@ impl EngineState {
             samples: true,
             new: false,
         })
+    }
+
+    /// Preemption order: the greater ranks later (preempted first) — a less important
+    /// class, then a later start.
+    fn rank(&self, id: SeqId) -> (u32, u64) {
+        self.seqs
+            .get(&id)
+            .map_or((u32::MAX, u64::MAX), |s| (s.cfg.priority, s.started))
     }
 
     fn drop_seq(&mut self, id: SeqId) {
