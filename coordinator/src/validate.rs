@@ -260,6 +260,8 @@ pub fn validate(
             top_logprobs: logprobs.unwrap_or(0),
             prompt_logprobs: p.echo && logprobs.is_some(),
             num_generated: 0,
+            logit_bias: Default::default(),
+            constraint: None,
         },
         prompt,
         stop: p.stop,

@@ -6,6 +6,8 @@
 //! - [`FILE_DESCRIPTOR_SET`]: for gRPC server reflection.
 //! - [`chat_template`]: the model's Jinja chat template, rendered like Hugging Face's
 //!   `apply_chat_template` (workers ship it in `Info`, coordinators render it).
+//! - [`constraint`]: structured outputs — a worker-protocol constraint compiled by
+//!   llguidance (coordinators validate with it, workers mask logits with it).
 //! - [`membership`]: worker registration and coordinator watch over etcd (or memory),
 //!   shared by both sides.
 
@@ -14,6 +16,7 @@ pub mod v1 {
 }
 
 pub mod chat_template;
+pub mod constraint;
 pub mod membership;
 
 pub mod worker {
