@@ -376,6 +376,8 @@ mod tests {
             echo: false,
             max_tokens,
             arrival: Instant::now(),
+            n: 1,
+            tool_calling: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)
