@@ -8,11 +8,11 @@
 //! grammar llguidance cannot enforce gets a 400 naming the field and the problem instead
 //! of failing on a worker.
 //!
-//! JSON whitespace: between JSON tokens the output may put one run of at most
-//! [`MAX_JSON_WHITESPACE`] whitespace characters (enough for pretty-printed JSON),
-//! unless the request sets vLLM's `whitespace_pattern` or `disable_any_whitespace`. An
-//! unbounded run would let a small model fill `max_tokens` with newlines, the failure
-//! OpenAI's JSON-mode documentation warns about.
+//! JSON whitespace: between two JSON tokens the output may put at most one line break
+//! and 20 spaces or tabs ([`JSON_WHITESPACE`]: enough for pretty-printed JSON), unless the request sets vLLM's `whitespace_pattern` or `disable_any_whitespace`.
+//! Unbounded whitespace lets a small model fill `max_tokens` with blank lines — the
+//! failure OpenAI's JSON-mode documentation warns about, and what SmolLM2 does when it
+//! samples at temperature 0.8.
 
 use serde_json::{Value, json};
 use shardline_proto::constraint::{self, ConstraintCompiler, ConstraintError};
@@ -20,8 +20,9 @@ use shardline_proto::worker::v1::Constraint;
 
 use crate::error::ApiError;
 
-/// Longest whitespace run between two JSON tokens by default.
-pub const MAX_JSON_WHITESPACE: usize = 24;
+/// The whitespace allowed between two JSON tokens by default: a line break and up to 20
+/// spaces or tabs, or one to 20 spaces or tabs.
+pub const JSON_WHITESPACE: &str = r"\r?\n[\x20\x09]{0,20}|[\x20\x09]{1,20}";
 
 /// What the output must be.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,9 +130,10 @@ impl JsonLayout {
         {
             options.insert("whitespace_flexible".into(), json!(false));
             if !self.disable_any_whitespace {
-                let pattern = self.whitespace_pattern.clone().unwrap_or_else(|| {
-                    format!(r"[\x20\x0A\x0D\x09]{{1,{MAX_JSON_WHITESPACE}}}")
-                });
+                let pattern = self
+                    .whitespace_pattern
+                    .clone()
+                    .unwrap_or_else(|| JSON_WHITESPACE.to_string());
                 options.insert("whitespace_pattern".into(), json!(pattern));
             }
         }
@@ -210,12 +212,7 @@ mod tests {
         let schema = schema_of(&s.to_constraint().unwrap());
         assert_eq!(schema["type"], "object");
         assert_eq!(schema["x-guidance"]["whitespace_flexible"], false);
-        assert!(
-            schema["x-guidance"]["whitespace_pattern"]
-                .as_str()
-                .unwrap()
-                .ends_with("{1,24}")
-        );
+        assert_eq!(schema["x-guidance"]["whitespace_pattern"], JSON_WHITESPACE);
         let mut s = s;
         s.layout.disable_any_whitespace = true;
         let schema = schema_of(&s.to_constraint().unwrap());
@@ -230,6 +227,30 @@ mod tests {
         );
         let schema = schema_of(&s.to_constraint().unwrap());
         assert_eq!(schema["x-guidance"]["whitespace_flexible"], true);
+    }
+
+    #[test]
+    fn default_whitespace_allows_pretty_json_but_one_line_break_per_gap() {
+        let c = StructuredOutput::new(
+            "response_format",
+            OutputFormat::JsonSchema {
+                schema: json!({"type": "array", "items": {"type": "integer"}}),
+                strict: true,
+            },
+        )
+        .to_constraint()
+        .unwrap();
+        let compiler = compiler();
+        let fits = |text: &str| {
+            let mut s = compiler.compile(&c).unwrap();
+            s.advance(&shardline_proto::constraint::testing::bytes(text))
+                .is_ok()
+        };
+        assert!(fits("[\n  1,\n  2\n]"));
+        assert!(fits("[1, 2]"));
+        assert!(fits("[1,2]"));
+        assert!(!fits("[\n\n1"), "two line breaks in one gap");
+        assert!(!fits(&format!("[{}1", " ".repeat(21))));
     }
 
     #[test]

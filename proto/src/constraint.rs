@@ -123,12 +123,12 @@ impl ConstraintCompiler {
         let parser = self
             .factory
             .create_parser(grammar)
-            .map_err(|e| ConstraintError::Invalid(first_line(&e.to_string())))?;
+            .map_err(|e| ConstraintError::Invalid(tidy(&e.to_string())))?;
         let mut matcher = Matcher::new(Ok(parser));
         // A grammar that admits no output at all is as useless as a malformed one.
         let mask = matcher
             .compute_mask()
-            .map_err(|e| ConstraintError::Invalid(first_line(&e.to_string())))?;
+            .map_err(|e| ConstraintError::Invalid(tidy(&e.to_string())))?;
         if mask.is_zero() {
             return Err(ConstraintError::Invalid(
                 "the grammar allows no output at all".into(),
@@ -151,10 +151,20 @@ fn unavailable(e: impl std::fmt::Display) -> ConstraintError {
     ConstraintError::Unavailable(e.to_string())
 }
 
-fn first_line(message: &str) -> String {
-    // llguidance appends its parser state and the whole grammar to some errors.
-    message.lines().next().unwrap_or(message).trim().to_string()
+/// llguidance's message, kept readable: compile errors point into the grammar over a few
+/// lines (kept); errors mid-sequence may append the parser state and the whole grammar
+/// (cut after [`MAX_ERROR_LINES`] lines).
+fn tidy(message: &str) -> String {
+    let lines: Vec<&str> = message.trim().lines().collect();
+    let mut out = lines[..lines.len().min(MAX_ERROR_LINES)].join("\n");
+    if lines.len() > MAX_ERROR_LINES {
+        out.push_str("\n...");
+    }
+    out
 }
+
+/// Lines of an llguidance error kept in ours.
+const MAX_ERROR_LINES: usize = 8;
 
 /// One sequence's position in its grammar.
 pub struct ConstraintState {
@@ -181,7 +191,7 @@ impl ConstraintState {
             let mask = self
                 .matcher
                 .compute_mask_or_eos()
-                .map_err(|e| ConstraintError::Violated(first_line(&e.to_string())))?;
+                .map_err(|e| ConstraintError::Violated(tidy(&e.to_string())))?;
             self.mask = Some(TokenMask(mask));
         }
         Ok(self.mask.as_ref().expect("set above; this is a bug"))
@@ -195,7 +205,7 @@ impl ConstraintState {
         self.mask = None;
         self.matcher
             .consume_tokens(tokens)
-            .map_err(|e| ConstraintError::Violated(first_line(&e.to_string())))
+            .map_err(|e| ConstraintError::Violated(tidy(&e.to_string())))
     }
 
     /// The grammar is complete and admits nothing more: the output ends here.
@@ -391,7 +401,7 @@ mod tests {
                 json_schema(&serde_json::json!({"type": "strnig"})),
                 "strnig",
             ),
-            (regex("(unclosed"), ""),
+            (regex("(unclosed"), "unclosed group"),
             (lark("start: undefined_rule"), "undefined_rule"),
             (Constraint { kind: None }, "names no schema"),
         ];
@@ -401,7 +411,6 @@ mod tests {
                 matches!(err, ConstraintError::Invalid(_)) && err.to_string().contains(needle),
                 "{constraint:?}: {err}"
             );
-            assert!(!err.to_string().contains('\n'), "one line: {err}");
         }
     }
 

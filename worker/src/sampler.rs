@@ -289,6 +289,21 @@ pub fn sample(
     index: u64,
     top_logprobs: usize,
 ) -> Result<Sampled, SamplerError> {
+    // Greedy under a constraint (the usual structured output): the best allowed token,
+    // read in place; no copy of the row.
+    if cfg.temperature == 0.0
+        && !cfg.has_penalties()
+        && cfg.logit_bias.is_empty()
+        && let Some(words) = filter.allowed
+    {
+        let token = greedy_allowed(raw, words, filter.banned)?;
+        let (logprob, top) = logprobs(raw, token, top_logprobs);
+        return Ok(Sampled {
+            token,
+            logprob,
+            top,
+        });
+    }
     // Copy the row only when something modifies it (greedy on raw logits is the hot path).
     let modified;
     let logits: &[f32] = if cfg.has_penalties() || !cfg.logit_bias.is_empty() || !filter.is_empty()
@@ -339,6 +354,25 @@ pub fn greedy(logits: &[f32]) -> Result<u32, SamplerError> {
     for (i, &l) in logits.iter().enumerate() {
         if l > f32::NEG_INFINITY && best.is_none_or(|(_, b)| l > b) {
             best = Some((i as u32, l));
+        }
+    }
+    best.map(|(i, _)| i).ok_or(SamplerError::NoCandidate)
+}
+
+/// [`greedy`] over the tokens `allowed` sets and `banned` does not name, in place.
+fn greedy_allowed(raw: &[f32], allowed: &[u32], banned: &[u32]) -> Result<u32, SamplerError> {
+    let mut best: Option<(u32, f32)> = None;
+    for (w, &word) in allowed.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let t = (w * 32) as u32 + bits.trailing_zeros();
+            bits &= bits - 1;
+            let Some(&l) = raw.get(t as usize) else {
+                return best.map(|(i, _)| i).ok_or(SamplerError::NoCandidate);
+            };
+            if l > f32::NEG_INFINITY && best.is_none_or(|(_, b)| l > b) && !banned.contains(&t) {
+                best = Some((t, l));
+            }
         }
     }
     best.map(|(i, _)| i).ok_or(SamplerError::NoCandidate)
@@ -588,6 +622,39 @@ mod tests {
             sample(&raw, &cfg(0.0), &none(), &filter, 0, 0).unwrap_err(),
             SamplerError::NoCandidate
         );
+    }
+
+    #[test]
+    fn masked_greedy_in_place_equals_the_copying_path() {
+        // The copying path runs when a bias is set; a zero bias changes nothing.
+        let zero_bias = SamplingConfig {
+            logit_bias: vec![(0, 0.0)],
+            ..cfg(0.0)
+        };
+        for seed in 0..200u64 {
+            let raw: Vec<f32> = (0..70)
+                .map(|i| match (uniform(seed, i) * 20.0) as u32 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    v => v as f32 * 0.37,
+                })
+                .collect();
+            let words: Vec<u32> = (0..3)
+                .map(|w| (uniform(seed ^ 77, w) * u32::MAX as f64) as u32)
+                .collect();
+            let banned = [(seed % 70) as u32];
+            let filter = TokenFilter {
+                banned: &banned,
+                allowed: Some(&words),
+            };
+            let fast = sample(&raw, &cfg(0.0), &none(), &filter, 0, 0);
+            let slow = sample(&raw, &zero_bias, &none(), &filter, 0, 0);
+            assert_eq!(
+                fast.map(|s| s.token),
+                slow.map(|s| s.token),
+                "seed {seed}"
+            );
+        }
     }
 
     #[test]
