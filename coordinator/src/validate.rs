@@ -322,7 +322,9 @@ pub fn validate(
         max_tokens: max_tokens as u32,
         arrival,
         n,
-        tool_calling: tool_use.as_ref().and_then(ToolUse::calling),
+        tool_calling: tool_use
+            .as_ref()
+            .and_then(|t| t.calling(tools::format_of(&model.chat_template))),
     })
 }
 
@@ -396,7 +398,8 @@ fn output_constraint(
             format!("`tool_choice` forces a tool call, so `{}` cannot apply", s.field),
         ));
     }
-    let Some(grammar) = tools.grammar(content.as_ref()) else {
+    let format = tools::format_of(&model.chat_template);
+    let Some(grammar) = tools.grammar(content.as_ref(), format) else {
         return Ok(None);
     };
     let c = constraint::lark(grammar);

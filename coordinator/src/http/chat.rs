@@ -51,7 +51,7 @@ struct Piece {
 impl ChoiceOutput {
     fn new(tools: Option<&ToolCalling>) -> Self {
         ChoiceOutput {
-            tools: tools.map(|t| (t.clone(), ToolCallParser::new(t.parallel))),
+            tools: tools.map(|t| (t.clone(), ToolCallParser::new(t.format, t.parallel))),
             held_logprobs: Vec::new(),
         }
     }
@@ -290,6 +290,7 @@ mod tests {
         ToolCalling {
             choice,
             parallel: true,
+            format: crate::tools::ToolFormat::Hermes,
         }
     }
 

@@ -8,14 +8,18 @@
 //!   `<tools></tools>` and asking for `<tool_call>{"name": ..., "arguments": ...}
 //!   </tool_call>`; earlier calls are written into the assistant's text that way and tool
 //!   results become user turns wrapped in `<tool_response></tool_response>`.
-//! - **Output.** Calls are read in the Hermes format ([`parser`]).
+//! - **Output.** Calls are read in the model's format ([`ToolFormat`], [`parser`]): Llama
+//!   3's JSON calls when the template is a Llama 3 tool template (it writes
+//!   `<|python_tag|>`), else Hermes' `<tool_call>` blocks.
 //! - **Constraint.** `tool_choice: "required"` and a named function constrain the output
-//!   to Hermes calls whose arguments follow the function's JSON schema ([`ToolUse::grammar`]),
+//!   to calls in that format whose arguments follow the function's JSON schema
+//!   ([`ToolUse::grammar`]),
 //!   so the arguments always parse; `auto` leaves the model free (a `response_format` then
 //!   constrains its content, or a call); `none` neither shows the tools nor reads calls.
 
 pub mod parser;
 
+pub use parser::ToolFormat;
 use serde_json::{Value, json};
 
 use crate::chat_template::{ChatTemplate, Message};
@@ -60,6 +64,7 @@ pub struct ToolUse {
 pub struct ToolCalling {
     pub choice: ToolChoice,
     pub parallel: bool,
+    pub format: ToolFormat,
 }
 
 impl ToolCalling {
@@ -128,10 +133,11 @@ impl ToolUse {
         self.choice != ToolChoice::None && !self.tools.is_empty()
     }
 
-    pub fn calling(&self) -> Option<ToolCalling> {
+    pub fn calling(&self, format: ToolFormat) -> Option<ToolCalling> {
         self.active().then(|| ToolCalling {
             choice: self.choice.clone(),
             parallel: self.parallel,
+            format,
         })
     }
 
@@ -140,10 +146,10 @@ impl ToolUse {
         self.tools.iter().map(tool_json).collect()
     }
 
-    /// The Lark grammar of the calls `tool_choice` forces (`required` / named), `None`
-    /// for `auto` and `none`. With `content` (a JSON schema from `response_format`),
-    /// `auto` may write either that document or calls.
-    pub fn grammar(&self, content: Option<&Value>) -> Option<String> {
+    /// The Lark grammar of the calls `tool_choice` forces (`required` / named) in
+    /// `format`, `None` for `auto` and `none`. With `content` (a JSON schema from
+    /// `response_format`), `auto` may write either that document or calls.
+    pub fn grammar(&self, content: Option<&Value>, format: ToolFormat) -> Option<String> {
         let tools: Vec<&Tool> = match &self.choice {
             ToolChoice::None => return None,
             ToolChoice::Auto if content.is_none() => return None,
@@ -155,14 +161,16 @@ impl ToolUse {
         let calls: Vec<Value> = tools
             .iter()
             .map(|t| {
+                let arguments = t.parameters.clone().unwrap_or_else(
+                    || json!({"type": "object", "properties": {}, "additionalProperties": false}));
+                let key = match format {
+                    ToolFormat::Hermes => "arguments",
+                    ToolFormat::Llama3Json => "parameters",
+                };
                 json!({
                     "type": "object",
-                    "properties": {
-                        "name": {"const": t.name},
-                        "arguments": t.parameters.clone().unwrap_or_else(
-                            || json!({"type": "object", "properties": {}, "additionalProperties": false})),
-                    },
-                    "required": ["name", "arguments"],
+                    "properties": {"name": {"const": t.name}, key: arguments},
+                    "required": ["name", key],
                     "additionalProperties": false,
                 })
             })
@@ -174,20 +182,25 @@ impl ToolUse {
         };
         call["x-guidance"] = options;
         let many = self.parallel && !matches!(self.choice, ToolChoice::Named(_));
+        let (separator, call_rule) = match format {
+            ToolFormat::Hermes => (
+                r#""\n""#.to_string(),
+                format!(r#""{}\n" body "\n{}""#, parser::OPEN, parser::CLOSE),
+            ),
+            ToolFormat::Llama3Json => (r#""; ""#.to_string(), "body".to_string()),
+        };
         let calls_rule = if many {
-            r#"call ("\n" call)*"#
+            format!("call ({separator} call)*")
         } else {
-            "call"
+            "call".to_string()
+        };
+        let start = if content.is_some() && self.choice == ToolChoice::Auto {
+            "calls | content"
+        } else {
+            "calls"
         };
         let mut grammar = format!(
-            "start: {start}\ncalls: {calls_rule}\ncall: \"{open}\\n\" body \"\\n{close}\"\nbody: %json {call}\n",
-            start = if content.is_some() && self.choice == ToolChoice::Auto {
-                "calls | content"
-            } else {
-                "calls"
-            },
-            open = parser::OPEN,
-            close = parser::CLOSE,
+            "start: {start}\ncalls: {calls_rule}\ncall: {call_rule}\nbody: %json {call}\n"
         );
         if let Some(schema) = content
             && self.choice == ToolChoice::Auto
@@ -214,6 +227,17 @@ fn tool_json(tool: &Tool) -> Value {
 /// Whether `template` renders tools itself (it reads the `tools` variable).
 pub fn template_supports_tools(template: &ChatTemplate) -> bool {
     template.mentions("tools")
+}
+
+/// The format calls are written in with `template`: a Llama 3 tool template writes
+/// `<|python_tag|>` and asks for JSON calls; every other template, and the fallback
+/// prompt, uses Hermes' `<tool_call>` blocks.
+pub fn format_of(template: &ChatTemplate) -> ToolFormat {
+    if template_supports_tools(template) && template.mentions(parser::PYTHON_TAG) {
+        ToolFormat::Llama3Json
+    } else {
+        ToolFormat::Hermes
+    }
 }
 
 /// The conversation and tools to render. Templates with tool support get both as they
@@ -355,7 +379,7 @@ mod tests {
 
     #[test]
     fn required_calls_follow_the_schemas() {
-        let g = uses(ToolChoice::Required, true).grammar(None).unwrap();
+        let g = uses(ToolChoice::Required, true).grammar(None, ToolFormat::Hermes).unwrap();
         let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \"unit\": \"c\"}}\n</tool_call>";
         let other = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
         assert!(accepts(&g, call));
@@ -365,7 +389,7 @@ mod tests {
             &g,
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": 3"
         ));
-        let single = uses(ToolChoice::Required, false).grammar(None).unwrap();
+        let single = uses(ToolChoice::Required, false).grammar(None, ToolFormat::Hermes).unwrap();
         let mut s = compiler().compile(&lark(&single)).unwrap();
         s.advance(&bytes(call)).unwrap();
         assert!(s.is_finished(), "one call only without parallel calls");
@@ -374,7 +398,7 @@ mod tests {
     #[test]
     fn a_named_choice_allows_that_function_only() {
         let g = uses(ToolChoice::Named("get_time".into()), true)
-            .grammar(None)
+            .grammar(None, ToolFormat::Hermes)
             .unwrap();
         assert!(accepts(
             &g,
@@ -384,12 +408,35 @@ mod tests {
     }
 
     #[test]
+    fn llama3_calls_are_json_objects_with_parameters() {
+        let template = ChatTemplate::new(
+            "{% for t in tools %}{{ t }}{% endfor %}<|python_tag|>",
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(format_of(&template), ToolFormat::Llama3Json);
+        let plain = ChatTemplate::new(TEST_CHAT_TEMPLATE, None, None).unwrap();
+        assert_eq!(format_of(&plain), ToolFormat::Hermes);
+        let g = uses(ToolChoice::Required, true)
+            .grammar(None, ToolFormat::Llama3Json)
+            .unwrap();
+        let one = "{\"name\": \"get_time\", \"parameters\": {}}";
+        assert!(accepts(&g, one));
+        assert!(accepts(&g, &format!("{one}; {one}")));
+        assert!(!accepts(&g, "<tool_call>"));
+    }
+
+    #[test]
     fn auto_is_free_unless_a_response_format_constrains_the_content() {
-        assert!(uses(ToolChoice::Auto, true).grammar(None).is_none());
-        assert!(uses(ToolChoice::None, true).grammar(None).is_none());
+        assert!(uses(ToolChoice::Auto, true).grammar(None, ToolFormat::Hermes).is_none());
+        assert!(uses(ToolChoice::None, true).grammar(None, ToolFormat::Hermes).is_none());
         let g = uses(ToolChoice::Auto, true)
-            .grammar(Some(&json!({"type": "object", "properties": {"a": {"type": "integer"}},
-                "required": ["a"], "additionalProperties": false})))
+            .grammar(
+                Some(&json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                "required": ["a"], "additionalProperties": false})),
+                ToolFormat::Hermes,
+            )
             .unwrap();
         assert!(accepts(&g, "{\"a\": 3}") || accepts(&g, "{\"a\":3}"));
         assert!(accepts(
@@ -452,6 +499,7 @@ mod tests {
         let c = |choice| ToolCalling {
             choice,
             parallel: true,
+            format: ToolFormat::Hermes,
         };
         assert_eq!(c(ToolChoice::Named("f".into())).finish_reason(), "stop");
         assert_eq!(c(ToolChoice::Required).finish_reason(), "tool_calls");

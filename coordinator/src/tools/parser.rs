@@ -3,13 +3,18 @@
 //! name) and fragments of its JSON arguments — the way OpenAI streams `tool_calls`. The
 //! non-streaming answer is the same deltas, concatenated, so both agree by construction.
 //!
-//! The format is Hermes' (used by Qwen 2.5, Hermes and shardline's fallback prompt for
-//! templates without tools): each call is a JSON object
-//! `{"name": ..., "arguments": {...}}` between `<tool_call>` and `</tool_call>`, on its
-//! own lines; text outside calls is content. Arguments stream as soon as the call's name
-//! is known (the name comes first in what the constrained grammar produces and in what
-//! models trained on the format write); a call that puts its arguments first is emitted
-//! whole once it is complete. A `<tool_call>` whose body is not a call is content.
+//! Two formats ([`ToolFormat`]):
+//! - **Hermes** (Qwen 2.5, Hermes, and shardline's fallback prompt for templates without
+//!   tools): each call is a JSON object `{"name": ..., "arguments": {...}}` between
+//!   `<tool_call>` and `</tool_call>`, on its own lines; text outside calls is content. A
+//!   `<tool_call>` whose body is not a call is content.
+//! - **Llama 3 JSON** (Llama 3.1 / 3.2 templates): an answer that is a call is a JSON
+//!   object `{"name": ..., "parameters": {...}}` from its first character (after an
+//!   optional `<|python_tag|>`), several separated by `;`; any other answer is content.
+//!
+//! Arguments stream as soon as the call's name is known (the name comes first in what the
+//! constrained grammar produces and in what models trained on these formats write); a call
+//! that puts its arguments first is emitted whole once it is complete.
 //!
 //! The scanning is hand-written (about a hundred lines over byte offsets) because what
 //! it needs — where the arguments value starts and ends in an *incomplete* object, to
@@ -20,6 +25,15 @@
 pub const OPEN: &str = "<tool_call>";
 /// Closes a call.
 pub const CLOSE: &str = "</tool_call>";
+/// What Llama 3 writes before a call (when special tokens are kept in the text).
+pub const PYTHON_TAG: &str = "<|python_tag|>";
+
+/// How a model writes its tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    Hermes,
+    Llama3Json,
+}
 
 /// A piece of parsed output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +55,11 @@ pub enum Delta {
 enum Mode {
     /// Outside a call; `buf` may end with a partial `<tool_call>`.
     Text,
+    /// Llama 3 JSON: before a call (at the start, or after one when `after_call`), until
+    /// the first character tells a call (`{`) from content.
+    Sniff { after_call: bool },
+    /// Llama 3 JSON: the answer is content; it all passes through.
+    Plain,
     /// Inside a call: `buf` is the body after `<tool_call>`.
     Call {
         /// The call's index once its start was emitted.
@@ -55,6 +74,7 @@ enum Mode {
 /// Incremental parser of one choice's output.
 #[derive(Debug)]
 pub struct ToolCallParser {
+    format: ToolFormat,
     mode: Mode,
     buf: String,
     /// Whitespace held back: it is content only if more content follows (whitespace
@@ -76,13 +96,17 @@ pub fn call_id() -> String {
 
 impl ToolCallParser {
     /// `parallel`: more than one call may be returned (`parallel_tool_calls`).
-    pub fn new(parallel: bool) -> Self {
-        Self::with_ids(parallel, call_id)
+    pub fn new(format: ToolFormat, parallel: bool) -> Self {
+        Self::with_ids(format, parallel, call_id)
     }
 
-    fn with_ids(parallel: bool, new_id: fn() -> String) -> Self {
+    fn with_ids(format: ToolFormat, parallel: bool, new_id: fn() -> String) -> Self {
         Self {
-            mode: Mode::Text,
+            format,
+            mode: match format {
+                ToolFormat::Hermes => Mode::Text,
+                ToolFormat::Llama3Json => Mode::Sniff { after_call: false },
+            },
             buf: String::new(),
             held: String::new(),
             calls: 0,
@@ -113,11 +137,18 @@ impl ToolCallParser {
         self.advance(&mut out, true);
         if matches!(self.mode, Mode::Call { .. }) {
             // An unclosed call: complete it if its body is a whole call, else it is text.
-            self.close_call(&mut out, self.buf.len(), true);
+            let end = self.buf.len();
+            self.close_call(&mut out, end, end);
         }
-        if matches!(self.mode, Mode::Text) {
+        if matches!(self.mode, Mode::Text | Mode::Plain | Mode::Sniff { .. }) {
             let rest = std::mem::take(&mut self.buf);
-            self.content(&mut out, &rest);
+            if matches!(self.mode, Mode::Sniff { after_call: true }) {
+                // What follows the last call: a `;` or layout is not content.
+                let rest = rest.trim_start().trim_start_matches(';');
+                self.content(&mut out, rest);
+            } else {
+                self.content(&mut out, &rest);
+            }
         }
         if self.calls == 0 && !self.held.is_empty() {
             out.push(Delta::Content(std::mem::take(&mut self.held)));
@@ -149,13 +180,58 @@ impl ToolCallParser {
                     self.content(out, &text);
                     return;
                 }
+                Mode::Plain => {
+                    let text = std::mem::take(&mut self.buf);
+                    self.content(out, &text);
+                    return;
+                }
+                Mode::Sniff { after_call } => {
+                    let mut start = self.buf.len() - self.buf.trim_start().len();
+                    if after_call && self.buf[start..].starts_with(';') {
+                        start += 1;
+                        start += self.buf[start..].len() - self.buf[start..].trim_start().len();
+                    }
+                    let rest = &self.buf[start..];
+                    if let Some(after) = rest.strip_prefix(PYTHON_TAG) {
+                        start += PYTHON_TAG.len() + after.len() - after.trim_start().len();
+                    }
+                    let rest = &self.buf[start..];
+                    if rest.is_empty() || (!at_end && PYTHON_TAG.starts_with(rest)) {
+                        return; // nothing telling yet
+                    }
+                    if rest.starts_with('{') {
+                        self.buf.drain(..start);
+                        self.held.clear();
+                        self.mode = Mode::Call {
+                            started: None,
+                            sent: 0,
+                        };
+                    } else if after_call {
+                        // Text after the calls: content (without the separator).
+                        self.buf.drain(..start);
+                        self.mode = Mode::Plain;
+                    } else {
+                        self.mode = Mode::Plain;
+                    }
+                }
                 Mode::Call { .. } => {
                     self.stream_call(out);
-                    let Some(end) = self.buf.find(CLOSE) else {
+                    let Some((end, skip)) = self.call_end() else {
                         return;
                     };
-                    self.close_call(out, end, false);
+                    self.close_call(out, end, skip);
                 }
+            }
+        }
+    }
+
+    /// Where the open call's body ends and how much of `buf` it takes with its closing.
+    fn call_end(&self) -> Option<(usize, usize)> {
+        match self.format {
+            ToolFormat::Hermes => self.buf.find(CLOSE).map(|e| (e, e + CLOSE.len())),
+            ToolFormat::Llama3Json => {
+                let b = self.buf.as_bytes();
+                value_end(b, skip_ws(b, 0)).map(|e| (e, e))
             }
         }
     }
@@ -209,8 +285,9 @@ impl ToolCallParser {
         }
     }
 
-    /// Ends the open call whose body is `buf[..end]` (`CLOSE` follows unless `at_end`).
-    fn close_call(&mut self, out: &mut Vec<Delta>, end: usize, at_end: bool) {
+    /// Ends the open call whose body is `buf[..end]`; `buf[..skip]` goes with it (the
+    /// body and its closing tag).
+    fn close_call(&mut self, out: &mut Vec<Delta>, end: usize, skip: usize) {
         let Mode::Call { started, sent } = self.mode else {
             return;
         };
@@ -245,21 +322,20 @@ impl ToolCallParser {
                 }
                 None => {
                     // Not a call after all: it was text.
-                    let mut text = format!("{OPEN}{body}");
-                    if !at_end {
-                        text.push_str(CLOSE);
-                    }
+                    let text = match self.format {
+                        ToolFormat::Hermes => format!("{OPEN}{}", &self.buf[..skip]),
+                        ToolFormat::Llama3Json => self.buf[..skip].to_string(),
+                    };
                     self.held.clear();
                     self.content(out, &text);
                 }
             },
         }
-        let skip = if at_end { end } else { end + CLOSE.len() };
         self.buf.drain(..skip.min(self.buf.len()));
-        self.mode = if self.calls > 0 && !self.parallel {
-            Mode::Done
-        } else {
-            Mode::Text
+        self.mode = match self.format {
+            _ if self.calls > 0 && !self.parallel => Mode::Done,
+            ToolFormat::Hermes => Mode::Text,
+            ToolFormat::Llama3Json => Mode::Sniff { after_call: true },
         };
     }
 }
@@ -420,7 +496,16 @@ mod tests {
     /// Feeds `text` in pieces of `step` bytes (on char boundaries) and returns the
     /// content, the calls `(name, arguments)` and every delta.
     fn run(text: &str, step: usize, parallel: bool) -> (String, Vec<(String, String)>, Vec<Delta>) {
-        let mut p = ToolCallParser::with_ids(parallel, ids);
+        run_as(ToolFormat::Hermes, text, step, parallel)
+    }
+
+    fn run_as(
+        format: ToolFormat,
+        text: &str,
+        step: usize,
+        parallel: bool,
+    ) -> (String, Vec<(String, String)>, Vec<Delta>) {
+        let mut p = ToolCallParser::with_ids(format, parallel, ids);
         let mut deltas = Vec::new();
         let mut start = 0;
         while start < text.len() {
@@ -532,6 +617,34 @@ mod tests {
         let (content, calls, _) = run(text, 2, true);
         assert!(calls.is_empty());
         assert_eq!(content, text);
+    }
+
+    #[test]
+    fn llama3_json_calls_and_plain_answers() {
+        let calls = "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}; {\"name\": \"get_time\", \"parameters\": {}}";
+        for step in [1, 3, 8, 1000] {
+            let (content, got, _) = run_as(ToolFormat::Llama3Json, calls, step, true);
+            assert_eq!(content, "", "step {step}");
+            assert_eq!(
+                got,
+                vec![
+                    ("get_weather".to_string(), r#"{"city": "Oslo"}"#.to_string()),
+                    ("get_time".to_string(), "{}".to_string()),
+                ],
+                "step {step}"
+            );
+            let (_, one, _) = run_as(ToolFormat::Llama3Json, calls, step, false);
+            assert_eq!(one.len(), 1);
+            for plain in ["It is sunny. {not a call}", "  <|python", "Sure; {\"a\": 1}"] {
+                let (content, got, _) = run_as(ToolFormat::Llama3Json, plain, step, true);
+                assert_eq!(content, plain, "step {step}");
+                assert!(got.is_empty());
+            }
+        }
+        // An object that is not a call is content.
+        let (content, got, _) = run_as(ToolFormat::Llama3Json, r#"{"answer": 4}"#, 2, true);
+        assert_eq!(content, r#"{"answer": 4}"#);
+        assert!(got.is_empty());
     }
 
     #[test]
