@@ -145,8 +145,8 @@ impl JsonLayout {
 fn close_objects(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
-            let is_object = map.get("type").is_some_and(|t| t == "object")
-                || map.contains_key("properties");
+            let is_object =
+                map.get("type").is_some_and(|t| t == "object") || map.contains_key("properties");
             if is_object && !map.contains_key("additionalProperties") {
                 map.insert("additionalProperties".into(), json!(false));
             }

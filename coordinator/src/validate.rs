@@ -383,19 +383,27 @@ fn output_constraint(
     }
     let content = match structured.map(|s| (s, &s.format)) {
         None => None,
-        Some((s, OutputFormat::JsonObject)) => Some(s.layout.apply(serde_json::json!({"type": "object"}))),
+        Some((s, OutputFormat::JsonObject)) => {
+            Some(s.layout.apply(serde_json::json!({"type": "object"})))
+        }
         Some((s, OutputFormat::JsonSchema { schema, .. })) => Some(s.layout.apply(schema.clone())),
         Some((s, _)) => {
             return Err(ApiError::invalid(
                 s.field.clone(),
-                format!("`{}` cannot be combined with `tools`; only a JSON response_format can", s.field),
+                format!(
+                    "`{}` cannot be combined with `tools`; only a JSON response_format can",
+                    s.field
+                ),
             ));
         }
     };
     if let (Some(s), ToolChoice::Required | ToolChoice::Named(_)) = (structured, &tools.choice) {
         return Err(ApiError::invalid(
             s.field.clone(),
-            format!("`tool_choice` forces a tool call, so `{}` cannot apply", s.field),
+            format!(
+                "`tool_choice` forces a tool call, so `{}` cannot apply",
+                s.field
+            ),
         ));
     }
     let format = tools::format_of(&model.chat_template);
@@ -417,8 +425,11 @@ pub fn render_chat(chat: &ChatInput, model: &ModelInfo) -> Result<String, ApiErr
             "`messages` must not be empty",
         ));
     }
-    let (messages, tools) =
-        tools::prepare(&model.chat_template, chat.messages.clone(), chat.tools.as_ref());
+    let (messages, tools) = tools::prepare(
+        &model.chat_template,
+        chat.messages.clone(),
+        chat.tools.as_ref(),
+    );
     let open_turn = chat.add_generation_prompt && !chat.continue_final_message;
     let text = model
         .chat_template
@@ -428,7 +439,10 @@ pub fn render_chat(chat: &ChatInput, model: &ModelInfo) -> Result<String, ApiErr
         return Ok(text);
     }
     // As Hugging Face does: cut the rendering right after the last message's content.
-    let last = messages.last().map(|m| m.content.trim()).unwrap_or_default();
+    let last = messages
+        .last()
+        .map(|m| m.content.trim())
+        .unwrap_or_default();
     match text.rfind(last) {
         Some(i) if !last.is_empty() => Ok(text[..i + last.len()].to_string()),
         _ => Err(ApiError::invalid(

@@ -29,7 +29,8 @@ async fn stream(c: &Cluster, path: &str, mut body: Value) -> Vec<Value> {
 #[tokio::test]
 async fn n_choices_have_distinct_indexes_and_share_one_prompt() {
     let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
-    let body = json!({"prompt": "abcdefgh", "n": 3, "max_tokens": 5, "temperature": 0.7, "seed": 1});
+    let body =
+        json!({"prompt": "abcdefgh", "n": 3, "max_tokens": 5, "temperature": 0.7, "seed": 1});
     let (status, plain) = c.post("/v1/completions", body.clone()).await;
     assert_eq!(status, 200, "{plain}");
     let choices = plain["choices"].as_array().unwrap();
@@ -163,7 +164,11 @@ async fn tokenize_and_detokenize_like_vllm() {
     assert!(chat["token_strs"].is_null());
     for (path, body, field) in [
         ("/tokenize", json!({}), "prompt"),
-        ("/tokenize", json!({"prompt": "a", "model": "other"}), "model"),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "model": "other"}),
+            "model",
+        ),
         ("/detokenize", json!({"tokens": [100000]}), "tokens"),
         ("/detokenize", json!({}), "tokens"),
     ] {
@@ -177,7 +182,8 @@ async fn tokenize_and_detokenize_like_vllm() {
 async fn every_bad_input_is_a_400_naming_its_field() {
     let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
     let user = json!([{"role": "user", "content": "x"}]);
-    let f = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
+    let f =
+        json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
     let chat = |extra: Value| {
         let mut body = json!({"messages": user, "max_tokens": 4});
         for (k, v) in extra.as_object().unwrap() {
@@ -187,13 +193,18 @@ async fn every_bad_input_is_a_400_naming_its_field() {
     };
     let cases = [
         (
-            chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
-                "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}})),
+            chat(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}}),
+            ),
             "response_format",
         ),
         (chat(json!({"guided_regex": "(a"})), "guided_regex"),
         (chat(json!({"guided_choice": []})), "guided_choice"),
-        (chat(json!({"guided_grammar": "start: nothing_here"})), "guided_grammar"),
+        (
+            chat(json!({"guided_grammar": "start: nothing_here"})),
+            "guided_grammar",
+        ),
         (
             chat(json!({"structured_outputs": {"regex": "a", "json": {}}})),
             "structured_outputs.regex",
@@ -202,18 +213,31 @@ async fn every_bad_input_is_a_400_naming_its_field() {
         (chat(json!({"logit_bias": {"10": 150}})), "logit_bias"),
         (chat(json!({"logit_bias": {"ten": 1}})), "logit_bias"),
         (chat(json!({"n": 0})), "n"),
-        (chat(json!({"audio": {"voice": "alloy", "format": "wav"}})), "audio"),
+        (
+            chat(json!({"audio": {"voice": "alloy", "format": "wav"}})),
+            "audio",
+        ),
         (chat(json!({"store": true})), "store"),
-        (chat(json!({"reasoning_effort": "high"})), "reasoning_effort"),
-        (chat(json!({"tools": [f], "tool_choice": {"type": "function", "function": {"name": "g"}}})), "tool_choice"),
+        (
+            chat(json!({"reasoning_effort": "high"})),
+            "reasoning_effort",
+        ),
+        (
+            chat(
+                json!({"tools": [f], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+            "tool_choice",
+        ),
         (
             chat(json!({"tools": [{"type": "function", "function": {"name": "f f"}}]})),
             "tools[0].function.name",
         ),
         (
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f",
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f",
                 "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}}}],
-                "tool_choice": "required"})),
+                "tool_choice": "required"}),
+            ),
             "tools[0].function.parameters",
         ),
         (
@@ -225,7 +249,10 @@ async fn every_bad_input_is_a_400_naming_its_field() {
             json!({"messages": [{"role": "robot", "content": "x"}]}),
             "messages[0].role",
         ),
-        (json!({"messages": [{"role": "user"}]}), "messages[0].content"),
+        (
+            json!({"messages": [{"role": "user"}]}),
+            "messages[0].content",
+        ),
         (
             json!({"messages": [{"role": "tool", "content": "1", "tool_call_id": "c"}]}),
             "messages[0].tool_call_id",

@@ -562,16 +562,27 @@ async fn kill_9_mid_stream_keeps_structured_outputs_valid_and_unchanged() {
     a.proc.signal("KILL");
     let results = failing.await.unwrap();
     for (i, (got, want)) in results.iter().zip(&reference).enumerate() {
-        assert_eq!(got.as_ref(), Ok(want), "request {i}: text differs after the kill");
+        assert_eq!(
+            got.as_ref(),
+            Ok(want),
+            "request {i}: text differs after the kill"
+        );
         let doc: Value = serde_json::from_str(want)
             .unwrap_or_else(|e| panic!("request {i}: not JSON ({e}): {want}"));
         let readings = doc["readings"].as_array().unwrap();
         assert_eq!(readings.len(), 10, "{want}");
-        assert!(readings.iter().all(|r| r.as_u64().is_some_and(|r| r <= 999)));
+        assert!(
+            readings
+                .iter()
+                .all(|r| r.as_u64().is_some_and(|r| r <= 999))
+        );
         assert!(doc["unit"] == "mm" || doc["unit"] == "cm", "{want}");
     }
     let migrations = metric_sum(&coordinator.http, "shardline_request_migrations_total").await;
-    assert!(migrations >= running as f64, "{migrations} migrations for {running} running on a");
+    assert!(
+        migrations >= running as f64,
+        "{migrations} migrations for {running} running on a"
+    );
 }
 
 /// (2b) A tensor-parallel group whose rank stops answering mid-stream: the step fails at

@@ -136,7 +136,10 @@ fn run(
         })?;
         live.clear();
         for res in &r.results {
-            anyhow::ensure!(res.status == pb::SeqStatus::Ok as i32, "decode failed: {res:?}");
+            anyhow::ensure!(
+                res.status == pb::SeqStatus::Ok as i32,
+                "decode failed: {res:?}"
+            );
             decoded += usize::from(res.has_token);
             if res.finish_reason == pb::FinishReason::Unspecified as i32 {
                 live.push(res.seq_id);
@@ -217,8 +220,8 @@ fn main() -> anyhow::Result<()> {
         kv_blocks: Some(max_batch * per_seq.div_ceil(16) + 16),
         ..Default::default()
     };
-    let runner =
-        load_llama_runner(&cli.path, &load).map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
+    let runner = load_llama_runner(&cli.path, &load)
+        .map_err(|e| anyhow::anyhow!("loading the model: {e}"))?;
     let started = Instant::now();
     let mut engine = EngineState::new(
         Box::new(runner),
@@ -244,21 +247,34 @@ fn main() -> anyhow::Result<()> {
         cli.new_tokens,
         cli.rounds
     );
-    println!("| batch | unconstrained tok/s | JSON schema tok/s | schema / plain (median of pairs) |");
+    println!(
+        "| batch | unconstrained tok/s | JSON schema tok/s | schema / plain (median of pairs) |"
+    );
     println!("|---:|---:|---:|---:|");
     for &b in &cli.batches {
         let (mut plain, mut json, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..cli.rounds {
             let mut pair = [0.0; 2];
             for constrained in [round % 2 == 1, round % 2 == 0] {
-                let tps = run(&mut engine, &prompt, b, cli.new_tokens, constrained, &mut next_id)?;
+                let tps = run(
+                    &mut engine,
+                    &prompt,
+                    b,
+                    cli.new_tokens,
+                    constrained,
+                    &mut next_id,
+                )?;
                 pair[usize::from(constrained)] = tps;
             }
             plain.push(pair[0]);
             json.push(pair[1]);
             ratios.push(pair[1] / pair[0]);
         }
-        let (p, j, r) = (median(plain.clone()), median(json.clone()), median(ratios.clone()));
+        let (p, j, r) = (
+            median(plain.clone()),
+            median(json.clone()),
+            median(ratios.clone()),
+        );
         println!("| {b} | {p:.1} | {j:.1} | {r:.3} |");
         eprintln!("batch {b}: plain {plain:.1?}, json {json:.1?}, ratios {ratios:.3?}");
     }

@@ -485,7 +485,15 @@ mod tests {
 
     #[test]
     fn greedy_picks_argmax_lowest_id_on_ties_and_ignores_nan() {
-        let s = sample(&[1.0, f32::NAN, 3.0, 3.0], &cfg(0.0), &none(), &TokenFilter::default(), 0, 0).unwrap();
+        let s = sample(
+            &[1.0, f32::NAN, 3.0, 3.0],
+            &cfg(0.0),
+            &none(),
+            &TokenFilter::default(),
+            0,
+            0,
+        )
+        .unwrap();
         assert_eq!(s.token, 2);
         assert!(s.top.is_empty());
     }
@@ -543,10 +551,26 @@ mod tests {
 
     #[test]
     fn banned_tokens_are_never_drawn() {
-        let s = sample(&[5.0, 1.0], &cfg(0.0), &none(), &TokenFilter::banning(&[0]), 0, 0).unwrap();
+        let s = sample(
+            &[5.0, 1.0],
+            &cfg(0.0),
+            &none(),
+            &TokenFilter::banning(&[0]),
+            0,
+            0,
+        )
+        .unwrap();
         assert_eq!(s.token, 1);
         for i in 0..50 {
-            let s = sample(&[5.0, 1.0], &cfg(1.0), &none(), &TokenFilter::banning(&[0]), i, 0).unwrap();
+            let s = sample(
+                &[5.0, 1.0],
+                &cfg(1.0),
+                &none(),
+                &TokenFilter::banning(&[0]),
+                i,
+                0,
+            )
+            .unwrap();
             assert_eq!(s.token, 1);
         }
     }
@@ -649,36 +673,62 @@ mod tests {
             };
             let fast = sample(&raw, &cfg(0.0), &none(), &filter, 0, 0);
             let slow = sample(&raw, &zero_bias, &none(), &filter, 0, 0);
-            assert_eq!(
-                fast.map(|s| s.token),
-                slow.map(|s| s.token),
-                "seed {seed}"
-            );
+            assert_eq!(fast.map(|s| s.token), slow.map(|s| s.token), "seed {seed}");
         }
     }
 
     #[test]
     fn all_nan_or_banned_is_an_error_not_a_panic() {
-        let err = sample(&[f32::NAN, f32::NAN], &cfg(0.0), &none(), &TokenFilter::default(), 0, 1).unwrap_err();
+        let err = sample(
+            &[f32::NAN, f32::NAN],
+            &cfg(0.0),
+            &none(),
+            &TokenFilter::default(),
+            0,
+            1,
+        )
+        .unwrap_err();
         assert_eq!(err, SamplerError::NoCandidate);
-        let err = sample(&[1.0], &cfg(0.7), &none(), &TokenFilter::banning(&[0]), 0, 1).unwrap_err();
+        let err = sample(
+            &[1.0],
+            &cfg(0.7),
+            &none(),
+            &TokenFilter::banning(&[0]),
+            0,
+            1,
+        )
+        .unwrap_err();
         assert_eq!(err, SamplerError::NoCandidate);
         // NaN never wins, with or without a nucleus.
         let mut c = cfg(1.0);
         for i in 0..50 {
             assert_ne!(
-                sample(&[f32::NAN, 1.0, 2.0], &c, &none(), &TokenFilter::default(), i, 0)
-                    .unwrap()
-                    .token,
+                sample(
+                    &[f32::NAN, 1.0, 2.0],
+                    &c,
+                    &none(),
+                    &TokenFilter::default(),
+                    i,
+                    0
+                )
+                .unwrap()
+                .token,
                 0
             );
         }
         c.top_p = 0.9;
         for i in 0..50 {
             assert_ne!(
-                sample(&[f32::NAN, 1.0, 2.0], &c, &none(), &TokenFilter::default(), i, 0)
-                    .unwrap()
-                    .token,
+                sample(
+                    &[f32::NAN, 1.0, 2.0],
+                    &c,
+                    &none(),
+                    &TokenFilter::default(),
+                    i,
+                    0
+                )
+                .unwrap()
+                .token,
                 0
             );
         }
@@ -752,10 +802,18 @@ mod tests {
             ..SamplingConfig::default()
         };
         let a: Vec<u32> = (0..20)
-            .map(|i| sample(&l, &c, &none(), &TokenFilter::default(), i, 0).unwrap().token)
+            .map(|i| {
+                sample(&l, &c, &none(), &TokenFilter::default(), i, 0)
+                    .unwrap()
+                    .token
+            })
             .collect();
         let b: Vec<u32> = (0..20)
-            .map(|i| sample(&l, &c, &none(), &TokenFilter::default(), i, 0).unwrap().token)
+            .map(|i| {
+                sample(&l, &c, &none(), &TokenFilter::default(), i, 0)
+                    .unwrap()
+                    .token
+            })
             .collect();
         assert_eq!(a, b);
         assert!(

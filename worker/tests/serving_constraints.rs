@@ -221,7 +221,11 @@ fn bad_constraints_and_biases_are_refused_per_sequence() {
     assert_eq!(r.results[0].status, pb::SeqStatus::Invalid as i32);
     assert!(!r.results[0].error.is_empty());
     assert_eq!(r.results[1].status, pb::SeqStatus::Invalid as i32);
-    assert!(r.results[1].error.contains("logit_bias"), "{:?}", r.results[1]);
+    assert!(
+        r.results[1].error.contains("logit_bias"),
+        "{:?}",
+        r.results[1]
+    );
     assert_eq!(r.results[2].status, pb::SeqStatus::Ok as i32);
     let t = r.results[2].token.as_ref().unwrap().token_id;
     assert!(text(&[t]).chars().all(|c| c.is_ascii_lowercase()));
@@ -235,5 +239,9 @@ fn bad_constraints_and_biases_are_refused_per_sequence() {
         })
         .unwrap();
     assert_eq!(r.results[0].status, pb::SeqStatus::Invalid as i32);
-    assert!(r.results[0].error.contains("do not fit"), "{:?}", r.results[0]);
+    assert!(
+        r.results[0].error.contains("do not fit"),
+        "{:?}",
+        r.results[0]
+    );
 }

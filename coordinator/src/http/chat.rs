@@ -349,7 +349,11 @@ mod tests {
         assert_eq!(pieces[0].logprobs.len(), 2);
         assert!(pieces[1..].iter().all(|p| p.logprobs.is_empty()));
         assert_eq!(pieces.last().unwrap().finish, Some("tool_calls"));
-        assert!(pieces[..pieces.len() - 1].iter().all(|p| p.finish.is_none()));
+        assert!(
+            pieces[..pieces.len() - 1]
+                .iter()
+                .all(|p| p.finish.is_none())
+        );
         let first = &pieces[0].delta.tool_calls[0];
         assert_eq!(first.kind, Some("function"));
         assert_eq!(first.function.name.as_deref(), Some("f"));

@@ -335,7 +335,10 @@ fn tool_use(
             if t.kind != "function" {
                 return Err(ApiError::invalid(
                     format!("tools[{i}].type"),
-                    format!("tools of type `{}` are not supported; use `function`", t.kind),
+                    format!(
+                        "tools of type `{}` are not supported; use `function`",
+                        t.kind
+                    ),
                 ));
             }
             let Some(f) = t.function else {
@@ -361,7 +364,9 @@ fn tool_use(
             other => {
                 return Err(ApiError::invalid(
                     "tool_choice",
-                    format!("unknown `tool_choice` `{other}`; use none, auto, required or a function"),
+                    format!(
+                        "unknown `tool_choice` `{other}`; use none, auto, required or a function"
+                    ),
                 ));
             }
         }),
@@ -423,7 +428,8 @@ mod tests {
         }
     }
 
-    const CALL: &str = r#"{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}"#;
+    const CALL: &str =
+        r#"{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}"#;
 
     #[test]
     fn a_tool_round_trip_conversation_is_accepted() {
@@ -452,10 +458,19 @@ mod tests {
     fn bad_messages_name_the_field() {
         let call: Value = serde_json::from_str(CALL).unwrap();
         let cases = [
-            (json!([{"role": "wizard", "content": "x"}]), "messages[0].role"),
-            (json!([{"role": "function", "content": "x"}]), "messages[0].role"),
+            (
+                json!([{"role": "wizard", "content": "x"}]),
+                "messages[0].role",
+            ),
+            (
+                json!([{"role": "function", "content": "x"}]),
+                "messages[0].role",
+            ),
             (json!([{"role": "user"}]), "messages[0].content"),
-            (json!([{"role": "system", "content": null}]), "messages[0].content"),
+            (
+                json!([{"role": "system", "content": null}]),
+                "messages[0].content",
+            ),
             (json!([{"role": "assistant"}]), "messages[0].content"),
             (
                 json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
@@ -502,15 +517,24 @@ mod tests {
     fn bad_tools_name_the_field() {
         let f = json!({"type": "function", "function": {"name": "f"}});
         let cases = [
-            (json!({"tools": [{"type": "code_interpreter"}]}), "tools[0].type"),
-            (json!({"tools": [{"type": "function"}]}), "tools[0].function"),
-            (json!({"tool_choice": "required"}), "tool_choice"),
-            (json!({"tools": [f], "tool_choice": "sometimes"}), "tool_choice"),
-            (json!({"tools": [f], "tool_choice": {"type": "function"}}), "tool_choice"),
             (
-                json!({"functions": [{"name": "f"}]}),
-                "functions",
+                json!({"tools": [{"type": "code_interpreter"}]}),
+                "tools[0].type",
             ),
+            (
+                json!({"tools": [{"type": "function"}]}),
+                "tools[0].function",
+            ),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (
+                json!({"tools": [f], "tool_choice": "sometimes"}),
+                "tool_choice",
+            ),
+            (
+                json!({"tools": [f], "tool_choice": {"type": "function"}}),
+                "tool_choice",
+            ),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
         ];
         for (mut body, field) in cases {
             body["messages"] = json!([{"role": "user", "content": "x"}]);
@@ -521,8 +545,8 @@ mod tests {
             "tools": [f], "tool_choice": {"type": "function", "function": {"name": "f"}}}))
         .unwrap();
         assert_eq!(chat(p).tools.unwrap().choice, ToolChoice::Named("f".into()));
-        let p = request(json!({"messages": [{"role": "user", "content": "x"}], "tools": [f]}))
-            .unwrap();
+        let p =
+            request(json!({"messages": [{"role": "user", "content": "x"}], "tools": [f]})).unwrap();
         assert_eq!(chat(p).tools.unwrap().choice, ToolChoice::Auto);
     }
 

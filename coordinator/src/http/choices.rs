@@ -55,27 +55,22 @@ pub(crate) fn merged(generations: Vec<Generation>) -> impl Stream<Item = ChoiceE
         .boxed()
     });
     let chunks = futures::stream::select_all(streams);
-    futures::stream::unfold(
-        (Some(chunks), usages),
-        |(chunks, usages)| async move {
-            let mut chunks = chunks?;
-            match chunks.next().await {
-                Some(Ok((i, chunk))) => {
-                    Some((ChoiceEvent::Chunk(i, chunk), (Some(chunks), usages)))
-                }
-                Some(Err(e)) => Some((ChoiceEvent::Failed(e), (None, usages))),
-                None => {
-                    let mut all = usages
-                        .lock()
-                        .expect("usage lock poisoned; this is a bug")
-                        .clone();
-                    all.sort_by_key(|(i, _)| *i);
-                    let all: Vec<Usage> = all.into_iter().map(|(_, u)| u).collect();
-                    Some((ChoiceEvent::Done(total(&all)), (None, usages)))
-                }
+    futures::stream::unfold((Some(chunks), usages), |(chunks, usages)| async move {
+        let mut chunks = chunks?;
+        match chunks.next().await {
+            Some(Ok((i, chunk))) => Some((ChoiceEvent::Chunk(i, chunk), (Some(chunks), usages))),
+            Some(Err(e)) => Some((ChoiceEvent::Failed(e), (None, usages))),
+            None => {
+                let mut all = usages
+                    .lock()
+                    .expect("usage lock poisoned; this is a bug")
+                    .clone();
+                all.sort_by_key(|(i, _)| *i);
+                let all: Vec<Usage> = all.into_iter().map(|(_, u)| u).collect();
+                Some((ChoiceEvent::Done(total(&all)), (None, usages)))
             }
-        },
-    )
+        }
+    })
 }
 
 /// Every choice run to its end (non-streaming responses), in choice order, and the

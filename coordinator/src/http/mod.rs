@@ -318,8 +318,10 @@ where
     let stream = events
         .map(|v| {
             let data = serde_json::to_string(&v).unwrap_or_else(|e| {
-                serde_json::to_string(&ApiError::Internal(format!("response not serializable: {e}")).to_body())
-                    .unwrap_or_default()
+                serde_json::to_string(
+                    &ApiError::Internal(format!("response not serializable: {e}")).to_body(),
+                )
+                .unwrap_or_default()
             });
             Event::default().data(data)
         })

@@ -43,7 +43,9 @@ pub struct DetokenizeRequest {
 
 fn check_model(service: &Service, model: &ModelInfo, name: Option<&str>) -> Result<(), ApiError> {
     match name {
-        Some(n) if !n.is_empty() && n != served_name(&service.config, model) && n != model.model_id => {
+        Some(n)
+            if !n.is_empty() && n != served_name(&service.config, model) && n != model.model_id =>
+        {
             Err(ApiError::ModelNotFound(n.to_string()))
         }
         _ => Ok(()),
@@ -74,22 +76,20 @@ fn tokenize_body(
                     "`continue_final_message` and `add_generation_prompt` cannot both be true",
                 ));
             }
-            let tools = r
-                .tools
-                .map(|tools| ToolUse {
-                    tools: tools
-                        .into_iter()
-                        .filter_map(|t| t.function)
-                        .map(|f| Tool {
-                            name: f.name,
-                            description: f.description,
-                            parameters: f.parameters,
-                            strict: f.strict,
-                        })
-                        .collect(),
-                    choice: ToolChoice::Auto,
-                    parallel: true,
-                });
+            let tools = r.tools.map(|tools| ToolUse {
+                tools: tools
+                    .into_iter()
+                    .filter_map(|t| t.function)
+                    .map(|f| Tool {
+                        name: f.name,
+                        description: f.description,
+                        parameters: f.parameters,
+                        strict: f.strict,
+                    })
+                    .collect(),
+                choice: ToolChoice::Auto,
+                parallel: true,
+            });
             let chat = ChatInput {
                 messages: messages_in(messages)?,
                 tools,

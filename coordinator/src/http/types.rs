@@ -294,7 +294,10 @@ impl Common {
                     .map(|schema| json_schema(schema, "guided_json"))
                     .transpose()?,
             ),
-            ("guided_regex", self.guided_regex.clone().map(OutputFormat::Regex)),
+            (
+                "guided_regex",
+                self.guided_regex.clone().map(OutputFormat::Regex),
+            ),
             (
                 "guided_choice",
                 self.guided_choice.clone().map(OutputFormat::Choice),
@@ -486,7 +489,10 @@ mod tests {
                     "json_schema": {"name": "x", "schema": {"type": "integer"}, "strict": true}}}),
                 "response_format",
             ),
-            (json!({"guided_json": "{\"type\": \"integer\"}"}), "guided_json"),
+            (
+                json!({"guided_json": "{\"type\": \"integer\"}"}),
+                "guided_json",
+            ),
             (json!({"guided_regex": "[0-9]+"}), "guided_regex"),
             (json!({"guided_choice": ["a", "b"]}), "guided_choice"),
             (json!({"guided_grammar": "start: \"a\""}), "guided_grammar"),
@@ -524,7 +530,10 @@ mod tests {
     #[test]
     fn structured_mistakes_name_the_field() {
         let cases = [
-            (json!({"response_format": {"type": "xml"}}), "response_format.type"),
+            (
+                json!({"response_format": {"type": "xml"}}),
+                "response_format.type",
+            ),
             (
                 json!({"response_format": {"type": "json_schema"}}),
                 "response_format.json_schema",
@@ -548,7 +557,10 @@ mod tests {
                     "json_schema": {"name": "a b", "schema": {}}}}),
                 "response_format.json_schema.name",
             ),
-            (json!({"guided_whitespace_pattern": " "}), "guided_whitespace_pattern"),
+            (
+                json!({"guided_whitespace_pattern": " "}),
+                "guided_whitespace_pattern",
+            ),
         ];
         for (body, field) in cases {
             let e = common(body.clone()).structured().unwrap_err();

@@ -162,7 +162,8 @@ impl ToolUse {
             .iter()
             .map(|t| {
                 let arguments = t.parameters.clone().unwrap_or_else(
-                    || json!({"type": "object", "properties": {}, "additionalProperties": false}));
+                    || json!({"type": "object", "properties": {}, "additionalProperties": false}),
+                );
                 let key = match format {
                     ToolFormat::Hermes => "arguments",
                     ToolFormat::Llama3Json => "parameters",
@@ -199,9 +200,8 @@ impl ToolUse {
         } else {
             "calls"
         };
-        let mut grammar = format!(
-            "start: {start}\ncalls: {calls_rule}\ncall: {call_rule}\nbody: %json {call}\n"
-        );
+        let mut grammar =
+            format!("start: {start}\ncalls: {calls_rule}\ncall: {call_rule}\nbody: %json {call}\n");
         if let Some(schema) = content
             && self.choice == ToolChoice::Auto
         {
@@ -271,7 +271,9 @@ pub fn prepare(
                 let response = format!("<tool_response>\n{}\n</tool_response>", m.content);
                 // Consecutive results share one user turn.
                 match out.last_mut() {
-                    Some(last) if last.role == "user" && last.content.ends_with("</tool_response>") => {
+                    Some(last)
+                        if last.role == "user" && last.content.ends_with("</tool_response>") =>
+                    {
                         last.content.push('\n');
                         last.content.push_str(&response);
                     }
@@ -379,7 +381,9 @@ mod tests {
 
     #[test]
     fn required_calls_follow_the_schemas() {
-        let g = uses(ToolChoice::Required, true).grammar(None, ToolFormat::Hermes).unwrap();
+        let g = uses(ToolChoice::Required, true)
+            .grammar(None, ToolFormat::Hermes)
+            .unwrap();
         let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \"unit\": \"c\"}}\n</tool_call>";
         let other = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
         assert!(accepts(&g, call));
@@ -389,7 +393,9 @@ mod tests {
             &g,
             "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": 3"
         ));
-        let single = uses(ToolChoice::Required, false).grammar(None, ToolFormat::Hermes).unwrap();
+        let single = uses(ToolChoice::Required, false)
+            .grammar(None, ToolFormat::Hermes)
+            .unwrap();
         let mut s = compiler().compile(&lark(&single)).unwrap();
         s.advance(&bytes(call)).unwrap();
         assert!(s.is_finished(), "one call only without parallel calls");
@@ -429,12 +435,22 @@ mod tests {
 
     #[test]
     fn auto_is_free_unless_a_response_format_constrains_the_content() {
-        assert!(uses(ToolChoice::Auto, true).grammar(None, ToolFormat::Hermes).is_none());
-        assert!(uses(ToolChoice::None, true).grammar(None, ToolFormat::Hermes).is_none());
+        assert!(
+            uses(ToolChoice::Auto, true)
+                .grammar(None, ToolFormat::Hermes)
+                .is_none()
+        );
+        assert!(
+            uses(ToolChoice::None, true)
+                .grammar(None, ToolFormat::Hermes)
+                .is_none()
+        );
         let g = uses(ToolChoice::Auto, true)
             .grammar(
-                Some(&json!({"type": "object", "properties": {"a": {"type": "integer"}},
-                "required": ["a"], "additionalProperties": false})),
+                Some(
+                    &json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                "required": ["a"], "additionalProperties": false}),
+                ),
                 ToolFormat::Hermes,
             )
             .unwrap();
@@ -482,9 +498,12 @@ mod tests {
 
     #[test]
     fn templates_with_tools_get_them_as_they_are() {
-        let template =
-            ChatTemplate::new("{% for t in tools %}{{ t.function.name }}{% endfor %}", None, None)
-                .unwrap();
+        let template = ChatTemplate::new(
+            "{% for t in tools %}{{ t.function.name }}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
         let (out, tools) = prepare(
             &template,
             vec![Message::new("user", "q")],

@@ -175,7 +175,11 @@ impl ToolCallParser {
                         continue;
                     }
                     // Keep a tail that may be the start of `<tool_call>`.
-                    let keep = if at_end { 0 } else { partial_suffix(&self.buf, OPEN) };
+                    let keep = if at_end {
+                        0
+                    } else {
+                        partial_suffix(&self.buf, OPEN)
+                    };
                     let text: String = self.buf.drain(..self.buf.len() - keep).collect();
                     self.content(out, &text);
                     return;
@@ -344,7 +348,9 @@ impl ToolCallParser {
 fn partial_suffix(text: &str, marker: &str) -> usize {
     (1..marker.len().min(text.len() + 1))
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..])
+        })
         .unwrap_or(0)
 }
 
@@ -479,7 +485,8 @@ fn value_end(b: &[u8], i: usize) -> Option<usize> {
         }
         _ => {
             // A scalar ends at a delimiter; at the end of the text it may go on.
-            let j = (i..b.len()).find(|&j| matches!(b[j], b',' | b'}' | b']') || b[j].is_ascii_whitespace())?;
+            let j = (i..b.len())
+                .find(|&j| matches!(b[j], b',' | b'}' | b']') || b[j].is_ascii_whitespace())?;
             Some(j)
         }
     }
@@ -575,7 +582,11 @@ mod tests {
 
     #[test]
     fn plain_text_passes_through_unchanged_even_with_angle_brackets() {
-        for text in ["Hello <world>, 1 < 2 and <tool_cal", "trailing space \n", "<tool"] {
+        for text in [
+            "Hello <world>, 1 < 2 and <tool_cal",
+            "trailing space \n",
+            "<tool",
+        ] {
             for step in [1, 3, 100] {
                 let (content, calls, _) = run(text, step, true);
                 assert_eq!(content, text);
@@ -604,10 +615,18 @@ mod tests {
 
     #[test]
     fn an_unclosed_call_at_the_end_is_completed_when_whole() {
-        let (_, calls, _) = run("<tool_call>\n{\"name\": \"f\", \"parameters\": {\"x\": [1]}}", 3, true);
+        let (_, calls, _) = run(
+            "<tool_call>\n{\"name\": \"f\", \"parameters\": {\"x\": [1]}}",
+            3,
+            true,
+        );
         assert_eq!(calls, vec![("f".into(), r#"{"x": [1]}"#.into())]);
         // Cut off inside the arguments (length): what was generated is what is returned.
-        let (_, calls, _) = run("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": [1", 3, true);
+        let (_, calls, _) = run(
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": [1",
+            3,
+            true,
+        );
         assert_eq!(calls, vec![("f".into(), r#"{"x": [1"#.into())]);
     }
 
@@ -635,7 +654,11 @@ mod tests {
             );
             let (_, one, _) = run_as(ToolFormat::Llama3Json, calls, step, false);
             assert_eq!(one.len(), 1);
-            for plain in ["It is sunny. {not a call}", "  <|python", "Sure; {\"a\": 1}"] {
+            for plain in [
+                "It is sunny. {not a call}",
+                "  <|python",
+                "Sure; {\"a\": 1}",
+            ] {
                 let (content, got, _) = run_as(ToolFormat::Llama3Json, plain, step, true);
                 assert_eq!(content, plain, "step {step}");
                 assert!(got.is_empty());

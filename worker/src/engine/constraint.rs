@@ -96,8 +96,10 @@ mod tests {
     #[test]
     fn a_rebuilt_state_continues_where_the_sequence_was() {
         let c = constraints();
-        let schema = json_schema(&serde_json::json!({"type": "array", "items": {"type": "integer"},
-            "x-guidance": {"whitespace_flexible": false}}));
+        let schema = json_schema(
+            &serde_json::json!({"type": "array", "items": {"type": "integer"},
+            "x-guidance": {"whitespace_flexible": false}}),
+        );
         let mut fresh = c.start(&schema, &[]).unwrap();
         assert!(fresh.allowed_tokens().unwrap().allows(bytes("[")[0]));
         let mut moved = c.start(&schema, &bytes("[1,2")).unwrap();
@@ -118,8 +120,9 @@ mod tests {
     #[test]
     fn masks_are_ready_after_the_forward() {
         let c = constraints();
-        let mut states: Vec<ConstraintState> =
-            (0..4).map(|_| c.start(&regex("[ab]+"), &[]).unwrap()).collect();
+        let mut states: Vec<ConstraintState> = (0..4)
+            .map(|_| c.start(&regex("[ab]+"), &[]).unwrap())
+            .collect();
         let out = beside_forward(states.iter_mut().collect(), || 7);
         assert_eq!(out, 7);
         for s in &mut states {

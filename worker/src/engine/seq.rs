@@ -106,7 +106,7 @@ fn logit_bias(params: &pb::SequenceParams, vocab_size: usize) -> Result<Vec<(u32
                 "logit_bias token id {token} is outside the vocabulary ({vocab_size})"
             ));
         }
-        if !(b.abs() <= MAX_LOGIT_BIAS) {
+        if !b.is_finite() || b.abs() > MAX_LOGIT_BIAS {
             return Err(format!(
                 "logit_bias of token {token} must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {b}"
             ));
@@ -263,12 +263,19 @@ mod tests {
                 .contains("logit_bias")
         );
         p.logit_bias = [(3, 100.5)].into();
-        assert!(SeqConfig::from_proto(&p, 5, 10).unwrap_err().contains("[-100"));
+        assert!(
+            SeqConfig::from_proto(&p, 5, 10)
+                .unwrap_err()
+                .contains("[-100")
+        );
         p.logit_bias = [(3, f32::NAN)].into();
         assert!(SeqConfig::from_proto(&p, 5, 10).is_err());
         p.logit_bias = [(3, -100.0), (1, 2.5)].into();
         assert_eq!(
-            SeqConfig::from_proto(&p, 5, 10).unwrap().sampling.logit_bias,
+            SeqConfig::from_proto(&p, 5, 10)
+                .unwrap()
+                .sampling
+                .logit_bias,
             vec![(1, 2.5), (3, -100.0)]
         );
         let mut p = params();
@@ -296,7 +303,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(s.push(7, &[9], 100).unwrap(), None);
         }
-        assert_eq!(s.push(7, &[9], 100).unwrap(), Some(pb::FinishReason::Length));
+        assert_eq!(
+            s.push(7, &[9], 100).unwrap(),
+            Some(pb::FinishReason::Length)
+        );
         // context: 2 prompt + 2 generated = 4
         let mut s = Sequence::new(vec![5, 6], cfg, 0, None);
         assert_eq!(s.push(7, &[9], 4).unwrap(), None);
