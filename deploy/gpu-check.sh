@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6: on a GPU host with only the NVIDIA driver, Python (PyTorch's
+# The GPU check: on a GPU host with only the NVIDIA driver, Python (PyTorch's
 # `nvidia-*` CUDA 13 wheels in site-packages) and NO Rust toolchain, run the prebuilt
 # binary's engine benchmark on a Llama shaped like Llama-3.2-1B with random bf16 weights,
 # and print tokens/s at batch 1 and 32 and the memory-bandwidth ratio

@@ -6,4 +6,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 SHARDLINE_SETUP_MINIMAL=1 deploy/setup.sh
-exec cargo run --quiet --bin shardline -- up --model "$here/models/SmolLM2-135M-Instruct.Q4_1.gguf" "$@"
+# Not `cargo run --quiet`: the first build compiles a few hundred crates (10-20 minutes
+# on two cores) and must show its progress.
+bin="${CARGO_TARGET_DIR:-$here/target}/debug/shardline"
+if [[ ! -x "$bin" ]]; then
+  echo "up: first build of shardline: a few hundred crates, 10-20 minutes on 2 cores (progress below)" >&2
+fi
+cargo build --bin shardline
+exec "$bin" up --model "$here/models/SmolLM2-135M-Instruct.Q4_1.gguf" "$@"

@@ -3,78 +3,10 @@
 //! Thin on purpose: parse flags, set up logging and the shutdown token (Ctrl-C /
 //! SIGTERM), and call the crate that does the work.
 
-mod up;
-
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use shardline::cli::{Cli, Command, EngineBenchArgs};
+use shardline::up;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Parser)]
-#[command(
-    name = "shardline",
-    version,
-    about = "Distributed LLM inference: coordinator, worker groups, load generator"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-// Parsed once at start-up and consumed at once: the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand)]
-enum Command {
-    /// Start a local cluster: a coordinator and worker groups in this process.
-    Up(up::UpArgs),
-    /// Run a coordinator (OpenAI-compatible HTTP API, gRPC API) over worker groups.
-    Coordinator(shardline_coordinator::CoordinatorArgs),
-    /// Run one worker group serving a model (`--model sim:<profile>` for the simulator).
-    Worker(shardline_worker::WorkerArgs),
-    /// Load generator against an OpenAI-compatible endpoint, and scaling studies.
-    Bench(shardline_bench::BenchArgs),
-    /// Benchmark the model engine alone (no server): prompt processing and decode
-    /// tokens/s per batch, and on a device the memory-bandwidth ratio.
-    EngineBench(EngineBenchArgs),
-}
-
-/// Flags of `shardline engine-bench`.
-#[derive(clap::Args)]
-struct EngineBenchArgs {
-    /// Model: a GGUF file or a Hugging Face directory (config.json + *.safetensors).
-    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_MODEL")]
-    model: std::path::PathBuf,
-    /// `cpu`, `cuda` or `cuda:N`: run through the device backend on that candle device
-    /// (bf16 weights on CUDA). Without it: the CPU engine's own kernels.
-    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_DEVICE")]
-    device: Option<shardline_worker::model::device::DeviceChoice>,
-    /// Decode batch sizes, comma-separated.
-    #[arg(
-        long,
-        env = "SHARDLINE_ENGINE_BENCH_BATCHES",
-        value_delimiter = ',',
-        default_value = "1,32"
-    )]
-    batches: Vec<usize>,
-    /// Tokens generated per sequence in each decode run.
-    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_NEW_TOKENS", default_value_t = 128)]
-    new_tokens: usize,
-    /// Prompt length of each sequence in the decode runs.
-    #[arg(
-        long,
-        env = "SHARDLINE_ENGINE_BENCH_PROMPT_TOKENS",
-        default_value_t = 128
-    )]
-    prompt_tokens: usize,
-    /// Prompt length of the prompt-processing run.
-    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_PP_TOKENS", default_value_t = 512)]
-    pp_tokens: usize,
-    /// CPU threads for the CPU kernels.
-    #[arg(long, env = "SHARDLINE_ENGINE_BENCH_THREADS", default_value_t = default_threads())]
-    threads: usize,
-}
-
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
 
 /// Runs the engine benchmark on a blocking thread and prints its table and figures.
 async fn engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
@@ -104,21 +36,15 @@ async fn engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // In the runtime: the trace exporter's gRPC channel runs on it.
+        let telemetry = shardline_telemetry::init(&cli.telemetry, cli.command.service_name())?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        match cli.command {
+        let result = match cli.command {
             Command::Up(args) => up::run(args, shutdown).await,
             Command::Coordinator(args) => shardline_coordinator::run(args, shutdown).await,
             Command::Worker(args) => match sim_profile(&args) {
@@ -127,7 +53,9 @@ fn main() -> anyhow::Result<()> {
             },
             Command::Bench(args) => shardline_bench::run(args, shutdown).await,
             Command::EngineBench(args) => engine_bench(args).await,
-        }
+        };
+        tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+        result
     })
 }
 
@@ -168,13 +96,4 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         }
     }
     std::process::exit(130);
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
-        super::Cli::command().debug_assert();
-    }
 }

@@ -61,10 +61,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     // Every group registers in one membership the coordinator follows: in-process by
     // default, etcd with --etcd (then other processes may join the same cluster).
     let membership = if args.coordinator.etcd.is_empty() {
-        shardline_proto::membership::Membership::in_memory()
+        shardline_membership::Membership::in_memory()
     } else {
         let (etcd, prefix) = (&args.coordinator.etcd, &args.coordinator.etcd_prefix);
-        shardline_proto::membership::Membership::etcd(etcd, prefix)
+        shardline_membership::Membership::etcd(etcd, prefix)
             .await
             .context("--etcd")?
     };
@@ -74,25 +74,19 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         let mut listen = args.worker_listen;
         listen.set_port(listen.port() + i as u16);
         let worker = shardline_worker::WorkerArgs {
-            model: args.model.clone(),
             listen,
             kv_blocks: args.kv_blocks,
-            kv_cache_bytes: 512 << 20,
-            block_size: 16,
             max_num_seqs: args.coordinator.max_num_seqs,
             group_id: Some(format!("up-{i}")),
             threads: args.threads,
             tp: args.tp,
-            tp_timeout_secs: 30.0,
-            device: None,
-            max_context: None,
-            model_id: None,
+            // A local cluster stops quickly: Ctrl-C should not wait 30 s for a stream.
             drain_timeout_secs: 2,
-            seq_idle_timeout_secs: 120,
-            registration: shardline_worker::registration::RegistrationArgs {
+            registration: shardline_membership::registration::RegistrationArgs {
                 membership: Some(membership.clone()),
                 ..Default::default()
             },
+            ..shardline_worker::WorkerArgs::defaults(args.model.clone())
         };
         let token = shutdown.clone();
         tasks.spawn(async move {

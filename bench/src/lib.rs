@@ -311,7 +311,7 @@ fn workload_seed(base: u64, what: SeedUse, index: usize) -> u64 {
 }
 
 /// `--tokenizer`: a Hugging Face `tokenizer.json`, a GGUF file (tokenizer from its
-/// metadata) or a Hugging Face model directory, read by the worker's own loader.
+/// metadata) or a Hugging Face model directory, read by `shardline-tokenizer`.
 pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
     let is_json = path
         .extension()
@@ -320,7 +320,7 @@ pub fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Toke
         return tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()));
     }
-    shardline_worker::tokenizer::ModelTokenizer::load(path)
+    shardline_tokenizer::ModelTokenizer::load(path)
         .map(|t| t.tokenizer)
         .with_context(|| {
             format!(
@@ -434,7 +434,7 @@ mod tests {
         let from_gguf = load_tokenizer(&gguf).expect("tokenizer from the GGUF");
         let dir = tempfile::tempdir().unwrap();
         let json = dir.path().join("tokenizer.json");
-        let model = shardline_worker::tokenizer::ModelTokenizer::load(&gguf).unwrap();
+        let model = shardline_tokenizer::ModelTokenizer::load(&gguf).unwrap();
         std::fs::write(&json, &model.json).unwrap();
         let from_json = load_tokenizer(&json).expect("tokenizer.json");
         let from_dir = load_tokenizer(dir.path()).expect("a directory with tokenizer.json");

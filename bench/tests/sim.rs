@@ -1,6 +1,8 @@
-//! The simulated worker over real gRPC: Info, a prefill + decode + release cycle, Health.
+//! The simulated worker over real gRPC (the real worker service over the simulated
+//! runner): Info, a prefill + decode + release cycle, Health, registration.
 
 use shardline_bench::sim::{self, SimArgs};
+use shardline_engine::testing::step_once;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_proto::worker::v1::*;
 use tokio_util::sync::CancellationToken;
@@ -19,9 +21,8 @@ async fn start(profile: &str) -> (WorkerClient<tonic::transport::Channel>, Cance
     };
     let listener = tokio::net::TcpListener::bind(args.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let worker = sim::build(&args, addr).expect("sim builds");
     let stop = CancellationToken::new();
-    tokio::spawn(sim::serve_sim(listener, worker, stop.clone()));
+    tokio::spawn(sim::serve_sim(listener, args, stop.clone()));
     let client = WorkerClient::connect(format!("http://{addr}"))
         .await
         .expect("connects");
@@ -61,13 +62,15 @@ async fn sim_speaks_the_worker_protocol() {
         params: Some(params),
         max_tokens: 0,
     };
-    let r = c
-        .prefill(PrefillRequest {
-            chunks: vec![chunk],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = step_once(
+        &mut c,
+        StepRequest {
+            prefill: vec![chunk],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (r.kv_blocks_free, r.num_running, r.batch_tokens),
         (62, 1, 5)
@@ -80,20 +83,25 @@ async fn sim_speaks_the_worker_protocol() {
     );
     assert_eq!(res.token.as_ref().unwrap().top.len(), 2);
 
-    let r = c
-        .step(StepRequest {
-            prefill: vec![],
+    let r = step_once(
+        &mut c,
+        StepRequest {
             decode: vec![7],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(r.results[0].finish_reason, FinishReason::Unspecified as i32);
-    let r = c
-        .decode(DecodeRequest { seq_ids: vec![7] })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = step_once(
+        &mut c,
+        StepRequest {
+            decode: vec![7],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(r.results[0].finish_reason, FinishReason::Length as i32);
     assert_eq!((r.kv_blocks_free, r.num_running), (64, 0));
 
@@ -106,19 +114,24 @@ async fn sim_speaks_the_worker_protocol() {
         }),
         max_tokens: 0,
     };
-    c.step(StepRequest {
-        prefill: vec![again],
-        decode: vec![],
-    })
+    step_once(
+        &mut c,
+        StepRequest {
+            prefill: vec![again],
+            ..Default::default()
+        },
+    )
     .await
     .unwrap();
-    let rel = c
-        .release(ReleaseRequest {
-            seq_ids: vec![8, 999],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rel = step_once(
+        &mut c,
+        StepRequest {
+            release: vec![8, 999],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(rel.kv_blocks_free, 64);
     let h = c.health(HealthRequest {}).await.unwrap().into_inner();
     assert!(h.ready && !h.draining);
@@ -151,9 +164,9 @@ fn unknown_profile_names_the_known_ones() {
 
 #[tokio::test]
 async fn the_sim_registers_like_a_real_worker_and_deregisters_on_shutdown() {
-    use shardline_proto::membership::{Membership, MembershipEvent};
+    use shardline_membership::{Membership, MembershipEvent};
     let membership = Membership::in_memory();
-    let registration = shardline_worker::registration::RegistrationArgs {
+    let registration = shardline_membership::registration::RegistrationArgs {
         membership: Some(membership.clone()),
         ..Default::default()
     };

@@ -17,7 +17,7 @@ pub struct CoordinatorArgs {
     #[arg(long = "etcd", env = "SHARDLINE_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// Key prefix of the cluster in etcd.
-    #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_proto::membership::DEFAULT_PREFIX)]
+    #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_membership::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// Address the OpenAI-compatible HTTP API listens on.
     #[arg(long, env = "SHARDLINE_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
@@ -64,8 +64,8 @@ pub struct CoordinatorArgs {
     /// Default per-request deadline in seconds when the request sets none (0 = none).
     #[arg(long, env = "SHARDLINE_DEFAULT_TIMEOUT_S", default_value_t = 0.0)]
     pub default_timeout_s: f64,
-    /// Timeout of one `Step` RPC to a worker, in seconds; a group that exceeds it is
-    /// considered failed.
+    /// How long the answer to one step may take from when the step was sent, in seconds;
+    /// a group that exceeds it is considered failed.
     #[arg(long, env = "SHARDLINE_STEP_TIMEOUT_S", default_value_t = 120.0)]
     pub step_timeout_s: f64,
     /// Most stop strings per request.
@@ -76,6 +76,11 @@ pub struct CoordinatorArgs {
     /// many times the group's KV cache.
     #[arg(long, env = "SHARDLINE_MAX_KV_DEMAND_RATIO", default_value_t = 4.0)]
     pub max_kv_demand_ratio: f64,
+    /// On shutdown (SIGTERM, Ctrl-C), how long requests in flight may keep the
+    /// coordinator up: it stops accepting connections at once, finishes what it is
+    /// serving, and fails what is left after this many seconds.
+    #[arg(long, env = "SHARDLINE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
 }
 
 /// Everything the serving code needs, validated once.
@@ -101,6 +106,8 @@ pub struct Config {
     pub max_kv_demand_ratio: f64,
     /// Body size limit of the HTTP API.
     pub max_body_bytes: usize,
+    /// See `--drain-timeout-secs`.
+    pub drain_timeout: Duration,
 }
 
 /// A flag value that cannot work.
@@ -130,6 +137,7 @@ impl Default for Config {
             max_stop_sequences: 16,
             max_kv_demand_ratio: 4.0,
             max_body_bytes: 4 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -215,6 +223,7 @@ impl CoordinatorArgs {
                     message: "must be >= 1".into(),
                 });
             },
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             ..Config::default()
         })
     }

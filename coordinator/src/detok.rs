@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn detokenizer_never_splits_utf8() {
-        let tokenizer = crate::testing::test_tokenizer();
+        let tokenizer = shardline_engine::testing::test_tokenizer();
         let text = "aé€😀b";
         let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
         assert!(

@@ -4,12 +4,12 @@
 //! geometry), run a scheduler, and when that scheduler fails hand its requests to
 //! another group (migration) and reconnect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use shardline_proto::constraint::ConstraintCompiler;
+use shardline_constraint::ConstraintCompiler;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_proto::worker::v1::{HealthRequest, InfoRequest};
 use tokenizers::Tokenizer;
@@ -88,18 +88,26 @@ pub enum ConnectError {
     NotReady(String),
 }
 
+/// What the group set knows, under one lock: routing reads the ready groups, the
+/// draining marks and the affinity table together, so one lock keeps them consistent
+/// (and never taken in two orders). Held only for map operations, never across an await.
+#[derive(Default)]
+struct State {
+    /// Every added group's lifecycle token, by address.
+    slots: HashMap<String, CancellationToken>,
+    ready: HashMap<String, Group>,
+    affinity: Affinity,
+    /// Addresses of groups that take no new requests (membership says DRAINING).
+    draining: HashSet<String>,
+}
+
 struct Inner {
     config: Arc<Config>,
     metrics: Metrics,
-    /// Every added group's lifecycle token, by address.
-    slots: Mutex<HashMap<String, CancellationToken>>,
-    ready: RwLock<HashMap<String, Group>>,
+    state: Mutex<State>,
     ready_tx: watch::Sender<usize>,
-    affinity: Mutex<Affinity>,
     /// Bumped per routed request: rotates the router's last tie-break.
     turn: AtomicUsize,
-    /// Addresses of groups that take no new requests (membership says DRAINING).
-    draining: Mutex<std::collections::HashSet<String>>,
     shutdown: CancellationToken,
 }
 
@@ -116,15 +124,19 @@ impl GroupSet {
             inner: Arc::new(Inner {
                 config,
                 metrics,
-                slots: Mutex::default(),
-                ready: RwLock::default(),
+                state: Mutex::default(),
                 ready_tx,
-                affinity: Mutex::default(),
                 turn: AtomicUsize::new(0),
-                draining: Mutex::default(),
                 shutdown,
             }),
         }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .expect("lock poisoned; this is a bug")
     }
 
     /// Starts serving the group at `address` (idempotent).
@@ -135,16 +147,13 @@ impl GroupSet {
     /// Like [`Self::add`]. With `reconnect` false a group whose step fails stays gone
     /// until added again (membership from etcd: it comes back by re-registering).
     pub fn add_with(&self, address: &str, reconnect: bool) {
-        let mut slots = self
-            .inner
-            .slots
-            .lock()
-            .expect("lock poisoned; this is a bug");
-        if slots.contains_key(address) {
+        let mut state = self.state();
+        if state.slots.contains_key(address) {
             return;
         }
         let token = self.inner.shutdown.child_token();
-        slots.insert(address.to_string(), token.clone());
+        state.slots.insert(address.to_string(), token.clone());
+        drop(state);
         tokio::spawn(lifecycle(
             self.clone(),
             address.to_string(),
@@ -155,50 +164,30 @@ impl GroupSet {
 
     /// Stops using the group at `address`; its requests continue on other groups.
     pub fn remove(&self, address: &str) {
-        if let Some(token) = self
-            .inner
-            .slots
-            .lock()
-            .expect("lock poisoned; this is a bug")
-            .remove(address)
-        {
+        let token = self.state().slots.remove(address);
+        if let Some(token) = token {
             token.cancel();
         }
     }
 
     /// Addresses of every added group (ready or still connecting).
     pub fn addresses(&self) -> Vec<String> {
-        self.inner
-            .slots
-            .lock()
-            .expect("lock poisoned; this is a bug")
-            .keys()
-            .cloned()
-            .collect()
+        self.state().slots.keys().cloned().collect()
     }
 
     /// Marks the group at `address` as draining (no new requests are routed there; its
     /// queued and running ones stay) or not.
     pub fn set_draining(&self, address: &str, draining: bool) {
-        let mut set = self
-            .inner
-            .draining
-            .lock()
-            .expect("lock poisoned; this is a bug");
+        let mut state = self.state();
         if draining {
-            set.insert(address.to_string());
+            state.draining.insert(address.to_string());
         } else {
-            set.remove(address);
+            state.draining.remove(address);
         }
     }
 
     pub fn is_draining(&self, address: &str) -> bool {
-        let set = self
-            .inner
-            .draining
-            .lock()
-            .expect("lock poisoned; this is a bug");
-        set.contains(address)
+        self.state().draining.contains(address)
     }
 
     /// Number of ready groups, observable.
@@ -207,35 +196,21 @@ impl GroupSet {
     }
 
     pub fn ready_groups(&self) -> Vec<Group> {
-        self.inner
-            .ready
-            .read()
-            .expect("lock poisoned; this is a bug")
-            .values()
-            .cloned()
-            .collect()
+        self.state().ready.values().cloned().collect()
     }
 
     /// The model as a ready group describes it.
     pub fn model(&self) -> Result<Arc<ModelInfo>, ApiError> {
-        let ready = self
-            .inner
-            .ready
-            .read()
-            .expect("lock poisoned; this is a bug");
-        let mut groups: Vec<&Group> = ready.values().collect();
+        let state = self.state();
+        let mut groups: Vec<&Group> = state.ready.values().collect();
         groups.sort_by(|a, b| a.key.cmp(&b.key));
         groups.first().map(|g| g.info.clone()).ok_or_else(no_group)
     }
 
     /// Requests queued in all groups.
     pub fn total_waiting(&self) -> i64 {
-        let ready = self
-            .inner
+        self.state()
             .ready
-            .read()
-            .expect("lock poisoned; this is a bug");
-        ready
             .values()
             .map(|g| g.handle.load.waiting.load(Ordering::Relaxed))
             .sum()
@@ -244,14 +219,10 @@ impl GroupSet {
     /// Whether some ready group can still take `blocks` more KV demand within `ratio`
     /// times its cache (reserved + queued + this request).
     pub fn kv_room(&self, blocks: u32, ratio: f64) -> bool {
-        let ready = self
-            .inner
-            .ready
-            .read()
-            .expect("lock poisoned; this is a bug");
+        let state = self.state();
         // No group at all is a different error (503), reported by the caller.
-        ready.is_empty()
-            || ready.values().any(|g| {
+        state.ready.is_empty()
+            || state.ready.values().any(|g| {
                 let load = &g.handle.load;
                 let total = load.total_blocks.load(Ordering::Relaxed) as f64;
                 let demand = total - load.free_capacity() as f64 + blocks as f64;
@@ -272,21 +243,17 @@ impl GroupSet {
     }
 
     fn route(&self, entry: &Entry) -> Option<Group> {
-        let ready = self
-            .inner
-            .ready
-            .read()
-            .expect("lock poisoned; this is a bug");
-        let draining = self
-            .inner
-            .draining
-            .lock()
-            .expect("lock poisoned; this is a bug");
+        let mut state = self.state();
+        let State {
+            ready,
+            affinity,
+            draining,
+            ..
+        } = &mut *state;
         let mut groups: Vec<&Group> = ready
             .values()
             .filter(|g| !draining.contains(&g.key))
             .collect();
-        drop(draining);
         // A stable order, so that taking turns visits every group.
         groups.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let candidates: Vec<Candidate> = groups
@@ -301,11 +268,6 @@ impl GroupSet {
             .collect();
         let block_size = groups.first()?.info.block_size;
         let hash = router::prefix_hash(&entry.request.prompt, block_size);
-        let mut affinity = self
-            .inner
-            .affinity
-            .lock()
-            .expect("lock poisoned; this is a bug");
         let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
         let chosen = router::pick(&candidates, affinity.get(hash), turn)?;
         affinity.record(hash, &groups[chosen].key);
@@ -345,16 +307,12 @@ impl GroupSet {
     }
 
     fn set_ready(&self, group: Option<Group>, key: &str) {
-        let mut ready = self
-            .inner
-            .ready
-            .write()
-            .expect("lock poisoned; this is a bug");
+        let mut state = self.state();
         match group {
-            Some(g) => ready.insert(key.to_string(), g),
-            None => ready.remove(key),
+            Some(g) => state.ready.insert(key.to_string(), g),
+            None => state.ready.remove(key),
         };
-        self.inner.ready_tx.send_replace(ready.len());
+        self.inner.ready_tx.send_replace(state.ready.len());
     }
 }
 
@@ -470,6 +428,7 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             },
             max_batched_tokens: config.max_num_batched_tokens,
             block_size: info.block_size,
+            context_length: info.context_length,
             // A worker that does not report its KV size is not budgeted here.
             total_blocks: if info.total_blocks == 0 {
                 u32::MAX / 2
@@ -519,11 +478,7 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
         if !reconnect {
             // Forget our slot so a later `add` starts afresh (nobody else could have
             // added this address while the slot existed).
-            set.inner
-                .slots
-                .lock()
-                .expect("lock poisoned; this is a bug")
-                .remove(&address);
+            set.state().slots.remove(&address);
             return;
         }
     }

@@ -12,8 +12,10 @@
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
 //! - [`structured`] (response formats → worker constraints) and [`tools`] (tool
 //!   calling: prompt, forced-call grammar, reading calls back);
-//! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags);
-//! - [`testing`]: an in-process fake worker for tests (feature `testing`).
+//! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
+//!
+//! Tests run against the real worker service over a fake runner (`shardline-engine`'s
+//! `testing` feature, a dev-dependency): the fake never ships in this crate.
 
 pub mod admission;
 pub mod chat_template;
@@ -32,8 +34,6 @@ pub mod router;
 pub mod scheduler;
 pub mod service;
 pub mod structured;
-#[cfg(any(test, feature = "testing"))]
-pub mod testing;
 pub mod tools;
 pub mod validate;
 
@@ -50,6 +50,11 @@ pub use groups::GroupSet;
 pub use metrics::Metrics;
 
 /// A started coordinator: both front ends serving, groups added through [`Self::groups`].
+///
+/// Shutdown drains: once `shutdown` is cancelled the servers accept no new connection
+/// and finish the requests in flight, which the groups keep serving for up to
+/// `config.drain_timeout`; then the groups stop (failing what is left). Dropping the
+/// coordinator stops the groups at once.
 pub struct Coordinator {
     pub groups: GroupSet,
     pub metrics: Metrics,
@@ -57,6 +62,10 @@ pub struct Coordinator {
     pub grpc_addr: SocketAddr,
     http: JoinHandle<std::io::Result<()>>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    shutdown: CancellationToken,
+    drain_timeout: std::time::Duration,
+    /// Stops the groups' schedulers: after the drain, or when the coordinator is dropped.
+    stop_groups: tokio_util::sync::DropGuard,
 }
 
 impl Coordinator {
@@ -70,12 +79,14 @@ impl Coordinator {
     ) -> std::io::Result<Coordinator> {
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
+        let drain_timeout = config.drain_timeout;
         let config = Arc::new(config);
         let metrics = Metrics::new();
-        let groups = GroupSet::new(config.clone(), metrics.clone(), shutdown.clone());
+        let stop_groups = CancellationToken::new();
+        let groups = GroupSet::new(config.clone(), metrics.clone(), stop_groups.clone());
         let service = service::Service::new(config, groups.clone(), metrics.clone());
         let http = tokio::spawn(http::serve(http, service.clone(), shutdown.clone()));
-        let grpc = tokio::spawn(grpc::serve(grpc, service, shutdown));
+        let grpc = tokio::spawn(grpc::serve(grpc, service, shutdown.clone()));
         Ok(Coordinator {
             groups,
             metrics,
@@ -83,20 +94,53 @@ impl Coordinator {
             grpc_addr,
             http,
             grpc,
+            shutdown,
+            drain_timeout,
+            stop_groups: stop_groups.drop_guard(),
         })
     }
 
-    /// Waits until both servers stopped (after shutdown).
+    /// Serves until `shutdown`, drains (see [`Coordinator`]), and returns once both
+    /// servers stopped.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.http
-            .await
-            .context("HTTP server task")?
-            .context("HTTP server")?;
-        self.grpc
-            .await
-            .context("gRPC server task")?
-            .context("gRPC server")?;
-        Ok(())
+        let Coordinator {
+            http,
+            grpc,
+            shutdown,
+            drain_timeout,
+            stop_groups,
+            ..
+        } = self;
+        let servers = async {
+            let http = http.await.context("HTTP server task")?;
+            let grpc = grpc.await.context("gRPC server task")?;
+            http.context("HTTP server")?;
+            grpc.context("gRPC server")?;
+            anyhow::Ok(())
+        };
+        tokio::pin!(servers);
+        tokio::select! {
+            // A server that stops before shutdown failed: stop everything with its error.
+            res = &mut servers => return res,
+            _ = shutdown.cancelled() => {}
+        }
+        tracing::info!(
+            timeout_s = drain_timeout.as_secs_f64(),
+            "draining: no new connections, finishing the requests in flight"
+        );
+        let res = match tokio::time::timeout(drain_timeout, &mut servers).await {
+            Ok(res) => res,
+            Err(_) => {
+                tracing::warn!(
+                    timeout_s = drain_timeout.as_secs_f64(),
+                    "drain timeout: failing the requests still in flight"
+                );
+                drop(stop_groups);
+                return servers.await;
+            }
+        };
+        drop(stop_groups);
+        res
     }
 }
 
@@ -133,7 +177,7 @@ pub async fn run(args: CoordinatorArgs, shutdown: CancellationToken) -> anyhow::
     if args.etcd.is_empty() {
         return serve(config, http, grpc, &args.workers, shutdown).await;
     }
-    let membership = shardline_proto::membership::Membership::etcd(&args.etcd, &args.etcd_prefix)
+    let membership = shardline_membership::Membership::etcd(&args.etcd, &args.etcd_prefix)
         .await
         .context("--etcd")?;
     let coordinator = Coordinator::start(config, http, grpc, shutdown.clone())?;

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use shardline_proto::membership::{Membership, MembershipView, ViewChange};
+use shardline_membership::{Membership, MembershipView, ViewChange};
 use shardline_proto::v1::{WorkerRecord, WorkerState};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +113,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use shardline_proto::membership::DEFAULT_LEASE_TTL;
+    use shardline_membership::DEFAULT_LEASE_TTL;
 
     use super::*;
     use crate::config::Config;

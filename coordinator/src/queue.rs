@@ -11,6 +11,15 @@
 //!
 //! Head-of-line blocking: a request that does not fit is skipped so smaller ones behind
 //! it can run, but only [`MAX_HEAD_SKIPS`] times; then admission pauses until it fits.
+//!
+//! Pipelining: the scheduler plans step N+1 before step N's answer is back, so planning
+//! runs ahead of the worker's answers. A sequence's next prefill chunk starts where the
+//! chunks already sent end (`planned`), a sequence whose last prompt chunk was sent
+//! decodes in the next plan, and a sequence gets no more decodes than it can still
+//! generate (`max_tokens` minus tokens received minus tokens in flight). What a plan
+//! cannot know (an EOS sampled in step N, cached prefix blocks that completed a prompt
+//! early, a sequence refused for KV room) the worker and [`State::apply`] sort out: a
+//! result for a sequence that is no longer running is ignored.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -35,6 +44,8 @@ pub struct Limits {
     pub max_batched_tokens: usize,
     pub block_size: u32,
     pub total_blocks: u32,
+    /// The worker's context length (caps a sequence's KV demand; 0 = unknown).
+    pub context_length: usize,
 }
 
 /// A sequence placed on the worker.
@@ -45,6 +56,13 @@ pub struct Running {
     pub computed: usize,
     /// The first chunk (with prompt and params) was sent.
     pub started: bool,
+    /// Prompt length on the worker for this placement (the request's prompt plus the
+    /// tokens generated before it; fixed while `entry.generated` grows).
+    pub prompt_len: usize,
+    /// Prompt tokens in the chunks sent so far (ahead of `computed` while in flight).
+    pub planned: usize,
+    /// Tokens the steps in flight will sample for it.
+    pub in_flight: usize,
     /// The prompt is done and a token was sampled: the sequence decodes now.
     pub decoding: bool,
     pub reserved: u32,
@@ -79,6 +97,15 @@ pub struct State {
     head_skips: u32,
 }
 
+impl Running {
+    /// Whether another decode may still produce a token: the request's `max_tokens`
+    /// minus the tokens received and the ones the steps in flight will bring.
+    fn can_sample_more(&self) -> bool {
+        let max = self.entry.request.params.max_new_tokens as usize;
+        max == 0 || self.entry.generated.len() + self.in_flight < max
+    }
+}
+
 impl State {
     pub fn new(limits: Limits) -> State {
         State {
@@ -111,7 +138,7 @@ impl State {
         self.waiting
             .iter()
             .flatten()
-            .map(|e| e.blocks_needed(self.limits.block_size))
+            .map(|e| e.blocks_needed(&self.limits))
             .sum()
     }
 
@@ -170,28 +197,31 @@ impl State {
         sweep
     }
 
-    /// Plans one iteration; `None` when there is nothing to run.
+    /// Plans one iteration; `None` when there is nothing to run. It may run while earlier
+    /// steps are in flight (see the module docs).
     pub fn next_step(&mut self) -> Option<StepRequest> {
         let mut budget = self.limits.max_batched_tokens;
         let mut step = StepRequest::default();
-        for r in &self.running {
-            if r.decoding && budget > 0 {
+        for r in &mut self.running {
+            if r.started && r.planned >= r.prompt_len && budget > 0 && r.can_sample_more() {
                 step.decode.push(r.entry.seq_id);
+                r.in_flight += 1;
                 budget -= 1;
             }
         }
-        for r in &self.running {
-            if r.started && !r.decoding && budget > 0 {
-                let chunk = r
-                    .entry
-                    .prompt_len()
-                    .saturating_sub(r.computed)
-                    .clamp(1, budget);
+        for r in &mut self.running {
+            let prompt_len = r.prompt_len;
+            if r.started && r.planned < prompt_len && budget > 0 {
+                let chunk = (prompt_len - r.planned).min(budget);
                 step.prefill.push(PrefillChunk {
                     seq_id: r.entry.seq_id,
                     max_tokens: chunk as u32,
                     ..Default::default()
                 });
+                r.planned += chunk;
+                if r.planned >= prompt_len {
+                    r.in_flight += 1; // the last chunk samples the first token
+                }
                 budget -= chunk;
             }
         }
@@ -212,7 +242,7 @@ impl State {
                     break 'classes;
                 }
                 scanned += 1;
-                let need = self.waiting[class][i].blocks_needed(self.limits.block_size);
+                let need = self.waiting[class][i].blocks_needed(&self.limits);
                 if self.reserved + need > self.limits.total_blocks {
                     if is_head {
                         self.head_skips += 1;
@@ -232,7 +262,8 @@ impl State {
                     .remove(i)
                     .expect("index checked above; this is a bug");
                 entry.timing.scheduled = Some(Instant::now());
-                let chunk = entry.prompt_len().clamp(1, *budget);
+                let prompt_len = entry.prompt_len();
+                let chunk = prompt_len.clamp(1, *budget);
                 *budget -= chunk;
                 step.prefill.push(PrefillChunk {
                     seq_id: entry.seq_id,
@@ -245,11 +276,23 @@ impl State {
                     entry,
                     computed: 0,
                     started: true,
+                    prompt_len,
+                    planned: chunk,
+                    in_flight: usize::from(chunk >= prompt_len),
                     decoding: false,
                     reserved: need,
                     announced: false,
                 });
             }
+        }
+    }
+
+    /// Steps in flight name no sequence any more: after a failed stream, nothing that was
+    /// planned will be answered.
+    pub fn forget_in_flight(&mut self) {
+        for r in &mut self.running {
+            r.in_flight = 0;
+            r.planned = r.computed;
         }
     }
 
@@ -302,8 +345,12 @@ impl State {
                 r.entry.timing.worker += Duration::from_nanos(response.step_time_ns);
             }
             r.computed = r.computed.max(result.prompt_computed as usize);
-            let prompt_done =
-                result.has_token || finish.is_some() || r.computed >= r.entry.prompt_len();
+            // Cached prefix blocks may complete a prompt before the chunks planned for it.
+            r.planned = r.planned.max(r.computed);
+            if result.has_token {
+                r.in_flight = r.in_flight.saturating_sub(1);
+            }
+            let prompt_done = result.has_token || finish.is_some() || r.computed >= r.prompt_len;
             if prompt_done && !r.announced {
                 r.announced = true;
                 let _ = r.entry.tx.send(SeqEvent::Prefilled {
@@ -389,6 +436,7 @@ mod tests {
             max_batched_tokens: 16,
             block_size: 4,
             total_blocks: 100,
+            context_length: 0,
         }
     }
 
@@ -520,7 +568,8 @@ mod tests {
         }
         let (small, _d) = entry(1, 1, Priority::Normal);
         s.push(small);
-        let step = s.next_step().unwrap();
+        // (The running one's decodes were never answered here, so it may have none left.)
+        let step = s.next_step().unwrap_or_default();
         assert!(
             step.prefill.is_empty(),
             "admission now waits for the starved head"
@@ -594,5 +643,126 @@ mod tests {
         assert_eq!(drained[0].generated, vec![9]);
         assert_eq!(drained[0].worker_prompt(), vec![7, 7, 7, 9]);
         assert_eq!(drained[0].worker_params().num_generated, 1);
+    }
+}
+
+#[cfg(test)]
+mod pipelining_tests {
+    use std::sync::Arc;
+
+    use shardline_proto::worker::v1::{SeqResult, SequenceParams, TokenLogprob};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::request::{Priority, ValidRequest};
+
+    fn entry(prompt: usize, max_tokens: u32) -> (Entry, mpsc::UnboundedReceiver<SeqEvent>) {
+        let request = ValidRequest {
+            id: "t".into(),
+            prompt: vec![7; prompt],
+            params: SequenceParams {
+                max_new_tokens: max_tokens,
+                ..Default::default()
+            },
+            stop: vec![],
+            priority: Priority::Normal,
+            deadline: None,
+            logprobs: None,
+            echo: false,
+            max_tokens,
+            n: 1,
+            tool_calling: None,
+            arrival: Instant::now(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Entry::new(Arc::new(request), tx), rx)
+    }
+
+    fn token(seq_id: u64, computed: u32, finish: FinishReason) -> SeqResult {
+        SeqResult {
+            seq_id,
+            status: SeqStatus::Ok as i32,
+            prompt_computed: computed,
+            has_token: true,
+            token: Some(TokenLogprob::default()),
+            finish_reason: finish as i32,
+            ..Default::default()
+        }
+    }
+
+    fn limits(max_batched_tokens: usize) -> Limits {
+        Limits {
+            max_num_seqs: 8,
+            max_batched_tokens,
+            block_size: 4,
+            total_blocks: 100,
+            context_length: 0,
+        }
+    }
+
+    /// Steps planned before the previous answers: the next chunk follows the chunks sent,
+    /// a prompt whose last chunk was sent decodes in the next plan, and no sequence gets
+    /// more decodes than its `max_tokens` leaves.
+    #[test]
+    fn planning_runs_ahead_of_the_answers() {
+        let mut s = State::new(limits(8));
+        let (e, _rx) = entry(12, 3);
+        let id = e.seq_id;
+        s.push(e);
+        let n1 = s.next_step().unwrap();
+        assert_eq!(n1.prefill[0].max_tokens, 8);
+        let n2 = s.next_step().unwrap();
+        assert_eq!((n2.prefill[0].max_tokens, n2.decode.len()), (4, 0));
+        assert!(n2.prefill[0].prompt.is_empty());
+        let n3 = s.next_step().unwrap();
+        assert_eq!(
+            n3.decode,
+            vec![id],
+            "decodes right after its last chunk was sent"
+        );
+        let n4 = s.next_step().unwrap();
+        assert_eq!(n4.decode, vec![id]);
+        // Tokens in flight: the last chunk's and two decodes = max_tokens 3.
+        assert!(s.next_step().is_none());
+        s.apply(&StepResponse::default());
+        s.apply(&StepResponse {
+            results: vec![token(id, 12, FinishReason::Unspecified)],
+            ..Default::default()
+        });
+        assert!(s.next_step().is_none(), "still 2 in flight for the 2 left");
+    }
+
+    /// A plan for a sequence that the answer before it ended (EOS) or sent back (no KV
+    /// room) is answered "unknown" by the worker; that answer changes nothing.
+    #[test]
+    fn answers_for_sequences_no_longer_running_are_ignored() {
+        let mut s = State::new(limits(64));
+        let (e, mut rx) = entry(2, 10);
+        let id = e.seq_id;
+        s.push(e);
+        s.next_step().unwrap();
+        let n2 = s.next_step().unwrap();
+        assert_eq!(n2.decode, vec![id]);
+        let applied = s.apply(&StepResponse {
+            results: vec![token(id, 2, FinishReason::Stop)],
+            ..Default::default()
+        });
+        assert_eq!(applied.finished.len(), 1);
+        let late = SeqResult {
+            seq_id: id,
+            status: SeqStatus::Invalid as i32,
+            error: "unknown".into(),
+            ..Default::default()
+        };
+        let applied = s.apply(&StepResponse {
+            results: vec![late],
+            ..Default::default()
+        });
+        assert!(applied.finished.is_empty());
+        let mut errors = 0;
+        while let Ok(ev) = rx.try_recv() {
+            errors += usize::from(matches!(ev, SeqEvent::Error(_)));
+        }
+        assert_eq!(errors, 0, "the finished request saw no error");
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use shardline_proto::worker::kv_blocks_demand;
 use shardline_proto::worker::v1::{SequenceParams, TokenLogprob};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -170,17 +171,20 @@ impl Entry {
         self.request.prompt.len() + self.generated.len()
     }
 
-    /// Tokens the sequence can still occupy: prompt + remaining generation.
-    pub fn max_len(&self) -> usize {
-        let remaining =
-            (self.request.params.max_new_tokens as usize).saturating_sub(self.generated.len());
-        self.prompt_len() + remaining
-    }
-
-    /// KV blocks the sequence needs at most.
-    pub fn blocks_needed(&self, block_size: u32) -> u32 {
-        let bs = block_size.max(1) as usize;
-        self.max_len().div_ceil(bs) as u32
+    /// KV blocks the sequence needs at most on a group with `limits` (the rule the
+    /// worker reserves by, `kv_blocks_demand`).
+    pub fn blocks_needed(&self, limits: &crate::queue::Limits) -> u32 {
+        let params = SequenceParams {
+            max_new_tokens: self.request.params.max_new_tokens,
+            num_generated: self.generated.len() as u32,
+            ..Default::default()
+        };
+        kv_blocks_demand(
+            self.prompt_len(),
+            &params,
+            limits.context_length,
+            limits.block_size as usize,
+        ) as u32
     }
 
     pub fn is_cancelled(&self) -> bool {

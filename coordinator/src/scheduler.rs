@@ -1,17 +1,27 @@
 //! One scheduler task per worker group: it owns the group's queue and running batch
-//! ([`State`]) and drives the iteration loop — sweep cancelled / expired requests
-//! (`Release` on the worker), plan one step, send one `Step` RPC, fan the results out.
+//! ([`State`]) and drives the iteration loop over one `Steps` stream to the worker —
+//! sweep cancelled / expired requests (released in the next step), plan a step, send it,
+//! fan the answers out.
+//!
+//! Steps are pipelined: up to [`PIPELINE_DEPTH`] are in flight, so the plan of step N+1
+//! is on the worker before step N ends and the worker starts it at once; the answer to N
+//! is folded in while N+1 runs. A broken stream, an error status or an answer later than
+//! `--step-timeout-s` fails the group (its requests migrate).
 //! The [`SchedulerHandle`] is how the rest of the coordinator submits requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use shardline_proto::worker::v1::ReleaseRequest;
+use std::collections::VecDeque;
+
 use shardline_proto::worker::v1::worker_client::WorkerClient;
+use shardline_proto::worker::v1::{StepRequest, StepResponse};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
 use tonic::transport::Channel;
 
 use crate::metrics::Metrics;
@@ -43,7 +53,7 @@ impl GroupLoad {
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Entry>,
     pub load: Arc<GroupLoad>,
-    block_size: u32,
+    limits: Limits,
 }
 
 impl SchedulerHandle {
@@ -53,7 +63,7 @@ impl SchedulerHandle {
             submitted: Some(Instant::now()),
             ..Default::default()
         };
-        let blocks = entry.blocks_needed(self.block_size) as i64;
+        let blocks = entry.blocks_needed(&self.limits) as i64;
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.load
             .waiting_blocks
@@ -71,10 +81,21 @@ impl SchedulerHandle {
 /// Why a scheduler stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
-    #[error("step RPC failed: {0}")]
+    #[error("step stream failed: {0}")]
     Rpc(#[from] tonic::Status),
-    #[error("step RPC timed out after {0:?}")]
+    #[error("step stream closed by the worker")]
+    Closed,
+    #[error("no step answer within {0:?}")]
     Timeout(Duration),
+}
+
+/// Steps a scheduler keeps in flight on its stream: the one running on the worker and
+/// the next one, queued behind it.
+pub const PIPELINE_DEPTH: usize = 2;
+
+/// A step sent and not answered yet.
+struct InFlight {
+    sent: std::time::Instant,
 }
 
 /// Everything a scheduler task needs.
@@ -103,7 +124,7 @@ pub fn spawn(task: SchedulerTask) -> (SchedulerHandle, tokio::task::JoinHandle<S
     let handle = SchedulerHandle {
         tx,
         load: load.clone(),
-        block_size: task.limits.block_size,
+        limits: task.limits,
     };
     let join = tokio::spawn(run(task, rx, load));
     (handle, join)
@@ -120,6 +141,28 @@ async fn run(
     let mut state = State::new(task.limits);
     let g = task.group.clone();
     let labels = [g.as_str()];
+    let (steps, requests) = mpsc::channel::<StepRequest>(PIPELINE_DEPTH + 1);
+    let opened = tokio::select! {
+        _ = task.cancel.cancelled() => None,
+        r = tokio::time::timeout(task.step_timeout, task.client.steps(ReceiverStream::new(requests))) => Some(r),
+    };
+    let mut answers = match opened {
+        None => return handback(&mut rx, &mut state, &task, None, &labels, None).await,
+        Some(Ok(Ok(r))) => r.into_inner(),
+        Some(Ok(Err(status))) => {
+            let e = Some(SchedulerError::Rpc(status));
+            return handback(&mut rx, &mut state, &task, e, &labels, None).await;
+        }
+        Some(Err(_)) => {
+            let e = Some(SchedulerError::Timeout(task.step_timeout));
+            return handback(&mut rx, &mut state, &task, e, &labels, None).await;
+        }
+    };
+    let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(PIPELINE_DEPTH);
+    let mut release: Vec<u64> = Vec::new();
+    // When the worker started on the step whose answer comes next: the previous answer's
+    // arrival (it queued behind that step), or its send time if later.
+    let mut last_answer = std::time::Instant::now();
     let error = loop {
         while let Ok(entry) = rx.try_recv() {
             state.push(entry);
@@ -127,22 +170,41 @@ async fn run(
         if task.cancel.is_cancelled() {
             break None;
         }
-        let sweep = state.sweep(Instant::now());
-        if !sweep.release.is_empty() {
-            let release = task.client.release(ReleaseRequest {
-                seq_ids: sweep.release,
-            });
-            match tokio::time::timeout(task.step_timeout, release).await {
-                Ok(Ok(r)) => load
-                    .kv_blocks_free
-                    .store(r.into_inner().kv_blocks_free as i64, Ordering::Relaxed),
-                Ok(Err(status)) => break Some(SchedulerError::Rpc(status)),
-                Err(_) => break Some(SchedulerError::Timeout(task.step_timeout)),
+        release.extend(state.sweep(Instant::now()).release);
+        // Keep the pipeline full: plan and send until PIPELINE_DEPTH steps are in flight.
+        let mut send_failed = false;
+        while in_flight.len() < PIPELINE_DEPTH {
+            let step = state.next_step();
+            if step.is_none() && release.is_empty() {
+                break;
             }
+            let mut step = step.unwrap_or_default();
+            step.release = std::mem::take(&mut release);
+            let batch = step.decode.len() + step.prefill.len();
+            if batch > 0 {
+                let prompt_tokens: usize = step.prefill.iter().map(|c| c.prompt.len()).sum();
+                task.metrics
+                    .batch_size
+                    .with_label_values(&labels)
+                    .observe(batch as f64);
+                task.metrics
+                    .prompt_tokens
+                    .with_label_values(&labels)
+                    .inc_by(prompt_tokens as u64);
+            }
+            if steps.send(step).await.is_err() {
+                send_failed = true;
+                break;
+            }
+            in_flight.push_back(InFlight {
+                sent: std::time::Instant::now(),
+            });
         }
-        let step = state.next_step();
         publish(&state, &load, &task.metrics, &labels);
-        let Some(step) = step else {
+        if send_failed {
+            break Some(SchedulerError::Closed);
+        }
+        let Some(oldest) = in_flight.front() else {
             let wake = state
                 .next_deadline()
                 .map_or(IDLE_TICK, |d| d.saturating_duration_since(Instant::now()));
@@ -161,38 +223,35 @@ async fn run(
             }
             continue;
         };
-        let batch = step.decode.len() + step.prefill.len();
-        let prompt_tokens: usize = step.prefill.iter().map(|c| c.prompt.len()).sum();
-        task.metrics
-            .batch_size
-            .with_label_values(&labels)
-            .observe(batch as f64);
-        task.metrics
-            .prompt_tokens
-            .with_label_values(&labels)
-            .inc_by(prompt_tokens as u64);
-        let started = std::time::Instant::now();
-        let response = tokio::select! {
+        let deadline = Instant::from_std(oldest.sent + task.step_timeout);
+        // A new request while the pipeline is not full is planned into the next step at
+        // once; otherwise wait for the oldest answer.
+        let full = in_flight.len() >= PIPELINE_DEPTH;
+        let answer = tokio::select! {
             _ = task.cancel.cancelled() => break None,
-            r = tokio::time::timeout(task.step_timeout, task.client.step(step)) => r,
+            entry = rx.recv(), if !full => match entry {
+                Some(entry) => {
+                    state.push(entry);
+                    continue;
+                }
+                None => break None,
+            },
+            a = tokio::time::timeout_at(deadline, answers.message()) => a,
         };
-        let response = match response {
-            Ok(Ok(r)) => r.into_inner(),
+        let response = match answer {
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => break Some(SchedulerError::Closed),
             Ok(Err(status)) => break Some(SchedulerError::Rpc(status)),
             Err(_) => break Some(SchedulerError::Timeout(task.step_timeout)),
         };
-        let rpc = started.elapsed();
-        task.metrics
-            .step_duration
-            .with_label_values(&labels)
-            .observe(rpc.as_secs_f64());
-        task.metrics
-            .step_overhead
-            .with_label_values(&labels)
-            .observe(
-                rpc.saturating_sub(Duration::from_nanos(response.step_time_ns))
-                    .as_secs_f64(),
-            );
+        let sent = in_flight
+            .pop_front()
+            .expect("an answer arrived for a step in flight; this is a bug")
+            .sent;
+        let now = std::time::Instant::now();
+        let began = last_answer.max(sent);
+        last_answer = now;
+        observe_step(&task.metrics, &labels, now - began, &response);
         load.kv_blocks_free
             .store(response.kv_blocks_free as i64, Ordering::Relaxed);
         let applied = state.apply(&response);
@@ -201,23 +260,59 @@ async fn run(
             .with_label_values(&labels)
             .inc_by(applied.tokens as u64);
     };
-    // Requests submitted but not yet pulled are handed back too.
+    let stream = error.is_none().then_some((steps, &mut answers));
+    handback(&mut rx, &mut state, &task, error, &labels, stream).await
+}
+
+/// The step's time as the coordinator saw it (from when the worker could start on it to
+/// its answer) and what of that the worker did not report as its own.
+fn observe_step(metrics: &Metrics, labels: &[&str], took: Duration, response: &StepResponse) {
+    metrics
+        .step_duration
+        .with_label_values(labels)
+        .observe(took.as_secs_f64());
+    metrics.step_overhead.with_label_values(labels).observe(
+        took.saturating_sub(Duration::from_nanos(response.step_time_ns))
+            .as_secs_f64(),
+    );
+}
+
+/// Ends a scheduler: every request it held goes back to the caller (requests submitted
+/// but not yet pulled too). Removed deliberately (`stream` still open), whatever still
+/// lives on the worker is released in a last message.
+async fn handback(
+    rx: &mut mpsc::UnboundedReceiver<Entry>,
+    state: &mut State,
+    task: &SchedulerTask,
+    error: Option<SchedulerError>,
+    labels: &[&str],
+    stream: Option<(mpsc::Sender<StepRequest>, &mut Streaming<StepResponse>)>,
+) -> Stopped {
     rx.close();
     while let Ok(entry) = rx.try_recv() {
         state.push(entry);
     }
+    state.forget_in_flight();
     let leftover = state.drain();
-    if error.is_none() && !leftover.is_empty() {
-        // Removed deliberately: free whatever still lives on the worker.
+    if let Some((steps, answers)) = stream
+        && !leftover.is_empty()
+    {
         let ids = leftover.iter().map(|e| e.seq_id).collect();
-        let _ = tokio::time::timeout(
-            task.step_timeout,
-            task.client.release(ReleaseRequest { seq_ids: ids }),
-        )
+        let release = StepRequest {
+            release: ids,
+            ..Default::default()
+        };
+        let _ = tokio::time::timeout(task.step_timeout, async {
+            if steps.send(release).await.is_ok() {
+                drop(steps);
+                // The worker answers what is queued, the release last, then ends.
+                while let Ok(Some(_)) = answers.message().await {}
+            }
+        })
         .await;
     }
     for m in [&task.metrics.running, &task.metrics.waiting] {
-        let _ = m.remove_label_values(&labels);
+        let _ = m.remove_label_values(labels);
     }
     (leftover, error)
 }

@@ -72,8 +72,12 @@ impl Service {
         let request = validate(id, params, &self.config, &model).inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["invalid"]).inc();
         })?;
-        let blocks = (request.prompt.len() + request.params.max_new_tokens as usize)
-            .div_ceil(model.block_size as usize);
+        let blocks = shardline_proto::worker::kv_blocks_demand(
+            request.prompt.len(),
+            &request.params,
+            model.context_length,
+            model.block_size as usize,
+        );
         let permits = (0..request.n)
             .map(|_| self.admission.admit(tenant, blocks as u32))
             .collect::<Result<Vec<_>, _>>()?;

@@ -15,7 +15,7 @@
 //! samples at temperature 0.8.
 
 use serde_json::{Value, json};
-use shardline_proto::constraint::{self, ConstraintCompiler, ConstraintError};
+use shardline_constraint::{self as constraint, ConstraintCompiler, ConstraintError};
 use shardline_proto::worker::v1::Constraint;
 
 use crate::error::ApiError;
@@ -190,7 +190,7 @@ pub fn check(
 
 #[cfg(test)]
 mod tests {
-    use shardline_proto::constraint::testing::byte_tokenizer_json;
+    use shardline_constraint::testing::byte_tokenizer_json;
     use shardline_proto::worker::v1::constraint::Kind;
 
     use super::*;
@@ -243,7 +243,7 @@ mod tests {
         let compiler = compiler();
         let fits = |text: &str| {
             let mut s = compiler.compile(&c).unwrap();
-            s.advance(&shardline_proto::constraint::testing::bytes(text))
+            s.advance(&shardline_constraint::testing::bytes(text))
                 .is_ok()
         };
         assert!(fits("[\n  1,\n  2\n]"));
@@ -283,7 +283,7 @@ mod tests {
         check(Ok(&compiler), &c, "guided_choice").unwrap();
         let mut state = compiler.compile(&c).unwrap();
         state
-            .advance(&shardline_proto::constraint::testing::bytes("yes|no"))
+            .advance(&shardline_constraint::testing::bytes("yes|no"))
             .unwrap();
         assert!(state.is_finished());
     }

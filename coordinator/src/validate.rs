@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use shardline_proto::constraint;
+use shardline_constraint as constraint;
 use shardline_proto::worker::v1::{Constraint, SamplingParams, SequenceParams};
 use tokio::time::Instant;
 
@@ -276,7 +276,16 @@ pub fn validate(
             "`min_tokens` must not exceed `max_tokens`",
         ));
     }
-    let blocks = (prompt.len() + max_tokens).div_ceil(model.block_size.max(1) as usize);
+    let demand = SequenceParams {
+        max_new_tokens: max_tokens.max(1) as u32,
+        ..Default::default()
+    };
+    let blocks = shardline_proto::worker::kv_blocks_demand(
+        prompt.len(),
+        &demand,
+        model.context_length,
+        model.block_size as usize,
+    );
     if model.total_blocks > 0 && blocks > model.total_blocks as usize {
         return Err(ApiError::invalid(
             field,
@@ -490,7 +499,7 @@ fn tokenize(input: Option<Input>, model: &ModelInfo) -> Result<Vec<u32>, ApiErro
 mod tests {
     use super::*;
     use crate::chat_template::ChatTemplate;
-    use crate::testing::{TEST_CHAT_TEMPLATE, test_tokenizer};
+    use shardline_engine::testing::{TEST_CHAT_TEMPLATE, test_tokenizer};
 
     fn model() -> ModelInfo {
         ModelInfo {
@@ -505,8 +514,8 @@ mod tests {
             total_blocks: 100,
             max_num_seqs: 8,
             vocab_size: 259,
-            constraints: shardline_proto::constraint::ConstraintCompiler::new(
-                &crate::testing::test_tokenizer_json(),
+            constraints: shardline_constraint::ConstraintCompiler::new(
+                &shardline_engine::testing::test_tokenizer_json(),
                 &[0],
                 259,
             )

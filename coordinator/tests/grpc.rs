@@ -5,26 +5,27 @@ mod common;
 use common::*;
 use futures::StreamExt;
 use shardline_coordinator::Config;
-use shardline_coordinator::testing::FakeWorkerConfig;
+use shardline_engine::testing::TestWorkerConfig;
 use shardline_proto::v1::inference_client::InferenceClient;
 use shardline_proto::v1::{ChatMessage, FinishReason, GenerateRequest, Priority};
 
 #[tokio::test]
 async fn generate_and_generate_stream_agree() {
-    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
     let mut client = InferenceClient::connect(format!("http://{}", c.coordinator.grpc_addr))
         .await
         .unwrap();
     let request = GenerateRequest {
-        prompt: "grpc says hi ".into(),
+        // Distinct bytes: the test worker's echo model repeats them.
+        prompt: "grpc hi.".into(),
         max_tokens: Some(20),
         temperature: Some(0.0),
-        stop: vec!["hi gr".into()],
+        stop: vec![".gr".into()],
         priority: Priority::High as i32,
         ..Default::default()
     };
     let unary = client.generate(request.clone()).await.unwrap().into_inner();
-    assert_eq!(unary.text, "grpc says ");
+    assert_eq!(unary.text, "grpc hi");
     assert_eq!(unary.finish_reason, FinishReason::Stop as i32);
     let mut stream = client.generate_stream(request).await.unwrap().into_inner();
     let mut text = String::new();
@@ -37,7 +38,7 @@ async fn generate_and_generate_stream_agree() {
     assert_eq!(text, unary.text);
     let last = last.unwrap();
     assert_eq!(last.finish_reason, FinishReason::Stop as i32);
-    assert_eq!(last.usage.unwrap().prompt_tokens, 13);
+    assert_eq!(last.usage.unwrap().prompt_tokens, 8);
 
     let chat = GenerateRequest {
         messages: vec![ChatMessage {
@@ -54,7 +55,7 @@ async fn generate_and_generate_stream_agree() {
 
 #[tokio::test]
 async fn grpc_errors_use_canonical_codes() {
-    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
     let mut client = InferenceClient::connect(format!("http://{}", c.coordinator.grpc_addr))
         .await
         .unwrap();
@@ -87,7 +88,7 @@ async fn grpc_errors_use_canonical_codes() {
 
 #[tokio::test]
 async fn health_service_reports_serving() {
-    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", c.coordinator.grpc_addr))
             .unwrap()
@@ -112,7 +113,7 @@ async fn health_service_reports_serving() {
 async fn dropped_grpc_stream_releases_the_sequence() {
     let c = one_worker(
         Config::default(),
-        FakeWorkerConfig {
+        TestWorkerConfig {
             step_delay: std::time::Duration::from_millis(10),
             ..Default::default()
         },

@@ -1,17 +1,37 @@
-//! The OpenAI API's wider surface over a fake worker: `n` choices (queued after the first
+//! The OpenAI API's wider surface over a test worker (the real engine, so constraints
+//! and biases are enforced, over a fake model): `n` choices (queued after the first
 //! choice's prompt is computed), tool calls read back from the output (streamed deltas
-//! reassemble to the same calls), vLLM's `/tokenize` and `/detokenize`, and a 400 naming
-//! the field for each bad structured output, tool, `logit_bias`, message or unsupported
-//! field. The fake ignores constraints and biases; the real worker's tests cover those.
+//! reassemble to the same calls), forced calls and response formats that always parse,
+//! `logit_bias`, vLLM's `/tokenize` and `/detokenize`, and a 400 naming the field for
+//! each bad structured output, tool, `logit_bias`, message or unsupported field.
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 use common::*;
 use serde_json::{Value, json};
 use shardline_coordinator::Config;
-use shardline_coordinator::testing::FakeWorkerConfig;
+use shardline_engine::testing::{EOS_ID, TestWorkerConfig, test_tokenizer};
+
+/// A Hermes tool call, as the scripted model writes it.
+const HERMES_CALL: &str = "<tool_call>\n{\"name\": \"lookup\", \"arguments\": {\"q\": \"rust \\\"lang\\\"\", \"n\": [1, 2]}}\n</tool_call>";
+
+/// A fake model that answers every chat with [`HERMES_CALL`], then ends: the token after
+/// the last `<|im_start|>assistant\n` header is the next one of the script.
+fn scripted_call(tokens: &[u32]) -> u32 {
+    static SCRIPT: OnceLock<(Vec<u32>, Vec<u32>)> = OnceLock::new();
+    let (header, script) = SCRIPT.get_or_init(|| {
+        let t = test_tokenizer();
+        let ids = |s: &str| t.encode(s, false).unwrap().get_ids().to_vec();
+        (ids("<|im_start|>assistant\n"), ids(HERMES_CALL))
+    });
+    let start = (0..=tokens.len().saturating_sub(header.len()))
+        .rev()
+        .find(|&i| tokens[i..].starts_with(header))
+        .map_or(tokens.len(), |i| i + header.len());
+    script.get(tokens.len() - start).copied().unwrap_or(EOS_ID)
+}
 
 async fn stream(c: &Cluster, path: &str, mut body: Value) -> Vec<Value> {
     body["stream"] = json!(true);
@@ -28,7 +48,7 @@ async fn stream(c: &Cluster, path: &str, mut body: Value) -> Vec<Value> {
 
 #[tokio::test]
 async fn n_choices_have_distinct_indexes_and_share_one_prompt() {
-    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
     let body =
         json!({"prompt": "abcdefgh", "n": 3, "max_tokens": 5, "temperature": 0.7, "seed": 1});
     let (status, plain) = c.post("/v1/completions", body.clone()).await;
@@ -43,14 +63,13 @@ async fn n_choices_have_distinct_indexes_and_share_one_prompt() {
         .map(|ch| ch["index"].as_u64().unwrap())
         .collect();
     assert_eq!(indexes, [0, 1, 2]);
-    // The fake's output starts at prompt token `seed`: choice i samples with seed 1 + i.
-    assert_eq!(texts, ["bcdef", "cdefg", "defgh"]);
+    // The echo model repeats a prompt of distinct tokens, with a peak no seed moves.
+    assert_eq!(texts, ["abcde"; 3]);
     assert_eq!(plain["usage"]["prompt_tokens"], 8);
     assert_eq!(plain["usage"]["completion_tokens"], 15);
     // The first choice ran alone until its prompt was computed, then the others joined.
-    let stats = c.workers[0].stats();
-    assert_eq!(stats.admitted.load(Ordering::SeqCst), 3);
-    assert_eq!(stats.batch_sizes.lock().unwrap()[0], 1);
+    assert_eq!(c.workers[0].admitted(), 3);
+    assert_eq!(c.workers[0].batch_sizes()[0], 1);
 
     let events = stream(&c, "/v1/completions", body).await;
     for (i, text) in texts.iter().enumerate() {
@@ -78,20 +97,19 @@ async fn n_choices_have_distinct_indexes_and_share_one_prompt() {
     assert_eq!(heads, 2, "one role event per choice");
 }
 
-/// The fake writes the rendered prompt back; a user message holding a Hermes call makes
-/// the output hold one (after the fallback system prompt, whose example is no call).
+/// The scripted model answers with a Hermes call, which `tool_choice: auto` reads back
+/// into `tool_calls`, whole and as streamed deltas.
 #[tokio::test]
 async fn tool_calls_are_read_back_streamed_and_not() {
-    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
-    let call = "<tool_call>\n{\"name\": \"lookup\", \"arguments\": {\"q\": \"rust \\\"lang\\\"\", \"n\": [1, 2]}}\n</tool_call>";
+    let worker = TestWorkerConfig {
+        model: scripted_call,
+        ..Default::default()
+    };
+    let c = one_worker(Config::default(), worker).await;
     let tools = json!([{"type": "function", "function": {"name": "lookup",
         "parameters": {"type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "array"}}}}}]);
-    let probe = json!({"messages": [{"role": "user", "content": call}], "tools": tools});
-    let (_, tokens) = c.post("/tokenize", probe.clone()).await;
-    let prompt_len = tokens["count"].as_u64().unwrap();
-    let mut body = probe;
-    body["max_tokens"] = json!(prompt_len - 1);
-    body["temperature"] = json!(0);
+    let body = json!({"messages": [{"role": "user", "content": "look up rust"}], "tools": tools,
+        "max_tokens": 200, "temperature": 0});
     let (status, plain) = c.post("/v1/chat/completions", body.clone()).await;
     assert_eq!(status, 200, "{plain}");
     let message = &plain["choices"][0]["message"];
@@ -103,7 +121,11 @@ async fn tool_calls_are_read_back_streamed_and_not() {
     let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap())
         .expect("arguments parse");
     assert_eq!(args, json!({"q": "rust \"lang\"", "n": [1, 2]}));
-    assert!(message["content"].as_str().unwrap().contains("# Tools"));
+    assert_eq!(plain["choices"][0]["finish_reason"], "tool_calls");
+    assert!(
+        message["content"].as_str().unwrap_or_default().is_empty(),
+        "{message}"
+    );
 
     let events = stream(&c, "/v1/chat/completions", body).await;
     let mut name = String::new();
@@ -131,7 +153,7 @@ async fn tool_calls_are_read_back_streamed_and_not() {
 
 #[tokio::test]
 async fn tokenize_and_detokenize_like_vllm() {
-    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
     let (status, body) = c
         .post(
             "/tokenize",
@@ -180,7 +202,7 @@ async fn tokenize_and_detokenize_like_vllm() {
 
 #[tokio::test]
 async fn every_bad_input_is_a_400_naming_its_field() {
-    let c = one_worker(Config::default(), FakeWorkerConfig::default()).await;
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
     let user = json!([{"role": "user", "content": "x"}]);
     let f =
         json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
@@ -272,7 +294,7 @@ async fn every_bad_input_is_a_400_naming_its_field() {
         .await;
     assert_eq!(status, 400, "{e}");
     assert_eq!(e["error"]["param"], "guided_json");
-    // Well-formed demands pass validation (the fake worker does not enforce them).
+    // Well-formed demands pass validation.
     for body in [
         chat(json!({"response_format": {"type": "json_object"}})),
         chat(json!({"structured_outputs": {"choice": ["yes", "no"]}})),
@@ -282,4 +304,104 @@ async fn every_bad_input_is_a_400_naming_its_field() {
         let (status, e) = c.post("/v1/chat/completions", body.clone()).await;
         assert_eq!(status, 200, "{body}: {e}");
     }
+}
+
+/// The engine enforces what the coordinator compiled: a named or required call follows
+/// its function's schema and parses, whatever the model would rather write; the call
+/// goes back as an assistant message beside the tool's answer.
+#[tokio::test]
+async fn forced_tool_calls_parse_and_make_a_round_trip() {
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {
+            "city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"], "additionalProperties": false}}});
+    let other = json!({"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc"]}},
+            "required": ["zone"], "additionalProperties": false}}});
+    let question = json!({"role": "user", "content": "Weather in Paris?"});
+    for (choice, finish) in [
+        (json!("required"), "tool_calls"),
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            "stop",
+        ),
+    ] {
+        let body = json!({"messages": [question], "tools": [weather, other],
+            "tool_choice": choice, "parallel_tool_calls": false, "max_tokens": 120});
+        let (status, plain) = c.post("/v1/chat/completions", body).await;
+        assert_eq!(status, 200, "{plain}");
+        assert_eq!(plain["choices"][0]["finish_reason"], finish, "{plain}");
+        let call = &plain["choices"][0]["message"]["tool_calls"][0];
+        let name = call["function"]["name"].as_str().unwrap();
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        match name {
+            "get_weather" => {
+                assert!(["Paris", "Oslo"].contains(&args["city"].as_str().unwrap()));
+                assert!(["c", "f"].contains(&args["unit"].as_str().unwrap()));
+            }
+            "get_time" => assert_eq!(args, json!({"zone": "utc"})),
+            other => panic!("unknown function {other}"),
+        }
+        let answer = json!({"messages": [question,
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "18 C, sunny"}],
+            "tools": [weather, other], "max_tokens": 8});
+        let (status, last) = c.post("/v1/chat/completions", answer).await;
+        assert_eq!(status, 200, "{last}");
+        assert!(
+            last["choices"][0]["message"]["content"].is_string(),
+            "{last}"
+        );
+    }
+}
+
+/// A JSON schema response format and a regex hold on the echo model too. (Where the
+/// model has no preference the engine picks the lowest allowed id, whitespace: each gap
+/// between JSON tokens fills its bound of 21, hence the room in `max_tokens`.)
+#[tokio::test]
+async fn response_formats_are_enforced() {
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
+    let schema = json!({"type": "object", "properties": {
+        "answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer", "minimum": 1, "maximum": 5}},
+        "required": ["answer", "confidence"], "additionalProperties": false});
+    let body = json!({"messages": [{"role": "user", "content": "Sure?"}], "max_tokens": 400,
+        "response_format": {"type": "json_schema",
+            "json_schema": {"name": "verdict", "schema": schema, "strict": true}}});
+    let (status, plain) = c.post("/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{plain}");
+    let content = plain["choices"][0]["message"]["content"].as_str().unwrap();
+    let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {plain}"));
+    assert!(
+        ["yes", "no"].contains(&v["answer"].as_str().unwrap()),
+        "{v}"
+    );
+    assert!((1..=5).contains(&v["confidence"].as_i64().unwrap()), "{v}");
+    assert_eq!(plain["choices"][0]["finish_reason"], "stop");
+
+    let (status, plain) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "pin:", "max_tokens": 20, "guided_regex": "[0-9]{4}"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{plain}");
+    let text = plain["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        text.len() == 4 && text.bytes().all(|b| b.is_ascii_digit()),
+        "{text}"
+    );
+}
+
+/// `logit_bias` of +100 on one token makes every generated token that token.
+#[tokio::test]
+async fn logit_bias_of_100_picks_the_token() {
+    let c = one_worker(Config::default(), TestWorkerConfig::default()).await;
+    let z = test_tokenizer().token_to_id("z").unwrap();
+    let body = json!({"prompt": "abc", "max_tokens": 6, "temperature": 1.0, "seed": 3,
+        "logit_bias": {z.to_string(): 100}});
+    let (status, plain) = c.post("/v1/completions", body).await;
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(plain["choices"][0]["text"], "zzzzzz");
 }

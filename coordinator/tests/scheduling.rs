@@ -3,23 +3,22 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
 use shardline_coordinator::Config;
-use shardline_coordinator::testing::{FakeWorkerConfig, FakeWorkerHandle, test_tokenizer};
+use shardline_engine::testing::{TestWorker, TestWorkerConfig, test_tokenizer};
 
-fn slow(step_ms: u64) -> FakeWorkerConfig {
-    FakeWorkerConfig {
+fn slow(step_ms: u64) -> TestWorkerConfig {
+    TestWorkerConfig {
         step_delay: Duration::from_millis(step_ms),
         ..Default::default()
     }
 }
 
-/// Issue 2, test 2: 16 concurrent streams share steps; each output equals its solo output.
+/// 16 concurrent streams share steps; each output equals its solo output.
 #[tokio::test]
 async fn concurrent_streams_are_batched() {
     let c = one_worker(Config::default(), slow(5)).await;
@@ -47,15 +46,7 @@ async fn concurrent_streams_are_batched() {
             assert_eq!(text, solo["choices"][0]["text"].as_str().unwrap());
         }
     }
-    let max_batch = c.workers[0]
-        .stats()
-        .batch_sizes
-        .lock()
-        .unwrap()
-        .iter()
-        .copied()
-        .max()
-        .unwrap();
+    let max_batch = c.workers[0].batch_sizes().into_iter().max().unwrap();
     assert!(max_batch >= 8, "largest batch was {max_batch}");
     let metrics = c.metrics().await;
     assert!(
@@ -64,7 +55,7 @@ async fn concurrent_streams_are_batched() {
     );
 }
 
-/// Issue 2, test 3: over --max-concurrent-requests → immediate 429 with Retry-After.
+/// Over --max-concurrent-requests → immediate 429 with Retry-After.
 #[tokio::test]
 async fn excess_requests_get_429_with_retry_after() {
     let config = Config {
@@ -117,7 +108,7 @@ async fn excess_requests_get_429_with_retry_after() {
     );
 }
 
-/// Issue 2, test 4: dropped streams give their KV blocks back.
+/// Dropped streams give their KV blocks back.
 #[tokio::test]
 async fn dropped_streams_release_their_kv_blocks() {
     let c = one_worker(Config::default(), slow(10)).await;
@@ -153,8 +144,8 @@ async fn dropped_streams_release_their_kv_blocks() {
     }
     assert_eq!(c.workers[0].running(), 0);
     assert!(
-        c.workers[0].stats().releases.load(Ordering::SeqCst) >= 1,
-        "released through Release"
+        c.workers[0].status().await.counters.seqs_released >= 1,
+        "released by the scheduler"
     );
 }
 
@@ -186,7 +177,7 @@ async fn dropped_non_streaming_request_is_released() {
     }
 }
 
-/// Issue 2, test 5a: a request whose deadline passes in the queue gets 504 and never
+/// A request whose deadline passes in the queue gets 504 and never
 /// reaches the worker.
 #[tokio::test]
 async fn deadline_expired_in_queue_never_reaches_the_worker() {
@@ -208,7 +199,7 @@ async fn deadline_expired_in_queue_never_reaches_the_worker() {
             .unwrap()
             .status()
     });
-    while c.workers[0].stats().admitted.load(Ordering::SeqCst) == 0 {
+    while c.workers[0].admitted() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let r = c
@@ -224,7 +215,7 @@ async fn deadline_expired_in_queue_never_reaches_the_worker() {
     assert_eq!(body["error"]["code"], "deadline_exceeded");
     assert_eq!(blocker.await.unwrap(), 200);
     assert_eq!(
-        c.workers[0].stats().admitted.load(Ordering::SeqCst),
+        c.workers[0].admitted(),
         1,
         "the expired request never reached the worker"
     );
@@ -238,7 +229,7 @@ async fn deadline_expired_in_queue_never_reaches_the_worker() {
     assert_eq!(status, 200);
 }
 
-/// Issue 2, test 5b: with the group saturated, `high` requests run before `low` ones
+/// With the group saturated, `high` requests run before `low` ones
 /// that arrived earlier.
 #[tokio::test]
 async fn high_priority_overtakes_earlier_low_priority() {
@@ -268,7 +259,7 @@ async fn high_priority_overtakes_earlier_low_priority() {
         })
     };
     let blocker = send("blocker", "normal");
-    while c.workers[0].stats().admitted.load(Ordering::SeqCst) == 0 {
+    while c.workers[0].admitted() == 0 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut lows = Vec::new();
@@ -285,10 +276,7 @@ async fn high_priority_overtakes_earlier_low_priority() {
     }
     let tokenizer = test_tokenizer();
     let order: Vec<String> = c.workers[0]
-        .stats()
-        .admitted_prompts
-        .lock()
-        .unwrap()
+        .admitted_prompts()
         .iter()
         .map(|p| tokenizer.decode(p, false).unwrap())
         .collect();
@@ -297,9 +285,9 @@ async fn high_priority_overtakes_earlier_low_priority() {
 }
 
 /// Groups "a" and "b", 10 ms a step.
-fn two_slow_groups() -> Vec<FakeWorkerConfig> {
+fn two_slow_groups() -> Vec<TestWorkerConfig> {
     ["a", "b"]
-        .map(|g| FakeWorkerConfig {
+        .map(|g| TestWorkerConfig {
             group_id: g.into(),
             ..slow(10)
         })
@@ -307,7 +295,7 @@ fn two_slow_groups() -> Vec<FakeWorkerConfig> {
 }
 
 /// The first worker that holds sequences, once one does.
-async fn busy_worker(c: &Cluster) -> &FakeWorkerHandle {
+async fn busy_worker(c: &Cluster) -> &TestWorker {
     loop {
         if let Some(w) = c.workers.iter().find(|w| w.running() > 0) {
             return w;
@@ -316,7 +304,7 @@ async fn busy_worker(c: &Cluster) -> &FakeWorkerHandle {
     }
 }
 
-/// Issue 3's mechanism: when a group's step fails, its requests continue on another group
+/// Failover: when a group's step fails, its requests continue on another group
 /// with nothing lost or duplicated.
 #[tokio::test]
 async fn requests_migrate_off_a_failed_group() {
@@ -334,7 +322,7 @@ async fn requests_migrate_off_a_failed_group() {
     // Fail whichever group holds sequences, mid-generation.
     let victim = busy_worker(&c).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    victim.stats().fail.store(true, Ordering::SeqCst);
+    victim.set_failing(Some("the worker was told to fail"));
     for (i, t) in tasks.into_iter().enumerate() {
         let events = t.await.unwrap();
         assert_eq!(
@@ -374,7 +362,7 @@ async fn a_group_whose_engine_failed_gets_no_new_requests() {
     let tasks = run(0, 6, 40);
     let victim = busy_worker(&c).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    victim.stats().engine_failed.store(true, Ordering::SeqCst);
+    victim.set_failing(Some("the engine failed"));
     for t in tasks {
         let (i, text) = t.await.unwrap();
         assert_eq!(
@@ -383,7 +371,7 @@ async fn a_group_whose_engine_failed_gets_no_new_requests() {
             "request {i}"
         );
     }
-    let refused = victim.stats().failed_steps.load(Ordering::SeqCst);
+    let refused = victim.failed_steps();
     assert!(refused > 0, "the failure was seen mid-generation");
     let migrations = |m: &str| -> f64 {
         m.lines()
@@ -404,7 +392,7 @@ async fn a_group_whose_engine_failed_gets_no_new_requests() {
         );
     }
     assert_eq!(
-        victim.stats().failed_steps.load(Ordering::SeqCst),
+        victim.failed_steps(),
         refused,
         "the failed group got new steps"
     );
@@ -414,11 +402,11 @@ async fn a_group_whose_engine_failed_gets_no_new_requests() {
         "new requests migrated"
     );
     // Healthy again (a restarted process on the same address): it gets requests again.
-    victim.stats().engine_failed.store(false, Ordering::SeqCst);
-    let admitted = victim.stats().admitted.load(Ordering::SeqCst);
+    victim.set_failing(None);
+    let admitted = victim.admitted();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut next = 200;
-    while victim.stats().admitted.load(Ordering::SeqCst) == admitted {
+    while victim.admitted() == admitted {
         assert!(
             std::time::Instant::now() < deadline,
             "the recovered group never got a request"
@@ -437,7 +425,7 @@ async fn kv_demand_over_budget_gets_429() {
         max_kv_demand_ratio: 1.0,
         ..Config::default()
     };
-    let worker = FakeWorkerConfig {
+    let worker = TestWorkerConfig {
         kv_blocks: 8,
         block_size: 16,
         ..slow(10)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 2's speed comparison: the engine alone (worker/examples/engine_bench.rs) against the
+# What the cluster costs on top of its engine: the engine alone (worker/examples/engine_bench.rs) against the
 # whole cluster (HTTP → coordinator → gRPC → worker, `shardline up`) driven by
 # `shardline bench`, at the same batch sizes / concurrencies and lengths.
 #
@@ -166,7 +166,7 @@ cl = {c: json.load(open(f"{raw}/cluster-c{c}.json"))["runs"][0] for c in concs}
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 L = []
-L.append("# End to end vs engine (issue 2, speed)\n")
+L.append("# End to end vs engine: what the HTTP, coordinator and gRPC hops cost\n")
 L.append(f"Run {now} at `{rev}` (plus uncommitted work in the shared tree) with `{os.environ['CMD']}`;")
 L.append(f"model `{model}`, {threads} kernel threads for the engine and for the worker, dev profile")
 L.append(f"(opt-level 3 for the worker and dependencies). Load average before/after: {load_before} / {load_after}")

@@ -6,7 +6,9 @@
 # used by the coordinator, the load generator, the simulated workers and the machine.
 #
 # Usage: deploy/bench/scaling.sh            (builds target/debug/shardline if missing)
-# Knobs (environment): SIZES="1 2 4 8 16" PROFILE=h100-llama3-8b PER_GROUP_RATES="2,4,8"
+# Knobs (environment): SIZES="1 2 4 8 16" PROFILE=h100-llama3-8b (h100-llama3.2-1b: a small model
+#   on a fast GPU, ~1.5 ms steps; deploy/bench/pipeline.sh measures one such group against
+#   its ideal rate) PER_GROUP_RATES="2,4,8" HTTP_PORT=18080 GRPC_PORT=18081 SIM_BASE_PORT=51000
 #   DURATION=20s INPUT_LEN=256 OUTPUT_LEN=128 OUT=deploy/bench/scaling SHARDLINE=path
 #   PREFILL_MS = the profile's modelled time for one INPUT_LEN prefill alone:
 #   h100-llama3-8b, 256 tokens: 6 ms + 256 × 32 µs + 256 × 49 ns = 14.2 ms.

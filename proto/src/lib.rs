@@ -1,27 +1,39 @@
-//! shardline's wire formats.
+//! shardline's wire formats, as generated code.
 //!
 //! - [`v1`]: the public API (`shardline.v1.Inference`) and the membership record stored
-//!   in etcd ([`v1::WorkerRecord`]).
-//! - [`worker::v1`]: the coordinator ↔ worker protocol (`shardline.worker.v1.Worker`).
+//!   in etcd ([`v1::WorkerRecord`]; the membership itself is `shardline-membership`).
+//! - [`worker::v1`]: the coordinator ↔ worker protocol (`shardline.worker.v1.Worker`;
+//!   its one implementation is `shardline-engine`).
 //! - [`FILE_DESCRIPTOR_SET`]: for gRPC server reflection.
-//! - [`chat_template`]: the model's Jinja chat template, rendered like Hugging Face's
-//!   `apply_chat_template` (workers ship it in `Info`, coordinators render it).
-//! - [`constraint`]: structured outputs — a worker-protocol constraint compiled by
-//!   llguidance (coordinators validate with it, workers mask logits with it).
-//! - [`membership`]: worker registration and coordinator watch over etcd (or memory),
-//!   shared by both sides.
 
 pub mod v1 {
     tonic::include_proto!("shardline.v1");
 }
 
-pub mod chat_template;
-pub mod constraint;
-pub mod membership;
-
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("shardline.worker.v1");
+    }
+
+    /// KV blocks a sequence can occupy at most: its prompt (`prompt_len`, generated
+    /// tokens of a migrated request included) plus every token it may still generate,
+    /// capped by the context length (0 = unknown, no cap). Coordinators budget admission
+    /// with it and workers reserve it at admission, so both sides count the same.
+    pub fn kv_blocks_demand(
+        prompt_len: usize,
+        params: &v1::SequenceParams,
+        context_length: usize,
+        block_size: usize,
+    ) -> usize {
+        let remaining = match params.max_new_tokens as usize {
+            0 => context_length,
+            max => max.saturating_sub(params.num_generated as usize),
+        };
+        let mut tokens = prompt_len + remaining;
+        if context_length > 0 {
+            tokens = tokens.min(context_length.max(prompt_len));
+        }
+        tokens.div_ceil(block_size.max(1))
     }
 }
 

@@ -1,5 +1,5 @@
 //! End-to-end tests of the coordinator against the real worker and SmolLM2, over real
-//! processes (`shardline up`): issue 2's "what it must show".
+//! processes (`shardline up`).
 
 /// Extra `shardline up` flags of every cluster in the shared cases.
 const UP_ARGS: &[&str] = &[];
@@ -27,12 +27,13 @@ async fn structured_outputs_and_tools_with_the_openai_client() {
 }
 
 #[test]
-fn readme_documents_every_flag_verbatim() {
-    let readme =
-        std::fs::read_to_string(shardline_tests::workspace_root().join("README.md")).unwrap();
+fn configuration_docs_show_every_flag_verbatim() {
+    let docs =
+        std::fs::read_to_string(shardline_tests::workspace_root().join("docs/configuration.md"))
+            .unwrap();
     for command in ["up", "coordinator", "worker"] {
         let mut cmd = std::process::Command::new(bin());
-        // `--help` shows the values of set `SHARDLINE_*` variables; the README shows none.
+        // `--help` shows the values of set `SHARDLINE_*` variables; the docs show none.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("SHARDLINE_") {
                 cmd.env_remove(key);
@@ -42,8 +43,8 @@ fn readme_documents_every_flag_verbatim() {
         assert!(out.status.success());
         let help = String::from_utf8(out.stdout).unwrap();
         assert!(
-            readme.contains(help.trim_end()),
-            "README.md's `shardline {command} --help` section is stale: paste the new output"
+            docs.contains(help.trim_end()),
+            "docs/configuration.md's `shardline {command} --help` section is stale: run deploy/sync-flags.py"
         );
     }
 }

@@ -1,7 +1,7 @@
-// The end-to-end cases of the coordinator against the real worker and SmolLM2 (issue 2's
-// "what it must show"), included by `api.rs` (one worker group, tp 1) and `api_tp.rs`
-// (the same cases with a tensor-parallel group). Each file defines `UP_ARGS`, the extra
-// `shardline up` flags of every cluster it starts.
+// The end-to-end cases of the coordinator against the real worker and SmolLM2, included
+// by `api.rs` (one worker group, tp 1) and `api_tp.rs` (the same cases with a
+// tensor-parallel group). Each file defines `UP_ARGS`, the extra `shardline up` flags of
+// every cluster it starts.
 
 use std::time::{Duration, Instant};
 
@@ -43,29 +43,17 @@ async fn stream_text(http: &str, body: Value) -> (String, Instant) {
     assert_eq!(r.status(), 200, "stream request failed");
     let mut text = String::new();
     let mut first = None;
-    let mut buf = String::new();
-    let mut bytes = r.bytes_stream();
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-        while let Some(i) = buf.find("\n\n") {
-            let event: String = buf.drain(..i + 2).collect();
-            let data = event
-                .trim()
-                .strip_prefix("data: ")
-                .unwrap_or("")
-                .to_string();
-            if data == "[DONE]" || data.is_empty() {
-                continue;
+    shardline_tests::load::sse_events(r, |v| {
+        if let Some(t) = v["choices"][0]["text"].as_str() {
+            if !t.is_empty() && first.is_none() {
+                first = Some(Instant::now());
             }
-            let v: Value = serde_json::from_str(&data).unwrap();
-            if let Some(t) = v["choices"][0]["text"].as_str() {
-                if !t.is_empty() && first.is_none() {
-                    first = Some(Instant::now());
-                }
-                text.push_str(t);
-            }
+            text.push_str(t);
         }
-    }
+        Ok(())
+    })
+    .await
+    .unwrap();
     (text, first.unwrap_or_else(Instant::now))
 }
 

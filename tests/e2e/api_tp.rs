@@ -1,6 +1,6 @@
 //! The coordinator's end-to-end cases (`api_cases.rs`) again with a tensor-parallel worker
-//! group: SmolLM2 at `--tp 3` (one KV head per rank), over real processes. Issue 6's
-//! "the end-to-end coordinator tests pass with a tensor-parallel worker".
+//! group: SmolLM2 at `--tp 3` (one KV head per rank), over real processes: the
+//! end-to-end coordinator tests pass with a tensor-parallel worker.
 
 /// Extra `shardline up` flags of every cluster in the shared cases.
 const UP_ARGS: &[&str] = &["--tp", "3"];

@@ -1,6 +1,6 @@
-//! End-to-end test of the load generator against the real cluster (issue 4, "what it must
-//! show" 1): the `shardline bench` binary, as a child process, drives `shardline up` with
-//! SmolLM2 in a small closed loop and writes valid JSON and non-empty PNG/SVG plots.
+//! End-to-end test of the load generator against the real cluster: the `shardline bench`
+//! binary, as a child process, drives `shardline up` with SmolLM2 in a small closed loop
+//! and writes valid JSON and non-empty PNG/SVG plots.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,4 +1,4 @@
-//! End-to-end tests of membership and failover (issue 3) over real processes: a real etcd,
+//! End-to-end tests of membership and failover over real processes: a real etcd,
 //! `shardline worker --etcd` processes serving SmolLM2, `shardline coordinator --etcd`.
 //!
 //! The tests run one at a time (a process-wide lock): each starts its own etcd and
@@ -9,15 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::{Value, json};
-use shardline_proto::membership::{Membership, MembershipEvent, MembershipView};
+use shardline_membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
-use shardline_proto::worker::v1::{
-    HealthRequest, HealthResponse, InfoRequest, InfoResponse, worker_client::WorkerClient,
-};
+use shardline_proto::worker::v1::{InfoRequest, InfoResponse, worker_client::WorkerClient};
 use shardline_tests::etcd::EtcdServer;
 use shardline_tests::http::metric_sum;
+use shardline_tests::load::{body, client, complete, stream, streams};
+use shardline_tests::worker::health;
 use shardline_tests::{Proc, model_path};
 use tokio_util::sync::CancellationToken;
 
@@ -68,18 +67,7 @@ impl Worker {
 
 /// Starts a worker on port 0 (it registers the port it bound), without waiting for it.
 fn start_worker(etcd: &EtcdServer, group: &str, extra: &[&str]) -> Worker {
-    start_worker_with(etcd, group, extra, &[])
-}
-
-/// [`start_worker`] with extra environment variables.
-fn start_worker_with(
-    etcd: &EtcdServer,
-    group: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Worker {
     let mut cmd = Command::new(bin());
-    cmd.envs(env.iter().copied());
     cmd.arg("worker")
         .arg("--model")
         .arg(model_path())
@@ -203,11 +191,6 @@ impl Observer {
     }
 }
 
-async fn health(worker: &str) -> Option<HealthResponse> {
-    let mut w = WorkerClient::connect(worker.to_string()).await.ok()?;
-    Some(w.health(HealthRequest {}).await.ok()?.into_inner())
-}
-
 async fn info(worker: &str) -> InfoResponse {
     let mut w = WorkerClient::connect(worker.to_string())
         .await
@@ -223,103 +206,6 @@ async fn started(worker: &str) -> u64 {
         .await
         .expect("worker health")
         .sequences_started
-}
-
-fn client() -> reqwest::Client {
-    shardline_tests::http::client(Duration::from_secs(120))
-}
-
-fn body(i: usize, max_tokens: u32) -> Value {
-    let prompt = format!(
-        "Question {i}: list some facts about the number {}. Answer:",
-        i * 7 + 3
-    );
-    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
-}
-
-/// Non-streaming completion: the status and the body.
-async fn complete(http: &str, body: Value) -> (u16, Value) {
-    match client()
-        .post(format!("{http}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-    {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(e) => (0, json!({"transport error": e.to_string()})),
-    }
-}
-
-/// Streams a completion; `Err` on a non-200 status or an error event. `tokens` counts
-/// the text chunks received (all streams together).
-async fn stream(http: &str, mut body: Value, tokens: Arc<AtomicUsize>) -> Result<String, String> {
-    body["stream"] = json!(true);
-    let r = client()
-        .post(format!("{http}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status() != 200 {
-        return Err(format!(
-            "status {}: {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        ));
-    }
-    let (mut text, mut buf, mut finished) = (String::new(), String::new(), false);
-    let mut bytes = r.bytes_stream();
-    while let Some(chunk) = bytes.next().await {
-        buf.push_str(std::str::from_utf8(&chunk.map_err(|e| e.to_string())?).unwrap());
-        while let Some(i) = buf.find("\n\n") {
-            let event: String = buf.drain(..i + 2).collect();
-            let data = event
-                .trim()
-                .strip_prefix("data: ")
-                .unwrap_or("")
-                .to_string();
-            if data == "[DONE]" || data.is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&data).map_err(|e| format!("{e}: {data}"))?;
-            if v.get("error").is_some() {
-                return Err(format!("error event after {text:?}: {v}"));
-            }
-            if let Some(t) = v["choices"][0]["text"].as_str() {
-                text.push_str(t);
-                tokens.fetch_add(1, Ordering::Relaxed);
-            }
-            finished |= v["choices"][0]["finish_reason"].is_string();
-        }
-    }
-    if !finished {
-        return Err(format!(
-            "stream ended without a finish reason after {text:?}"
-        ));
-    }
-    Ok(text)
-}
-
-/// Streams requests `first..first + n` at once.
-async fn streams(
-    http: &str,
-    first: usize,
-    n: usize,
-    max_tokens: u32,
-    tokens: Arc<AtomicUsize>,
-) -> Vec<Result<String, String>> {
-    let all = (first..first + n).map(|i| {
-        let (http, tokens) = (http.to_string(), tokens.clone());
-        tokio::spawn(async move { stream(&http, body(i, max_tokens), tokens).await })
-    });
-    futures::future::join_all(all)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect()
 }
 
 /// Client loops sending short requests back to back until stopped; every status seen.
@@ -599,11 +485,17 @@ async fn a_failed_tensor_parallel_group_leaves_and_its_requests_continue() {
     let coordinator = start_coordinator(&etcd, "coordinator", 1).await;
 
     // Rank 1 of a's three ranks hangs in a's 12th step; collectives wait 1 s.
-    let mut a = start_worker_with(
+    let mut a = start_worker(
         &etcd,
         "a",
-        &["--tp", "3", "--tp-timeout-secs", "1"],
-        &[("SHARDLINE_INJECT_FAILURE", "hang:1:11")],
+        &[
+            "--tp",
+            "3",
+            "--tp-timeout-secs",
+            "1",
+            "--inject-failure",
+            "hang:1:11",
+        ],
     );
     observer.wait_ready(&mut [&mut a]).await;
     until!(Duration::from_secs(30), "the coordinator to route to a", {

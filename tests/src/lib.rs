@@ -8,10 +8,16 @@
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping blindly.
 //! - [`etcd::EtcdServer`]: a real etcd on free loopback ports, stoppable and restartable.
 //! - [`http`]: an HTTP client with a timeout, sums over `/metrics`.
+//! - [`load`]: numbered greedy completions, plain or streamed, to compare texts.
+//! - [`worker`]: a worker group's `Health`.
+//! - [`podman`]: the container image and `podman kube play` of the Helm chart.
 
 pub mod cluster;
 pub mod etcd;
 pub mod http;
+pub mod load;
+pub mod podman;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -20,9 +20,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use shardline_proto::constraint;
+use shardline_constraint as constraint;
+use shardline_engine::engine::{EngineConfig, EngineState};
 use shardline_proto::worker::v1 as pb;
-use shardline_worker::engine::{EngineConfig, EngineState, ModelFacts};
+use shardline_worker::args::model_facts;
 use shardline_worker::loader::{LoadOptions, load_llama_runner};
 use shardline_worker::tokenizer::ModelTokenizer;
 
@@ -118,7 +119,7 @@ fn run(
         .collect();
     let r = engine.step(pb::StepRequest {
         prefill,
-        decode: vec![],
+        ..Default::default()
     })?;
     for res in &r.results {
         anyhow::ensure!(
@@ -131,8 +132,8 @@ fn run(
     let mut live = ids.clone();
     while !live.is_empty() {
         let r = engine.step(pb::StepRequest {
-            prefill: vec![],
             decode: live.clone(),
+            ..Default::default()
         })?;
         live.clear();
         for res in &r.results {
@@ -228,7 +229,7 @@ fn main() -> anyhow::Result<()> {
         EngineConfig {
             max_num_seqs: max_batch.max(1),
             group_id: "bench".into(),
-            model: ModelFacts::from(&tokenizer),
+            model: model_facts(&tokenizer),
         },
     );
     println!(

@@ -13,10 +13,21 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{EngineConfig, EngineHandle, ModelFacts};
+use shardline_engine::engine::{EngineConfig, ModelFacts};
+use shardline_engine::serve::{
+    DEFAULT_DRAIN_TIMEOUT_SECS, DEFAULT_SEQ_IDLE_TIMEOUT_SECS, ServeOptions, serve_group,
+};
+use shardline_membership::registration::RegistrationArgs;
+
 use crate::loader::{self, LoadOptions, ModelFormat};
-use crate::service::{WorkerService, serve_service};
 use crate::tokenizer::ModelTokenizer;
+
+/// Token positions per KV cache block, unless configured.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+/// KV cache budget in bytes, unless configured.
+pub const DEFAULT_KV_CACHE_BYTES: usize = 512 << 20;
+/// Seconds a tensor-parallel rank waits for the others, unless configured.
+pub const DEFAULT_TP_TIMEOUT_SECS: f64 = 30.0;
 
 /// Serve one worker group: a Llama model on this machine.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,15 +46,15 @@ pub struct WorkerArgs {
     pub kv_blocks: Option<usize>,
 
     /// KV cache budget in bytes, used when --kv-blocks is not given.
-    #[arg(long, env = "SHARDLINE_KV_CACHE_BYTES", default_value_t = 512 << 20)]
+    #[arg(long, env = "SHARDLINE_KV_CACHE_BYTES", default_value_t = DEFAULT_KV_CACHE_BYTES)]
     pub kv_cache_bytes: usize,
 
     /// Token positions per KV cache block.
-    #[arg(long, env = "SHARDLINE_BLOCK_SIZE", default_value_t = 16)]
+    #[arg(long, env = "SHARDLINE_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
 
     /// Most sequences the worker holds at once.
-    #[arg(long, env = "SHARDLINE_MAX_NUM_SEQS", default_value_t = 64)]
+    #[arg(long, env = "SHARDLINE_MAX_NUM_SEQS", default_value_t = DEFAULT_MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
 
     /// Id of this worker group as reported in Info (default: the listen address).
@@ -69,7 +80,7 @@ pub struct WorkerArgs {
 
     /// Seconds a tensor-parallel rank waits for the others in a collective before the
     /// step fails and the group reports unhealthy.
-    #[arg(long, env = "SHARDLINE_TP_TIMEOUT_SECS", default_value_t = 30.0)]
+    #[arg(long, env = "SHARDLINE_TP_TIMEOUT_SECS", default_value_t = DEFAULT_TP_TIMEOUT_SECS)]
     pub tp_timeout_secs: f64,
 
     /// Caps the context length below the model's own (saves KV memory per sequence).
@@ -81,18 +92,54 @@ pub struct WorkerArgs {
     pub model_id: Option<String>,
 
     /// On shutdown, how long running sequences may keep the worker up.
-    #[arg(long, env = "SHARDLINE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "SHARDLINE_DRAIN_TIMEOUT_SECS", default_value_t = DEFAULT_DRAIN_TIMEOUT_SECS)]
     pub drain_timeout_secs: u64,
 
     /// Seconds after which a sequence that no step has named is released (its
     /// coordinator crashed: a live one names every sequence in every step); 0 never.
-    #[arg(long, env = "SHARDLINE_SEQ_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    #[arg(long, env = "SHARDLINE_SEQ_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_SEQ_IDLE_TIMEOUT_SECS)]
     pub seq_idle_timeout_secs: u64,
 
     /// Membership: `--etcd`, `--etcd-prefix`, `--lease-ttl-secs`, `--advertise`.
     #[command(flatten)]
-    pub registration: crate::registration::RegistrationArgs,
+    pub registration: RegistrationArgs,
+
+    /// Test hook, hidden from `--help` and read from no environment variable: makes a
+    /// tensor-parallel rank fail after some steps, `KIND:RANK:STEPS` (`hang:1:11`: rank 1
+    /// stops answering in the step after its first 11; kinds `error`, `panic`, `hang`).
+    /// End-to-end tests of a group's failure path pass it; production never does.
+    #[arg(long, hide = true)]
+    pub inject_failure: Option<String>,
 }
+
+impl WorkerArgs {
+    /// The flags' defaults for `model` (what `shardline worker --model MODEL` gets,
+    /// environment variables aside); `shardline up` starts from these.
+    pub fn defaults(model: PathBuf) -> Self {
+        Self {
+            model,
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            kv_blocks: None,
+            kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
+            block_size: DEFAULT_BLOCK_SIZE,
+            max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+            group_id: None,
+            threads: None,
+            tp: 1,
+            device: None,
+            tp_timeout_secs: DEFAULT_TP_TIMEOUT_SECS,
+            max_context: None,
+            model_id: None,
+            drain_timeout_secs: DEFAULT_DRAIN_TIMEOUT_SECS,
+            seq_idle_timeout_secs: DEFAULT_SEQ_IDLE_TIMEOUT_SECS,
+            registration: RegistrationArgs::default(),
+            inject_failure: None,
+        }
+    }
+}
+
+/// Most sequences a worker holds at once, unless configured.
+pub const DEFAULT_MAX_NUM_SEQS: usize = 64;
 
 /// Loads the tokenizer that goes with a model path (the GGUF's metadata, or the HF
 /// directory's tokenizer files).
@@ -120,7 +167,6 @@ pub async fn run_with_listener(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     args.registration.validate()?;
-    let listening = listener.local_addr().context("listener address")?;
     let defaults = LoadOptions::default();
     let opts = LoadOptions {
         block_size: args.block_size,
@@ -137,26 +183,22 @@ pub async fn run_with_listener(
         device: args.device,
     };
     let model = args.model.clone();
+    let inject = args.inject_failure.clone();
     let (runner, tokenizer) = tokio::task::spawn_blocking(move || {
         let tokenizer = load_tokenizer(&model)
             .with_context(|| format!("loading the tokenizer of {}", model.display()))?;
-        let runner = loader::load_runner(&model, &opts)
+        let (runner, failures) = loader::load_runner_with_injector(&model, &opts)
             .with_context(|| format!("loading the model {}", model.display()))?;
+        if let Some(spec) = &inject {
+            failures
+                .arm(spec)
+                .map_err(|e| anyhow::anyhow!("--inject-failure {spec:?}: {e}"))?;
+        }
         anyhow::Ok((runner, tokenizer))
     })
     .await
     .context("model loading task failed")??;
-
-    let config = EngineConfig {
-        max_num_seqs: args.max_num_seqs,
-        group_id: args
-            .group_id
-            .clone()
-            .unwrap_or_else(|| args.listen.to_string()),
-        model: ModelFacts::from(&tokenizer),
-    };
-    let info = runner.info().clone();
-    let config_group_id = config.group_id.clone();
+    let info = runner.info();
     tracing::info!(
         model = %info.model_id,
         dtype = %info.dtype,
@@ -165,98 +207,32 @@ pub async fn run_with_listener(
         block_size = info.kv_block_size,
         "model loaded"
     );
-    let (engine, engine_thread) = EngineHandle::spawn(runner, config)?;
-    // Stops with this function, however it returns (and lets go of the engine).
-    let stop_idle = CancellationToken::new();
-    let _stop_idle = stop_idle.clone().drop_guard();
-    if args.seq_idle_timeout_secs > 0 {
-        let idle = Duration::from_secs(args.seq_idle_timeout_secs);
-        tokio::spawn(release_idle(engine.clone(), idle, stop_idle.clone()));
-    }
-
-    let draining = CancellationToken::new();
-    let stop_serving = CancellationToken::new();
-    let service = WorkerService::new(engine.clone(), draining.clone());
-    let mut server = tokio::spawn(serve_service(listener, service, stop_serving.clone()));
-    let record = crate::registration::worker_record(
-        &config_group_id,
-        args.registration.address(listening)?,
-        &info,
-        args.max_num_seqs,
-    );
-    let registration = crate::registration::Registration::start(&args.registration, record).await?;
-
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        // A server that stops on its own is an error worth exiting on.
-        res = &mut server => {
-            res.context("server task failed")??;
-            anyhow::bail!("the gRPC server stopped unexpectedly");
-        }
-        // An engine that failed for good (a panicked model, a failed tensor-parallel
-        // group) cannot serve again: leave the cluster at once (coordinators drop the
-        // group and continue its requests elsewhere) and exit non-zero, so the
-        // supervisor (Kubernetes, systemd) starts a fresh process.
-        reason = engine.failed() => {
-            tracing::error!(%reason, "the engine failed; leaving the cluster");
-            registration.deregister().await;
-            stop_serving.cancel();
-            let _ = server.await;
-            anyhow::bail!("the engine failed: {reason}");
-        }
-    }
-    // Draining record first (coordinators stop routing here), then finish the running
-    // sequences, then revoke the lease (the record disappears), then stop serving.
-    registration.set_draining();
-    draining.cancel();
-    drain(&engine, Duration::from_secs(args.drain_timeout_secs)).await;
-    registration.deregister().await;
-    stop_serving.cancel();
-    server.await.context("server task failed")??;
-    stop_idle.cancel();
-    drop(engine);
-    // The engine thread ends once the last handle is gone (the server's went with it).
-    tokio::task::spawn_blocking(move || engine_thread.join())
-        .await
-        .context("joining the engine thread")?
-        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+    let opts = ServeOptions {
+        engine: EngineConfig {
+            max_num_seqs: args.max_num_seqs,
+            group_id: args
+                .group_id
+                .clone()
+                .unwrap_or_else(|| args.listen.to_string()),
+            model: model_facts(&tokenizer),
+        },
+        seq_idle_timeout: (args.seq_idle_timeout_secs > 0)
+            .then(|| Duration::from_secs(args.seq_idle_timeout_secs)),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        registration: args.registration,
+    };
+    serve_group(runner, listener, opts, shutdown).await?;
     Ok(())
 }
 
-/// Every quarter of `idle` (at most every 250 ms), releases the sequences no step has
-/// named for `idle`: those of a coordinator that crashed would otherwise hold their KV
-/// blocks until the worker restarts.
-async fn release_idle(engine: EngineHandle, idle: Duration, stop: CancellationToken) {
-    let mut every = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        match engine.release_idle(idle).await {
-            Ok(ids) if !ids.is_empty() => tracing::warn!(
-                released = ids.len(),
-                ?ids,
-                idle_s = idle.as_secs_f64(),
-                "released sequences no step named (their coordinator is gone?)"
-            ),
-            Ok(_) => {}
-            Err(_) => return, // the engine stopped
-        }
-    }
-}
-
-/// Waits until no sequence runs on the engine, or `timeout`.
-async fn drain(engine: &EngineHandle, timeout: Duration) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match engine.status().await {
-            Ok(s) if s.num_running > 0 && tokio::time::Instant::now() < deadline => {
-                tracing::info!(running = s.num_running, "draining");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            _ => return,
-        }
+/// What the worker reports about its model in `Info`, from its tokenizer.
+pub fn model_facts(t: &ModelTokenizer) -> ModelFacts {
+    ModelFacts {
+        tokenizer_json: t.json.clone(),
+        chat_template: t.chat_template.clone().unwrap_or_default(),
+        eos_token_ids: t.eos_token_ids.clone(),
+        bos_token: t.bos_token.clone().unwrap_or_default(),
+        eos_token: t.eos_token.clone().unwrap_or_default(),
+        add_bos: t.add_bos,
     }
 }

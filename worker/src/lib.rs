@@ -1,15 +1,18 @@
 //! shardline worker: one process = one worker group.
 //!
-//! - [`runner`]: the [`runner::ModelRunner`] contract between engine and model.
-//! - [`tokenizer`]: the model's tokenizer (GGUF metadata or `tokenizer.json`).
-//! - [`sampler`]: penalties, temperature, top-k/p, min-p, seeded draws, logprobs.
-//! - [`engine`]: the engine thread (actor) that batches steps over the runner.
-//! - [`service`]: the `shardline.worker.v1` gRPC service; [`args`]: `WorkerArgs` + `run`.
+//! The worker protocol itself (engine, sampler, gRPC service, serving lifecycle) is
+//! `shardline-engine`'s, model-free; this crate is the model behind it:
+//! - [`tokenizer`]: the model's tokenizer (GGUF metadata or `tokenizer.json`), from
+//!   `shardline-tokenizer`.
+//! - [`args`]: `WorkerArgs` + `run`: load the model, then serve it through
+//!   `shardline_engine::serve`.
 //! - [`config`], [`kv`], [`kernels`], [`model`], [`loader`]: the model side — Llama config,
 //!   paged KV cache with prefix caching, batch-invariant CPU kernels, the batched Llama
 //!   and its [`model::runner::LlamaRunner`], GGUF / safetensors loaders.
 //! - [`tp`]: tensor parallelism (rank shards, the all-reduce communicators).
-pub mod runner;
+
+/// The contract this crate's runners implement (re-exported from `shardline-engine`).
+pub use shardline_engine::runner;
 
 // Model side (config, KV cache, kernels, model, loaders).
 pub mod config;
@@ -19,12 +22,9 @@ pub mod loader;
 pub mod model;
 pub mod tp;
 
-// Serving side (engine, sampler, tokenizer, gRPC service).
+// Serving side (flags, tokenizer).
 pub mod args;
-pub mod engine;
-pub mod registration;
-pub mod sampler;
-pub mod service;
-pub mod tokenizer;
+/// The model's tokenizer (re-exported from `shardline-tokenizer`).
+pub use shardline_tokenizer as tokenizer;
 
 pub use args::{WorkerArgs, run};

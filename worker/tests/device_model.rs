@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use shardline_worker::loader::{LoadOptions, load_llama_runner, load_model, load_runner};
 use shardline_worker::model::device::{DeviceChoice, DeviceModel, DeviceRunner, device_group};
+use shardline_worker::model::group::InjectedFailure;
 use shardline_worker::model::tiny::{TinySpec, TinyWeights};
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
-use shardline_worker::tp::group::InjectedFailure;
 
 const BLOCK: usize = 4;
 
@@ -179,7 +179,7 @@ fn a_shard_without_its_group_is_refused() {
         .write_hf(dir.path())
         .unwrap();
     let model = load_model(dir.path()).unwrap();
-    let shards = shardline_worker::tp::shard::shard_all(model, 2).unwrap();
+    let shards = shardline_worker::model::shard::shard_all(model, 2).unwrap();
     let dev = DeviceModel::from_model(&shards[1], DeviceChoice::Cpu).unwrap();
     let e = DeviceRunner::new(dev, "test".into(), 16, BLOCK).unwrap_err();
     assert!(e.to_string().contains("shard 1 of 2"), "{e}");
@@ -306,7 +306,7 @@ fn an_injected_rank_failure_fails_the_device_group_step() {
     };
     TinyWeights::random(spec).write_hf(dir.path()).unwrap();
     let model = load_model(dir.path()).unwrap();
-    let shards = shardline_worker::tp::shard::shard_all(model, 2).unwrap();
+    let shards = shardline_worker::model::shard::shard_all(model, 2).unwrap();
     for kind in [
         InjectedFailure::Error,
         InjectedFailure::Panic,

@@ -5,7 +5,7 @@
 //!
 //! Stated tolerance: when tp divides the KV heads the logits are **bitwise** equal to
 //! tp=1's (the row-parallel reductions run in the same segment order at every tp, see
-//! `tp::shard`); with replicated KV heads only the sum order differs, |Δ| ≤ 1e-4 ·
+//! `model::shard`); with replicated KV heads only the sum order differs, |Δ| ≤ 1e-4 ·
 //! max|logit| per row.
 
 mod common;
@@ -15,14 +15,15 @@ use common::{argmax, smollm2};
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::GgmlDType;
+use shardline_engine::engine::{EngineConfig, EngineHandle, ModelFacts};
+use shardline_engine::testing::step_once;
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
-use shardline_worker::engine::{EngineConfig, EngineHandle, ModelFacts};
 use shardline_worker::loader::{LoadOptions, load_llama_runner};
+use shardline_worker::model::group::InjectedFailure;
 use shardline_worker::model::runner::LlamaRunner;
 use shardline_worker::model::tiny::{TinySpec, TinyWeights};
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
-use shardline_worker::tp::group::InjectedFailure;
 
 /// Replicated KV heads: logits may differ from tp=1 by the order of the sums only,
 /// |Δ| ≤ TOL · max|logit| per row.
@@ -359,7 +360,7 @@ async fn the_worker_reports_unhealthy_after_a_rank_fails() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(shardline_worker::service::serve(
+    tokio::spawn(shardline_engine::service::serve(
         listener,
         engine,
         shutdown.clone(),
@@ -381,12 +382,12 @@ async fn the_worker_reports_unhealthy_after_a_rank_fails() {
         }],
         ..Default::default()
     };
-    c.step(step(1)).await.unwrap();
+    step_once(&mut c, step(1)).await.unwrap();
     let h = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
     assert!(h.ready, "{h:?}");
     assert!(!failed.is_finished(), "a healthy engine reported a failure");
     injector.inject(1, InjectedFailure::Panic);
-    let err = c.step(step(2)).await.unwrap_err();
+    let err = step_once(&mut c, step(2)).await.unwrap_err();
     assert!(err.message().contains("injected panic"), "{err}");
     let h = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
     assert!(!h.ready, "the worker must report the failed group: {h:?}");

@@ -7,7 +7,8 @@ mod common;
 use common::smollm2;
 
 use clap::Parser;
-use shardline_proto::chat_template::{ChatMessage, ChatTemplate};
+use shardline_coordinator::chat_template::{ChatMessage, ChatTemplate};
+use shardline_engine::testing::step_once;
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_worker::WorkerArgs;
@@ -77,13 +78,15 @@ async fn generate(
     };
     let mut out = Vec::new();
     loop {
-        let r = c
-            .prefill(pb::PrefillRequest {
-                chunks: vec![chunk.clone()],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = step_once(
+            c,
+            pb::StepRequest {
+                prefill: vec![chunk.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         let res = &r.results[0];
         assert_eq!(res.status, pb::SeqStatus::Ok as i32, "{res:?}");
         if res.has_token {
@@ -100,11 +103,15 @@ async fn generate(
         };
     }
     loop {
-        let r = c
-            .decode(pb::DecodeRequest { seq_ids: vec![id] })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = step_once(
+            c,
+            pb::StepRequest {
+                decode: vec![id],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         let res = &r.results[0];
         assert_eq!(res.status, pb::SeqStatus::Ok as i32, "{res:?}");
         out.push(res.token.as_ref().unwrap().token_id);
@@ -165,9 +172,10 @@ async fn smollm2_answers_a_chat_over_grpc() {
         ..Default::default()
     };
     let (alone, _) = generate(&mut c, 2, ids.clone(), seeded.clone()).await;
-    let r = c
-        .prefill(pb::PrefillRequest {
-            chunks: vec![
+    let r = step_once(
+        &mut c,
+        pb::StepRequest {
+            prefill: vec![
                 pb::PrefillChunk {
                     seq_id: 10,
                     prompt: ids[..20].to_vec(),
@@ -181,10 +189,11 @@ async fn smollm2_answers_a_chat_over_grpc() {
                     max_tokens: 0,
                 },
             ],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert!(r.results.iter().all(|x| x.has_token), "{r:?}");
     let mut crowded = Vec::new();
     let mut chunk = pb::PrefillChunk {
@@ -194,14 +203,16 @@ async fn smollm2_answers_a_chat_over_grpc() {
         max_tokens: 5,
     };
     loop {
-        let r = c
-            .step(pb::StepRequest {
+        let r = step_once(
+            &mut c,
+            pb::StepRequest {
                 prefill: vec![chunk.clone()],
                 decode: vec![10, 11],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         if r.results[0].has_token {
             crowded.push(r.results[0].token.as_ref().unwrap().token_id);
             break;
@@ -213,27 +224,30 @@ async fn smollm2_answers_a_chat_over_grpc() {
         };
     }
     while crowded.len() < alone.len() {
-        let r = c
-            .step(pb::StepRequest {
-                prefill: vec![],
+        let r = step_once(
+            &mut c,
+            pb::StepRequest {
                 decode: vec![3, 10, 11],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         crowded.push(r.results[0].token.as_ref().unwrap().token_id);
     }
     assert_eq!(
         alone, crowded,
         "seeded sampling must not depend on the batch"
     );
-    let free = c
-        .release(pb::ReleaseRequest {
-            seq_ids: vec![3, 10, 11],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let free = step_once(
+        &mut c,
+        pb::StepRequest {
+            release: vec![3, 10, 11],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert!(free.kv_blocks_free > 0);
 
     shutdown.cancel();

@@ -117,7 +117,7 @@ fn smollm2_facts() {
 
 #[test]
 fn chat_template_renders_with_the_model_template() {
-    use shardline_proto::chat_template::{ChatMessage, ChatTemplate};
+    use shardline_coordinator::chat_template::{ChatMessage, ChatTemplate};
     let tok = smollm2();
     let t = ChatTemplate::new(
         tok.chat_template.as_deref().unwrap(),

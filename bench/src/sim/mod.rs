@@ -1,30 +1,37 @@
-//! The simulated worker group: speaks the real worker protocol, models a GPU's step time
-//! instead of running a model, and counts KV blocks exactly. For scaling studies of the
-//! coordinator without GPUs; never the default.
+//! The simulated worker group: the real engine and worker service over a model runner
+//! that models a GPU's step time instead of running a model, with exact KV block counts
+//! and deterministic tokens. For scaling studies of the coordinator without GPUs; never
+//! the default.
 //!
 //! - [`profile`]: the cost model and its documented parameters.
-//! - [`engine`]: sequences, KV blocks and deterministic tokens.
-//! - [`service`]: the gRPC `Worker` service.
+//! - [`runner`]: [`SimRunner`], the simulated model behind the engine.
 //! - [`vocab`]: the tokenizer it serves (a given `tokenizer.json` or a synthetic one).
 
-pub mod engine;
 pub mod profile;
-pub mod service;
+pub mod runner;
 pub mod vocab;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use shardline_proto::v1::{WorkerCapacity, WorkerRecord, WorkerState};
-use shardline_proto::worker::v1::InfoResponse;
-use shardline_proto::worker::v1::worker_server::WorkerServer;
-use shardline_worker::registration::Registration;
+use shardline_engine::engine::{EngineConfig, ModelFacts};
+use shardline_engine::serve::{
+    DEFAULT_DRAIN_TIMEOUT_SECS, DEFAULT_SEQ_IDLE_TIMEOUT_SECS, ServeOptions, serve_group,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use engine::SimState;
 pub use profile::Profile;
-pub use service::SimWorker;
+pub use runner::SimRunner;
+
+/// Largest synthetic vocabulary. The engine samples every logits row over the whole
+/// vocabulary on the CPU, between two steps, where a GPU worker samples on the device
+/// inside the modelled step time. Engine CPU per 32-sequence decode step (the
+/// `sim_step_cost` example, 2-core development machine): 286 µs with 512 tokens, a fifth
+/// of the fast profile's 1.5 ms step; 14 µs with 128, which still hold the specials, the
+/// roles and every word the bench's prompts use.
+pub const SIM_VOCAB_MAX: u32 = 128;
 
 /// Failures starting or serving a simulated worker.
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +51,14 @@ pub enum SimError {
         source: std::io::Error,
     },
     #[error("serving: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Serve(#[from] shardline_engine::serve::ServeGroupError),
 }
 
 /// `shardline worker --model sim:<profile>` / `shardline bench sim`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimArgs {
-    /// Cost-model profile (h100-llama3-8b, 4xh100-llama3-70b, tiny); `sim:` prefix accepted.
+    /// Cost-model profile (h100-llama3-8b, 4xh100-llama3-70b, h100-llama3.2-1b, tiny);
+    /// `sim:` prefix accepted.
     #[arg(long, env = "SHARDLINE_SIM_PROFILE", default_value = "h100-llama3-8b")]
     pub profile: String,
     /// gRPC address to listen on.
@@ -77,14 +85,13 @@ pub struct SimArgs {
     pub max_num_seqs: Option<u32>,
     /// Membership (`--etcd`, `--lease-ttl-secs`, ...), as for a real worker.
     #[command(flatten)]
-    pub registration: shardline_worker::registration::RegistrationArgs,
+    pub registration: shardline_membership::registration::RegistrationArgs,
 }
 
 const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-/// Build the service for `args` (without serving it): registration code can read
-/// [`SimWorker::info`] to write the group's membership record.
-pub fn build(args: &SimArgs, bound: SocketAddr) -> Result<SimWorker, SimError> {
+/// The simulated group `args` describe, bound at `bound`: its runner and engine settings.
+pub fn build(args: &SimArgs, bound: SocketAddr) -> Result<(SimRunner, EngineConfig), SimError> {
     let mut profile = Profile::by_name(&args.profile).ok_or_else(|| SimError::UnknownProfile {
         name: args.profile.clone(),
         known: Profile::names().join(", "),
@@ -97,7 +104,7 @@ pub fn build(args: &SimArgs, bound: SocketAddr) -> Result<SimWorker, SimError> {
     }
     let vocab = match &args.tokenizer {
         Some(path) => vocab::Vocab::from_file(path)?,
-        None => vocab::Vocab::synthetic(profile.vocab_size.min(vocab::SYNTHETIC_MAX)),
+        None => vocab::Vocab::synthetic(profile.vocab_size.min(SIM_VOCAB_MAX)),
     };
     let chat_template = match &args.chat_template {
         Some(p) => std::fs::read_to_string(p).map_err(|source| SimError::Io {
@@ -106,69 +113,54 @@ pub fn build(args: &SimArgs, bound: SocketAddr) -> Result<SimWorker, SimError> {
         })?,
         None => CHATML.to_string(),
     };
-    let info = InfoResponse {
-        model_id: format!("sim:{}", profile.name),
-        dtype: "bf16".into(),
-        tp: profile.tp,
-        context_length: profile.context_length,
-        kv_block_size: profile.kv_block_size,
-        kv_blocks_total: profile.kv_blocks,
-        kv_blocks_free: profile.kv_blocks,
-        tokenizer_json: vocab.json.clone(),
-        chat_template,
-        eos_token_ids: vocab.eos_ids.clone(),
-        bos_token: String::new(),
-        eos_token: vocab.eos_token.clone(),
-        vocab_size: vocab.size,
-        max_num_seqs: profile.max_num_seqs,
+    let engine = EngineConfig {
+        max_num_seqs: profile.max_num_seqs as usize,
         group_id: args
             .group_id
             .clone()
             .unwrap_or_else(|| format!("sim-{}", bound.port())),
-        add_bos: false,
+        model: ModelFacts {
+            tokenizer_json: vocab.json.clone(),
+            chat_template,
+            eos_token_ids: vocab.eos_ids.clone(),
+            bos_token: String::new(),
+            eos_token: vocab.eos_token.clone(),
+            add_bos: false,
+        },
     };
-    let state = SimState::new(profile, vocab.output_ids, vocab.eos_ids);
-    Ok(SimWorker::new(info, state, args.time_scale))
+    let runner = SimRunner::new(
+        profile,
+        vocab.size as usize,
+        vocab.output_ids,
+        args.time_scale,
+    );
+    Ok((runner, engine))
 }
 
-/// Serve `worker` on `listener` until `shutdown`.
+/// Serves the simulated group `args` describe on `listener` until `shutdown`, with a
+/// real worker's lifecycle (registration, idle release, drain).
 pub async fn serve_sim(
     listener: TcpListener,
-    worker: SimWorker,
+    args: SimArgs,
     shutdown: CancellationToken,
 ) -> Result<(), SimError> {
-    // TCP_NODELAY on accepted sockets (the builder's flag only applies when tonic binds):
-    // without it Nagle + delayed ACKs add ~40 ms to steps whose response spans writes.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_service(WorkerServer::new(worker))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+    let addr = listener.local_addr().map_err(|source| SimError::Bind {
+        addr: args.listen,
+        source,
+    })?;
+    let (runner, engine) = build(&args, addr)?;
+    tracing::info!(%addr, profile = %args.profile, group = %engine.group_id, "simulated worker serving");
+    let opts = ServeOptions {
+        engine,
+        seq_idle_timeout: Some(Duration::from_secs(DEFAULT_SEQ_IDLE_TIMEOUT_SECS)),
+        drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS),
+        registration: args.registration,
+    };
+    serve_group(Box::new(runner), listener, opts, shutdown).await?;
     Ok(())
 }
 
-/// The membership record of a simulated group, from what its `Info` says.
-fn sim_record(info: &InfoResponse, address: String) -> WorkerRecord {
-    WorkerRecord {
-        group_id: info.group_id.clone(),
-        address,
-        model: info.model_id.clone(),
-        tp: info.tp.max(1),
-        capacity: Some(WorkerCapacity {
-            kv_blocks_total: info.kv_blocks_total,
-            kv_block_size: info.kv_block_size,
-            max_num_seqs: info.max_num_seqs,
-            context_length: info.context_length,
-        }),
-        state: WorkerState::Ready as i32,
-        version: 0,
-        start_time_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    }
-}
-
-/// Bind, build and serve a simulated worker until `shutdown`.
+/// Binds `--listen` and serves a simulated worker until `shutdown`.
 pub async fn run_sim(args: SimArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
@@ -176,19 +168,6 @@ pub async fn run_sim(args: SimArgs, shutdown: CancellationToken) -> anyhow::Resu
             addr: args.listen,
             source,
         })?;
-    let addr = listener.local_addr()?;
-    let worker = build(&args, addr)?;
-    let info: &InfoResponse = worker.info();
-    tracing::info!(%addr, profile = %args.profile, group = %info.group_id, "simulated worker serving");
-    let record = sim_record(info, args.registration.address(addr)?);
-    let registration = Registration::start(&args.registration, record).await?;
-    // Same lifecycle as a real worker: on shutdown DRAINING first, then stop, then revoke.
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(serve_sim(listener, worker, stop.clone()));
-    shutdown.cancelled().await;
-    registration.set_draining();
-    stop.cancel();
-    server.await??;
-    registration.deregister().await;
+    serve_sim(listener, args, shutdown).await?;
     Ok(())
 }

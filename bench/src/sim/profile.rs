@@ -23,6 +23,20 @@
 //!   4 × 80 % × 3.35 TB/s ≈ 10.7 TB/s → ≈ 31 ns per context token.
 //! - KV: 4 × 72 GB − 141 GB − ~8 GB ≈ 139 GB ÷ 320 KiB ≈ 424 k tokens → 26 500 blocks.
 //!
+//! **`h100-llama3.2-1b`** — one H100 SXM serving Llama-3.2-1B in BF16 (1.236 B parameters
+//! = 2.47 GB; 16 layers, 8 KV heads × 64 dims, per Meta's config.json): a small model on a
+//! fast GPU, where a step is short enough that anything the coordinator adds per step shows.
+//! - a: 2.47 GB ÷ (80 % × 3.35 TB/s) ≈ 0.92 ms to read the weights, plus ≈ 0.3 ms of fixed
+//!   per-step cost that dominates small models (≈ 200 kernel launches for 16 layers, the
+//!   sampler, host ↔ device copies) → 1.2 ms.
+//! - b: 2.47 GFLOP per token ÷ (989 TFLOP/s × 50 %) ≈ 5 µs.
+//! - c: 16 × 8 × 64 × 2 × 2 B = 32 KiB per token; at 80 % of 3.35 TB/s ≈ 12 ns per context
+//!   token.
+//! - KV: 90 % of 80 GB − 2.47 GB − ~2 GB ≈ 67.5 GB ÷ 32 KiB ≈ 2.06 M tokens; 131 072 blocks
+//!   of 16 (2.1 M tokens).
+//! - A decode step of 32 sequences with ~300 tokens of context each: 1.2 + 0.16 + 0.12 ≈
+//!   1.5 ms, i.e. ≈ 21 800 output tokens/s.
+//!
 //! **`tiny`** — for tests: 1 ms steps, 64 blocks of 4 tokens, a 256-token context.
 //!
 //! The model is linear and ignores kernel launch overheads, prefill attention's quadratic
@@ -75,6 +89,19 @@ pub const PROFILES: &[Profile] = &[
         c_s_per_ctx_token: 31e-9,
         kv_block_size: 16,
         kv_blocks: 26_500,
+        context_length: 8192,
+        max_num_seqs: 256,
+        vocab_size: 128_256,
+    },
+    Profile {
+        name: "h100-llama3.2-1b",
+        model_id: "meta-llama/Llama-3.2-1B-Instruct",
+        tp: 1,
+        a_s: 1.2e-3,
+        b_s_per_token: 5e-6,
+        c_s_per_ctx_token: 12e-9,
+        kv_block_size: 16,
+        kv_blocks: 131_072,
         context_length: 8192,
         max_num_seqs: 256,
         vocab_size: 128_256,

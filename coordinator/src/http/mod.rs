@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions`
-//! (JSON or SSE), `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`,
-//! `/metrics`. Bodies are parsed by hand so every malformed input gets an OpenAI-style
-//! error naming the problem; responses are the typed bodies of [`responses`].
+//! (JSON or SSE), `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`
+//! (ready: a worker group is), `/livez` (the process serves), `/metrics`. Bodies are
+//! parsed by hand so every malformed input gets an OpenAI-style error naming the
+//! problem; responses are the typed bodies of [`responses`].
 
 mod chat;
 mod chat_types;
@@ -45,6 +46,7 @@ pub fn router(service: Service) -> axum::Router {
     axum::Router::new()
         .merge(api)
         .route("/health", get(health))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
@@ -107,6 +109,12 @@ async fn health(State(service): State<Service>) -> Response {
         };
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
+}
+
+/// Liveness: answers while the HTTP server does, whatever the worker groups' state (a
+/// liveness probe on `/health` would restart every coordinator while no group is up).
+async fn livez() -> Response {
+    (StatusCode::OK, "ok\n").into_response()
 }
 
 async fn metrics(State(service): State<Service>) -> Response {
@@ -311,25 +319,89 @@ pub(crate) fn tenant(headers: &HeaderMap, user: Option<&str>) -> Option<String> 
 pub(crate) fn sse<S, T>(events: S) -> Response
 where
     S: futures::Stream<Item = T> + Send + 'static,
-    T: serde::Serialize,
+    T: serde::Serialize + Send + 'static,
 {
-    use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
-    let stream = events
-        .map(|v| {
-            let data = serde_json::to_string(&v).unwrap_or_else(|e| {
-                serde_json::to_string(
-                    &ApiError::Internal(format!("response not serializable: {e}")).to_body(),
-                )
-                .unwrap_or_default()
-            });
-            Event::default().data(data)
-        })
-        .chain(futures::stream::once(async {
-            Event::default().data("[DONE]")
-        }))
-        .map(Ok::<_, std::convert::Infallible>);
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
+    // Every event ready when the body is polled goes out in one frame (one write): a
+    // stream that fell behind its steps catches up in one syscall, not one per token.
+    let frames = events
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
+        .ready_chunks(SSE_COALESCE_MAX)
+        .map(|events| {
+            let mut frame = String::new();
+            for event in events {
+                frame.push_str("data: ");
+                match event {
+                    Some(v) => frame.push_str(&serialized(&v)),
+                    None => frame.push_str("[DONE]"),
+                }
+                frame.push_str("\n\n");
+            }
+            Bytes::from(frame)
+        });
+    // A comment line after SSE_KEEP_ALIVE without an event keeps proxies from closing a
+    // stream that waits in the queue (what axum's `KeepAlive` default did).
+    let body = tokio_stream::StreamExt::timeout_repeating(
+        frames,
+        tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE, SSE_KEEP_ALIVE),
+    )
+    .map(|frame| {
+        Ok::<_, std::convert::Infallible>(frame.unwrap_or_else(|_| Bytes::from_static(b":\n\n")))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
         .into_response()
+}
+
+/// One event's JSON; an event that cannot be serialized becomes an error event.
+fn serialized(event: &impl serde::Serialize) -> String {
+    serde_json::to_string(event).unwrap_or_else(|e| {
+        let error = ApiError::Internal(format!("response not serializable: {e}"));
+        serde_json::to_string(&error.to_body()).unwrap_or_default()
+    })
+}
+
+/// Most events coalesced into one SSE frame.
+const SSE_COALESCE_MAX: usize = 64;
+/// Idle time after which an SSE stream gets a keep-alive comment.
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// Events that are ready together leave in one frame (one write), `[DONE]` included;
+    /// one that comes later gets its own.
+    #[tokio::test]
+    async fn ready_sse_events_are_coalesced_into_one_frame() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..3 {
+            tx.send(serde_json::json!({ "i": i })).unwrap();
+        }
+        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let response = sse(events);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        let mut body = response.into_body().into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(
+            first,
+            "data: {\"i\":0}\n\ndata: {\"i\":1}\n\ndata: {\"i\":2}\n\n"
+        );
+        tx.send(serde_json::json!({ "i": 3 })).unwrap();
+        drop(tx);
+        let rest = body.next().await.unwrap().unwrap();
+        assert_eq!(rest, "data: {\"i\":3}\n\ndata: [DONE]\n\n");
+        assert!(body.next().await.is_none());
+    }
 }

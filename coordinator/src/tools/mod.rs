@@ -315,11 +315,11 @@ fn fallback_prompt(tools: &[Value]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use shardline_proto::constraint::testing::{byte_tokenizer_json, bytes};
-    use shardline_proto::constraint::{ConstraintCompiler, lark};
+    use shardline_constraint::testing::{byte_tokenizer_json, bytes};
+    use shardline_constraint::{ConstraintCompiler, lark};
 
     use super::*;
-    use crate::testing::TEST_CHAT_TEMPLATE;
+    use shardline_engine::testing::TEST_CHAT_TEMPLATE;
 
     fn weather() -> Tool {
         Tool {

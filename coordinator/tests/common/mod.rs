@@ -1,19 +1,21 @@
-//! Shared helpers of the coordinator's integration tests: a coordinator over in-process
-//! fake workers on loopback ports, and small HTTP / SSE clients.
+//! Shared helpers of the coordinator's integration tests: a coordinator over test workers
+//! (the real worker service over a fake runner) on loopback ports, and small HTTP / SSE
+//! clients.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
-use shardline_coordinator::testing::{FakeWorker, FakeWorkerConfig, FakeWorkerHandle};
 use shardline_coordinator::{Config, Coordinator};
+use shardline_engine::fake::{continuation, echo_next};
+use shardline_engine::testing::{TestWorker, TestWorkerConfig, test_tokenizer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub struct Cluster {
     pub coordinator: Coordinator,
-    pub workers: Vec<FakeWorkerHandle>,
+    pub workers: Vec<TestWorker>,
     pub shutdown: CancellationToken,
     pub http: reqwest::Client,
     pub base: String,
@@ -25,10 +27,10 @@ impl Drop for Cluster {
     }
 }
 
-pub async fn cluster(config: Config, workers: Vec<FakeWorkerConfig>) -> Cluster {
+pub async fn cluster(config: Config, workers: Vec<TestWorkerConfig>) -> Cluster {
     let mut handles = Vec::new();
     for w in workers {
-        handles.push(FakeWorker::start(w).await.expect("bind fake worker"));
+        handles.push(TestWorker::start(w).await.expect("bind fake worker"));
     }
     let shutdown = CancellationToken::new();
     let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
@@ -54,7 +56,7 @@ pub async fn cluster(config: Config, workers: Vec<FakeWorkerConfig>) -> Cluster 
     }
 }
 
-pub async fn one_worker(config: Config, worker: FakeWorkerConfig) -> Cluster {
+pub async fn one_worker(config: Config, worker: TestWorkerConfig) -> Cluster {
     cluster(config, vec![worker]).await
 }
 
@@ -127,8 +129,15 @@ pub fn finish_reason(events: &[Value]) -> Option<String> {
         .map(str::to_string)
 }
 
-/// What the fake generates greedily for `prompt`: the prompt's bytes, cycled.
+/// What the test worker's echo model generates greedily after `prompt` (a completion's
+/// text): on a prompt of distinct bytes, the prompt's bytes cycled.
 pub fn expected_greedy(prompt: &str, tokens: usize) -> String {
-    let bytes: Vec<u8> = prompt.bytes().cycle().take(tokens).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+    let tokenizer = test_tokenizer();
+    let ids = tokenizer
+        .encode(prompt, false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    let out = continuation(echo_next, &ids, tokens);
+    tokenizer.decode(&out, true).expect("decode")
 }

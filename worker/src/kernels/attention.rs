@@ -326,6 +326,7 @@ unsafe fn weighted_values_avx512<const C: usize, const H: usize>(
     for p in 0..n {
         // SAFETY: block `p / bs` exists and its slot `p % bs` holds `hd` floats (asserted).
         let v = unsafe { kv.values.get_unchecked(p / bs).as_ptr().add((p % bs) * hd) };
+        // SAFETY: `c · 16 + 16 ≤ hd` floats from `v` (the slot holds `hd`; C = hd / 16).
         let v: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(v.add(c * 16)) });
         for (h, acc) in acc.iter_mut().enumerate() {
             // SAFETY: `h · stride + p < w.len()` (asserted above).

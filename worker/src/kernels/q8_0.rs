@@ -160,13 +160,12 @@ unsafe fn tile_vnni<const R: usize>(
         // SAFETY: `q` holds 8 aligned lines, `wd` is an aligned 16-float lane.
         let (q, wd) = unsafe { (q.as_ptr().cast::<__m512i>(), _mm512_load_ps(wd.0.as_ptr())) };
         let ab = [(r0 * a.nb + b), (r0 + 1) * a.nb + b];
-        // SAFETY: block `ab[r]` of `a` is in bounds for r < R per the caller's contract.
         let scale = [0, 1].map(|r| {
             if r < R {
-                _mm512_mul_ps(
-                    wd,
-                    _mm512_set1_ps(unsafe { a.blocks.get_unchecked(ab[r]).d }),
-                )
+                // SAFETY: block `ab[r]` of `a` is in bounds for r < R per the caller's
+                // contract.
+                let d = unsafe { a.blocks.get_unchecked(ab[r]).d };
+                _mm512_mul_ps(wd, _mm512_set1_ps(d))
             } else {
                 wd
             }

@@ -16,6 +16,7 @@ use crate::config::{ConfigError, LlamaConfig};
 use crate::kernels::KernelError;
 use crate::kernels::Linear;
 use crate::kv::KvStore;
+use crate::model::group::FailureInjector;
 use crate::model::runner::LlamaRunner;
 use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
 use crate::runner::{ModelRunner, RunnerError};
@@ -159,7 +160,7 @@ fn load_shards(path: &Path, opts: &LoadOptions, kv_elem_bytes: usize) -> Result<
     if let Some(max) = opts.max_context {
         model.cfg.context_length = model.cfg.context_length.min(max.max(1));
     }
-    let shards = crate::tp::shard::shard_all(model, opts.tp.max(1))
+    let shards = crate::model::shard::shard_all(model, opts.tp.max(1))
         .map_err(|e| LoadError::Options(e.to_string()))?;
     let cfg = &shards[0].cfg;
     // The budget is the group's: every rank's KV heads (replicated ones counted on each).
@@ -195,10 +196,6 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
         opts.threads,
         opts.collective_timeout,
     )?;
-    runner
-        .failure_injector()
-        .arm_from_env()
-        .map_err(LoadError::Options)?;
     Ok(runner)
 }
 
@@ -207,8 +204,19 @@ pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner,
 /// (a group of `opts.tp` device ranks: NCCL on `cuda:N..N+tp`, the host communicator on
 /// `cpu`; the KV cache in the device dtype).
 pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunner>, LoadError> {
+    load_runner_with_injector(path, opts).map(|(runner, _)| runner)
+}
+
+/// [`load_runner`], plus the handle that makes a rank fail on purpose (end-to-end tests
+/// of the failure path arm it through `shardline worker`'s hidden `--inject-failure`).
+pub fn load_runner_with_injector(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<(Box<dyn ModelRunner>, FailureInjector), LoadError> {
     let Some(device) = opts.device else {
-        return Ok(Box::new(load_llama_runner(path, opts)?));
+        let runner = load_llama_runner(path, opts)?;
+        let injector = runner.failure_injector();
+        return Ok((Box::new(runner), injector));
     };
     let Loaded { shards, blocks, id } =
         load_shards(path, opts, device.weight_dtype().size_in_bytes())?;
@@ -224,11 +232,8 @@ pub fn load_runner(path: &Path, opts: &LoadOptions) -> Result<Box<dyn ModelRunne
         opts.block_size,
         opts.collective_timeout,
     )?;
-    runner
-        .failure_injector()
-        .arm_from_env()
-        .map_err(LoadError::Options)?;
-    Ok(Box::new(runner))
+    let injector = runner.failure_injector();
+    Ok((Box::new(runner), injector))
 }
 
 fn model_name(path: &Path) -> String {

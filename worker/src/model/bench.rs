@@ -72,7 +72,7 @@ pub fn prompt(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
 
 /// The greedy token of a logits row (0 when no logit is finite).
 pub fn argmax(x: &[f32]) -> u32 {
-    crate::sampler::greedy(x).unwrap_or(0)
+    shardline_engine::sampler::greedy(x).unwrap_or(0)
 }
 
 fn progress(rows: &[BenchRow]) {

@@ -13,7 +13,7 @@
 //! norms, RoPE, softmax and the residual stream stay f32. Unlike the CPU kernels these ops
 //! are not batch invariant (cuBLAS picks kernels by shape).
 //!
-//! **Tensor parallelism.** A rank shard of a [`LlamaModel`] ([`crate::tp::shard`]) becomes
+//! **Tensor parallelism.** A rank shard of a [`LlamaModel`] ([`crate::model::shard`]) becomes
 //! a rank's [`DeviceModel`]: its q/KV heads, FFN slice and vocabulary slice.
 //! [`DeviceModel::forward_rank`] gathers the embeddings (rows outside the rank's slice
 //! are zero, then an all-reduce), all-reduces after o_proj and after down, and gathers the
@@ -22,7 +22,7 @@
 //! bitwise tp-invariant: they agree with tp 1 to rounding. At tp 1 no collective runs.
 //!
 //! [`DeviceRunner`] is the [`ModelRunner`] over a group of [`DeviceRank`]s, the same
-//! runner (block bookkeeping, [`crate::tp::group::RankGroup`]) as
+//! runner (block bookkeeping, [`crate::model::group::RankGroup`]) as
 //! [`crate::model::runner::LlamaRunner`].
 
 use std::str::FromStr;
@@ -33,7 +33,7 @@ use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels::{Linear, WeightData};
 use crate::model::{Embeddings, LlamaModel, Projection, StepPlan, TokenPlan};
 use crate::runner::RunnerError;
-use crate::tp::shard::RankPart;
+use crate::tp::RankPart;
 use crate::tp::{CommError, Communicator};
 
 mod attention;

@@ -8,19 +8,21 @@
 //! [`crate::kernels`]).
 //!
 //! Weights are held per layer ([`LayerWeights`]); a model may be one tensor-parallel
-//! rank's shard of the full one ([`crate::tp::shard`]): its [`RankPart`] says which query
+//! rank's shard of the full one ([`crate::model::shard`]): its [`RankPart`] says which query
 //! and KV heads and which FFN slice it holds, and [`LlamaModel::forward_rank`] sums the
 //! row-parallel outputs with the group's [`Communicator`].
 
 pub mod bench;
 pub mod device;
+pub mod group;
 pub mod runner;
+pub mod shard;
 pub mod tiny;
 
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels::{KvBlocks, Linear, attend, rms_norm, rope, silu_mul, sum_segments, team};
 use crate::kv::{BlockId, KvStore};
-use crate::tp::shard::RankPart;
+use crate::tp::RankPart;
 use crate::tp::{CommError, Communicator, SingleRank};
 
 /// Input projection that may be fused (one matmul) or, when the parts' storage formats

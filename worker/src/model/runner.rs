@@ -9,11 +9,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::kv::BlockManager;
+use crate::model::group::{CpuRank, FailureInjector, GroupRank, OwnedStep, RankGroup};
 use crate::model::{LlamaModel, TokenPlan};
 use crate::runner::{
     ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerInfo, SeqChunk, SeqId,
 };
-use crate::tp::group::{CpuRank, FailureInjector, GroupRank, OwnedStep, RankGroup};
 
 /// Default deadline of a tensor-parallel collective.
 pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,7 +56,7 @@ impl GroupRunner<CpuRank> {
     }
 
     /// A tensor-parallel group, `shards[r]` being rank `r`'s model
-    /// ([`crate::tp::shard::shard_all`]); `threads` model threads in all, split between
+    /// ([`crate::model::shard::shard_all`]); `threads` model threads in all, split between
     /// the ranks; collectives give up after `timeout`.
     pub fn sharded(
         shards: Vec<LlamaModel>,

@@ -1,22 +1,25 @@
 //! Tensor parallelism: how the ranks of one worker group talk to each other.
 //!
 //! A group runs one model over `world` ranks (threads of one process). Each rank owns a
-//! column/row shard of every projection ([`shard`]) and its KV heads; after the two
+//! column/row shard of every projection and its KV heads ([`RankPart`]); after the two
 //! row-parallel projections of a layer (o_proj, down) the ranks sum their partial outputs
-//! with a [`Communicator`]'s all-reduce.
+//! with a [`Communicator`]'s all-reduce. This module knows nothing of the model: cutting
+//! a model into shards is `model::shard`, running a step over the rank threads
+//! `model::group`.
 //!
 //! - [`cpu`]: ranks on CPU cores sharing memory ([`cpu::CpuCommunicator`]).
-//! - [`group`]: the rank threads of one group running a step together.
+//! - [`part`]: [`RankPart`], what one rank owns.
 //! - `nccl` (feature `cuda`): ranks on GPUs, NCCL through candle-core's bindings.
 //!
 //! Every collective has a deadline: a rank that errors, panics or hangs fails the whole
 //! group's step with [`CommError`] instead of leaving the others waiting.
 
 pub mod cpu;
-pub mod group;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-pub mod shard;
+pub mod part;
+
+pub use part::RankPart;
 
 use std::time::Duration;
 

@@ -17,5 +17,5 @@ pub fn smollm2() -> PathBuf {
 
 /// The id of the largest logit (the sampler's greedy choice).
 pub fn argmax(x: &[f32]) -> u32 {
-    shardline_worker::sampler::greedy(x).expect("a row with a finite logit")
+    shardline_engine::sampler::greedy(x).expect("a row with a finite logit")
 }

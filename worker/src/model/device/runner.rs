@@ -11,11 +11,11 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{DeviceChoice, DeviceError, DeviceKv, DeviceModel};
 use crate::kv::BlockId;
+use crate::model::group::{GroupRank, OwnedStep, RankGroup};
 use crate::model::runner::{DEFAULT_COLLECTIVE_TIMEOUT, GroupRunner};
 use crate::model::{LlamaModel, StepPlan};
 use crate::runner::{RunnerError, RunnerInfo};
 use crate::tp::cpu::{CpuCommunicator, HostTensorComm};
-use crate::tp::group::{GroupRank, OwnedStep, RankGroup};
 use crate::tp::{CommError, Communicator};
 
 /// The trivial tensor group of one rank: collectives are no-ops.
@@ -198,7 +198,7 @@ impl GroupRunner<DeviceRank> {
 }
 
 /// The device models and tensor communicators of a tensor-parallel group over `shards`
-/// ([`crate::tp::shard::shard_all`]): on `cpu` every rank on candle's CPU device with
+/// ([`crate::model::shard::shard_all`]): on `cpu` every rank on candle's CPU device with
 /// [`HostTensorComm`]s over a [`CpuCommunicator`] group; on `cuda:N` rank `r` on GPU
 /// `N + r` with NCCL (feature `cuda`).
 #[allow(clippy::type_complexity)]

@@ -1,0 +1,297 @@
+//! [`SimRunner`]: the simulated model behind the real engine and worker service. It runs
+//! no model: a forward lasts the profile's modelled step time, its logits peak on a token
+//! that is a pure function of the sequence's tokens so far (a rolling hash), and the KV
+//! cache is counted exactly in blocks. Everything else a worker does (admission,
+//! chunked prefill, stop rules, sampling, release) is the real engine's.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use shardline_engine::runner::{
+    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerInfo, SeqChunk, SeqId,
+};
+
+use super::profile::Profile;
+
+/// The last stretch of a modelled step is spun rather than slept: a sleeping thread
+/// wakes up to ~60 µs late (the kernel's timer slack), which on a 1.5 ms step would be
+/// time a study wrongly puts on the coordinator.
+const SPIN: Duration = Duration::from_micros(80);
+
+/// What the runner keeps per sequence.
+#[derive(Debug, Clone, Copy)]
+struct Seq {
+    /// Rolling hash of every token in the KV cache.
+    hash: u64,
+    /// Tokens in the KV cache.
+    len: usize,
+}
+
+pub struct SimRunner {
+    info: RunnerInfo,
+    profile: Profile,
+    /// Multiplies every modelled step time (0 = no waiting, for tests).
+    time_scale: f64,
+    /// Token ids outputs are drawn from (ordinary tokens: no EOS, no specials).
+    outputs: Vec<u32>,
+    seqs: HashMap<SeqId, Seq>,
+    used_blocks: usize,
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64 finaliser: a cheap, well-spread hash of one word.
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+const EMPTY: u64 = 0xcbf2_9ce4_8422_2325;
+
+impl SimRunner {
+    /// `outputs`: the ids generated tokens are drawn from (none empty).
+    pub fn new(profile: Profile, vocab_size: usize, outputs: Vec<u32>, time_scale: f64) -> Self {
+        assert!(
+            !outputs.is_empty(),
+            "the simulator needs output tokens; this is a bug"
+        );
+        Self {
+            info: RunnerInfo {
+                model_id: format!("sim:{}", profile.name),
+                dtype: "bf16".into(),
+                tp: profile.tp as usize,
+                context_length: profile.context_length as usize,
+                vocab_size,
+                kv_block_size: profile.kv_block_size as usize,
+                kv_blocks_total: profile.kv_blocks as usize,
+            },
+            profile,
+            time_scale: time_scale.max(0.0),
+            outputs,
+            seqs: HashMap::new(),
+            used_blocks: 0,
+        }
+    }
+
+    /// The token the model predicts after a sequence whose tokens hash to `hash`.
+    pub fn token_after(&self, hash: u64) -> u32 {
+        self.outputs[(mix(hash) % self.outputs.len() as u64) as usize]
+    }
+
+    /// The rolling hash of `tokens` (what the runner keeps per sequence).
+    pub fn hash(tokens: &[u32]) -> u64 {
+        tokens.iter().fold(EMPTY, |h, &t| mix(h ^ u64::from(t)))
+    }
+
+    fn blocks_for(&self, len: usize) -> usize {
+        len.div_ceil(self.info.kv_block_size.max(1))
+    }
+
+    fn row(&self, hash: u64, out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + self.info.vocab_size, -12.0);
+        out[start + self.token_after(hash) as usize] = 0.0;
+    }
+
+    fn seq(&self, id: SeqId) -> Result<Seq, RunnerError> {
+        self.seqs
+            .get(&id)
+            .copied()
+            .ok_or(RunnerError::UnknownSequence(id))
+    }
+}
+
+impl ModelRunner for SimRunner {
+    fn info(&self) -> &RunnerInfo {
+        &self.info
+    }
+
+    fn add_sequence_with(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        _prefix_cache: PrefixCache,
+    ) -> Result<usize, RunnerError> {
+        if self.seqs.contains_key(&id) {
+            return Err(RunnerError::DuplicateSequence(id));
+        }
+        let max = self.info.context_length;
+        if prompt.len() > max {
+            return Err(RunnerError::ContextExceeded {
+                id,
+                len: prompt.len(),
+                max,
+            });
+        }
+        // No prefix cache: every prompt token is computed.
+        self.seqs.insert(
+            id,
+            Seq {
+                hash: EMPTY,
+                len: 0,
+            },
+        );
+        Ok(0)
+    }
+
+    fn blocks_needed(&self, id: SeqId, n: usize) -> Result<usize, RunnerError> {
+        let len = self.seq(id)?.len;
+        Ok(self.blocks_for(len + n) - self.blocks_for(len))
+    }
+
+    fn seq_len(&self, id: SeqId) -> Result<usize, RunnerError> {
+        Ok(self.seq(id)?.len)
+    }
+
+    fn forward(&mut self, batch: &[SeqChunk]) -> Result<Vec<ChunkLogits>, RunnerError> {
+        let started = Instant::now();
+        let (mut tokens, mut ctx, mut needed) = (0u64, 0u64, 0usize);
+        for c in batch {
+            let seq = self.seq(c.id)?;
+            let len = seq.len + c.tokens.len();
+            if len > self.info.context_length {
+                return Err(RunnerError::ContextExceeded {
+                    id: c.id,
+                    len,
+                    max: self.info.context_length,
+                });
+            }
+            needed += self.blocks_for(len) - self.blocks_for(seq.len);
+            tokens += c.tokens.len() as u64;
+            ctx += len as u64;
+        }
+        let free = self.free_blocks();
+        if needed > free {
+            return Err(RunnerError::OutOfBlocks { needed, free });
+        }
+        self.used_blocks += needed;
+        let mut out = Vec::with_capacity(batch.len());
+        for c in batch {
+            let mut seq = self.seq(c.id)?;
+            let mut data = Vec::new();
+            for (j, &t) in c.tokens.iter().enumerate() {
+                seq.hash = mix(seq.hash ^ u64::from(t));
+                let wanted = match c.logits {
+                    LogitsWanted::None => false,
+                    LogitsWanted::Last => j + 1 == c.tokens.len(),
+                    LogitsWanted::All => true,
+                };
+                if wanted {
+                    self.row(seq.hash, &mut data);
+                }
+            }
+            seq.len += c.tokens.len();
+            self.seqs.insert(c.id, seq);
+            let rows = data.len() / self.info.vocab_size.max(1);
+            out.push(ChunkLogits {
+                id: c.id,
+                data,
+                rows,
+            });
+        }
+        let cost = self.profile.step_time(tokens, ctx).mul_f64(self.time_scale);
+        wait_until(started + cost);
+        Ok(out)
+    }
+
+    fn remove_sequence(&mut self, id: SeqId) {
+        if let Some(seq) = self.seqs.remove(&id) {
+            self.used_blocks -= self.blocks_for(seq.len);
+        }
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.info.kv_blocks_total - self.used_blocks
+    }
+}
+
+/// Sleeps, then spins the last [`SPIN`], until `deadline`.
+fn wait_until(deadline: Instant) {
+    let now = Instant::now();
+    if deadline <= now {
+        return;
+    }
+    let left = deadline - now;
+    if left > SPIN {
+        std::thread::sleep(left - SPIN);
+    }
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> SimRunner {
+        // 64 blocks of 4 tokens, 256-token context.
+        SimRunner::new(
+            Profile::by_name("tiny").unwrap(),
+            16,
+            (1..16).collect(),
+            0.0,
+        )
+    }
+
+    fn chunk(id: u64, tokens: &[u32], logits: LogitsWanted) -> SeqChunk {
+        SeqChunk {
+            id: SeqId(id),
+            tokens: tokens.to_vec(),
+            logits,
+        }
+    }
+
+    fn peak(l: &ChunkLogits, row: usize, vocab: usize) -> usize {
+        let r = &l.data[row * vocab..(row + 1) * vocab];
+        r.iter().position(|&x| x == 0.0).unwrap()
+    }
+
+    #[test]
+    fn blocks_are_counted_exactly_and_returned() {
+        let mut r = tiny();
+        r.add_sequence(SeqId(1), &[1; 10]).unwrap();
+        assert_eq!(r.blocks_needed(SeqId(1), 10).unwrap(), 3);
+        r.forward(&[chunk(1, &[1; 6], LogitsWanted::None)]).unwrap();
+        assert_eq!(r.free_blocks(), 62);
+        r.forward(&[chunk(1, &[1; 4], LogitsWanted::Last)]).unwrap();
+        assert_eq!(r.free_blocks(), 61);
+        assert_eq!(r.blocks_needed(SeqId(1), 2).unwrap(), 0);
+        r.remove_sequence(SeqId(1));
+        assert_eq!(r.free_blocks(), 64);
+        // A step that does not fit changes nothing.
+        r.add_sequence(SeqId(2), &[1; 255]).unwrap();
+        let err = r.forward(&[chunk(2, &[1; 257], LogitsWanted::Last)]);
+        assert!(matches!(err, Err(RunnerError::ContextExceeded { .. })));
+        assert_eq!(r.free_blocks(), 64);
+    }
+
+    #[test]
+    fn logits_depend_on_the_tokens_only() {
+        // One sequence prefilled in one chunk, another in two: same prediction.
+        let mut r = tiny();
+        r.add_sequence(SeqId(1), &[3, 4, 5]).unwrap();
+        r.add_sequence(SeqId(2), &[3, 4, 5]).unwrap();
+        let a = r
+            .forward(&[chunk(1, &[3, 4, 5], LogitsWanted::Last)])
+            .unwrap();
+        r.forward(&[chunk(2, &[3, 4], LogitsWanted::None)]).unwrap();
+        let b = r.forward(&[chunk(2, &[5], LogitsWanted::Last)]).unwrap();
+        assert_eq!(peak(&a[0], 0, 16), peak(&b[0], 0, 16));
+        assert_eq!(
+            peak(&a[0], 0, 16) as u32,
+            r.token_after(SimRunner::hash(&[3, 4, 5]))
+        );
+        assert!(peak(&a[0], 0, 16) > 0, "outputs never draw token 0 here");
+    }
+
+    #[test]
+    fn a_step_takes_the_modelled_time() {
+        let mut r = SimRunner::new(Profile::by_name("tiny").unwrap(), 16, vec![1], 1.0);
+        r.add_sequence(SeqId(1), &[1]).unwrap();
+        let t = Instant::now();
+        r.forward(&[chunk(1, &[1], LogitsWanted::Last)]).unwrap();
+        // The tiny profile: 1 ms per step.
+        assert!(t.elapsed() >= Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,291 @@
+//! The `shardline.worker.v1.Worker` gRPC service: converts messages and calls the
+//! [`EngineHandle`].
+//!
+//! `Steps` is one bidirectional stream per coordinator. Each request is queued on the
+//! engine as soon as it arrives, so a coordinator that sends step N+1 while N runs has
+//! N+1 start the moment N ends; answers go back in request order. A stream ends when the
+//! coordinator closes it, when a step fails engine-wide (the error status ends it) or when
+//! the server stops (`UNAVAILABLE`, so graceful shutdown never waits on a coordinator).
+//!
+//! Per-sequence problems (bad prompt, unknown id, no KV room) come back inside the
+//! `StepResponse` as a per-sequence status, so one bad sequence never fails the batch;
+//! only engine-wide failures become a gRPC status.
+//!
+//! `Health` reports `sequences_started`: sequences ever registered with the model (a
+//! request refused before that, or never sent, does not count).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use futures::Stream;
+use shardline_proto::worker::v1 as pb;
+use shardline_proto::worker::v1::worker_server::{Worker, WorkerServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{EngineError, EngineHandle, StepReply};
+
+/// Largest request the worker accepts (a long prompt in a step is a few MB at most).
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+/// Steps of one stream queued on the engine or waiting to be sent back. A coordinator
+/// keeps two in flight; the bound pushes back on one that sends more.
+const STREAM_PIPELINE: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot read the listener's address: {0}")]
+    Addr(std::io::Error),
+}
+
+pub struct WorkerService {
+    engine: EngineHandle,
+    /// Cancelled when the worker starts draining: `Health` says so, tonic-health reports
+    /// NOT_SERVING, and new sequences are refused (the coordinator starts them elsewhere).
+    draining: CancellationToken,
+    /// Cancelled when the server stops: open step streams end with `UNAVAILABLE`.
+    stopping: CancellationToken,
+}
+
+impl WorkerService {
+    pub fn new(engine: EngineHandle, draining: CancellationToken) -> Self {
+        Self {
+            engine,
+            draining,
+            stopping: CancellationToken::new(),
+        }
+    }
+}
+
+/// While draining, new sequences (chunks carrying a prompt) are taken out of a step and
+/// answered `SEQ_STATUS_OUT_OF_BLOCKS` so the coordinator starts them elsewhere; the
+/// running ones go on. Returns the refused ones with their position in the request.
+fn refuse_new(req: &mut pb::StepRequest) -> Vec<(usize, u64)> {
+    if req.prefill.iter().all(|c| c.prompt.is_empty()) {
+        return Vec::new();
+    }
+    let mut refused = Vec::new();
+    let mut kept = Vec::new();
+    for (i, c) in std::mem::take(&mut req.prefill).into_iter().enumerate() {
+        if c.prompt.is_empty() {
+            kept.push(c);
+        } else {
+            refused.push((i, c.seq_id));
+        }
+    }
+    req.prefill = kept;
+    refused
+}
+
+/// Puts the refused sequences' answers back at their request positions.
+fn answer_refused(resp: &mut pb::StepResponse, refused: Vec<(usize, u64)>) {
+    // Ascending original positions: each insert restores request order.
+    for (i, seq_id) in refused {
+        let result = pb::SeqResult {
+            seq_id,
+            status: pb::SeqStatus::OutOfBlocks as i32,
+            error: "the worker is draining; start the sequence elsewhere".into(),
+            ..Default::default()
+        };
+        resp.results.insert(i.min(resp.results.len()), result);
+    }
+}
+
+/// One queued step of a stream: the engine's pending answer and the sequences refused
+/// while draining.
+struct Pending {
+    reply: StepReply,
+    refused: Vec<(usize, u64)>,
+}
+
+/// Reads a stream's requests and queues each on the engine at once.
+async fn queue_steps(
+    mut inbound: Streaming<pb::StepRequest>,
+    engine: EngineHandle,
+    draining: CancellationToken,
+    pending: mpsc::Sender<Result<Pending, Status>>,
+) {
+    loop {
+        let req = tokio::select! {
+            // The answering side ended (server stopping, failed step, coordinator gone).
+            _ = pending.closed() => return,
+            r = inbound.message() => r,
+        };
+        let mut req = match req {
+            Ok(Some(req)) => req,
+            Ok(None) => return, // the coordinator closed its side
+            Err(status) => {
+                tracing::debug!(%status, "a step stream broke");
+                return;
+            }
+        };
+        let refused = if draining.is_cancelled() {
+            refuse_new(&mut req)
+        } else {
+            Vec::new()
+        };
+        let queued = engine
+            .submit(req)
+            .await
+            .map(|reply| Pending { reply, refused })
+            .map_err(to_status);
+        let failed = queued.is_err();
+        if pending.send(queued).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Sends a stream's answers back in request order until the stream ends.
+async fn answer_steps(
+    mut pending: mpsc::Receiver<Result<Pending, Status>>,
+    out: mpsc::Sender<Result<pb::StepResponse, Status>>,
+    stopping: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stopping.cancelled() => Err(Status::unavailable("the worker is stopping")),
+            p = pending.recv() => match p {
+                None => return,
+                Some(Err(status)) => Err(status),
+                Some(Ok(p)) => tokio::select! {
+                    _ = stopping.cancelled() => Err(Status::unavailable("the worker is stopping")),
+                    r = p.reply => match r {
+                        Ok(Ok(mut resp)) => {
+                            answer_refused(&mut resp, p.refused);
+                            Ok(resp)
+                        }
+                        Ok(Err(e)) => Err(to_status(e)),
+                        Err(_) => Err(to_status(EngineError::Closed)),
+                    },
+                },
+            },
+        };
+        let failed = next.is_err();
+        if out.send(next).await.is_err() || failed {
+            return; // the coordinator left, or the stream ends with the error
+        }
+    }
+}
+
+fn to_status(e: EngineError) -> Status {
+    match e {
+        EngineError::Closed => Status::unavailable(e.to_string()),
+        EngineError::Failed(_) => Status::unavailable(e.to_string()),
+        EngineError::Runner(_) | EngineError::Spawn(_) => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        self.engine
+            .info()
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    type StepsStream = Pin<Box<dyn Stream<Item = Result<pb::StepResponse, Status>> + Send>>;
+
+    async fn steps(
+        &self,
+        request: Request<Streaming<pb::StepRequest>>,
+    ) -> Result<Response<Self::StepsStream>, Status> {
+        let (pending_tx, pending_rx) = mpsc::channel(STREAM_PIPELINE);
+        let (out_tx, out_rx) = mpsc::channel(STREAM_PIPELINE);
+        tokio::spawn(queue_steps(
+            request.into_inner(),
+            self.engine.clone(),
+            self.draining.clone(),
+            pending_tx,
+        ));
+        tokio::spawn(answer_steps(pending_rx, out_tx, self.stopping.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let draining = self.draining.is_cancelled();
+        let (ready, message, free, running, admitted) = match self.engine.status().await {
+            Ok(s) => {
+                let message = match (&s.healthy, draining) {
+                    (Err(e), _) => e.clone(),
+                    (Ok(()), true) => "draining".to_owned(),
+                    (Ok(()), false) => "ok".to_owned(),
+                };
+                (
+                    s.healthy.is_ok() && !draining,
+                    message,
+                    s.kv_blocks_free,
+                    s.num_running,
+                    s.counters.seqs_admitted,
+                )
+            }
+            Err(e) => (false, e.to_string(), 0, 0, 0),
+        };
+        Ok(Response::new(pb::HealthResponse {
+            ready,
+            draining,
+            message,
+            kv_blocks_free: free as u32,
+            num_running: running as u32,
+            sequences_started: admitted,
+        }))
+    }
+}
+
+/// Serves the worker API (plus `grpc.health.v1`) on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    engine: EngineHandle,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let draining = shutdown.child_token();
+    serve_service(listener, WorkerService::new(engine, draining), shutdown).await
+}
+
+/// Like [`serve`], with a service whose draining token the caller controls.
+pub async fn serve_service(
+    listener: TcpListener,
+    service: WorkerService,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let addr: SocketAddr = listener.local_addr().map_err(ServeError::Addr)?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    let draining = service.draining.clone();
+    let watch_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = draining.cancelled() => {
+                reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
+            }
+            _ = watch_shutdown.cancelled() => {}
+        }
+    });
+    tracing::info!(%addr, "worker gRPC service listening");
+    let mut service = service;
+    service.stopping = shutdown.clone();
+    let worker = WorkerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(
+            // Every step answer is a few small HTTP/2 writes: no Nagle delay on them.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled(),
+        )
+        .await?;
+    Ok(())
+}

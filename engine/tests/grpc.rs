@@ -1,0 +1,313 @@
+//! The worker gRPC service end to end over loopback, with [`FakeRunner`] behind the engine.
+
+use shardline_engine::engine::{EngineConfig, EngineHandle, ModelFacts};
+use shardline_engine::fake::FakeRunner;
+use shardline_engine::service::{WorkerService, serve, serve_service};
+use shardline_proto::worker::v1 as pb;
+use shardline_proto::worker::v1::worker_client::WorkerClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+fn engine() -> EngineHandle {
+    let config = EngineConfig {
+        max_num_seqs: 8,
+        group_id: "group-a".into(),
+        model: ModelFacts {
+            tokenizer_json: "{}".into(),
+            chat_template: "{{ messages }}".into(),
+            eos_token_ids: vec![31],
+            bos_token: String::new(),
+            eos_token: "<eos>".into(),
+            add_bos: false,
+        },
+    };
+    EngineHandle::spawn(Box::new(FakeRunner::new(32, 64, 4, 16)), config)
+        .expect("engine thread")
+        .0
+}
+
+/// One step stream, used one step at a time.
+struct Steps {
+    tx: tokio::sync::mpsc::Sender<pb::StepRequest>,
+    answers: tonic::Streaming<pb::StepResponse>,
+}
+
+impl Steps {
+    async fn open(c: &mut WorkerClient<Channel>) -> Steps {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let answers = c
+            .steps(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("open the step stream")
+            .into_inner();
+        Steps { tx, answers }
+    }
+
+    async fn send(&self, req: pb::StepRequest) {
+        self.tx.send(req).await.expect("stream open");
+    }
+
+    async fn answer(&mut self) -> Result<pb::StepResponse, tonic::Status> {
+        self.answers
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::unknown("stream ended"))
+    }
+
+    async fn step(&mut self, req: pb::StepRequest) -> pb::StepResponse {
+        self.send(req).await;
+        self.answer().await.expect("step answer")
+    }
+}
+
+async fn client(addr: std::net::SocketAddr) -> WorkerClient<Channel> {
+    WorkerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+fn chunk(id: u64, prompt: Vec<u32>) -> pb::PrefillChunk {
+    pb::PrefillChunk {
+        seq_id: id,
+        prompt,
+        params: Some(pb::SequenceParams {
+            max_new_tokens: 3,
+            top_logprobs: 1,
+            ..Default::default()
+        }),
+        max_tokens: 0,
+    }
+}
+
+#[tokio::test]
+async fn round_trip_over_loopback() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, engine(), shutdown.clone()));
+    let mut c = client(addr).await;
+
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.model_id, "fake");
+    assert_eq!(info.group_id, "group-a");
+    assert_eq!(
+        (
+            info.kv_blocks_total,
+            info.kv_blocks_free,
+            info.kv_block_size
+        ),
+        (16, 16, 4)
+    );
+    assert_eq!(info.eos_token_ids, vec![31]);
+    assert_eq!(info.vocab_size, 32);
+    assert_eq!(info.context_length, 64);
+
+    let mut steps = Steps::open(&mut c).await;
+    let r = steps
+        .step(pb::StepRequest {
+            prefill: vec![chunk(1, vec![1, 2, 3]), chunk(2, vec![1; 70])],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.results[0].status, pb::SeqStatus::Ok as i32);
+    let t = r.results[0].token.as_ref().unwrap();
+    assert_eq!(t.token_id, 4);
+    assert!(t.logprob < 0.0 && t.logprob > -1.0, "{t:?}");
+    assert_eq!(t.top[0].token_id, 4);
+    assert_eq!(r.results[1].status, pb::SeqStatus::Invalid as i32);
+    assert!(
+        r.results[1].error.contains("context length"),
+        "{}",
+        r.results[1].error
+    );
+    assert_eq!(r.num_running, 1);
+
+    let r = steps
+        .step(pb::StepRequest {
+            decode: vec![1, 77],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.results[0].token.as_ref().unwrap().token_id, 5);
+    assert_eq!(r.results[1].status, pb::SeqStatus::Invalid as i32);
+
+    let r = steps
+        .step(pb::StepRequest {
+            prefill: vec![chunk(3, vec![10])],
+            decode: vec![1],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.results[0].token.as_ref().unwrap().token_id, 11);
+    assert_eq!(r.results[1].token.as_ref().unwrap().token_id, 6);
+    assert_eq!(r.results[1].finish_reason, pb::FinishReason::Length as i32);
+    assert_eq!(r.num_running, 1);
+    assert_eq!(r.batch_tokens, 2);
+
+    let free = steps
+        .step(pb::StepRequest {
+            release: vec![3, 999],
+            ..Default::default()
+        })
+        .await;
+    assert!(free.results.is_empty());
+    assert_eq!(free.kv_blocks_free, 16);
+
+    let health = c.health(pb::HealthRequest {}).await.unwrap();
+    let health = health.into_inner();
+    assert!(health.ready && !health.draining, "{health:?}");
+    assert_eq!(health.num_running, 0);
+    assert_eq!(
+        health.sequences_started, 2,
+        "seq 2 was rejected before it reached the runner"
+    );
+
+    // Standard gRPC health too.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+    let s = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "shardline.worker.v1.Worker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn draining_is_reported() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let draining = CancellationToken::new();
+    let service = WorkerService::new(engine(), draining.clone());
+    let server = tokio::spawn(serve_service(listener, service, shutdown.clone()));
+    let mut c = client(addr).await;
+    let mut steps = Steps::open(&mut c).await;
+    let r = steps
+        .step(pb::StepRequest {
+            prefill: vec![chunk(1, vec![1, 2])],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.results[0].status, pb::SeqStatus::Ok as i32);
+    draining.cancel();
+    // Running sequences go on; new ones are turned away, in request order.
+    let r = steps
+        .step(pb::StepRequest {
+            prefill: vec![chunk(2, vec![5])],
+            decode: vec![1],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.results[0].seq_id, 2);
+    assert_eq!(r.results[0].status, pb::SeqStatus::OutOfBlocks as i32);
+    assert!(
+        r.results[0].error.contains("draining"),
+        "{}",
+        r.results[0].error
+    );
+    assert_eq!(r.results[1].token.as_ref().unwrap().token_id, 4);
+    let health = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
+    assert!(!health.ready && health.draining, "{health:?}");
+    assert_eq!(health.message, "draining");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// Steps sent back to back on one stream are answered in order, and a plan sent before
+/// the previous answer (pipelining) is sorted out by the worker: a decode of a sequence
+/// that finished in the step before is answered "unknown", a prefill chunk of a prompt
+/// already complete decodes.
+#[tokio::test]
+async fn pipelined_steps_are_answered_in_order() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, engine(), shutdown.clone()));
+    let mut c = client(addr).await;
+    let mut steps = Steps::open(&mut c).await;
+    // Three steps before any answer: the whole prompt, a second "chunk" of it, a decode.
+    steps
+        .send(pb::StepRequest {
+            prefill: vec![chunk(1, vec![1, 2, 3])],
+            ..Default::default()
+        })
+        .await;
+    steps
+        .send(pb::StepRequest {
+            prefill: vec![pb::PrefillChunk {
+                seq_id: 1,
+                max_tokens: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await;
+    steps
+        .send(pb::StepRequest {
+            decode: vec![1],
+            ..Default::default()
+        })
+        .await;
+    steps
+        .send(pb::StepRequest {
+            decode: vec![1],
+            ..Default::default()
+        })
+        .await;
+    let tokens: Vec<u32> = [
+        steps.answer().await.unwrap(),
+        steps.answer().await.unwrap(),
+        steps.answer().await.unwrap(),
+    ]
+    .iter()
+    .map(|r| r.results[0].token.as_ref().unwrap().token_id)
+    .collect();
+    assert_eq!(tokens, [4, 5, 6], "max_new_tokens 3: the third ends it");
+    let late = steps.answer().await.unwrap();
+    assert_eq!(late.results[0].status, pb::SeqStatus::Invalid as i32);
+    assert!(late.results[0].error.contains("unknown"), "{late:?}");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// A stopping server ends the open step streams (graceful shutdown does not wait for a
+/// coordinator that keeps its stream open).
+#[tokio::test]
+async fn stopping_ends_open_streams() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, engine(), shutdown.clone()));
+    let mut c = client(addr).await;
+    let mut steps = Steps::open(&mut c).await;
+    steps
+        .step(pb::StepRequest {
+            prefill: vec![chunk(1, vec![1, 2])],
+            ..Default::default()
+        })
+        .await;
+    shutdown.cancel();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), steps.answer())
+        .await
+        .expect("the stream ends");
+    assert_eq!(end.unwrap_err().code(), tonic::Code::Unavailable);
+    tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .expect("the server stops while the stream's sender is still open")
+        .unwrap()
+        .unwrap();
+    drop(steps);
+}
