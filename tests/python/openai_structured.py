@@ -282,6 +282,15 @@ def tokens_and_sampling(client, model, root):
     chat = post("/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
     check(chat["count"] > 3, "/tokenize renders messages with the chat template")
 
+    # SmolLM2's ChatML template has no tool format: the documented Hermes-style fallback
+    # lists the tools in a system message and asks for <tool_call> blocks.
+    with_tools = post("/tokenize", {"messages": [{"role": "user", "content": "hi"}],
+                                    "tools": [WEATHER]})
+    rendered = post("/detokenize", {"tokens": with_tools["tokens"]})["prompt"]
+    check("system\n# Tools" in rendered and "<tools>" in rendered
+          and '"get_weather"' in rendered and "<tool_call>" in rendered,
+          f"tools reach SmolLM2 through the fallback prompt: {rendered[:300]!r}")
+
     word = post("/tokenize", {"prompt": " banana", "add_special_tokens": False})["tokens"][0]
     text = post("/detokenize", {"tokens": [word]})["prompt"]
     for temperature in (0, 1.0):
