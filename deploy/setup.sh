@@ -30,9 +30,10 @@ if ((${#need_apt[@]})); then
 fi
 
 if [[ ${SHARDLINE_SETUP_MINIMAL:-0} != 1 ]]; then
-  if ! python3 -c 'import openai' 2>/dev/null; then
+  # 1.92 moved `chat.completions.parse` / `.stream` (structured outputs) out of beta.
+  if ! python3 -c 'import openai; openai.OpenAI(api_key="x").chat.completions.parse' 2>/dev/null; then
     echo "setup: pip install openai" >&2
-    python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.40,<3' >&2
+    python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.92,<3' >&2
   fi
   # Helm's Go engine (there is no helm binary here) and the Kubernetes OpenAPI schemas.
   if ! python3 -c 'import helm_python, kubernetes_validate, jsonschema, yaml' 2>/dev/null; then

@@ -2,19 +2,24 @@
 //! detokenizes incrementally, applies stop strings, tracks usage and latency metrics,
 //! and yields [`Chunk`]s to a front end. Dropping a [`Generation`] (client gone) closes
 //! its channel, which the scheduler sees within one iteration and releases the sequence.
+//!
+//! With `n` > 1 every choice is a generation of its own. The first is queued at once; the
+//! others wait ([`Generation::follow`]) until its prompt is computed, so the worker finds
+//! the prompt's full KV blocks in its prefix cache and the choices share them instead of
+//! each computing and holding its own copy.
 
 use std::sync::Arc;
 
 use shardline_proto::worker::v1::TokenLogprob;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::admission::Permit;
 use crate::detok::{Detokenizer, StopMatcher};
 use crate::error::ApiError;
-use crate::groups::ModelInfo;
+use crate::groups::{GroupSet, ModelInfo};
 use crate::metrics::Metrics;
-use crate::request::{Finish, SeqEvent, Timing, ValidRequest};
+use crate::request::{Entry, Finish, SeqEvent, Timing, ValidRequest};
 
 /// One token as the API reports it.
 #[derive(Debug, Clone)]
@@ -63,7 +68,19 @@ pub struct Generation {
     pending_tokens: Vec<TokenOut>,
     /// A stop string ended the output.
     stop_hit: bool,
+    /// Set to `true` once the prompt is computed (followers of an `n` > 1 request wait
+    /// for it); dropped with the generation, which releases the followers too.
+    prefilled_tx: Option<watch::Sender<bool>>,
+    /// A follower not queued yet: queued once the first choice's prompt is computed.
+    pending: Option<Pending>,
     _permit: Permit,
+}
+
+/// A choice waiting for the first choice's prompt to be in the prefix cache.
+struct Pending {
+    entry: Entry,
+    groups: GroupSet,
+    leader: watch::Receiver<bool>,
 }
 
 /// Everything a non-streaming response needs.
@@ -102,8 +119,28 @@ impl Generation {
             last_token_at: None,
             pending_tokens: Vec::new(),
             stop_hit: false,
+            prefilled_tx: None,
+            pending: None,
             _permit: permit,
         }
+    }
+
+    /// A receiver that turns `true` once this generation's prompt is computed (or
+    /// closes when the generation ends or is dropped).
+    pub fn prefilled(&mut self) -> watch::Receiver<bool> {
+        self.prefilled_tx
+            .get_or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    }
+
+    /// Makes this generation a follower: `entry` (its own queue entry, sending to this
+    /// generation) is queued on `groups` once `leader` turns `true` or closes.
+    pub fn follow(&mut self, entry: Entry, groups: GroupSet, leader: watch::Receiver<bool>) {
+        self.pending = Some(Pending {
+            entry,
+            groups,
+            leader,
+        });
     }
 
     pub fn usage(&self) -> Usage {
@@ -212,6 +249,19 @@ impl Generation {
         if self.done {
             return None;
         }
+        if let Some(Pending {
+            entry,
+            groups,
+            mut leader,
+        }) = self.pending.take()
+        {
+            // Err: the first choice ended or failed without a computed prompt; go anyway.
+            let _ = leader.wait_for(|&prefilled| prefilled).await;
+            if let Err(e) = groups.submit(entry) {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
         loop {
             let Some(event) = self.rx.recv().await else {
                 self.done = true;
@@ -226,6 +276,9 @@ impl Generation {
                 } => {
                     if !self.prefilled {
                         self.prefilled = true;
+                        if let Some(tx) = self.prefilled_tx.take() {
+                            let _ = tx.send(true);
+                        }
                         self.usage.cached_tokens = cached_tokens;
                         if self.request.echo {
                             let tokens = if self.request.logprobs.is_some() {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use shardline_constraint::ConstraintCompiler;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_proto::worker::v1::{HealthRequest, InfoRequest};
 use tokenizers::Tokenizer;
@@ -40,6 +41,11 @@ pub struct ModelInfo {
     pub block_size: u32,
     pub total_blocks: u32,
     pub max_num_seqs: u32,
+    /// Width of the model's logits (token ids below it are valid).
+    pub vocab_size: usize,
+    /// Compiles structured-output constraints to validate requests; `Err` says why this
+    /// model's tokenizer cannot (its requests for structured outputs get a 400).
+    pub constraints: Result<ConstraintCompiler, String>,
 }
 
 impl std::fmt::Debug for ModelInfo {
@@ -389,6 +395,20 @@ async fn connect(
     let bos_token_id = (!info.bos_token.is_empty())
         .then(|| tokenizer.token_to_id(&info.bos_token))
         .flatten();
+    // Walking the vocabulary takes a moment: off the runtime's threads.
+    let (json, eos, vocab) = (
+        info.tokenizer_json.clone(),
+        info.eos_token_ids.clone(),
+        (info.vocab_size as usize).max(tokenizer.get_vocab_size(true)),
+    );
+    let constraints = tokio::task::spawn_blocking(move || {
+        ConstraintCompiler::new(&json, &eos, vocab).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("building the constraint compiler failed: {e}")));
+    if let Err(e) = &constraints {
+        tracing::warn!(worker = %address, error = %e, "structured outputs unavailable for this model");
+    }
     let group_id = if info.group_id.is_empty() {
         address.to_string()
     } else {
@@ -405,6 +425,8 @@ async fn connect(
         block_size: info.kv_block_size.max(1),
         total_blocks: info.kv_blocks_total,
         max_num_seqs: info.max_num_seqs,
+        vocab_size: vocab,
+        constraints,
     };
     Ok((client, model, group_id))
 }

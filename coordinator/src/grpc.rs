@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::generation::{self, Chunk, TokenOut};
 use crate::request::{Finish, Priority};
 use crate::service::{Service, request_id};
-use crate::validate::{GenerateParams, Input};
+use crate::validate::{ChatInput, GenerateParams, Input};
 
 /// The `shardline.v1.Inference` implementation.
 pub struct InferenceService {
@@ -62,15 +62,12 @@ fn tokens_pb(tokens: &[TokenOut]) -> Vec<TokenInfo> {
 fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
     let input = match (r.prompt.is_empty(), r.messages.is_empty()) {
         (false, true) => Input::Text(r.prompt),
-        (true, false) => Input::Chat(
+        (true, false) => Input::Chat(ChatInput::new(
             r.messages
                 .into_iter()
-                .map(|m| Message {
-                    role: m.role,
-                    content: m.content,
-                })
+                .map(|m| Message::new(m.role, m.content))
                 .collect(),
-        ),
+        )),
         (true, true) => {
             return Err(ApiError::invalid(
                 "prompt",
@@ -116,6 +113,8 @@ fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
         n: None,
         priority,
         timeout: (r.timeout_ns > 0).then(|| Duration::from_nanos(r.timeout_ns)),
+        logit_bias: Vec::new(),
+        structured: None,
     })
 }
 

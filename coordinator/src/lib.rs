@@ -10,6 +10,8 @@
 //! - [`generation`] is the request owner's side: streaming detokenization ([`detok`]),
 //!   stop strings, usage;
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
+//! - [`structured`] (response formats → worker constraints) and [`tools`] (tool
+//!   calling: prompt, forced-call grammar, reading calls back);
 //! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
 //!
 //! Tests run against the real worker service over a fake runner (`shardline-engine`'s
@@ -31,6 +33,8 @@ pub mod request;
 pub mod router;
 pub mod scheduler;
 pub mod service;
+pub mod structured;
+pub mod tools;
 pub mod validate;
 
 use std::net::SocketAddr;

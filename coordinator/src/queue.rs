@@ -517,6 +517,8 @@ mod tests {
             echo: false,
             max_tokens,
             arrival: Instant::now(),
+            n: 1,
+            tool_calling: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)
@@ -905,6 +907,8 @@ mod pipelining_tests {
             logprobs: None,
             echo: false,
             max_tokens,
+            n: 1,
+            tool_calling: None,
             arrival: Instant::now(),
         };
         let (tx, rx) = mpsc::unbounded_channel();

@@ -51,7 +51,8 @@ impl Finish {
 }
 
 /// A request that passed validation and admission: tokenized, bounded, ready to queue.
-#[derive(Debug)]
+/// With `n` > 1 each choice runs as its own copy (its own seed).
+#[derive(Debug, Clone)]
 pub struct ValidRequest {
     /// Public id (`cmpl-…`), also used in logs.
     pub id: String,
@@ -68,6 +69,10 @@ pub struct ValidRequest {
     /// `max_tokens` as the client asked (0 = score the prompt only).
     pub max_tokens: u32,
     pub arrival: Instant,
+    /// Choices to generate (`n`).
+    pub n: u32,
+    /// Set when the output may hold tool calls to read back.
+    pub tool_calling: Option<crate::tools::ToolCalling>,
 }
 
 /// What a scheduler tells a request's owner.

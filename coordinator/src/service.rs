@@ -43,13 +43,29 @@ impl Service {
         }
     }
 
-    /// Starts a request; errors are immediate (bad input, over a limit, no group).
+    /// Starts a request of one choice; errors are immediate (bad input, over a limit, no
+    /// group).
     pub fn start(
+        &self,
+        id: String,
+        mut params: GenerateParams,
+        tenant: Option<&str>,
+    ) -> Result<Generation, ApiError> {
+        params.n = None;
+        let mut all = self.start_choices(id, params, tenant)?;
+        Ok(all.remove(0))
+    }
+
+    /// Starts a request's `n` choices (one generation each, in choice order). Choice `i`
+    /// samples with seed `seed + i` (vLLM's rule), so a seeded request is reproducible
+    /// choice by choice. All choices are admitted together or none is; the first is
+    /// queued now, the others once its prompt is computed (see [`Generation::follow`]).
+    pub fn start_choices(
         &self,
         id: String,
         params: GenerateParams,
         tenant: Option<&str>,
-    ) -> Result<Generation, ApiError> {
+    ) -> Result<Vec<Generation>, ApiError> {
         let model = self.groups.model().inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["no_group"]).inc();
         })?;
@@ -69,7 +85,9 @@ impl Service {
                 (request.prompt.len() + 1).div_ceil(model.block_size.max(1) as usize)
             }
         };
-        let permit = self.admission.admit(tenant, blocks as u32)?;
+        let permits = (0..request.n)
+            .map(|_| self.admission.admit(tenant, blocks as u32))
+            .collect::<Result<Vec<_>, _>>()?;
         tracing::debug!(
             id = %request.id,
             prompt_tokens = request.prompt.len(),
@@ -78,15 +96,31 @@ impl Service {
             tenant = tenant.unwrap_or(""),
             "request admitted"
         );
-        let request = Arc::new(request);
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.groups.submit(Entry::new(request.clone(), tx))?;
-        Ok(Generation::new(
-            request,
-            rx,
-            model,
-            self.metrics.clone(),
-            permit,
-        ))
+        let mut generations: Vec<Generation> = Vec::with_capacity(permits.len());
+        let mut leader = None;
+        for (i, permit) in permits.into_iter().enumerate() {
+            let mut choice = request.clone();
+            if let Some(s) = &mut choice.params.sampling {
+                s.seed = s.seed.wrapping_add(i as u64);
+            }
+            let choice = Arc::new(choice);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let entry = Entry::new(choice.clone(), tx);
+            let mut generation =
+                Generation::new(choice, rx, model.clone(), self.metrics.clone(), permit);
+            match &leader {
+                None => {
+                    self.groups.submit(entry)?;
+                    if request.n > 1 {
+                        leader = Some(generation.prefilled());
+                    }
+                }
+                Some(prefilled) => {
+                    generation.follow(entry, self.groups.clone(), prefilled.clone());
+                }
+            }
+            generations.push(generation);
+        }
+        Ok(generations)
     }
 }

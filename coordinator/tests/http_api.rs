@@ -434,9 +434,9 @@ async fn bad_inputs_get_clear_4xx_and_serving_continues() {
             "UTF-8",
         ),
         (
-            "n > 1",
+            "n over 128",
             url.clone(),
-            br#"{"prompt": "a", "n": 3}"#.to_vec(),
+            br#"{"prompt": "a", "n": 129}"#.to_vec(),
             400,
             "n",
         ),

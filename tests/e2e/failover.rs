@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use shardline_membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
 use shardline_proto::worker::v1::{InfoRequest, InfoResponse, worker_client::WorkerClient};
 use shardline_tests::etcd::EtcdServer;
 use shardline_tests::http::metric_sum;
-use shardline_tests::load::{body, client, complete, streams};
+use shardline_tests::load::{body, client, complete, stream, streams};
 use shardline_tests::worker::health;
 use shardline_tests::{Proc, model_path};
 use tokio_util::sync::CancellationToken;
@@ -393,6 +393,81 @@ async fn kill_9_mid_stream_migrates_without_changing_the_text() {
         Duration::from_secs(10),
         "a's record to expire",
         observer.state("a").is_none().then_some(())
+    );
+}
+
+/// (2a) Structured outputs survive a migration: 8 sampled streams constrained to a JSON
+/// schema lose their worker mid-stream; each continues on the other group from its
+/// grammar state (rebuilt from the tokens already sent) with exactly the text of a run
+/// without failure, and every output is a document valid under the schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_keeps_structured_outputs_valid_and_unchanged() {
+    let _serial = serial().await;
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
+    observer.wait_ready(&mut [&mut a, &mut b]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 2).await;
+    let schema = json!({"type": "object", "properties": {
+            "readings": {"type": "array", "minItems": 10, "maxItems": 10,
+                         "items": {"type": "integer", "minimum": 0, "maximum": 999}},
+            "unit": {"enum": ["mm", "cm"]}},
+        "required": ["readings", "unit"], "additionalProperties": false});
+    let request = |i: usize| {
+        json!({"prompt": format!("Sensor {i} readings as JSON:"), "max_tokens": 300,
+               "temperature": 0.8, "seed": i, "guided_json": schema})
+    };
+    let run = |tokens: Arc<AtomicUsize>| {
+        let http = coordinator.http.clone();
+        let all: Vec<_> = (0..8)
+            .map(|i| {
+                let (http, tokens, body) = (http.clone(), tokens.clone(), request(i));
+                tokio::spawn(async move { stream(&http, body, tokens).await })
+            })
+            .collect();
+        async move {
+            let mut out = Vec::new();
+            for t in all {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    let reference: Vec<String> = run(Arc::default())
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let failing = tokio::spawn(run(tokens.clone()));
+    until!(Duration::from_secs(60), "tokens to flow", {
+        (tokens.load(Ordering::Relaxed) >= 16).then_some(())
+    });
+    let running = health(&a.url()).await.map_or(0, |h| h.num_running);
+    assert!(running > 0, "worker a runs sequences when it is killed");
+    a.proc.signal("KILL");
+    let results = failing.await.unwrap();
+    for (i, (got, want)) in results.iter().zip(&reference).enumerate() {
+        assert_eq!(
+            got.as_ref(),
+            Ok(want),
+            "request {i}: text differs after the kill"
+        );
+        let doc: Value = serde_json::from_str(want)
+            .unwrap_or_else(|e| panic!("request {i}: not JSON ({e}): {want}"));
+        let readings = doc["readings"].as_array().unwrap();
+        assert_eq!(readings.len(), 10, "{want}");
+        assert!(
+            readings
+                .iter()
+                .all(|r| r.as_u64().is_some_and(|r| r <= 999))
+        );
+        assert!(doc["unit"] == "mm" || doc["unit"] == "cm", "{want}");
+    }
+    let migrations = metric_sum(&coordinator.http, "shardline_request_migrations_total").await;
+    assert!(
+        migrations >= running as f64,
+        "{migrations} migrations for {running} running on a"
     );
 }
 

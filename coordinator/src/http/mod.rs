@@ -1,10 +1,15 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions`
-//! (JSON or SSE), `/v1/models`, `/health` (ready: a worker group is), `/livez` (the
-//! process serves), `/metrics`. Bodies are parsed by hand so every
-//! malformed input gets an OpenAI-style error naming the problem.
+//! (JSON or SSE), `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`
+//! (ready: a worker group is), `/livez` (the process serves), `/metrics`. Bodies are
+//! parsed by hand so every malformed input gets an OpenAI-style error naming the
+//! problem; responses are the typed bodies of [`responses`].
 
 mod chat;
+mod chat_types;
+mod choices;
 mod completions;
+mod responses;
+mod tokenize;
 mod types;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,6 +30,7 @@ use crate::generation::Generation;
 use crate::request::Priority;
 use crate::service::Service;
 use crate::validate::{GenerateParams, served_name};
+use responses::{Health, ModelCard, ModelList};
 use types::Common;
 
 /// The HTTP router over `service`.
@@ -34,6 +40,8 @@ pub fn router(service: Service) -> axum::Router {
         .route("/v1/completions", post(completions::handle))
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(service.clone(), auth));
     axum::Router::new()
         .merge(api)
@@ -81,7 +89,7 @@ async fn auth(State(service): State<Service>, request: Request, next: Next) -> R
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        axum::Json(ApiError::invalid("path", "no such endpoint").to_json()),
+        axum::Json(ApiError::invalid("path", "no such endpoint").to_body()),
     )
         .into_response()
 }
@@ -89,17 +97,17 @@ async fn not_found() -> Response {
 async fn health(State(service): State<Service>) -> Response {
     let ready = *service.groups.ready_count().borrow();
     if ready > 0 {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ok", "groups": ready})),
-        )
-            .into_response()
+        let body = Health {
+            status: "ok",
+            groups: Some(ready),
+        };
+        (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "no worker group ready"})),
-        )
-            .into_response()
+        let body = Health {
+            status: "no worker group ready",
+            groups: None,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
 }
 
@@ -119,16 +127,20 @@ async fn metrics(State(service): State<Service>) -> Response {
 
 async fn models(State(service): State<Service>) -> Response {
     let data = match service.groups.model() {
-        Ok(model) => vec![serde_json::json!({
-            "id": served_name(&service.config, &model),
-            "object": "model",
-            "created": unix_now(),
-            "owned_by": "shardline",
-            "max_model_len": model.context_length,
-        })],
+        Ok(model) => vec![ModelCard {
+            id: served_name(&service.config, &model),
+            object: "model",
+            created: unix_now(),
+            owned_by: "shardline",
+            max_model_len: model.context_length,
+        }],
         Err(_) => Vec::new(),
     };
-    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+    axum::Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response()
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -239,6 +251,7 @@ pub(crate) struct RequestShape {
     include_usage: bool,
     priority: Option<String>,
     timeout: Option<f64>,
+    /// The tenant when no header names one: `user`, else `safety_identifier`.
     user: Option<String>,
 }
 
@@ -254,9 +267,9 @@ impl RequestShape {
     }
 }
 
-/// A started request and what its response needs to name it.
+/// A started request (its choices, in order) and what its response needs to name it.
 pub(crate) struct Started {
-    pub generation: Generation,
+    pub generations: Vec<Generation>,
     pub id: String,
     pub model: String,
     pub created: u64,
@@ -276,14 +289,14 @@ pub(crate) fn start(
     extensions(headers, &mut params, shape.priority, shape.timeout)?;
     let tenant = tenant(headers, shape.user.as_deref());
     let id = crate::service::request_id(id_prefix);
-    let generation = service.start(id.clone(), params, tenant.as_deref())?;
+    let generations = service.start_choices(id.clone(), params, tenant.as_deref())?;
     let model = service
         .groups
         .model()
         .map(|m| served_name(&service.config, &m))
         .unwrap_or_default();
     Ok(Started {
-        generation,
+        generations,
         id,
         model,
         created: unix_now(),
@@ -301,20 +314,12 @@ pub(crate) fn tenant(headers: &HeaderMap, user: Option<&str>) -> Option<String> 
         .or_else(|| user.map(str::to_string))
 }
 
-/// `usage` as OpenAI reports it.
-pub(crate) fn usage_json(u: crate::generation::Usage) -> serde_json::Value {
-    serde_json::json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total(),
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
-}
-
-/// An SSE response from a stream of JSON events, ending with `data: [DONE]`.
-pub(crate) fn sse<S>(events: S) -> Response
+/// An SSE response from a stream of events (each serialized as one `data:` line),
+/// ending with `data: [DONE]`.
+pub(crate) fn sse<S, T>(events: S) -> Response
 where
-    S: futures::Stream<Item = serde_json::Value> + Send + 'static,
+    S: futures::Stream<Item = T> + Send + 'static,
+    T: serde::Serialize + Send + 'static,
 {
     use futures::StreamExt;
     // Every event ready when the body is polled goes out in one frame (one write): a
@@ -328,7 +333,7 @@ where
             for event in events {
                 frame.push_str("data: ");
                 match event {
-                    Some(v) => frame.push_str(&v.to_string()),
+                    Some(v) => frame.push_str(&serialized(&v)),
                     None => frame.push_str("[DONE]"),
                 }
                 frame.push_str("\n\n");
@@ -354,42 +359,18 @@ where
         .into_response()
 }
 
+/// One event's JSON; an event that cannot be serialized becomes an error event.
+fn serialized(event: &impl serde::Serialize) -> String {
+    serde_json::to_string(event).unwrap_or_else(|e| {
+        let error = ApiError::Internal(format!("response not serializable: {e}"));
+        serde_json::to_string(&error.to_body()).unwrap_or_default()
+    })
+}
+
 /// Most events coalesced into one SSE frame.
 const SSE_COALESCE_MAX: usize = 64;
 /// Idle time after which an SSE stream gets a keep-alive comment.
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
-
-/// Error event inside a stream (the status line is already sent).
-pub(crate) fn stream_error(e: &ApiError) -> serde_json::Value {
-    e.to_json()
-}
-
-/// Turns a generation into SSE events: one per chunk (`on_chunk`), then a usage event
-/// (`on_usage`) when asked. Dropping the stream (client gone) drops the generation.
-pub(crate) fn event_stream<C, U>(
-    generation: crate::generation::Generation,
-    include_usage: bool,
-    on_chunk: C,
-    on_usage: U,
-) -> impl futures::Stream<Item = serde_json::Value> + Send + 'static
-where
-    C: Fn(&crate::generation::Chunk) -> serde_json::Value + Send + 'static,
-    U: Fn(crate::generation::Usage) -> serde_json::Value + Send + 'static,
-{
-    futures::stream::unfold(
-        (Some(generation), on_chunk, on_usage),
-        move |(state, on_chunk, on_usage)| async move {
-            let mut generation = state?;
-            let (event, next) = match generation.next().await {
-                Some(Ok(chunk)) => (on_chunk(&chunk), Some(generation)),
-                Some(Err(e)) => (stream_error(&e), None),
-                None if include_usage => (on_usage(generation.usage()), None),
-                None => return None,
-            };
-            Some((event, (next, on_chunk, on_usage)))
-        },
-    )
-}
 
 #[cfg(test)]
 mod tests {

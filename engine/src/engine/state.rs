@@ -12,14 +12,16 @@
 //!    this step is refused (`SEQ_STATUS_OUT_OF_BLOCKS`), a running one is preempted
 //!    (`SEQ_STATUS_PREEMPTED`; its owner re-prefills prompt + generated tokens later,
 //!    which batch-invariant numerics make byte-identical);
-//! 3. run one forward; sample the sequences whose logits came back; finished sequences
-//!    are freed here, so the coordinator need not release them.
+//! 3. run one forward (the constrained sequences' token masks are computed beside it);
+//!    sample the sequences whose logits came back; finished sequences are freed here, so
+//!    the coordinator need not release them.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use shardline_proto::worker::v1 as pb;
 
+use super::constraint::{self, Constraints};
 use super::seq::{SeqConfig, Sequence};
 use super::{EngineError, ModelFacts};
 use crate::runner::{
@@ -74,6 +76,8 @@ pub struct EngineState {
     started: u64,
     /// Set when a forward panicked: the runner's state is unknown from then on.
     poisoned: Option<String>,
+    /// Compiles the constraints of structured-output sequences.
+    constraints: Constraints,
 }
 
 /// One sequence's part of the step being planned.
@@ -90,6 +94,11 @@ struct Planned {
 
 impl EngineState {
     pub fn new(runner: Box<dyn ModelRunner>, config: EngineConfig) -> Self {
+        let constraints = Constraints::new(
+            &config.model.tokenizer_json,
+            &config.model.eos_token_ids,
+            runner.info().vocab_size,
+        );
         Self {
             runner,
             config,
@@ -97,6 +106,7 @@ impl EngineState {
             counters: EngineCounters::default(),
             started: 0,
             poisoned: None,
+            constraints,
         }
     }
 
@@ -278,10 +288,20 @@ impl EngineState {
             })
             .collect();
         let batch_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let logits = if chunks.is_empty() {
-            Vec::new()
-        } else {
-            match self.runner.forward(&chunks) {
+        let sampling: Vec<SeqId> = batch.iter().filter(|p| p.samples).map(|p| p.id).collect();
+        let masks = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| sampling.contains(id))
+            .filter_map(|(_, seq)| seq.constraint.as_mut())
+            .collect();
+        let runner = &mut self.runner;
+        let forward = constraint::beside_forward(masks, || {
+            (!chunks.is_empty()).then(|| runner.forward(&chunks))
+        });
+        let logits = match forward {
+            None => Vec::new(),
+            Some(forward) => match forward {
                 Ok(l) => l,
                 Err(e) => {
                     for p in batch.iter().filter(|p| p.new) {
@@ -289,7 +309,7 @@ impl EngineState {
                     }
                     return Err(EngineError::Runner(e));
                 }
-            }
+            },
         };
         let mut by_id: HashMap<SeqId, ChunkLogits> =
             logits.into_iter().map(|l| (l.id, l)).collect();
@@ -387,6 +407,14 @@ impl EngineState {
             )));
         }
         let cfg = SeqConfig::from_proto(params, prompt.len(), vocab).map_err(Reject::Invalid)?;
+        let constraint = match &cfg.constraint {
+            Some(c) => Some(
+                self.constraints
+                    .start(c, &prompt[prompt.len() - cfg.num_generated..])
+                    .map_err(Reject::Invalid)?,
+            ),
+            None => None,
+        };
         if self.seqs.len() >= self.config.max_num_seqs {
             return Err(Reject::NoRoom(format!(
                 "the worker already holds max_num_seqs = {} sequences",
@@ -409,7 +437,7 @@ impl EngineState {
         self.counters.seqs_admitted += 1;
         self.counters.prompt_tokens_cached += cached as u64;
         self.started += 1;
-        let seq = Sequence::new(prompt.clone(), cfg, cached, self.started);
+        let seq = Sequence::new(prompt.clone(), cfg, cached, self.started, constraint);
         self.seqs.insert(id, seq);
         Ok(())
     }
@@ -487,22 +515,39 @@ impl EngineState {
         let row = &l.data[(rows - 1) * vocab..rows * vocab];
         let index = seq.total_generated() as u64;
         let banned = seq.banned(eos);
-        let s = sampler::sample(
+        let allowed = match &mut seq.constraint {
+            Some(c) => Some(c.allowed_tokens().map_err(|e| e.to_string())?.words()),
+            None => None,
+        };
+        let filter = sampler::TokenFilter {
+            banned: &banned,
+            allowed,
+        };
+        let s = match sampler::sample(
             row,
             &seq.cfg.sampling,
             &seq.penalties,
-            &banned,
+            &filter,
             index,
             seq.cfg.top_logprobs,
-        )
-        .map_err(|e| e.to_string())?;
+        ) {
+            Ok(s) => s,
+            // The grammar admits only tokens that are banned now (its end, under
+            // `min_tokens`): the constrained output is complete as it is.
+            Err(sampler::SamplerError::NoCandidate) if allowed.is_some() => {
+                result.finish_reason = pb::FinishReason::Stop as i32;
+                self.drop_seq(plan.id);
+                return Ok(());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         result.has_token = true;
         result.token = Some(token_logprob(s.token, s.logprob, &s.top));
         if !seq.prompt_logprobs.is_empty() {
             result.prompt_logprobs = std::mem::take(&mut seq.prompt_logprobs);
         }
         self.counters.tokens_generated += 1;
-        if let Some(reason) = seq.push(s.token, eos, ctx) {
+        if let Some(reason) = seq.push(s.token, eos, ctx)? {
             result.finish_reason = reason as i32;
             self.drop_seq(plan.id);
         }
