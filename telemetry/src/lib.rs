@@ -13,6 +13,7 @@
 //! or slow collector costs spans, not latency. The standard `OTEL_SERVICE_NAME` and
 //! `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` variables are honoured by the SDK.
 
+mod propagation;
 mod queue;
 
 use std::time::Duration;
@@ -25,6 +26,10 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, Registry};
 
+pub use propagation::{
+    SpanContext, TRACEPARENT, TraceId, add_link, continue_trace, exporting, set_parent,
+    span_context, traceparent,
+};
 pub use queue::{QUEUE_SPANS, dropped_spans};
 
 /// How log lines are written.
@@ -158,6 +163,7 @@ pub fn init(args: &TelemetryArgs, service: &str) -> anyhow::Result<Telemetry> {
         .with(otel)
         .try_init()
         .context("installing the log and trace subscriber")?;
+    propagation::set_exporting();
     tracing::info!(%endpoint, service, "exporting traces over OTLP");
     Ok(Telemetry {
         provider: Some(provider),
