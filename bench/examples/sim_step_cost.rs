@@ -29,6 +29,7 @@ fn main() {
                 ..Default::default()
             }),
             max_tokens: 0,
+            ..Default::default()
         })
         .collect();
     e.step(pb::StepRequest {

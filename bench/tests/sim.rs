@@ -61,6 +61,7 @@ async fn sim_speaks_the_worker_protocol() {
         prompt: vec![10, 11, 12, 13, 14],
         params: Some(params),
         max_tokens: 0,
+        ..Default::default()
     };
     let r = step_once(
         &mut c,
@@ -113,6 +114,7 @@ async fn sim_speaks_the_worker_protocol() {
             ..Default::default()
         }),
         max_tokens: 0,
+        ..Default::default()
     };
     step_once(
         &mut c,

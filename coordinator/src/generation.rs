@@ -175,6 +175,10 @@ impl Generation {
             .requests
             .with_label_values(&[finish.as_str()])
             .inc();
+        let span = &self.request.span;
+        span.record("finish_reason", finish.as_str());
+        span.record("completion_tokens", self.usage.completion_tokens);
+        span.record("cached_tokens", self.usage.cached_tokens);
         Chunk {
             text,
             tokens: std::mem::take(&mut self.pending_tokens),
@@ -289,6 +293,10 @@ impl Generation {
                 SeqEvent::Finished(finish) => return Some(Ok(self.finish(finish, String::new()))),
                 SeqEvent::Error(e) => {
                     self.done = true;
+                    self.request.span.record("otel.status_code", "ERROR");
+                    self.request
+                        .span
+                        .record("error", tracing::field::display(&e));
                     return Some(Err(e));
                 }
             }

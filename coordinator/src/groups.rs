@@ -268,13 +268,16 @@ impl GroupSet {
         Some(groups[chosen].clone())
     }
 
-    /// Continues requests of a failed or removed group elsewhere.
-    fn migrate(&self, group_id: &str, entries: Vec<Entry>) {
+    /// Continues requests of a failed or removed group elsewhere; `why` the group went
+    /// goes into each request's trace.
+    fn migrate(&self, group_id: &str, why: &str, entries: Vec<Entry>) {
         for mut entry in entries {
             if entry.is_cancelled() {
                 continue;
             }
+            entry.phases.end(Some("migrated"));
             entry.migrations += 1;
+            entry.request.span.record("migrations", entry.migrations);
             if entry.migrations > MAX_MIGRATIONS {
                 let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable(format!(
                     "request failed on {MAX_MIGRATIONS} worker groups in a row"
@@ -286,8 +289,11 @@ impl GroupSet {
                 .migrations
                 .with_label_values(&[group_id])
                 .inc();
+            // In the request's span: its trace shows the migration, the log line its ids.
             tracing::info!(
+                parent: &entry.request.span,
                 from = %group_id,
+                reason = why,
                 migration = entry.migrations,
                 tokens_sent = entry.generated.len(),
                 "migrating a request to another group"
@@ -449,7 +455,11 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             }
             return;
         }
-        set.migrate(&id, leftover);
+        let why = match &error {
+            Some(e) => e.to_string(),
+            None => "the group was removed".to_string(),
+        };
+        set.migrate(&id, &why, leftover);
         if token.is_cancelled() {
             return; // `remove` already forgot the slot
         }

@@ -10,7 +10,8 @@
 //! - [`generation`] is the request owner's side: streaming detokenization ([`detok`]),
 //!   stop strings, usage;
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
-//! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
+//! - [`metrics`] (Prometheus), [`trace`] (a request's spans), [`error`] (HTTP / gRPC
+//!   mapping), [`config`] (flags).
 //!
 //! Tests run against the real worker service over a fake runner (`shardline-engine`'s
 //! `testing` feature, a dev-dependency): the fake never ships in this crate.
@@ -31,6 +32,7 @@ pub mod request;
 pub mod router;
 pub mod scheduler;
 pub mod service;
+pub mod trace;
 pub mod validate;
 
 use std::net::SocketAddr;

@@ -2,8 +2,8 @@
 //! (no globals), named like vLLM's and labelled by group where that makes sense.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -30,6 +30,9 @@ pub struct Metrics {
     pub first_token_overhead: Histogram,
     /// Step RPC round trip minus the worker's reported step time (hop + service).
     pub step_overhead: HistogramVec,
+    /// Spans the trace exporter dropped (a slow or absent collector); brought up to date
+    /// from `shardline_telemetry::dropped_spans` on every scrape.
+    trace_spans_dropped: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -164,6 +167,11 @@ impl Metrics {
                 group,
             )
             .expect("static metric definition; this is a bug"),
+            trace_spans_dropped: IntCounter::new(
+                "shardline_trace_spans_dropped_total",
+                "Spans dropped because the trace export queue was full (a slow or absent OTLP collector).",
+            )
+            .expect("static metric definition; this is a bug"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -183,6 +191,7 @@ impl Metrics {
             Box::new(m.queue_time.clone()),
             Box::new(m.first_token_overhead.clone()),
             Box::new(m.step_overhead.clone()),
+            Box::new(m.trace_spans_dropped.clone()),
         ];
         for c in collectors {
             m.registry
@@ -194,6 +203,9 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let dropped = shardline_telemetry::dropped_spans();
+        self.trace_spans_dropped
+            .inc_by(dropped.saturating_sub(self.trace_spans_dropped.get()));
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -213,6 +213,7 @@ impl State {
             let prompt_len = r.prompt_len;
             if r.started && r.planned < prompt_len && budget > 0 {
                 let chunk = (prompt_len - r.planned).min(budget);
+                r.entry.phases.chunk();
                 step.prefill.push(PrefillChunk {
                     seq_id: r.entry.seq_id,
                     max_tokens: chunk as u32,
@@ -265,11 +266,15 @@ impl State {
                 let prompt_len = entry.prompt_len();
                 let chunk = prompt_len.clamp(1, *budget);
                 *budget -= chunk;
+                entry.phases.scheduled(&entry.request.span, prompt_len);
+                entry.phases.chunk();
                 step.prefill.push(PrefillChunk {
                     seq_id: entry.seq_id,
                     prompt: entry.worker_prompt(),
                     params: Some(entry.worker_params()),
                     max_tokens: chunk as u32,
+                    traceparent: shardline_telemetry::traceparent(&entry.request.span)
+                        .unwrap_or_default(),
                 });
                 self.reserved += need;
                 self.running.push(Running {
@@ -317,13 +322,17 @@ impl State {
             match SeqStatus::try_from(result.status).unwrap_or(SeqStatus::Unspecified) {
                 SeqStatus::OutOfBlocks => {
                     let mut r = self.remove_running(index);
+                    r.entry
+                        .phases
+                        .end(Some("the worker had no KV blocks for it"));
                     r.entry.seq_id = crate::request::next_seq_id();
                     self.push_front(r.entry);
                     applied.requeued += 1;
                     continue;
                 }
                 SeqStatus::Invalid => {
-                    let r = self.remove_running(index);
+                    let mut r = self.remove_running(index);
+                    r.entry.phases.end(Some("the worker rejected it"));
                     let _ = r.entry.tx.send(SeqEvent::Error(ApiError::Invalid {
                         param: None,
                         message: format!("worker rejected the sequence: {}", result.error),
@@ -353,6 +362,9 @@ impl State {
             let prompt_done = result.has_token || finish.is_some() || r.computed >= r.prompt_len;
             if prompt_done && !r.announced {
                 r.announced = true;
+                r.entry
+                    .phases
+                    .prefilled(&r.entry.request.span, result.cached_tokens);
                 let _ = r.entry.tx.send(SeqEvent::Prefilled {
                     cached_tokens: result.cached_tokens,
                     prompt_logprobs: result.prompt_logprobs.clone(),
@@ -366,6 +378,7 @@ impl State {
                     ..r.entry.timing
                 });
                 r.decoding = true;
+                r.entry.phases.token(response.results.len());
                 applied.tokens += 1;
                 let _ = r.entry.tx.send(SeqEvent::Token {
                     token,
@@ -376,7 +389,9 @@ impl State {
                 let _ = r.entry.tx.send(SeqEvent::Finished(finish));
             }
             if finish.is_some() {
-                applied.finished.push(self.remove_running(index).entry);
+                let mut entry = self.remove_running(index).entry;
+                entry.phases.end(None);
+                applied.finished.push(entry);
             }
         }
         applied
@@ -423,6 +438,7 @@ mod tests {
             echo: false,
             max_tokens,
             arrival: Instant::now(),
+            span: tracing::Span::none(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)
@@ -669,6 +685,7 @@ mod pipelining_tests {
             echo: false,
             max_tokens,
             arrival: Instant::now(),
+            span: tracing::Span::none(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)

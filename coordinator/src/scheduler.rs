@@ -52,6 +52,8 @@ impl GroupLoad {
 #[derive(Debug, Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Entry>,
+    /// The group's id, for the requests' queue spans.
+    group: Arc<str>,
     pub load: Arc<GroupLoad>,
     limits: Limits,
 }
@@ -63,6 +65,7 @@ impl SchedulerHandle {
             submitted: Some(Instant::now()),
             ..Default::default()
         };
+        entry.phases.queued(&entry.request.span, &self.group);
         let blocks = entry.blocks_needed(&self.limits) as i64;
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.load
@@ -123,6 +126,7 @@ pub fn spawn(task: SchedulerTask) -> (SchedulerHandle, tokio::task::JoinHandle<S
         .store(task.limits.total_blocks as i64, Ordering::Relaxed);
     let handle = SchedulerHandle {
         tx,
+        group: task.group.as_str().into(),
         load: load.clone(),
         limits: task.limits,
     };
@@ -142,9 +146,10 @@ async fn run(
     let g = task.group.clone();
     let labels = [g.as_str()];
     let (steps, requests) = mpsc::channel::<StepRequest>(PIPELINE_DEPTH + 1);
+    let requests = step_stream(ReceiverStream::new(requests), &g);
     let opened = tokio::select! {
         _ = task.cancel.cancelled() => None,
-        r = tokio::time::timeout(task.step_timeout, task.client.steps(ReceiverStream::new(requests))) => Some(r),
+        r = tokio::time::timeout(task.step_timeout, task.client.steps(requests)) => Some(r),
     };
     let mut answers = match opened {
         None => return handback(&mut rx, &mut state, &task, None, &labels, None).await,
@@ -262,6 +267,25 @@ async fn run(
     };
     let stream = error.is_none().then_some((steps, &mut answers));
     handback(&mut rx, &mut state, &task, error, &labels, stream).await
+}
+
+/// The request that opens a group's step stream. When traces are exported its metadata
+/// carries the `traceparent` of a span for the opening, which the worker's step spans
+/// continue (each step also links to the requests it serves).
+fn step_stream(
+    steps: ReceiverStream<StepRequest>,
+    group: &str,
+) -> tonic::Request<ReceiverStream<StepRequest>> {
+    let mut request = tonic::Request::new(steps);
+    if shardline_telemetry::exporting() {
+        let span = tracing::info_span!("open step stream", group);
+        if let Some(value) = shardline_telemetry::traceparent(&span).and_then(|t| t.parse().ok()) {
+            request
+                .metadata_mut()
+                .insert(shardline_telemetry::TRACEPARENT, value);
+        }
+    }
+    request
 }
 
 /// The step's time as the coordinator saw it (from when the worker could start on it to

@@ -44,25 +44,82 @@ impl Service {
     }
 
     /// Starts a request; errors are immediate (bad input, over a limit, no group).
+    ///
+    /// The current span is the request's (the front ends open it, see [`crate::trace`]):
+    /// validation and admission are its children, and the request keeps it to the end.
     pub fn start(
         &self,
         id: String,
         params: GenerateParams,
         tenant: Option<&str>,
     ) -> Result<Generation, ApiError> {
+        let span = tracing::Span::current();
+        span.record("request_id", id.as_str());
+        span.record("tenant", tenant.unwrap_or(""));
+        span.record("priority", params.priority.as_str());
+        let result = self.start_in(id, params, tenant, &span);
+        if let Err(e) = &result {
+            span.record("otel.status_code", "ERROR");
+            span.record("error", tracing::field::display(e));
+        }
+        result
+    }
+
+    fn start_in(
+        &self,
+        id: String,
+        params: GenerateParams,
+        tenant: Option<&str>,
+        span: &tracing::Span,
+    ) -> Result<Generation, ApiError> {
+        let exporting = shardline_telemetry::exporting();
         let model = self.groups.model().inspect_err(|_| {
             self.metrics.rejected.with_label_values(&["no_group"]).inc();
         })?;
-        let request = validate(id, params, &self.config, &model).inspect_err(|_| {
+        let validating = exporting.then(|| tracing::info_span!("validate").entered());
+        let mut request = validate(id, params, &self.config, &model).inspect_err(|e| {
             self.metrics.rejected.with_label_values(&["invalid"]).inc();
+            if exporting {
+                tracing::info!(error = %e, "invalid request");
+            }
         })?;
+        drop(validating);
+        request.span = span.clone();
+        span.record("prompt_tokens", request.prompt.len());
         let blocks = shardline_proto::worker::kv_blocks_demand(
             request.prompt.len(),
             &request.params,
             model.context_length,
             model.block_size as usize,
         );
-        let permit = self.admission.admit(tenant, blocks as u32)?;
+        let admitting = exporting.then(|| {
+            tracing::info_span!(
+                "admission",
+                kv_blocks = blocks,
+                outcome = tracing::field::Empty,
+                reason = tracing::field::Empty
+            )
+            .entered()
+        });
+        let admitted = self.admission.admit(tenant, blocks as u32);
+        if let Some(admission) = &admitting {
+            match &admitted {
+                Ok(_) => {
+                    admission.record("outcome", "admitted");
+                }
+                Err(e) => {
+                    let reason = match e {
+                        ApiError::Overloaded { reason, .. } => *reason,
+                        _ => "error",
+                    };
+                    admission.record("outcome", "refused");
+                    admission.record("reason", reason);
+                    tracing::info!(reason, error = %e, "admission refused the request");
+                }
+            }
+        }
+        drop(admitting);
+        let permit = admitted?;
         tracing::debug!(
             id = %request.id,
             prompt_tokens = request.prompt.len(),

@@ -278,6 +278,8 @@ pub fn validate(
         echo: p.echo,
         max_tokens: max_tokens as u32,
         arrival,
+        // The caller's span (`Service::start` sets the request's).
+        span: tracing::Span::none(),
     })
 }
 

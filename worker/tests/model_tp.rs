@@ -379,6 +379,7 @@ async fn the_worker_reports_unhealthy_after_a_rank_fails() {
                 ..Default::default()
             }),
             max_tokens: 0,
+            ..Default::default()
         }],
         ..Default::default()
     };
