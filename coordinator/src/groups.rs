@@ -201,6 +201,22 @@ impl GroupSet {
         groups.first().map(|g| g.info.clone()).ok_or_else(no_group)
     }
 
+    /// This coordinator's load over its ready groups (the endpoint picker's gauges).
+    pub fn totals(&self) -> crate::metrics::Totals {
+        let state = self.state();
+        let mut t = crate::metrics::Totals::default();
+        for g in state.ready.values() {
+            let load = &g.handle.load;
+            let total = i64::from(g.info.total_blocks);
+            t.waiting += load.waiting.load(Ordering::Relaxed);
+            t.running += load.running.load(Ordering::Relaxed);
+            t.kv_blocks_total += total;
+            t.kv_blocks_used += (total - load.kv_blocks_free.load(Ordering::Relaxed)).max(0);
+            t.block_size = g.info.block_size;
+        }
+        t
+    }
+
     /// Requests queued in all groups.
     pub fn total_waiting(&self) -> i64 {
         self.state()

@@ -439,6 +439,7 @@ mod tests {
             max_tokens,
             arrival: Instant::now(),
             span: tracing::Span::none(),
+            tenant_label: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)
@@ -686,6 +687,7 @@ mod pipelining_tests {
             max_tokens,
             arrival: Instant::now(),
             span: tracing::Span::none(),
+            tenant_label: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)

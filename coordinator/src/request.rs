@@ -80,6 +80,8 @@ pub struct ValidRequest {
     /// The request's span (see [`crate::trace`]): its phases, its worker steps and its
     /// log lines hang off it. Lives as long as the request does.
     pub span: tracing::Span,
+    /// The tenant's metric label (bounded, see [`crate::metrics::Metrics::tenant_label`]).
+    pub tenant_label: String,
 }
 
 /// What a scheduler tells a request's owner.

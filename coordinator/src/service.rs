@@ -34,7 +34,7 @@ pub fn request_id(prefix: &str) -> String {
 
 impl Service {
     pub fn new(config: Arc<Config>, groups: GroupSet, metrics: Metrics) -> Service {
-        let admission = Admission::new(config.clone(), groups.clone(), metrics.clone());
+        let admission = Admission::new(config.clone(), groups.clone());
         Service {
             config,
             groups,
@@ -73,18 +73,25 @@ impl Service {
         span: &tracing::Span,
     ) -> Result<Generation, ApiError> {
         let exporting = shardline_telemetry::exporting();
-        let model = self.groups.model().inspect_err(|_| {
-            self.metrics.rejected.with_label_values(&["no_group"]).inc();
-        })?;
+        let tenant_label = self.metrics.tenant_label(tenant);
+        let priority = params.priority.as_str();
+        let rejected = |reason: &str| {
+            self.metrics
+                .rejected
+                .with_label_values(&[reason, &tenant_label, priority])
+                .inc();
+        };
+        let model = self.groups.model().inspect_err(|_| rejected("no_group"))?;
         let validating = exporting.then(|| tracing::info_span!("validate").entered());
         let mut request = validate(id, params, &self.config, &model).inspect_err(|e| {
-            self.metrics.rejected.with_label_values(&["invalid"]).inc();
+            rejected("invalid");
             if exporting {
                 tracing::info!(error = %e, "invalid request");
             }
         })?;
         drop(validating);
         request.span = span.clone();
+        request.tenant_label = tenant_label.clone();
         span.record("prompt_tokens", request.prompt.len());
         let blocks = shardline_proto::worker::kv_blocks_demand(
             request.prompt.len(),
@@ -102,6 +109,9 @@ impl Service {
             .entered()
         });
         let admitted = self.admission.admit(tenant, blocks as u32);
+        if let Err(ApiError::Overloaded { reason, .. }) = &admitted {
+            rejected(reason);
+        }
         if let Some(admission) = &admitting {
             match &admitted {
                 Ok(_) => {

@@ -280,6 +280,7 @@ pub fn validate(
         arrival,
         // The caller's span (`Service::start` sets the request's).
         span: tracing::Span::none(),
+        tenant_label: crate::metrics::NO_TENANT.to_string(),
     })
 }
 

@@ -7,6 +7,7 @@
 //!
 //! - [`runner`]: the [`runner::ModelRunner`] contract between engine and model.
 //! - [`engine`]: the engine thread (actor) that turns steps into forwards plus sampling.
+//! - [`metrics`]: the group's Prometheus metrics and their endpoint (`--metrics-listen`).
 //! - [`sampler`]: penalties, temperature, top-k/p, min-p, seeded draws, logprobs.
 //! - [`service`]: the `Worker` gRPC service (the pipelined step stream, `Info`,
 //!   `Health`); [`serve`]: a group's whole serving life around a runner (engine, idle
@@ -16,6 +17,7 @@
 //!   deterministic runner without a model, and a worker on a loopback port over it.
 
 pub mod engine;
+pub mod metrics;
 pub mod runner;
 pub mod sampler;
 pub mod serve;

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{EngineError, EngineHandle, StepReply};
+use crate::metrics::WorkerMetrics;
 use crate::trace::StreamTrace;
 
 /// Largest request the worker accepts (a long prompt in a step is a few MB at most).
@@ -52,6 +53,8 @@ pub struct WorkerService {
     draining: CancellationToken,
     /// Cancelled when the server stops: open step streams end with `UNAVAILABLE`.
     stopping: CancellationToken,
+    /// Step figures go here as each answer goes back (`--metrics-listen`).
+    metrics: Option<WorkerMetrics>,
 }
 
 impl WorkerService {
@@ -60,7 +63,14 @@ impl WorkerService {
             engine,
             draining,
             stopping: CancellationToken::new(),
+            metrics: None,
         }
+    }
+
+    /// Observes every step's answer into `metrics`.
+    pub fn with_metrics(mut self, metrics: WorkerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -157,6 +167,7 @@ async fn answer_steps(
     out: mpsc::Sender<Result<pb::StepResponse, Status>>,
     stopping: CancellationToken,
     trace: Option<Arc<StreamTrace>>,
+    metrics: Option<WorkerMetrics>,
 ) {
     loop {
         let next = tokio::select! {
@@ -171,6 +182,9 @@ async fn answer_steps(
                             answer_refused(&mut resp, p.refused);
                             if let (Some(trace), Some(span)) = (&trace, p.span) {
                                 trace.answered(span, &resp);
+                            }
+                            if let Some(metrics) = &metrics {
+                                metrics.observe_step(&resp);
                             }
                             Ok(resp)
                         }
@@ -229,6 +243,7 @@ impl Worker for WorkerService {
             out_tx,
             self.stopping.clone(),
             trace,
+            self.metrics.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }

@@ -138,6 +138,7 @@ async fn livez() -> Response {
 }
 
 async fn metrics(State(service): State<Service>) -> Response {
+    service.metrics.set_totals(service.groups.totals());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         service.metrics.render(),

@@ -284,4 +284,11 @@ impl<R: GroupRank> ModelRunner for GroupRunner<R> {
     fn healthy(&self) -> Result<(), RunnerError> {
         self.group.healthy().map_err(RunnerError::Model)
     }
+
+    fn stats(&self) -> crate::runner::RunnerStats {
+        crate::runner::RunnerStats {
+            kv_blocks_cached: self.blocks.cached_blocks(),
+            ..Default::default()
+        }
+    }
 }
