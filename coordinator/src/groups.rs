@@ -446,6 +446,12 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             cancel: scheduler_token.clone(),
         });
         tracing::info!(worker = %address, group = %id, model = %info.model_id, "worker group ready");
+        // The group's migration counter exists (at zero) before its first migration.
+        let _ = set
+            .inner
+            .metrics
+            .migrations
+            .with_label_values(&[id.as_str()]);
         set.set_ready(
             Some(Group {
                 key: address.clone(),

@@ -23,6 +23,17 @@ pub const OTHER_TENANT: &str = "other";
 /// Label value of requests that name no tenant.
 pub const NO_TENANT: &str = "none";
 
+/// Why requests are refused (`shardline_requests_rejected_total{reason}`).
+pub const REJECT_REASONS: &[&str] = &[
+    "invalid",
+    "no_group",
+    "max_concurrent_requests",
+    "queue_full",
+    "kv_budget",
+    "tenant_concurrency",
+    "tenant_rate",
+];
+
 /// Labels of per-tenant series: tenant, priority.
 pub const TENANT_LABELS: &[&str] = &["tenant", "priority"];
 
@@ -295,6 +306,11 @@ impl Metrics {
                 .register(c)
                 .expect("metric names are unique; this is a bug");
         }
+        // Every refusal reason has a series from the start (at zero), so rates and alerts
+        // over them work before the first refusal.
+        for reason in REJECT_REASONS {
+            let _ = m.rejected.with_label_values(&[reason, NO_TENANT, "normal"]);
+        }
         m
     }
 
@@ -375,7 +391,11 @@ mod tests {
             assert_eq!(m.tenant_label(Some(&format!("t{i}"))), format!("t{i}"));
         }
         assert_eq!(m.tenant_label(Some("late")), "other", "the set is full");
-        assert_eq!(m.tenant_label(Some("t3")), "t3", "known tenants keep theirs");
+        assert_eq!(
+            m.tenant_label(Some("t3")),
+            "t3",
+            "known tenants keep theirs"
+        );
         assert_eq!(m.tenant_label(Some(&"x".repeat(100))), "other");
         assert_eq!(m.tenant_label(Some("other")), "other");
     }

@@ -103,8 +103,10 @@ async fn excess_requests_get_429_with_retry_after() {
     assert!(rejected >= 30, "most of the burst is refused ({rejected})");
     let metrics = c.metrics().await;
     assert!(
-        metrics.lines().any(|l| l.starts_with("shardline_requests_rejected_total{")
-            && l.contains("reason=\"max_concurrent_requests\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("shardline_requests_rejected_total{")
+                && l.contains("reason=\"max_concurrent_requests\"")),
         "{metrics}"
     );
 }

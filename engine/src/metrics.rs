@@ -73,14 +73,13 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Hi
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::with_opts(opts(name, help))
-        .expect("static metric definition; this is a bug");
+    let c =
+        IntCounter::with_opts(opts(name, help)).expect("static metric definition; this is a bug");
     registered(registry, c)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g =
-        IntGauge::with_opts(opts(name, help)).expect("static metric definition; this is a bug");
+    let g = IntGauge::with_opts(opts(name, help)).expect("static metric definition; this is a bug");
     registered(registry, g)
 }
 
@@ -112,7 +111,7 @@ impl WorkerMetrics {
             r,
             IntGaugeVec::new(
                 opts(
-                    "shardline_cache_config_info",
+                    "shardline_worker_cache_config_info",
                     "KV cache configuration (value 1), like vLLM's vllm:cache_config_info: block_size in tokens, num_gpu_blocks.",
                 ),
                 &["block_size", "num_gpu_blocks"],
@@ -125,7 +124,7 @@ impl WorkerMetrics {
         let kv_usage = registered(
             r,
             Gauge::with_opts(opts(
-                "shardline_kv_cache_usage_perc",
+                "shardline_worker_kv_cache_usage_perc",
                 "Fraction of the KV cache in use (0..1), like vLLM's vllm:kv_cache_usage_perc.",
             ))
             .expect("static metric definition; this is a bug"),
@@ -161,12 +160,12 @@ impl WorkerMetrics {
             kv_usage,
             running: gauge(
                 r,
-                "shardline_num_requests_running",
+                "shardline_worker_num_requests_running",
                 "Sequences on the worker, like vLLM's vllm:num_requests_running.",
             ),
             waiting: gauge(
                 r,
-                "shardline_num_requests_waiting",
+                "shardline_worker_num_requests_waiting",
                 "Sequences whose prompt is still being prefilled, like vLLM's vllm:num_requests_waiting (the coordinator queues the rest).",
             ),
             prompt_tokens: counter(
@@ -217,8 +216,7 @@ impl WorkerMetrics {
 
     /// A step's answer on its way back to the coordinator.
     pub fn observe_step(&self, resp: &pb::StepResponse) {
-        self.step_duration
-            .observe(resp.step_time_ns as f64 / 1e9);
+        self.step_duration.observe(resp.step_time_ns as f64 / 1e9);
         self.step_tokens.observe(f64::from(resp.batch_tokens));
         self.batch_size.observe(resp.results.len() as f64);
     }
@@ -233,8 +231,7 @@ impl WorkerMetrics {
         self.kv_blocks
             .with_label_values(&["cached"])
             .set(cached as i64);
-        self.kv_usage
-            .set(used as f64 / total_blocks.max(1) as f64);
+        self.kv_usage.set(used as f64 / total_blocks.max(1) as f64);
         self.running.set(status.num_running as i64);
         self.waiting.set(status.num_prefilling as i64);
         let c = &status.counters;

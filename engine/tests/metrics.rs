@@ -95,26 +95,35 @@ async fn the_metrics_endpoint_exports_steps_kv_sequences_and_the_gateway_gauges(
     };
     let prompt: Vec<u32> = (1..=9).collect();
     // Sequence 1: the prompt and 3 tokens (the first sampled with the prompt), then done.
-    let r = step_once(&mut client, pb::StepRequest {
-        prefill: vec![first_chunk(1, prompt.clone(), 3)],
-        ..Default::default()
-    })
+    let r = step_once(
+        &mut client,
+        pb::StepRequest {
+            prefill: vec![first_chunk(1, prompt.clone(), 3)],
+            ..Default::default()
+        },
+    )
     .await
     .unwrap();
     assert!(r.results[0].has_token);
     for _ in 0..2 {
-        step_once(&mut client, pb::StepRequest {
-            decode: vec![1],
-            ..Default::default()
-        })
+        step_once(
+            &mut client,
+            pb::StepRequest {
+                decode: vec![1],
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     }
     // Sequence 2: the same prompt, its two full blocks from the prefix cache; it stays.
-    let r = step_once(&mut client, pb::StepRequest {
-        prefill: vec![first_chunk(2, prompt, 10)],
-        ..Default::default()
-    })
+    let r = step_once(
+        &mut client,
+        pb::StepRequest {
+            prefill: vec![first_chunk(2, prompt, 10)],
+            ..Default::default()
+        },
+    )
     .await
     .unwrap();
     assert_eq!(r.results[0].cached_tokens, 8, "{r:?}");
@@ -131,28 +140,50 @@ async fn the_metrics_endpoint_exports_steps_kv_sequences_and_the_gateway_gauges(
         sample(&text, "shardline_worker_step_duration_seconds_count", &[g]),
         4.0
     );
-    assert_eq!(sample(&text, "shardline_worker_step_tokens_sum", &[g]), 9.0 + 2.0 + 1.0);
-    assert_eq!(sample(&text, "shardline_worker_batch_size_count", &[g]), 4.0);
-    assert_eq!(sample(&text, "shardline_worker_generation_tokens_total", &[g]), 4.0);
     assert_eq!(
-        sample(&text, "shardline_worker_prefix_cache_hit_tokens_total", &[g]),
+        sample(&text, "shardline_worker_step_tokens_sum", &[g]),
+        9.0 + 2.0 + 1.0
+    );
+    assert_eq!(
+        sample(&text, "shardline_worker_batch_size_count", &[g]),
+        4.0
+    );
+    assert_eq!(
+        sample(&text, "shardline_worker_generation_tokens_total", &[g]),
+        4.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "shardline_worker_prefix_cache_hit_tokens_total",
+            &[g]
+        ),
         8.0
     );
-    assert_eq!(sample(&text, "shardline_worker_prompt_tokens_total", &[g]), 10.0);
-    assert_eq!(sample(&text, "shardline_num_requests_running", &[g]), 1.0);
-    assert_eq!(sample(&text, "shardline_num_requests_waiting", &[g]), 0.0);
+    assert_eq!(
+        sample(&text, "shardline_worker_prompt_tokens_total", &[g]),
+        10.0
+    );
+    assert_eq!(
+        sample(&text, "shardline_worker_num_requests_running", &[g]),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "shardline_worker_num_requests_waiting", &[g]),
+        0.0
+    );
     let used = sample(&text, "shardline_worker_kv_blocks", &[g, "state=\"used\""]);
     let free = sample(&text, "shardline_worker_kv_blocks", &[g, "state=\"free\""]);
     assert_eq!(used + free, 16.0);
     assert!(used >= 3.0, "sequence 2 holds its blocks: {used}");
     assert_eq!(
-        sample(&text, "shardline_kv_cache_usage_perc", &[g]),
+        sample(&text, "shardline_worker_kv_cache_usage_perc", &[g]),
         used / 16.0
     );
     assert_eq!(
         sample(
             &text,
-            "shardline_cache_config_info",
+            "shardline_worker_cache_config_info",
             &[g, "block_size=\"4\"", "num_gpu_blocks=\"16\""]
         ),
         1.0

@@ -20,8 +20,7 @@ use shardline_proto::worker::v1 as pb;
 use super::seq::{SeqConfig, Sequence};
 use super::{EngineError, ModelFacts};
 use crate::runner::{
-    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerStats, SeqChunk,
-    SeqId,
+    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerStats, SeqChunk, SeqId,
 };
 use crate::sampler;
 
