@@ -51,14 +51,13 @@ pub fn continue_trace(span: &Span, get: impl Fn(&str) -> Option<String>) -> Opti
     id
 }
 
-/// A child span of `request` for a phase, when traces are exported.
-fn child(request: &Span, make: impl FnOnce(&Span) -> Span) -> Option<Span> {
-    shardline_telemetry::exporting().then(|| make(request))
-}
-
 /// The spans of the phase a request is in on its current group; dropping one ends it.
+/// Empty (no allocation) unless traces are exported.
 #[derive(Debug, Default)]
-pub struct Phases {
+pub struct Phases(Option<Box<Spans>>);
+
+#[derive(Debug, Default)]
+struct Spans {
     queue: Option<Span>,
     prefill: Option<Span>,
     decode: Option<Span>,
@@ -72,83 +71,85 @@ pub struct Phases {
 impl Phases {
     /// Handed to `group`'s scheduler: the queue wait starts.
     pub fn queued(&mut self, request: &Span, group: &str) {
-        *self = Phases::default();
-        self.queue = child(request, |r| tracing::info_span!(parent: r, "queue", group));
+        self.0 = shardline_telemetry::exporting().then(|| {
+            Box::new(Spans {
+                queue: Some(tracing::info_span!(parent: request, "queue", group)),
+                ..Default::default()
+            })
+        });
     }
 
     /// First sent to the worker: the queue wait ends, the prefill starts.
     pub fn scheduled(&mut self, request: &Span, prompt_tokens: usize) {
-        self.queue = None;
-        self.prefill = child(request, |r| {
-            tracing::info_span!(
-                parent: r,
-                "prefill",
-                prompt_tokens,
-                chunks = Empty,
-                cached_tokens = Empty
-            )
-        });
+        let Some(s) = &mut self.0 else { return };
+        s.queue = None;
+        s.prefill = Some(tracing::info_span!(
+            parent: request,
+            "prefill",
+            prompt_tokens,
+            chunks = Empty,
+            cached_tokens = Empty
+        ));
     }
 
     /// One prefill chunk sent.
     pub fn chunk(&mut self) {
-        self.prefill_chunks += 1;
+        if let Some(s) = &mut self.0 {
+            s.prefill_chunks += 1;
+        }
     }
 
     /// The prompt is computed: the prefill ends, the decode starts.
     pub fn prefilled(&mut self, request: &Span, cached_tokens: u32) {
-        if let Some(prefill) = self.prefill.take() {
-            prefill.record("chunks", self.prefill_chunks);
+        let Some(s) = &mut self.0 else { return };
+        if let Some(prefill) = s.prefill.take() {
+            prefill.record("chunks", s.prefill_chunks);
             prefill.record("cached_tokens", cached_tokens);
         }
-        if self.decode.is_none() {
-            self.decode = child(request, |r| {
-                tracing::info_span!(
-                    parent: r,
-                    "decode",
-                    tokens = Empty,
-                    steps = Empty,
-                    batch_min = Empty,
-                    batch_max = Empty,
-                    batch_mean = Empty
-                )
-            });
+        if s.decode.is_none() {
+            s.decode = Some(tracing::info_span!(
+                parent: request,
+                "decode",
+                tokens = Empty,
+                steps = Empty,
+                batch_min = Empty,
+                batch_max = Empty,
+                batch_mean = Empty
+            ));
         }
     }
 
     /// A token came back from a step that served `batch` sequences.
     pub fn token(&mut self, batch: usize) {
+        let Some(s) = &mut self.0 else { return };
         let batch = batch as u32;
-        self.batch_min = if self.decode_steps == 0 {
+        s.batch_min = if s.decode_steps == 0 {
             batch
         } else {
-            self.batch_min.min(batch)
+            s.batch_min.min(batch)
         };
-        self.batch_max = self.batch_max.max(batch);
-        self.batch_sum += u64::from(batch);
-        self.decode_steps += 1;
+        s.batch_max = s.batch_max.max(batch);
+        s.batch_sum += u64::from(batch);
+        s.decode_steps += 1;
     }
 
     /// The sequence ended on this group (finished, or `why` it was taken off).
     pub fn end(&mut self, why: Option<&str>) {
-        if let Some(decode) = self.decode.take() {
-            decode.record("tokens", self.decode_steps);
-            decode.record("steps", self.decode_steps);
-            if self.decode_steps > 0 {
-                decode.record("batch_min", self.batch_min);
-                decode.record("batch_max", self.batch_max);
-                decode.record(
-                    "batch_mean",
-                    self.batch_sum as f64 / f64::from(self.decode_steps),
-                );
+        let Some(s) = self.0.take() else { return };
+        if let Some(decode) = &s.decode {
+            decode.record("tokens", s.decode_steps);
+            decode.record("steps", s.decode_steps);
+            if s.decode_steps > 0 {
+                decode.record("batch_min", s.batch_min);
+                decode.record("batch_max", s.batch_max);
+                decode.record("batch_mean", s.batch_sum as f64 / f64::from(s.decode_steps));
             }
             if let Some(why) = why {
-                tracing::info!(parent: &decode, reason = why, "interrupted");
+                tracing::info!(parent: decode, reason = why, "interrupted");
             }
         }
-        if let (Some(prefill), Some(why)) = (self.prefill.take(), why) {
-            tracing::info!(parent: &prefill, reason = why, "interrupted");
+        if let (Some(prefill), Some(why)) = (&s.prefill, why) {
+            tracing::info!(parent: prefill, reason = why, "interrupted");
         }
-        self.queue = None;
     }
 }
