@@ -281,7 +281,8 @@ fn step_stream(
 ) -> tonic::Request<ReceiverStream<StepRequest>> {
     let mut request = tonic::Request::new(steps);
     if shardline_telemetry::exporting() {
-        let span = tracing::info_span!("open step stream", group);
+        let span =
+            tracing::info_span!(target: shardline_telemetry::TRACE_ONLY, "open step stream", group);
         if let Some(value) = shardline_telemetry::traceparent(&span).and_then(|t| t.parse().ok()) {
             request
                 .metadata_mut()

@@ -82,7 +82,9 @@ impl Service {
                 .inc();
         };
         let model = self.groups.model().inspect_err(|_| rejected("no_group"))?;
-        let validating = exporting.then(|| tracing::info_span!("validate").entered());
+        let validating = exporting.then(|| {
+            tracing::info_span!(target: shardline_telemetry::TRACE_ONLY, "validate").entered()
+        });
         let mut request = validate(id, params, &self.config, &model).inspect_err(|e| {
             rejected("invalid");
             if exporting {
@@ -101,6 +103,7 @@ impl Service {
         );
         let admitting = exporting.then(|| {
             tracing::info_span!(
+                target: shardline_telemetry::TRACE_ONLY,
                 "admission",
                 kv_blocks = blocks,
                 outcome = tracing::field::Empty,

@@ -73,7 +73,7 @@ impl Phases {
     pub fn queued(&mut self, request: &Span, group: &str) {
         self.0 = shardline_telemetry::exporting().then(|| {
             Box::new(Spans {
-                queue: Some(tracing::info_span!(parent: request, "queue", group)),
+                queue: Some(tracing::info_span!(target: shardline_telemetry::TRACE_ONLY, parent: request, "queue", group)),
                 ..Default::default()
             })
         });
@@ -84,6 +84,7 @@ impl Phases {
         let Some(s) = &mut self.0 else { return };
         s.queue = None;
         s.prefill = Some(tracing::info_span!(
+            target: shardline_telemetry::TRACE_ONLY,
             parent: request,
             "prefill",
             prompt_tokens,
@@ -108,6 +109,7 @@ impl Phases {
         }
         if s.decode.is_none() {
             s.decode = Some(tracing::info_span!(
+                target: shardline_telemetry::TRACE_ONLY,
                 parent: request,
                 "decode",
                 tokens = Empty,
@@ -145,11 +147,11 @@ impl Phases {
                 decode.record("batch_mean", s.batch_sum as f64 / f64::from(s.decode_steps));
             }
             if let Some(why) = why {
-                tracing::info!(parent: decode, reason = why, "interrupted");
+                tracing::info!(target: shardline_telemetry::TRACE_ONLY, parent: decode, reason = why, "interrupted");
             }
         }
         if let (Some(prefill), Some(why)) = (&s.prefill, why) {
-            tracing::info!(parent: prefill, reason = why, "interrupted");
+            tracing::info!(target: shardline_telemetry::TRACE_ONLY, parent: prefill, reason = why, "interrupted");
         }
     }
 }

@@ -58,6 +58,7 @@ impl StreamTrace {
     /// serves.
     pub(crate) fn step(&self, req: &pb::StepRequest) -> Span {
         let step = tracing::info_span!(
+            target: shardline_telemetry::TRACE_ONLY,
             "step",
             prefill = req.prefill.len(),
             decode = req.decode.len(),
@@ -84,6 +85,7 @@ impl StreamTrace {
                 continue;
             };
             let span = tracing::info_span!(
+                target: shardline_telemetry::TRACE_ONLY,
                 "sequence",
                 seq_id = chunk.seq_id,
                 prompt_tokens = chunk.prompt.len(),

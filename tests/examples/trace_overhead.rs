@@ -110,7 +110,14 @@ fn run(o: &Options, otlp: Option<&str>) -> f64 {
         .args(["--concurrency", &o.concurrency.to_string()])
         .args(["--num-requests", &o.requests.to_string()])
         .args(["--warmup-requests", "32"])
-        .args(["--input-len", "128", "--output-len", "64", "--ignore-eos"])
+        .args([
+            "--input-len",
+            "128",
+            "--output-len",
+            "64",
+            "--ignore-eos",
+            "true",
+        ])
         .arg("--json")
         .arg(json.path())
         .arg("--no-progress")
