@@ -286,9 +286,13 @@ impl<R: GroupRank> ModelRunner for GroupRunner<R> {
     }
 
     fn stats(&self) -> crate::runner::RunnerStats {
+        let (collectives, collective_seconds, collective_failures) =
+            self.group.collectives().snapshot();
         crate::runner::RunnerStats {
             kv_blocks_cached: self.blocks.cached_blocks(),
-            ..Default::default()
+            collectives,
+            collective_seconds,
+            collective_failures,
         }
     }
 }
