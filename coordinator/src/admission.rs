@@ -11,7 +11,6 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::groups::GroupSet;
-use crate::metrics::Metrics;
 
 /// A classic token bucket: `rate` tokens per second, at most `burst`.
 #[derive(Debug, Clone)]
@@ -51,7 +50,6 @@ struct Tenant {
 struct Inner {
     config: Arc<Config>,
     groups: GroupSet,
-    metrics: Metrics,
     concurrent: AtomicUsize,
     tenants: Mutex<HashMap<String, Tenant>>,
 }
@@ -85,12 +83,11 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    pub fn new(config: Arc<Config>, groups: GroupSet, metrics: Metrics) -> Admission {
+    pub fn new(config: Arc<Config>, groups: GroupSet) -> Admission {
         Admission {
             inner: Arc::new(Inner {
                 config,
                 groups,
-                metrics,
                 concurrent: AtomicUsize::new(0),
                 tenants: Mutex::default(),
             }),
@@ -101,12 +98,8 @@ impl Admission {
         self.inner.concurrent.load(Ordering::Acquire)
     }
 
+    /// A refusal; the caller counts it (it knows the request's tenant and priority).
     fn reject(&self, reason: &'static str, message: String, retry_after_s: u64) -> ApiError {
-        self.inner
-            .metrics
-            .rejected
-            .with_label_values(&[reason])
-            .inc();
         ApiError::Overloaded {
             reason,
             message,
@@ -213,6 +206,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::metrics::Metrics;
 
     fn admission(config: Config) -> Admission {
         let config = Arc::new(config);
@@ -222,7 +216,7 @@ mod tests {
             metrics.clone(),
             tokio_util::sync::CancellationToken::new(),
         );
-        Admission::new(config, groups, metrics)
+        Admission::new(config, groups)
     }
 
     #[test]

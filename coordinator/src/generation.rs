@@ -73,6 +73,8 @@ pub struct Generation {
     prefilled_tx: Option<watch::Sender<bool>>,
     /// A follower not queued yet: queued once the first choice's prompt is computed.
     pending: Option<Pending>,
+    /// This request's series of the per-tenant metrics (looked up once, not per token).
+    series: Series,
     _permit: Permit,
 }
 
@@ -81,6 +83,13 @@ struct Pending {
     entry: Entry,
     groups: GroupSet,
     leader: watch::Receiver<bool>,
+}
+
+/// The request's tenant and priority series.
+struct Series {
+    ttft: prometheus::Histogram,
+    itl: prometheus::Histogram,
+    generated: prometheus::IntCounter,
 }
 
 /// Everything a non-streaming response needs.
@@ -106,7 +115,14 @@ impl Generation {
             prompt_tokens: request.prompt.len() as u32,
             ..Default::default()
         };
+        let labels = [request.tenant_label.as_str(), request.priority.as_str()];
+        let series = Series {
+            ttft: metrics.time_to_first_token.with_label_values(&labels),
+            itl: metrics.inter_token_latency.with_label_values(&labels),
+            generated: metrics.tenant_generation_tokens.with_label_values(&labels),
+        };
         Generation {
+            series,
             request,
             rx,
             model,
@@ -205,13 +221,26 @@ impl Generation {
                 text.push_str(&self.stop.finish());
             }
         }
+        let (tenant, priority) = (
+            self.request.tenant_label.as_str(),
+            self.request.priority.as_str(),
+        );
         self.metrics
             .e2e_latency
+            .with_label_values(&[tenant, priority])
             .observe(self.request.arrival.elapsed().as_secs_f64());
         self.metrics
             .requests
-            .with_label_values(&[finish.as_str()])
+            .with_label_values(&[finish.as_str(), tenant, priority])
             .inc();
+        self.metrics
+            .tenant_prompt_tokens
+            .with_label_values(&[tenant, priority])
+            .inc_by(u64::from(self.usage.prompt_tokens));
+        let span = &self.request.span;
+        span.record("finish_reason", finish.as_str());
+        span.record("completion_tokens", self.usage.completion_tokens);
+        span.record("cached_tokens", self.usage.cached_tokens);
         Chunk {
             text,
             tokens: std::mem::take(&mut self.pending_tokens),
@@ -223,7 +252,7 @@ impl Generation {
     /// was queueing, the worker, and the coordinator itself (with the gRPC hop).
     fn first_token(&self, now: Instant, timing: Option<Timing>) {
         let ttft = now - self.request.arrival;
-        self.metrics.time_to_first_token.observe(ttft.as_secs_f64());
+        self.series.ttft.observe(ttft.as_secs_f64());
         let Some(t) = timing else { return };
         let (Some(submitted), Some(scheduled)) = (t.submitted, t.scheduled) else {
             return;
@@ -311,12 +340,10 @@ impl Generation {
                     let now = Instant::now();
                     match self.last_token_at {
                         None => self.first_token(now, first),
-                        Some(last) => self
-                            .metrics
-                            .inter_token_latency
-                            .observe((now - last).as_secs_f64()),
+                        Some(last) => self.series.itl.observe((now - last).as_secs_f64()),
                     }
                     self.last_token_at = Some(now);
+                    self.series.generated.inc();
                     self.usage.completion_tokens += 1;
                     if self.request.logprobs.is_some() {
                         let out = self.token_out(&token, true);
@@ -342,6 +369,10 @@ impl Generation {
                 SeqEvent::Finished(finish) => return Some(Ok(self.finish(finish, String::new()))),
                 SeqEvent::Error(e) => {
                     self.done = true;
+                    self.request.span.record("otel.status_code", "ERROR");
+                    self.request
+                        .span
+                        .record("error", tracing::field::display(&e));
                     return Some(Err(e));
                 }
             }

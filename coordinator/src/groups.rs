@@ -209,6 +209,22 @@ impl GroupSet {
         groups.first().map(|g| g.info.clone()).ok_or_else(no_group)
     }
 
+    /// This coordinator's load over its ready groups (the endpoint picker's gauges).
+    pub fn totals(&self) -> crate::metrics::Totals {
+        let state = self.state();
+        let mut t = crate::metrics::Totals::default();
+        for g in state.ready.values() {
+            let load = &g.handle.load;
+            let total = i64::from(g.info.total_blocks);
+            t.waiting += load.waiting.load(Ordering::Relaxed);
+            t.running += load.running.load(Ordering::Relaxed);
+            t.kv_blocks_total += total;
+            t.kv_blocks_used += (total - load.kv_blocks_free.load(Ordering::Relaxed)).max(0);
+            t.block_size = g.info.block_size;
+        }
+        t
+    }
+
     /// Requests queued in all groups.
     pub fn total_waiting(&self) -> i64 {
         self.state()
@@ -301,13 +317,16 @@ impl GroupSet {
         Some(groups[chosen].clone())
     }
 
-    /// Continues requests of a failed or removed group elsewhere.
-    fn migrate(&self, group_id: &str, entries: Vec<Entry>) {
+    /// Continues requests of a failed or removed group elsewhere; `why` the group went
+    /// goes into each request's trace.
+    fn migrate(&self, group_id: &str, why: &str, entries: Vec<Entry>) {
         for mut entry in entries {
             if entry.is_cancelled() {
                 continue;
             }
+            entry.phases.end(Some("migrated"));
             entry.migrations += 1;
+            entry.request.span.record("migrations", entry.migrations);
             if entry.migrations > MAX_MIGRATIONS {
                 let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable(format!(
                     "request failed on {MAX_MIGRATIONS} worker groups in a row"
@@ -319,8 +338,11 @@ impl GroupSet {
                 .migrations
                 .with_label_values(&[group_id])
                 .inc();
+            // In the request's span: its trace shows the migration, the log line its ids.
             tracing::info!(
+                parent: &entry.request.span,
                 from = %group_id,
+                reason = why,
                 migration = entry.migrations,
                 tokens_sent = entry.generated.len(),
                 "migrating a request to another group"
@@ -479,6 +501,12 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             cancel: scheduler_token.clone(),
         });
         tracing::info!(worker = %address, group = %id, model = %info.model_id, "worker group ready");
+        // The group's migration counter exists (at zero) before its first migration.
+        let _ = set
+            .inner
+            .metrics
+            .migrations
+            .with_label_values(&[id.as_str()]);
         set.set_ready(
             Some(Group {
                 key: address.clone(),
@@ -504,7 +532,11 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             }
             return;
         }
-        set.migrate(&id, leftover);
+        let why = match &error {
+            Some(e) => e.to_string(),
+            None => "the group was removed".to_string(),
+        };
+        set.migrate(&id, &why, leftover);
         if token.is_cancelled() {
             return; // `remove` already forgot the slot
         }

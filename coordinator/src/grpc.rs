@@ -119,7 +119,33 @@ fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
 }
 
 impl InferenceService {
-    fn start(&self, request: Request<GenerateRequest>) -> Result<generation::Generation, Status> {
+    /// Starts a request in its own span (continuing the client's `traceparent` metadata);
+    /// the generation and the trace id for the response metadata.
+    fn start(
+        &self,
+        method: &str,
+        request: Request<GenerateRequest>,
+    ) -> Result<(generation::Generation, Option<String>), Status> {
+        let span = crate::trace::request_span(method, "grpc");
+        let trace_id = crate::trace::continue_trace(&span, |k| {
+            request
+                .metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        span.in_scope(|| self.start_in(request))
+            .map(|generation| (generation, trace_id))
+            .inspect_err(|status| {
+                span.record("otel.status_code", "ERROR");
+                span.record("error", status.message());
+            })
+    }
+
+    fn start_in(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<generation::Generation, Status> {
         let metadata_tenant = request
             .metadata()
             .get("x-shardline-tenant")
@@ -145,16 +171,19 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let generation = self.start(request)?;
+        let (generation, trace_id) = self.start("shardline.v1.Inference/Generate", request)?;
         let id = generation.request.id.clone();
         let out = generation.collect().await.map_err(|e| e.to_status())?;
-        Ok(Response::new(GenerateResponse {
-            id,
-            text: out.text,
-            finish_reason: finish_pb(out.finish),
-            usage: Some(usage_pb(out.usage)),
-            tokens: tokens_pb(&out.tokens),
-        }))
+        Ok(with_trace_id(
+            Response::new(GenerateResponse {
+                id,
+                text: out.text,
+                finish_reason: finish_pb(out.finish),
+                usage: Some(usage_pb(out.usage)),
+                tokens: tokens_pb(&out.tokens),
+            }),
+            trace_id,
+        ))
     }
 
     type GenerateStreamStream = StreamOf<GenerateStreamResponse>;
@@ -163,7 +192,8 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let mut generation = self.start(request)?;
+        let (mut generation, trace_id) =
+            self.start("shardline.v1.Inference/GenerateStream", request)?;
         let id = generation.request.id.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -188,8 +218,21 @@ impl Inference for InferenceService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(with_trace_id(
+            Response::new(Box::pin(ReceiverStream::new(rx))),
+            trace_id,
+        ))
     }
+}
+
+/// Names the request's trace in the response metadata (`x-trace-id`).
+fn with_trace_id<T>(mut response: Response<T>, trace_id: Option<String>) -> Response<T> {
+    if let Some(id) = trace_id.and_then(|id| id.parse().ok()) {
+        response
+            .metadata_mut()
+            .insert(crate::trace::TRACE_ID_HEADER, id);
+    }
+    response
 }
 
 /// Serves gRPC on `listener` until `shutdown`: inference, health and reflection.

@@ -12,7 +12,8 @@
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
 //! - [`structured`] (response formats → worker constraints) and [`tools`] (tool
 //!   calling: prompt, forced-call grammar, reading calls back);
-//! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
+//! - [`metrics`] (Prometheus), [`trace`] (a request's spans), [`error`] (HTTP / gRPC
+//!   mapping), [`config`] (flags).
 //!
 //! Tests run against the real worker service over a fake runner (`shardline-engine`'s
 //! `testing` feature, a dev-dependency): the fake never ships in this crate.
@@ -35,6 +36,7 @@ pub mod scheduler;
 pub mod service;
 pub mod structured;
 pub mod tools;
+pub mod trace;
 pub mod validate;
 
 use std::net::SocketAddr;

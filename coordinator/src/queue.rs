@@ -275,6 +275,7 @@ impl State {
             let prompt_len = r.prompt_len;
             if r.started && r.planned < prompt_len && budget > 0 {
                 let chunk = (prompt_len - r.planned).min(budget);
+                r.entry.phases.chunk();
                 step.prefill.push(PrefillChunk {
                     seq_id: r.entry.seq_id,
                     max_tokens: chunk as u32,
@@ -342,11 +343,15 @@ impl State {
                 let prompt_len = entry.prompt_len();
                 let chunk = prompt_len.clamp(1, *budget);
                 *budget -= chunk;
+                entry.phases.scheduled(&entry.request.span, prompt_len);
+                entry.phases.chunk();
                 step.prefill.push(PrefillChunk {
                     seq_id: entry.seq_id,
                     prompt: entry.worker_prompt(),
                     params: Some(entry.worker_params()),
                     max_tokens: chunk as u32,
+                    traceparent: shardline_telemetry::traceparent(&entry.request.span)
+                        .unwrap_or_default(),
                 });
                 self.reserved += need;
                 free -= i64::from(need);
@@ -407,6 +412,12 @@ impl State {
                     } else {
                         self.refused_at = Some(received);
                     }
+                    let why = if status == SeqStatus::Preempted {
+                        "the worker preempted it for KV blocks"
+                    } else {
+                        "the worker had no KV blocks for it"
+                    };
+                    r.entry.phases.end(Some(why));
                     // Continued later as prompt + generated tokens, under a new id (steps
                     // still in flight name the old one; their answers are ignored).
                     r.entry.seq_id = crate::request::next_seq_id();
@@ -415,7 +426,8 @@ impl State {
                     continue;
                 }
                 SeqStatus::Invalid => {
-                    let r = self.remove_running(index);
+                    let mut r = self.remove_running(index);
+                    r.entry.phases.end(Some("the worker rejected it"));
                     let _ = r.entry.tx.send(SeqEvent::Error(ApiError::Invalid {
                         param: None,
                         message: format!("worker rejected the sequence: {}", result.error),
@@ -447,6 +459,9 @@ impl State {
                 r.announced = true;
                 applied.prompt_tokens += r.prompt_len;
                 applied.cached_tokens += result.cached_tokens as usize;
+                r.entry
+                    .phases
+                    .prefilled(&r.entry.request.span, result.cached_tokens);
                 let _ = r.entry.tx.send(SeqEvent::Prefilled {
                     cached_tokens: result.cached_tokens,
                     prompt_logprobs: result.prompt_logprobs.clone(),
@@ -460,6 +475,7 @@ impl State {
                     ..r.entry.timing
                 });
                 r.decoding = true;
+                r.entry.phases.token(response.results.len());
                 applied.tokens += 1;
                 let _ = r.entry.tx.send(SeqEvent::Token {
                     token,
@@ -470,7 +486,9 @@ impl State {
                 let _ = r.entry.tx.send(SeqEvent::Finished(finish));
             }
             if finish.is_some() {
-                applied.finished.push(self.remove_running(index).entry);
+                let mut entry = self.remove_running(index).entry;
+                entry.phases.end(None);
+                applied.finished.push(entry);
             }
         }
         applied
@@ -519,6 +537,8 @@ mod tests {
             arrival: Instant::now(),
             n: 1,
             tool_calling: None,
+            span: tracing::Span::none(),
+            tenant_label: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)
@@ -910,6 +930,8 @@ mod pipelining_tests {
             n: 1,
             tool_calling: None,
             arrival: Instant::now(),
+            span: tracing::Span::none(),
+            tenant_label: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)

@@ -34,7 +34,7 @@ pub fn request_id(prefix: &str) -> String {
 
 impl Service {
     pub fn new(config: Arc<Config>, groups: GroupSet, metrics: Metrics) -> Service {
-        let admission = Admission::new(config.clone(), groups.clone(), metrics.clone());
+        let admission = Admission::new(config.clone(), groups.clone());
         Service {
             config,
             groups,
@@ -45,6 +45,9 @@ impl Service {
 
     /// Starts a request of one choice; errors are immediate (bad input, over a limit, no
     /// group).
+    ///
+    /// The current span is the request's (the front ends open it, see [`crate::trace`]):
+    /// validation and admission are its children, and the request keeps it to the end.
     pub fn start(
         &self,
         id: String,
@@ -66,12 +69,48 @@ impl Service {
         params: GenerateParams,
         tenant: Option<&str>,
     ) -> Result<Vec<Generation>, ApiError> {
-        let model = self.groups.model().inspect_err(|_| {
-            self.metrics.rejected.with_label_values(&["no_group"]).inc();
+        let span = tracing::Span::current();
+        span.record("request_id", id.as_str());
+        span.record("tenant", tenant.unwrap_or(""));
+        span.record("priority", params.priority.as_str());
+        let result = self.start_in(id, params, tenant, &span);
+        if let Err(e) = &result {
+            span.record("otel.status_code", "ERROR");
+            span.record("error", tracing::field::display(e));
+        }
+        result
+    }
+
+    fn start_in(
+        &self,
+        id: String,
+        params: GenerateParams,
+        tenant: Option<&str>,
+        span: &tracing::Span,
+    ) -> Result<Vec<Generation>, ApiError> {
+        let exporting = shardline_telemetry::exporting();
+        let tenant_label = self.metrics.tenant_label(tenant);
+        let priority = params.priority.as_str();
+        let rejected = |reason: &str| {
+            self.metrics
+                .rejected
+                .with_label_values(&[reason, &tenant_label, priority])
+                .inc();
+        };
+        let model = self.groups.model().inspect_err(|_| rejected("no_group"))?;
+        let validating = exporting.then(|| {
+            tracing::info_span!(target: shardline_telemetry::TRACE_ONLY, "validate").entered()
+        });
+        let mut request = validate(id, params, &self.config, &model).inspect_err(|e| {
+            rejected("invalid");
+            if exporting {
+                tracing::info!(error = %e, "invalid request");
+            }
         })?;
-        let request = validate(id, params, &self.config, &model).inspect_err(|_| {
-            self.metrics.rejected.with_label_values(&["invalid"]).inc();
-        })?;
+        drop(validating);
+        request.span = span.clone();
+        request.tenant_label = tenant_label.clone();
+        span.record("prompt_tokens", request.prompt.len());
         // What the request adds to a group's KV demand: its worst case, or on demand the
         // blocks its prompt fills (see `--kv-admission`).
         let blocks = match self.config.kv_admission {
@@ -85,9 +124,40 @@ impl Service {
                 (request.prompt.len() + 1).div_ceil(model.block_size.max(1) as usize)
             }
         };
-        let permits = (0..request.n)
+        let admitting = exporting.then(|| {
+            tracing::info_span!(
+                target: shardline_telemetry::TRACE_ONLY,
+                "admission",
+                kv_blocks = blocks,
+                outcome = tracing::field::Empty,
+                reason = tracing::field::Empty
+            )
+            .entered()
+        });
+        let admitted = (0..request.n)
             .map(|_| self.admission.admit(tenant, blocks as u32))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>();
+        if let Err(ApiError::Overloaded { reason, .. }) = &admitted {
+            rejected(reason);
+        }
+        if let Some(admission) = &admitting {
+            match &admitted {
+                Ok(_) => {
+                    admission.record("outcome", "admitted");
+                }
+                Err(e) => {
+                    let reason = match e {
+                        ApiError::Overloaded { reason, .. } => *reason,
+                        _ => "error",
+                    };
+                    admission.record("outcome", "refused");
+                    admission.record("reason", reason);
+                    tracing::info!(reason, error = %e, "admission refused the request");
+                }
+            }
+        }
+        drop(admitting);
+        let permits = admitted?;
         tracing::debug!(
             id = %request.id,
             prompt_tokens = request.prompt.len(),

@@ -335,6 +335,9 @@ pub fn validate(
         tool_calling: tool_use
             .as_ref()
             .and_then(|t| t.calling(tools::format_of(&model.chat_template))),
+        // The caller's span (`Service::start` sets the request's).
+        span: tracing::Span::none(),
+        tenant_label: crate::metrics::NO_TENANT.to_string(),
     })
 }
 

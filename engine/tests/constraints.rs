@@ -49,6 +49,7 @@ fn first(id: u64, prompt: Vec<u32>, params: pb::SequenceParams) -> pb::PrefillCh
         prompt,
         params: Some(params),
         max_tokens: 0,
+        ..Default::default()
     }
 }
 

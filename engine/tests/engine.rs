@@ -47,6 +47,7 @@ fn first(
         prompt,
         params: Some(params),
         max_tokens,
+        ..Default::default()
     }
 }
 
@@ -347,6 +348,7 @@ fn bad_input_is_a_per_sequence_error() {
                 prompt: vec![1],
                 params: None,
                 max_tokens: 0,
+                ..Default::default()
             },
             first(5, vec![1, 2], params(4), 0),
         ],

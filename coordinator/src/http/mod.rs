@@ -24,6 +24,7 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::generation::Generation;
@@ -42,7 +43,8 @@ pub fn router(service: Service) -> axum::Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
-        .route_layer(middleware::from_fn_with_state(service.clone(), auth));
+        .route_layer(middleware::from_fn_with_state(service.clone(), auth))
+        .route_layer(middleware::from_fn(traced));
     axum::Router::new()
         .merge(api)
         .route("/health", get(health))
@@ -86,6 +88,32 @@ async fn auth(State(service): State<Service>, request: Request, next: Next) -> R
     next.run(request).await
 }
 
+/// Opens the request's span (continuing a client's `traceparent`), runs the handler in
+/// it, and names the trace in the `x-trace-id` response header.
+async fn traced(request: Request, next: Next) -> Response {
+    let name = format!("{} {}", request.method(), request.uri().path());
+    let span = crate::trace::request_span(&name, "http");
+    let headers = request.headers();
+    let trace_id = crate::trace::continue_trace(&span, |k| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    if let Some(id) = trace_id.and_then(|id| header::HeaderValue::from_str(&id).ok()) {
+        response
+            .headers_mut()
+            .insert(crate::trace::TRACE_ID_HEADER, id);
+    }
+    response
+}
+
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -118,6 +146,7 @@ async fn livez() -> Response {
 }
 
 async fn metrics(State(service): State<Service>) -> Response {
+    service.metrics.set_totals(service.groups.totals());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         service.metrics.render(),

@@ -25,7 +25,7 @@ use super::constraint::{self, Constraints};
 use super::seq::{SeqConfig, Sequence};
 use super::{EngineError, ModelFacts};
 use crate::runner::{
-    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, SeqChunk, SeqId,
+    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerStats, SeqChunk, SeqId,
 };
 use crate::sampler;
 
@@ -49,13 +49,17 @@ pub struct EngineCounters {
 }
 
 /// A point-in-time view for `Health`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineStatus {
     /// `Err` once the model failed (a panic, a dead rank): the engine refuses steps.
     pub healthy: Result<(), String>,
     pub kv_blocks_free: usize,
     pub num_running: usize,
+    /// Sequences whose prompt is not computed yet (chunked prefill in progress).
+    pub num_prefilling: usize,
     pub counters: EngineCounters,
+    /// The runner's own figures (prefix cache, tensor-parallel collectives).
+    pub runner: RunnerStats,
 }
 
 /// Engine-wide settings.
@@ -147,7 +151,9 @@ impl EngineState {
             healthy: self.healthy(),
             kv_blocks_free: self.runner.free_blocks(),
             num_running: self.seqs.len(),
+            num_prefilling: self.seqs.values().filter(|s| !s.prefilled()).count(),
             counters: self.counters,
+            runner: self.runner.stats(),
         }
     }
 
