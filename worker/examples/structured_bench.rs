@@ -114,6 +114,7 @@ fn run(
                 prompt: p,
                 params: Some(params.clone()),
                 max_tokens: 0,
+                ..Default::default()
             }
         })
         .collect();
