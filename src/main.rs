@@ -88,6 +88,7 @@ fn sim_args(args: shardline_worker::WorkerArgs, profile: String) -> shardline_be
     shardline_bench::SimArgs {
         profile,
         listen: args.listen,
+        metrics_listen: args.metrics_listen,
         tokenizer: None,
         chat_template: None,
         group_id: args.group_id,

@@ -30,6 +30,10 @@ pub struct UpArgs {
         default_value = "127.0.0.1:50061"
     )]
     worker_listen: SocketAddr,
+    /// Metrics endpoint (`GET /metrics`) of the first worker group; the next groups take
+    /// the following ports (default: none; the coordinator's own stay on its HTTP port).
+    #[arg(long, env = "SHARDLINE_UP_WORKER_METRICS_LISTEN")]
+    worker_metrics_listen: Option<SocketAddr>,
     /// KV cache blocks per worker group (default: from the worker's KV memory budget).
     #[arg(long, env = "SHARDLINE_KV_BLOCKS")]
     kv_blocks: Option<usize>,
@@ -73,8 +77,13 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     for i in 0..args.num_groups {
         let mut listen = args.worker_listen;
         listen.set_port(listen.port() + i as u16);
+        let metrics_listen = args.worker_metrics_listen.map(|mut addr| {
+            addr.set_port(addr.port() + i as u16);
+            addr
+        });
         let worker = shardline_worker::WorkerArgs {
             listen,
+            metrics_listen,
             kv_blocks: args.kv_blocks,
             max_num_seqs: args.coordinator.max_num_seqs,
             group_id: Some(format!("up-{i}")),

@@ -8,6 +8,7 @@ fn main() {
     let args = SimArgs {
         profile: "h100-llama3.2-1b".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
         tokenizer: None,
         chat_template: None,
         group_id: None,
@@ -29,6 +30,7 @@ fn main() {
                 ..Default::default()
             }),
             max_tokens: 0,
+            ..Default::default()
         })
         .collect();
     e.step(pb::StepRequest {

@@ -147,6 +147,8 @@ pub struct BenchArgs {
 
 /// Helpers run as `shardline bench <command>`.
 #[derive(Debug, Clone, clap::Subcommand)]
+// Parsed once per process: boxing the large variant would save nothing worth its noise.
+#[allow(clippy::large_enum_variant)]
 pub enum BenchCommand {
     /// Serve a fake OpenAI endpoint (zero latency by default) to measure the generator.
     FakeServer(FakeServerArgs),

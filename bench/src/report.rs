@@ -115,6 +115,17 @@ pub fn point_table(s: &RunSummary) -> String {
                 );
             }
         }
+        if let Some(p) = srv.preemptions {
+            let _ = writeln!(out, "  server preemptions: {p:.0}");
+        }
+        if let (Some(all), Some(cached)) = (srv.prompt_tokens, srv.prompt_tokens_cached) {
+            let rate = if all > 0.0 { cached / all * 100.0 } else { 0.0 };
+            let _ = writeln!(
+                out,
+                "  server prompt tokens: {all:.0}, computed {:.0}, from prefix caches {cached:.0} ({rate:.1}%)",
+                all - cached
+            );
+        }
     }
     out
 }

@@ -13,6 +13,9 @@ pub const RUNNING: &str = "shardline_num_requests_running";
 pub const QUEUE_TIME: &str = "shardline_request_queue_time_seconds";
 pub const FIRST_TOKEN_OVERHEAD: &str = "shardline_first_token_overhead_seconds";
 pub const STEP_OVERHEAD: &str = "shardline_step_overhead_seconds";
+pub const PREEMPTIONS: &str = "shardline_num_preemptions_total";
+pub const PREFIX_QUERIES: &str = "shardline_prefix_cache_queries_total";
+pub const PREFIX_HITS: &str = "shardline_prefix_cache_hits_total";
 
 /// Quantiles of a server histogram over one run, in milliseconds, interpolated inside
 /// buckets as Prometheus' `histogram_quantile` does (so only as fine as the buckets).
@@ -46,6 +49,15 @@ pub struct ServerStats {
     /// Step RPC round trip minus the worker's step time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_overhead_ms: Option<HistQuantiles>,
+    /// Requests preempted for KV room during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preemptions: Option<f64>,
+    /// Prompt tokens of the run's completed prefills, and those the prefix caches
+    /// supplied (the rest were computed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_cached: Option<f64>,
 }
 
 /// Cumulative bucket counts `(le, count)` of histogram `name`, summed over label sets,
@@ -225,6 +237,9 @@ async fn sample(
         stats.queue_time_ms = delta_quantiles(&a, &b, QUEUE_TIME);
         stats.first_token_overhead_ms = delta_quantiles(&a, &b, FIRST_TOKEN_OVERHEAD);
         stats.step_overhead_ms = delta_quantiles(&a, &b, STEP_OVERHEAD);
+        stats.preemptions = delta(PREEMPTIONS);
+        stats.prompt_tokens = delta(PREFIX_QUERIES);
+        stats.prompt_tokens_cached = delta(PREFIX_HITS);
     }
     stats
 }

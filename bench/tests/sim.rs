@@ -11,6 +11,7 @@ async fn start(profile: &str) -> (WorkerClient<tonic::transport::Channel>, Cance
     let args = SimArgs {
         profile: profile.into(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
         tokenizer: None,
         chat_template: None,
         group_id: Some("g1".into()),
@@ -61,6 +62,7 @@ async fn sim_speaks_the_worker_protocol() {
         prompt: vec![10, 11, 12, 13, 14],
         params: Some(params),
         max_tokens: 0,
+        ..Default::default()
     };
     let r = step_once(
         &mut c,
@@ -113,6 +115,7 @@ async fn sim_speaks_the_worker_protocol() {
             ..Default::default()
         }),
         max_tokens: 0,
+        ..Default::default()
     };
     step_once(
         &mut c,
@@ -144,6 +147,7 @@ fn unknown_profile_names_the_known_ones() {
     let args = SimArgs {
         profile: "sim:b200-grok".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
         tokenizer: None,
         chat_template: None,
         group_id: None,
@@ -178,6 +182,7 @@ async fn the_sim_registers_like_a_real_worker_and_deregisters_on_shutdown() {
     let args = SimArgs {
         profile: "sim:tiny".into(),
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        metrics_listen: None,
         tokenizer: None,
         chat_template: None,
         group_id: Some("sim-a".into()),

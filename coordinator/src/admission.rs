@@ -13,8 +13,6 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::groups::GroupSet;
 use crate::keys::{Tenant, TenantLimits};
-use crate::metrics::Metrics;
-use prometheus::{IntCounterVec, Opts};
 
 /// A classic token bucket: `rate` tokens per second, at most `burst`.
 #[derive(Debug, Clone)]
@@ -102,45 +100,9 @@ pub struct RateLimitStatus {
     pub reset_tokens_s: f64,
 }
 
-/// Per-tenant usage in the metrics, for tenants of the API keys only (their names are
-/// bounded by the keys file; client-named tenants are not, and are not labelled).
-#[derive(Clone)]
-struct TenantUsage {
-    requests: IntCounterVec,
-    prompt_tokens: IntCounterVec,
-    generation_tokens: IntCounterVec,
-}
-
-impl TenantUsage {
-    fn new(metrics: &Metrics) -> TenantUsage {
-        let counter = |name: &str, help: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &["tenant"])
-                .expect("static metric definition; this is a bug");
-            metrics.register(Box::new(c.clone()));
-            c
-        };
-        TenantUsage {
-            requests: counter(
-                "shardline_tenant_requests_total",
-                "Requests admitted, by API key tenant.",
-            ),
-            prompt_tokens: counter(
-                "shardline_tenant_prompt_tokens_total",
-                "Prompt tokens of admitted requests, by API key tenant.",
-            ),
-            generation_tokens: counter(
-                "shardline_tenant_generation_tokens_total",
-                "Generated tokens, by API key tenant.",
-            ),
-        }
-    }
-}
-
 struct Inner {
     config: Arc<Config>,
     groups: GroupSet,
-    metrics: Metrics,
-    usage: TenantUsage,
     concurrent: AtomicUsize,
     /// By tenant name: survives key reloads, so in-flight requests keep counting.
     tenants: Mutex<HashMap<String, TenantState>>,
@@ -181,25 +143,16 @@ impl Drop for Permit {
         {
             state.active = state.active.saturating_sub(1);
             state.tokens.level -= self.generated as f64;
-            if self.inner.config.keys.enabled() {
-                self.inner
-                    .usage
-                    .generation_tokens
-                    .with_label_values(&[t.as_str()])
-                    .inc_by(self.generated);
-            }
         }
     }
 }
 
 impl Admission {
-    pub fn new(config: Arc<Config>, groups: GroupSet, metrics: Metrics) -> Admission {
+    pub fn new(config: Arc<Config>, groups: GroupSet) -> Admission {
         Admission {
             inner: Arc::new(Inner {
-                usage: TenantUsage::new(&metrics),
                 config,
                 groups,
-                metrics,
                 concurrent: AtomicUsize::new(0),
                 tenants: Mutex::default(),
             }),
@@ -210,12 +163,8 @@ impl Admission {
         self.inner.concurrent.load(Ordering::Acquire)
     }
 
+    /// A refusal; the caller counts it (it knows the request's tenant and priority).
     fn reject(&self, reason: &'static str, message: String, retry_after_s: u64) -> ApiError {
-        self.inner
-            .metrics
-            .rejected
-            .with_label_values(&[reason])
-            .inc();
         ApiError::Overloaded {
             reason,
             message,
@@ -273,7 +222,7 @@ impl Admission {
                 1,
             ));
         }
-        let Some(tenant) = tenant.filter(|t| !t.name.is_empty()) else {
+        let Some(tenant) = tenant.filter(|t| !t.name.is_empty() && t.limits.counted()) else {
             return Ok(permit);
         };
         let limits = &tenant.limits;
@@ -336,14 +285,6 @@ impl Admission {
         }
         state.active += 1;
         drop(tenants);
-        if config.keys.enabled() {
-            let usage = &self.inner.usage;
-            usage.requests.with_label_values(&[name]).inc();
-            usage
-                .prompt_tokens
-                .with_label_values(&[name])
-                .inc_by(u64::from(prompt_tokens));
-        }
         permit.tenant = Some(name.to_string());
         Ok(permit)
     }
@@ -396,6 +337,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::metrics::Metrics;
 
     fn admission(config: Config) -> Admission {
         let config = Arc::new(config);
@@ -405,7 +347,7 @@ mod tests {
             metrics.clone(),
             tokio_util::sync::CancellationToken::new(),
         );
-        Admission::new(config, groups, metrics)
+        Admission::new(config, groups)
     }
 
     #[test]

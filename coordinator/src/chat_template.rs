@@ -37,11 +37,22 @@ pub enum ChatTemplateError {
     Render(JinjaError),
 }
 
-/// One chat message as the templates see it (`message['role']`, `message['content']`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One chat message as the templates see it (`message['role']`, `message['content']`,
+/// and for tool use `message['tool_calls']`, `message['tool_call_id']`,
+/// `message['name']`, absent unless set, as Hugging Face passes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`, the arguments as an object where they parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -49,8 +60,22 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            ..Self::default()
         }
     }
+}
+
+/// What a template renders: the conversation, the tools on offer (Hugging Face's `tools`
+/// variable: `[{"type": "function", "function": {...}}]`, absent when `None`) and
+/// whether to open the assistant's turn.
+#[derive(Serialize)]
+struct RenderContext<'a> {
+    messages: &'a [ChatMessage],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a [serde_json::Value]>,
+    add_generation_prompt: bool,
+    bos_token: &'a str,
+    eos_token: &'a str,
 }
 
 const TEMPLATE_NAME: &str = "chat";
@@ -61,6 +86,8 @@ pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.ro
 /// A compiled chat template. Cheap to render many times; `Send + Sync`.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template's source (to tell what it supports, e.g. tools).
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -97,6 +124,7 @@ impl ChatTemplate {
             .map_err(ChatTemplateError::Compile)?;
         Ok(Self {
             env,
+            source: source.to_owned(),
             bos_token: bos_token.unwrap_or_default().to_owned(),
             eos_token: eos_token.unwrap_or_default().to_owned(),
         })
@@ -109,18 +137,34 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`Self::render`] with the tools on offer passed as the template's `tools`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(ChatTemplateError::Render)?;
         template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
+            .render(Value::from_serialize(RenderContext {
+                messages,
+                tools,
+                add_generation_prompt,
+                bos_token: &self.bos_token,
+                eos_token: &self.eos_token,
+            }))
             .map_err(ChatTemplateError::Render)
+    }
+
+    /// Whether the template's source contains `needle` (e.g. whether it reads `tools`).
+    pub fn mentions(&self, needle: &str) -> bool {
+        self.source.contains(needle)
     }
 }
 
@@ -385,6 +429,37 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, "    a\n    b\n");
+    }
+
+    #[test]
+    fn tools_and_tool_calls_reach_the_template_only_when_set() {
+        let t = ChatTemplate::new(
+            "{% if tools is defined %}{{ tools[0].function.name }};{% endif %}{% for m in messages %}{{ m.role }}{% if m.tool_calls is defined %}:{{ m.tool_calls[0].function.arguments.x }}{% endif %}{% if m.tool_call_id is defined %}@{{ m.tool_call_id }}{% endif %};{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(t.mentions("tools"));
+        let call = serde_json::json!({"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": {"x": 7}}});
+        let msgs = [
+            ChatMessage::new("user", "q"),
+            ChatMessage {
+                tool_calls: Some(vec![call]),
+                ..ChatMessage::new("assistant", "")
+            },
+            ChatMessage {
+                tool_call_id: Some("c1".into()),
+                ..ChatMessage::new("tool", "42")
+            },
+        ];
+        assert_eq!(t.render(&msgs, false).unwrap(), "user;assistant:7;tool@c1;");
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "f"}})];
+        assert_eq!(
+            t.render_with_tools(&msgs[..1], Some(&tools), false)
+                .unwrap(),
+            "f;user;"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::keys::{KeySource, Keys, TenantLimits};
+pub use crate::router::Routing;
 use crate::tls::{ALPN_HTTP, ClientFiles, Tls, TlsFiles, client_config};
 
 /// Flags of `shardline coordinator`. Every flag can also be set through its
@@ -146,11 +147,44 @@ pub struct CoordinatorArgs {
         default_value_t = 256
     )]
     pub http2_max_concurrent_streams: u32,
+    /// How a group's KV cache is budgeted when requests start. `on-demand`: a request
+    /// starts when its prompt's blocks fit next to what the running sequences hold,
+    /// keeping `--kv-watermark` of the cache free for them to grow into; sequences take
+    /// blocks as they grow, and when a step runs out the worker preempts the least
+    /// important, most recently started sequence, which continues later by prefilling
+    /// again (vLLM's policy). `worst-case`: a request starts only when its prompt +
+    /// `max_tokens` (the whole context without `max_tokens`) fits next to the worst cases
+    /// of the running ones: never preempted, far fewer sequences at once.
+    #[arg(long, env = "SHARDLINE_KV_ADMISSION", value_enum, default_value_t = KvAdmission::OnDemand)]
+    pub kv_admission: KvAdmission,
+    /// Fraction of a group's KV cache kept free for running sequences to grow into when
+    /// requests start under `--kv-admission on-demand` (vLLM's watermark).
+    #[arg(long, env = "SHARDLINE_KV_WATERMARK", default_value_t = 0.01)]
+    pub kv_watermark: f64,
+    /// How a request picks its group. `prefix`: the cheapest group, costing
+    /// `--route-prefix-weight` × the prompt blocks not in that group's prefix cache + the
+    /// KV blocks it has in use or queued (what each group caches is tracked from what was
+    /// sent where). `first-block`: the group with the most free KV capacity, the one that
+    /// last saw the prompt's first block among near ties.
+    #[arg(long, env = "SHARDLINE_ROUTING", value_enum, default_value_t = Routing::Prefix)]
+    pub routing: Routing,
+    /// Under `--routing prefix`: what one prompt block to prefill costs next to one block
+    /// of load (higher keeps a shared prefix on fewer groups longer).
+    #[arg(long, env = "SHARDLINE_ROUTE_PREFIX_WEIGHT", default_value_t = 1.0)]
+    pub route_prefix_weight: f64,
     /// On shutdown (SIGTERM, Ctrl-C), how long requests in flight may keep the
     /// coordinator up: it stops accepting connections at once, finishes what it is
     /// serving, and fails what is left after this many seconds.
     #[arg(long, env = "SHARDLINE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+}
+
+/// See `--kv-admission`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvAdmission {
+    #[default]
+    OnDemand,
+    WorstCase,
 }
 
 /// Everything the serving code needs, validated once.
@@ -175,6 +209,12 @@ pub struct Config {
     pub max_stop_sequences: usize,
     /// See `--max-kv-demand-ratio`.
     pub max_kv_demand_ratio: f64,
+    pub kv_admission: KvAdmission,
+    /// See `--kv-watermark`.
+    pub kv_watermark: f64,
+    pub routing: Routing,
+    /// See `--route-prefix-weight`.
+    pub route_prefix_weight: f64,
     /// Body size limit of the HTTP API.
     pub max_body_bytes: usize,
     /// Connection and protocol limits of both front ends.
@@ -250,6 +290,10 @@ impl Default for Config {
             step_timeout: Duration::from_secs(120),
             max_stop_sequences: 16,
             max_kv_demand_ratio: 4.0,
+            kv_admission: KvAdmission::OnDemand,
+            kv_watermark: 0.01,
+            routing: Routing::Prefix,
+            route_prefix_weight: 1.0,
             max_body_bytes: 4 * 1024 * 1024,
             server: ServerLimits::default(),
             tls: None,
@@ -393,6 +437,26 @@ impl CoordinatorArgs {
                 return Err(ConfigError {
                     flag: "max-kv-demand-ratio",
                     message: "must be >= 1".into(),
+                });
+            },
+            kv_admission: self.kv_admission,
+            kv_watermark: if (0.0..1.0).contains(&self.kv_watermark) {
+                self.kv_watermark
+            } else {
+                return Err(ConfigError {
+                    flag: "kv-watermark",
+                    message: format!("{} is not a fraction in [0, 1)", self.kv_watermark),
+                });
+            },
+            routing: self.routing,
+            route_prefix_weight: if self.route_prefix_weight.is_finite()
+                && self.route_prefix_weight >= 0.0
+            {
+                self.route_prefix_weight
+            } else {
+                return Err(ConfigError {
+                    flag: "route-prefix-weight",
+                    message: "must be >= 0".into(),
                 });
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),

@@ -4,6 +4,21 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+/// OpenAI's error response body (also the event a failed stream ends with).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
 /// Why a request failed. Every variant knows its HTTP status and gRPC code.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -90,16 +105,21 @@ impl ApiError {
     }
 
     /// The OpenAI error object: `{"error": {"message", "type", "param", "code"}}`.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub fn to_body(&self) -> ErrorBody {
         let (kind, code) = self.kind();
         let param = match self {
             ApiError::Invalid { param, .. } => param.clone(),
             ApiError::ModelNotFound(_) => Some("model".to_string()),
             _ => None,
         };
-        serde_json::json!({
-            "error": { "message": self.to_string(), "type": kind, "param": param, "code": code }
-        })
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind,
+                param,
+                code,
+            },
+        }
     }
 
     /// gRPC status of this error.
@@ -128,7 +148,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), axum::Json(self.to_json())).into_response();
+        let mut response = (self.status(), axum::Json(self.to_body())).into_response();
         if let ApiError::Overloaded { retry_after_s, .. } = &self {
             response
                 .headers_mut()
@@ -153,7 +173,7 @@ mod tests {
 
     #[test]
     fn invalid_names_the_field() {
-        let json = ApiError::invalid("temperature", "bad").to_json();
+        let json = serde_json::to_value(ApiError::invalid("temperature", "bad").to_body()).unwrap();
         assert_eq!(json["error"]["param"], "temperature");
         assert_eq!(json["error"]["type"], "invalid_request_error");
     }

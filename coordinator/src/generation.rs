@@ -2,19 +2,24 @@
 //! detokenizes incrementally, applies stop strings, tracks usage and latency metrics,
 //! and yields [`Chunk`]s to a front end. Dropping a [`Generation`] (client gone) closes
 //! its channel, which the scheduler sees within one iteration and releases the sequence.
+//!
+//! With `n` > 1 every choice is a generation of its own. The first is queued at once; the
+//! others wait ([`Generation::follow`]) until its prompt is computed, so the worker finds
+//! the prompt's full KV blocks in its prefix cache and the choices share them instead of
+//! each computing and holding its own copy.
 
 use std::sync::Arc;
 
 use shardline_proto::worker::v1::TokenLogprob;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::admission::Permit;
 use crate::detok::{Detokenizer, StopMatcher};
 use crate::error::ApiError;
-use crate::groups::ModelInfo;
+use crate::groups::{GroupSet, ModelInfo};
 use crate::metrics::Metrics;
-use crate::request::{Finish, SeqEvent, Timing, ValidRequest};
+use crate::request::{Entry, Finish, SeqEvent, Timing, ValidRequest};
 
 /// One token as the API reports it.
 #[derive(Debug, Clone)]
@@ -63,8 +68,29 @@ pub struct Generation {
     pending_tokens: Vec<TokenOut>,
     /// A stop string ended the output.
     stop_hit: bool,
+    /// Set to `true` once the prompt is computed (followers of an `n` > 1 request wait
+    /// for it); dropped with the generation, which releases the followers too.
+    prefilled_tx: Option<watch::Sender<bool>>,
+    /// A follower not queued yet: queued once the first choice's prompt is computed.
+    pending: Option<Pending>,
+    /// This request's series of the per-tenant metrics (looked up once, not per token).
+    series: Series,
     /// Admission slot and tenant budget, charged for generated tokens.
     permit: Permit,
+}
+
+/// A choice waiting for the first choice's prompt to be in the prefix cache.
+struct Pending {
+    entry: Entry,
+    groups: GroupSet,
+    leader: watch::Receiver<bool>,
+}
+
+/// The request's tenant and priority series.
+struct Series {
+    ttft: prometheus::Histogram,
+    itl: prometheus::Histogram,
+    generated: prometheus::IntCounter,
 }
 
 /// Everything a non-streaming response needs.
@@ -90,7 +116,14 @@ impl Generation {
             prompt_tokens: request.prompt.len() as u32,
             ..Default::default()
         };
+        let labels = [request.tenant_label.as_str(), request.priority.as_str()];
+        let series = Series {
+            ttft: metrics.time_to_first_token.with_label_values(&labels),
+            itl: metrics.inter_token_latency.with_label_values(&labels),
+            generated: metrics.tenant_generation_tokens.with_label_values(&labels),
+        };
         Generation {
+            series,
             request,
             rx,
             model,
@@ -103,8 +136,28 @@ impl Generation {
             last_token_at: None,
             pending_tokens: Vec::new(),
             stop_hit: false,
+            prefilled_tx: None,
+            pending: None,
             permit,
         }
+    }
+
+    /// A receiver that turns `true` once this generation's prompt is computed (or
+    /// closes when the generation ends or is dropped).
+    pub fn prefilled(&mut self) -> watch::Receiver<bool> {
+        self.prefilled_tx
+            .get_or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    }
+
+    /// Makes this generation a follower: `entry` (its own queue entry, sending to this
+    /// generation) is queued on `groups` once `leader` turns `true` or closes.
+    pub fn follow(&mut self, entry: Entry, groups: GroupSet, leader: watch::Receiver<bool>) {
+        self.pending = Some(Pending {
+            entry,
+            groups,
+            leader,
+        });
     }
 
     pub fn usage(&self) -> Usage {
@@ -169,13 +222,26 @@ impl Generation {
                 text.push_str(&self.stop.finish());
             }
         }
+        let (tenant, priority) = (
+            self.request.tenant_label.as_str(),
+            self.request.priority.as_str(),
+        );
         self.metrics
             .e2e_latency
+            .with_label_values(&[tenant, priority])
             .observe(self.request.arrival.elapsed().as_secs_f64());
         self.metrics
             .requests
-            .with_label_values(&[finish.as_str()])
+            .with_label_values(&[finish.as_str(), tenant, priority])
             .inc();
+        self.metrics
+            .tenant_prompt_tokens
+            .with_label_values(&[tenant, priority])
+            .inc_by(u64::from(self.usage.prompt_tokens));
+        let span = &self.request.span;
+        span.record("finish_reason", finish.as_str());
+        span.record("completion_tokens", self.usage.completion_tokens);
+        span.record("cached_tokens", self.usage.cached_tokens);
         Chunk {
             text,
             tokens: std::mem::take(&mut self.pending_tokens),
@@ -187,7 +253,7 @@ impl Generation {
     /// was queueing, the worker, and the coordinator itself (with the gRPC hop).
     fn first_token(&self, now: Instant, timing: Option<Timing>) {
         let ttft = now - self.request.arrival;
-        self.metrics.time_to_first_token.observe(ttft.as_secs_f64());
+        self.series.ttft.observe(ttft.as_secs_f64());
         let Some(t) = timing else { return };
         let (Some(submitted), Some(scheduled)) = (t.submitted, t.scheduled) else {
             return;
@@ -213,6 +279,19 @@ impl Generation {
         if self.done {
             return None;
         }
+        if let Some(Pending {
+            entry,
+            groups,
+            mut leader,
+        }) = self.pending.take()
+        {
+            // Err: the first choice ended or failed without a computed prompt; go anyway.
+            let _ = leader.wait_for(|&prefilled| prefilled).await;
+            if let Err(e) = groups.submit(entry) {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
         loop {
             let Some(event) = self.rx.recv().await else {
                 self.done = true;
@@ -227,6 +306,9 @@ impl Generation {
                 } => {
                     if !self.prefilled {
                         self.prefilled = true;
+                        if let Some(tx) = self.prefilled_tx.take() {
+                            let _ = tx.send(true);
+                        }
                         self.usage.cached_tokens = cached_tokens;
                         if self.request.echo {
                             let tokens = if self.request.logprobs.is_some() {
@@ -259,12 +341,10 @@ impl Generation {
                     let now = Instant::now();
                     match self.last_token_at {
                         None => self.first_token(now, first),
-                        Some(last) => self
-                            .metrics
-                            .inter_token_latency
-                            .observe((now - last).as_secs_f64()),
+                        Some(last) => self.series.itl.observe((now - last).as_secs_f64()),
                     }
                     self.last_token_at = Some(now);
+                    self.series.generated.inc();
                     self.usage.completion_tokens += 1;
                     self.permit.generated(1);
                     if self.request.logprobs.is_some() {
@@ -291,6 +371,10 @@ impl Generation {
                 SeqEvent::Finished(finish) => return Some(Ok(self.finish(finish, String::new()))),
                 SeqEvent::Error(e) => {
                     self.done = true;
+                    self.request.span.record("otel.status_code", "ERROR");
+                    self.request
+                        .span
+                        .record("error", tracing::field::display(&e));
                     return Some(Err(e));
                 }
             }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use shardline_constraint::ConstraintCompiler;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_proto::worker::v1::{HealthRequest, InfoRequest};
 use tokenizers::Tokenizer;
@@ -22,7 +23,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::queue::Limits;
 use crate::request::{Entry, SeqEvent};
-use crate::router::{self, Affinity, Candidate};
+use crate::router::{self, Affinity, Candidate, Costed, PrefixIndex, Routing};
 use crate::scheduler::{self, SchedulerHandle, SchedulerTask};
 
 /// A request moves to another group at most this often before it fails with 503.
@@ -40,6 +41,11 @@ pub struct ModelInfo {
     pub block_size: u32,
     pub total_blocks: u32,
     pub max_num_seqs: u32,
+    /// Width of the model's logits (token ids below it are valid).
+    pub vocab_size: usize,
+    /// Compiles structured-output constraints to validate requests; `Err` says why this
+    /// model's tokenizer cannot (its requests for structured outputs get a 400).
+    pub constraints: Result<ConstraintCompiler, String>,
 }
 
 impl std::fmt::Debug for ModelInfo {
@@ -91,6 +97,8 @@ struct State {
     slots: HashMap<String, CancellationToken>,
     ready: HashMap<String, Group>,
     affinity: Affinity,
+    /// What each group probably caches (`--routing prefix`).
+    prefix: PrefixIndex,
     /// Addresses of groups that take no new requests (membership says DRAINING).
     draining: HashSet<String>,
 }
@@ -201,6 +209,22 @@ impl GroupSet {
         groups.first().map(|g| g.info.clone()).ok_or_else(no_group)
     }
 
+    /// This coordinator's load over its ready groups (the endpoint picker's gauges).
+    pub fn totals(&self) -> crate::metrics::Totals {
+        let state = self.state();
+        let mut t = crate::metrics::Totals::default();
+        for g in state.ready.values() {
+            let load = &g.handle.load;
+            let total = i64::from(g.info.total_blocks);
+            t.waiting += load.waiting.load(Ordering::Relaxed);
+            t.running += load.running.load(Ordering::Relaxed);
+            t.kv_blocks_total += total;
+            t.kv_blocks_used += (total - load.kv_blocks_free.load(Ordering::Relaxed)).max(0);
+            t.block_size = g.info.block_size;
+        }
+        t
+    }
+
     /// Requests queued in all groups.
     pub fn total_waiting(&self) -> i64 {
         self.state()
@@ -241,6 +265,7 @@ impl GroupSet {
         let State {
             ready,
             affinity,
+            prefix,
             draining,
             ..
         } = &mut *state;
@@ -250,6 +275,32 @@ impl GroupSet {
             .collect();
         // A stable order, so that taking turns visits every group.
         groups.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let block_size = groups.first()?.info.block_size;
+        let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
+        let config = &self.inner.config;
+        if config.routing == Routing::Prefix {
+            let prompt = &entry.request.prompt;
+            let hashes = router::block_hashes(prompt, block_size);
+            let prompt_blocks = prompt.len().div_ceil(block_size.max(1) as usize) as i64;
+            let candidates: Vec<Costed> = groups
+                .iter()
+                .map(|g| {
+                    let load = &g.handle.load;
+                    Costed {
+                        key: g.key.clone(),
+                        prefill_blocks: prompt_blocks - prefix.matched(&g.key, &hashes) as i64,
+                        load_blocks: load.total_blocks.load(Ordering::Relaxed)
+                            - load.free_capacity(),
+                        active: load.waiting.load(Ordering::Relaxed)
+                            + load.running.load(Ordering::Relaxed),
+                    }
+                })
+                .collect();
+            let chosen = router::pick_by_cost(&candidates, config.route_prefix_weight, turn)?;
+            let g = groups[chosen];
+            prefix.record(&g.key, &hashes, g.info.total_blocks as usize);
+            return Some(g.clone());
+        }
         let candidates: Vec<Candidate> = groups
             .iter()
             .map(|g| Candidate {
@@ -260,21 +311,22 @@ impl GroupSet {
                     + g.handle.load.running.load(Ordering::Relaxed),
             })
             .collect();
-        let block_size = groups.first()?.info.block_size;
         let hash = router::prefix_hash(&entry.request.prompt, block_size);
-        let turn = self.inner.turn.fetch_add(1, Ordering::Relaxed);
         let chosen = router::pick(&candidates, affinity.get(hash), turn)?;
         affinity.record(hash, &groups[chosen].key);
         Some(groups[chosen].clone())
     }
 
-    /// Continues requests of a failed or removed group elsewhere.
-    fn migrate(&self, group_id: &str, entries: Vec<Entry>) {
+    /// Continues requests of a failed or removed group elsewhere; `why` the group went
+    /// goes into each request's trace.
+    fn migrate(&self, group_id: &str, why: &str, entries: Vec<Entry>) {
         for mut entry in entries {
             if entry.is_cancelled() {
                 continue;
             }
+            entry.phases.end(Some("migrated"));
             entry.migrations += 1;
+            entry.request.span.record("migrations", entry.migrations);
             if entry.migrations > MAX_MIGRATIONS {
                 let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable(format!(
                     "request failed on {MAX_MIGRATIONS} worker groups in a row"
@@ -286,8 +338,11 @@ impl GroupSet {
                 .migrations
                 .with_label_values(&[group_id])
                 .inc();
+            // In the request's span: its trace shows the migration, the log line its ids.
             tracing::info!(
+                parent: &entry.request.span,
                 from = %group_id,
+                reason = why,
                 migration = entry.migrations,
                 tokens_sent = entry.generated.len(),
                 "migrating a request to another group"
@@ -304,7 +359,11 @@ impl GroupSet {
         let mut state = self.state();
         match group {
             Some(g) => state.ready.insert(key.to_string(), g),
-            None => state.ready.remove(key),
+            None => {
+                // A group that comes back starts with an empty prefix cache.
+                state.prefix.forget(key);
+                state.ready.remove(key)
+            }
         };
         self.inner.ready_tx.send_replace(state.ready.len());
     }
@@ -388,6 +447,20 @@ async fn connect(
     let bos_token_id = (!info.bos_token.is_empty())
         .then(|| tokenizer.token_to_id(&info.bos_token))
         .flatten();
+    // Walking the vocabulary takes a moment: off the runtime's threads.
+    let (json, eos, vocab) = (
+        info.tokenizer_json.clone(),
+        info.eos_token_ids.clone(),
+        (info.vocab_size as usize).max(tokenizer.get_vocab_size(true)),
+    );
+    let constraints = tokio::task::spawn_blocking(move || {
+        ConstraintCompiler::new(&json, &eos, vocab).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("building the constraint compiler failed: {e}")));
+    if let Err(e) = &constraints {
+        tracing::warn!(worker = %address, error = %e, "structured outputs unavailable for this model");
+    }
     let group_id = if info.group_id.is_empty() {
         address.to_string()
     } else {
@@ -404,6 +477,8 @@ async fn connect(
         block_size: info.kv_block_size.max(1),
         total_blocks: info.kv_blocks_total,
         max_num_seqs: info.max_num_seqs,
+        vocab_size: vocab,
+        constraints,
     };
     Ok((client, model, group_id))
 }
@@ -443,6 +518,8 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             } else {
                 info.total_blocks
             },
+            kv_admission: config.kv_admission,
+            watermark_blocks: (f64::from(info.total_blocks) * config.kv_watermark).ceil() as u32,
         };
         let scheduler_token = token.child_token();
         let (handle, join) = scheduler::spawn(SchedulerTask {
@@ -454,6 +531,12 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             cancel: scheduler_token.clone(),
         });
         tracing::info!(worker = %address, group = %id, model = %info.model_id, "worker group ready");
+        // The group's migration counter exists (at zero) before its first migration.
+        let _ = set
+            .inner
+            .metrics
+            .migrations
+            .with_label_values(&[id.as_str()]);
         set.set_ready(
             Some(Group {
                 key: address.clone(),
@@ -479,7 +562,11 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             }
             return;
         }
-        set.migrate(&id, leftover);
+        let why = match &error {
+            Some(e) => e.to_string(),
+            None => "the group was removed".to_string(),
+        };
+        set.migrate(&id, &why, leftover);
         if token.is_cancelled() {
             return; // `remove` already forgot the slot
         }

@@ -27,7 +27,7 @@ use crate::generation::{self, Chunk, TokenOut};
 use crate::keys::{self, Keys, Tenant};
 use crate::request::{Finish, Priority};
 use crate::service::{Service, request_id};
-use crate::validate::{GenerateParams, Input};
+use crate::validate::{ChatInput, GenerateParams, Input};
 
 /// The `shardline.v1.Inference` implementation.
 pub struct InferenceService {
@@ -65,15 +65,12 @@ fn tokens_pb(tokens: &[TokenOut]) -> Vec<TokenInfo> {
 fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
     let input = match (r.prompt.is_empty(), r.messages.is_empty()) {
         (false, true) => Input::Text(r.prompt),
-        (true, false) => Input::Chat(
+        (true, false) => Input::Chat(ChatInput::new(
             r.messages
                 .into_iter()
-                .map(|m| Message {
-                    role: m.role,
-                    content: m.content,
-                })
+                .map(|m| Message::new(m.role, m.content))
                 .collect(),
-        ),
+        )),
         (true, true) => {
             return Err(ApiError::invalid(
                 "prompt",
@@ -119,11 +116,39 @@ fn params(r: GenerateRequest) -> Result<GenerateParams, ApiError> {
         n: None,
         priority,
         timeout: (r.timeout_ns > 0).then(|| Duration::from_nanos(r.timeout_ns)),
+        logit_bias: Vec::new(),
+        structured: None,
     })
 }
 
 impl InferenceService {
-    fn start(&self, request: Request<GenerateRequest>) -> Result<generation::Generation, Status> {
+    /// Starts a request in its own span (continuing the client's `traceparent` metadata);
+    /// the generation and the trace id for the response metadata.
+    fn start(
+        &self,
+        method: &str,
+        request: Request<GenerateRequest>,
+    ) -> Result<(generation::Generation, Option<String>), Status> {
+        let span = crate::trace::request_span(method, "grpc");
+        let trace_id = crate::trace::continue_trace(&span, |k| {
+            request
+                .metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        span.in_scope(|| self.start_in(request))
+            .map(|generation| (generation, trace_id))
+            .inspect_err(|status| {
+                span.record("otel.status_code", "ERROR");
+                span.record("error", status.message());
+            })
+    }
+
+    fn start_in(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<generation::Generation, Status> {
         let keyed = request.extensions().get::<Arc<Tenant>>().cloned();
         let metadata_tenant = request
             .metadata()
@@ -157,16 +182,19 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let generation = self.start(request)?;
+        let (generation, trace_id) = self.start("shardline.v1.Inference/Generate", request)?;
         let id = generation.request.id.clone();
         let out = generation.collect().await.map_err(|e| e.to_status())?;
-        Ok(Response::new(GenerateResponse {
-            id,
-            text: out.text,
-            finish_reason: finish_pb(out.finish),
-            usage: Some(usage_pb(out.usage)),
-            tokens: tokens_pb(&out.tokens),
-        }))
+        Ok(with_trace_id(
+            Response::new(GenerateResponse {
+                id,
+                text: out.text,
+                finish_reason: finish_pb(out.finish),
+                usage: Some(usage_pb(out.usage)),
+                tokens: tokens_pb(&out.tokens),
+            }),
+            trace_id,
+        ))
     }
 
     type GenerateStreamStream = StreamOf<GenerateStreamResponse>;
@@ -175,7 +203,8 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let mut generation = self.start(request)?;
+        let (mut generation, trace_id) =
+            self.start("shardline.v1.Inference/GenerateStream", request)?;
         let id = generation.request.id.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -200,7 +229,10 @@ impl Inference for InferenceService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(with_trace_id(
+            Response::new(Box::pin(ReceiverStream::new(rx))),
+            trace_id,
+        ))
     }
 }
 
@@ -222,6 +254,16 @@ pub fn key_check(keys: Keys) -> impl tonic::service::Interceptor + Clone {
         request.extensions_mut().insert(tenant);
         Ok(request)
     }
+}
+
+/// Names the request's trace in the response metadata (`x-trace-id`).
+fn with_trace_id<T>(mut response: Response<T>, trace_id: Option<String>) -> Response<T> {
+    if let Some(id) = trace_id.and_then(|id| id.parse().ok()) {
+        response
+            .metadata_mut()
+            .insert(crate::trace::TRACE_ID_HEADER, id);
+    }
+    response
 }
 
 /// Serves gRPC on `listener` until `shutdown`: inference, health and reflection, over

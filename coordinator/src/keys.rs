@@ -62,6 +62,14 @@ pub struct TenantLimits {
     pub models: Vec<String>,
 }
 
+impl TenantLimits {
+    /// Whether admission has anything to count for this tenant (a rate, a token budget or
+    /// a concurrency limit); without, it keeps no state for the tenant's name.
+    pub fn counted(&self) -> bool {
+        self.requests_per_second > 0.0 || self.tokens_per_minute > 0 || self.max_concurrent > 0
+    }
+}
+
 impl Default for TenantLimits {
     fn default() -> Self {
         TenantLimits {

@@ -13,7 +13,10 @@
 //! - [`membership`]: groups from etcd registrations (`--etcd`), drain and departure;
 //! - [`listen`] and [`tls`] (from `shardline-net`): accepting connections (limits, TLS)
 //!   for both front ends;
-//! - [`metrics`] (Prometheus), [`error`] (HTTP / gRPC mapping), [`config`] (flags).
+//! - [`structured`] (response formats → worker constraints) and [`tools`] (tool
+//!   calling: prompt, forced-call grammar, reading calls back);
+//! - [`metrics`] (Prometheus), [`trace`] (a request's spans), [`error`] (HTTP / gRPC
+//!   mapping), [`config`] (flags).
 //!
 //! Tests run against the real worker service over a fake runner (`shardline-engine`'s
 //! `testing` feature, a dev-dependency): the fake never ships in this crate.
@@ -35,6 +38,9 @@ pub mod request;
 pub mod router;
 pub mod scheduler;
 pub mod service;
+pub mod structured;
+pub mod tools;
+pub mod trace;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -45,7 +51,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, CoordinatorArgs};
+pub use config::{Config, CoordinatorArgs, KvAdmission, Routing};
 pub use groups::GroupSet;
 pub use metrics::Metrics;
 /// The connection layer (shared with the workers): TLS and the accept loop.

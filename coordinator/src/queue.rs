@@ -3,11 +3,18 @@
 //! prefill chunks, which new admissions) and [`State::apply`] folds the worker's answer
 //! back in. No I/O and no runtime, so it is unit-tested directly.
 //!
-//! KV budget policy: **reservation**. A request is admitted only when the blocks its
-//! prompt plus `max_tokens` can occupy fit next to the reservations of the running batch,
-//! so a worker never runs out of blocks mid-generation because of this coordinator. Should
-//! the worker still answer OUT_OF_BLOCKS (another coordinator shares the group), the
-//! sequence goes back to the front of its queue and is re-prefilled later.
+//! KV budget (`--kv-admission`). **On demand** (the default): a request starts when the
+//! blocks of its prompt fit in what the worker last reported free, less the prompt
+//! blocks the running sequences still have to fill, keeping a watermark free for the
+//! running ones to grow into; `max_tokens` limits length and reserves nothing. When a
+//! step runs out of blocks anyway the worker preempts (PREEMPTED: the least important,
+//! most recently started sequence of the step) or refuses a new sequence
+//! (OUT_OF_BLOCKS); either way the sequence goes back to the *front* of its queue with
+//! the tokens it already has and is prefilled again later, prompt + generated — the
+//! migration path, byte-identical thanks to batch-invariant numerics. **Worst case**: a
+//! request starts only when its prompt + `max_tokens` (capped by the context) fits next
+//! to the reservations of the running batch, so this coordinator never makes a worker
+//! run out; the same requeue covers other coordinators sharing the group.
 //!
 //! Head-of-line blocking: a request that does not fit is skipped so smaller ones behind
 //! it can run, but only [`MAX_HEAD_SKIPS`] times; then admission pauses until it fits.
@@ -23,6 +30,8 @@
 
 use std::collections::VecDeque;
 use std::time::Duration;
+
+use crate::config::KvAdmission;
 
 use shardline_proto::worker::v1::{
     FinishReason, PrefillChunk, SeqStatus, StepRequest, StepResponse,
@@ -46,7 +55,15 @@ pub struct Limits {
     pub total_blocks: u32,
     /// The worker's context length (caps a sequence's KV demand; 0 = unknown).
     pub context_length: usize,
+    pub kv_admission: KvAdmission,
+    /// Blocks kept free for running sequences when admitting on demand.
+    pub watermark_blocks: u32,
 }
+
+/// How long after the worker refused a new sequence for KV room an otherwise idle
+/// scheduler waits before trying again without fresher figures (another coordinator
+/// holds the blocks; only its sequences ending frees them).
+const REFUSED_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A sequence placed on the worker.
 #[derive(Debug)]
@@ -86,6 +103,12 @@ pub struct Applied {
     pub tokens: usize,
     pub finished: Vec<Entry>,
     pub requeued: usize,
+    /// Running sequences the worker preempted (also counted in `requeued`).
+    pub preempted: usize,
+    /// Prompts whose prefill completed: their tokens, and how many of those the worker
+    /// took from its prefix cache.
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug)]
@@ -95,6 +118,10 @@ pub struct State {
     pub running: Vec<Running>,
     reserved: u32,
     head_skips: u32,
+    /// Free blocks in the worker's last answer.
+    reported_free: u32,
+    /// When the worker last refused a new sequence for KV room.
+    refused_at: Option<Instant>,
 }
 
 impl Running {
@@ -114,6 +141,8 @@ impl State {
             running: Vec::new(),
             reserved: 0,
             head_skips: 0,
+            reported_free: limits.total_blocks,
+            refused_at: None,
         }
     }
 
@@ -129,17 +158,50 @@ impl State {
         self.waiting.iter().map(VecDeque::len).sum()
     }
 
+    /// Blocks the running sequences hold or are sure to take: their reservations under
+    /// worst-case admission; on demand, what the worker does not report free plus the
+    /// prompt blocks still to fill.
     pub fn reserved_blocks(&self) -> u32 {
-        self.reserved
+        match self.limits.kv_admission {
+            KvAdmission::WorstCase => self.reserved,
+            KvAdmission::OnDemand => {
+                let free = self.free_estimate().max(0) as u32;
+                self.limits.total_blocks.saturating_sub(free)
+            }
+        }
     }
 
-    /// Blocks the waiting requests will need.
+    /// Blocks the waiting requests will need to start.
     pub fn waiting_blocks(&self) -> u32 {
         self.waiting
             .iter()
             .flatten()
-            .map(|e| e.blocks_needed(&self.limits))
+            .map(|e| self.start_blocks(e))
             .sum()
+    }
+
+    /// Blocks `entry` needs to start: its worst case, or on demand its prompt (and the
+    /// first generated token).
+    fn start_blocks(&self, entry: &Entry) -> u32 {
+        match self.limits.kv_admission {
+            KvAdmission::WorstCase => entry.blocks_needed(&self.limits),
+            KvAdmission::OnDemand => entry.prompt_blocks(&self.limits),
+        }
+    }
+
+    /// On demand: the blocks the worker last reported free, less the prompt blocks the
+    /// running sequences still have to fill (those started since that report included).
+    pub fn free_estimate(&self) -> i64 {
+        let bs = self.limits.block_size.max(1) as usize;
+        let pending: usize = self
+            .running
+            .iter()
+            .map(|r| {
+                let at_start = (r.prompt_len + 1).div_ceil(bs);
+                at_start.saturating_sub(r.computed.div_ceil(bs))
+            })
+            .sum();
+        i64::from(self.reported_free) - pending as i64
     }
 
     pub fn is_idle(&self) -> bool {
@@ -213,6 +275,7 @@ impl State {
             let prompt_len = r.prompt_len;
             if r.started && r.planned < prompt_len && budget > 0 {
                 let chunk = (prompt_len - r.planned).min(budget);
+                r.entry.phases.chunk();
                 step.prefill.push(PrefillChunk {
                     seq_id: r.entry.seq_id,
                     max_tokens: chunk as u32,
@@ -232,6 +295,14 @@ impl State {
     fn admit(&mut self, budget: &mut usize, step: &mut StepRequest) {
         let mut scanned = 0;
         let mut is_head = true;
+        let mut free = self.free_estimate();
+        let watermark = i64::from(self.limits.watermark_blocks);
+        // With nothing running, the worker's figures may be stale (another coordinator's
+        // sequences ended): try the head anyway, unless it was just refused.
+        let may_probe = self.running.is_empty()
+            && self
+                .refused_at
+                .is_none_or(|t| t.elapsed() >= REFUSED_BACKOFF);
         'classes: for class in 0..self.waiting.len() {
             let mut i = 0;
             while i < self.waiting[class].len() {
@@ -242,8 +313,15 @@ impl State {
                     break 'classes;
                 }
                 scanned += 1;
-                let need = self.waiting[class][i].blocks_needed(&self.limits);
-                if self.reserved + need > self.limits.total_blocks {
+                let need = self.start_blocks(&self.waiting[class][i]);
+                let fits = match self.limits.kv_admission {
+                    KvAdmission::WorstCase => self.reserved + need <= self.limits.total_blocks,
+                    KvAdmission::OnDemand => {
+                        free - i64::from(need) >= watermark
+                            || (may_probe && self.running.is_empty())
+                    }
+                };
+                if !fits {
                     if is_head {
                         self.head_skips += 1;
                         if self.head_skips > MAX_HEAD_SKIPS {
@@ -265,13 +343,18 @@ impl State {
                 let prompt_len = entry.prompt_len();
                 let chunk = prompt_len.clamp(1, *budget);
                 *budget -= chunk;
+                entry.phases.scheduled(&entry.request.span, prompt_len);
+                entry.phases.chunk();
                 step.prefill.push(PrefillChunk {
                     seq_id: entry.seq_id,
                     prompt: entry.worker_prompt(),
                     params: Some(entry.worker_params()),
                     max_tokens: chunk as u32,
+                    traceparent: shardline_telemetry::traceparent(&entry.request.span)
+                        .unwrap_or_default(),
                 });
                 self.reserved += need;
+                free -= i64::from(need);
                 self.running.push(Running {
                     entry,
                     computed: 0,
@@ -306,6 +389,7 @@ impl State {
     pub fn apply(&mut self, response: &StepResponse) -> Applied {
         let received = Instant::now();
         let mut applied = Applied::default();
+        self.reported_free = response.kv_blocks_free;
         for result in &response.results {
             let Some(index) = self
                 .running
@@ -315,15 +399,35 @@ impl State {
                 continue; // released meanwhile
             };
             match SeqStatus::try_from(result.status).unwrap_or(SeqStatus::Unspecified) {
-                SeqStatus::OutOfBlocks => {
+                status @ (SeqStatus::OutOfBlocks | SeqStatus::Preempted) => {
                     let mut r = self.remove_running(index);
+                    if status == SeqStatus::Preempted {
+                        applied.preempted += 1;
+                        tracing::info!(
+                            id = %r.entry.request.id,
+                            tokens_kept = r.entry.generated.len(),
+                            reason = %result.error,
+                            "request preempted; it goes back to the front of its queue"
+                        );
+                    } else {
+                        self.refused_at = Some(received);
+                    }
+                    let why = if status == SeqStatus::Preempted {
+                        "the worker preempted it for KV blocks"
+                    } else {
+                        "the worker had no KV blocks for it"
+                    };
+                    r.entry.phases.end(Some(why));
+                    // Continued later as prompt + generated tokens, under a new id (steps
+                    // still in flight name the old one; their answers are ignored).
                     r.entry.seq_id = crate::request::next_seq_id();
                     self.push_front(r.entry);
                     applied.requeued += 1;
                     continue;
                 }
                 SeqStatus::Invalid => {
-                    let r = self.remove_running(index);
+                    let mut r = self.remove_running(index);
+                    r.entry.phases.end(Some("the worker rejected it"));
                     let _ = r.entry.tx.send(SeqEvent::Error(ApiError::Invalid {
                         param: None,
                         message: format!("worker rejected the sequence: {}", result.error),
@@ -353,6 +457,11 @@ impl State {
             let prompt_done = result.has_token || finish.is_some() || r.computed >= r.prompt_len;
             if prompt_done && !r.announced {
                 r.announced = true;
+                applied.prompt_tokens += r.prompt_len;
+                applied.cached_tokens += result.cached_tokens as usize;
+                r.entry
+                    .phases
+                    .prefilled(&r.entry.request.span, result.cached_tokens);
                 let _ = r.entry.tx.send(SeqEvent::Prefilled {
                     cached_tokens: result.cached_tokens,
                     prompt_logprobs: result.prompt_logprobs.clone(),
@@ -366,6 +475,7 @@ impl State {
                     ..r.entry.timing
                 });
                 r.decoding = true;
+                r.entry.phases.token(response.results.len());
                 applied.tokens += 1;
                 let _ = r.entry.tx.send(SeqEvent::Token {
                     token,
@@ -376,7 +486,9 @@ impl State {
                 let _ = r.entry.tx.send(SeqEvent::Finished(finish));
             }
             if finish.is_some() {
-                applied.finished.push(self.remove_running(index).entry);
+                let mut entry = self.remove_running(index).entry;
+                entry.phases.end(None);
+                applied.finished.push(entry);
             }
         }
         applied
@@ -423,6 +535,10 @@ mod tests {
             echo: false,
             max_tokens,
             arrival: Instant::now(),
+            n: 1,
+            tool_calling: None,
+            span: tracing::Span::none(),
+            tenant_label: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)
@@ -435,6 +551,8 @@ mod tests {
             block_size: 4,
             total_blocks: 100,
             context_length: 0,
+            kv_admission: KvAdmission::WorstCase,
+            watermark_blocks: 0,
         }
     }
 
@@ -483,6 +601,147 @@ mod tests {
         // Both prefill steps count as the worker's time; the decode step after does not.
         assert_eq!(t.worker, Duration::from_nanos(2 * step_ns));
         assert!(firsts[1].is_none());
+    }
+
+    fn on_demand(total_blocks: u32, watermark_blocks: u32) -> Limits {
+        Limits {
+            max_num_seqs: 64,
+            max_batched_tokens: 10_000,
+            block_size: 4,
+            total_blocks,
+            context_length: 4096,
+            kv_admission: KvAdmission::OnDemand,
+            watermark_blocks,
+        }
+    }
+
+    /// Requests without `max_tokens` (worst case: the whole 4096-token context, 1024
+    /// blocks) all start at once on demand: each needs only its prompt's blocks.
+    #[test]
+    fn on_demand_starts_requests_by_their_prompt_blocks() {
+        let mut s = State::new(on_demand(100, 1));
+        let mut rx = vec![];
+        for _ in 0..8 {
+            let (e, r) = entry(7, 0, Priority::Normal); // 2 blocks with the first token
+            s.push(e);
+            rx.push(r);
+        }
+        let step = s.next_step().unwrap();
+        assert_eq!(step.prefill.len(), 8);
+        assert_eq!(s.free_estimate(), 100 - 16);
+        assert_eq!(s.reserved_blocks(), 16);
+        // The same requests under worst-case admission: not even one fits next to another.
+        let mut w = State::new(Limits {
+            kv_admission: KvAdmission::WorstCase,
+            total_blocks: 2000,
+            ..on_demand(100, 1)
+        });
+        for _ in 0..8 {
+            let (e, r) = entry(7, 0, Priority::Normal);
+            w.push(e);
+            rx.push(r);
+        }
+        assert_eq!(w.next_step().unwrap().prefill.len(), 1);
+    }
+
+    /// Admission keeps the watermark free, counting what the worker reported and the
+    /// prompt blocks the running sequences still have to fill.
+    #[test]
+    fn on_demand_keeps_the_watermark_free() {
+        let mut s = State::new(on_demand(10, 2));
+        let (a, _ra) = entry(11, 0, Priority::Normal); // 3 blocks
+        let a_id = a.seq_id;
+        s.push(a);
+        assert_eq!(s.next_step().unwrap().prefill.len(), 1);
+        let (b, _rb) = entry(11, 0, Priority::Normal);
+        s.push(b);
+        // 10 reported free - 3 pending for a - 3 for b = 4 >= 2: b starts.
+        assert_eq!(s.next_step().unwrap().prefill.len(), 1);
+        // The worker says 4 are free after both prompts: a third does not start (4-3 < 2).
+        s.apply(&StepResponse {
+            results: vec![ok(a_id, 11, Some(1), FinishReason::Unspecified)],
+            kv_blocks_free: 4,
+            ..Default::default()
+        });
+        let (c, _rc) = entry(11, 0, Priority::Normal);
+        s.push(c);
+        let step = s.next_step().unwrap();
+        assert!(step.prefill.iter().all(|p| p.prompt.is_empty()), "{step:?}");
+        assert_eq!(s.num_waiting(), 1);
+    }
+
+    /// A preempted request goes back to the front of its class with the tokens it has,
+    /// under a new id, and starts again as prompt + generated tokens.
+    #[test]
+    fn a_preempted_request_is_requeued_at_the_front_with_its_tokens() {
+        let mut s = State::new(on_demand(100, 0));
+        let (a, mut rx) = entry(3, 0, Priority::Normal);
+        let a_id = a.seq_id;
+        s.push(a);
+        s.next_step().unwrap();
+        s.apply(&StepResponse {
+            results: vec![ok(a_id, 3, Some(40), FinishReason::Unspecified)],
+            kv_blocks_free: 99,
+            ..Default::default()
+        });
+        let (newer, _rn) = entry(2, 0, Priority::Normal);
+        s.push(newer);
+        let applied = s.apply(&StepResponse {
+            results: vec![SeqResult {
+                seq_id: a_id,
+                status: SeqStatus::Preempted as i32,
+                error: "preempted: KV cache out of blocks".into(),
+                ..Default::default()
+            }],
+            kv_blocks_free: 0,
+            ..Default::default()
+        });
+        assert_eq!((applied.preempted, applied.requeued), (1, 1));
+        assert!(s.running.is_empty());
+        assert_eq!(s.num_waiting(), 2);
+        // The worker reports free blocks again: the preempted one starts first.
+        s.apply(&StepResponse {
+            kv_blocks_free: 100,
+            ..Default::default()
+        });
+        let step = s.next_step().unwrap();
+        let again = &step.prefill[0];
+        assert_ne!(again.seq_id, a_id);
+        assert_eq!(again.prompt, vec![7, 7, 7, 40]);
+        assert_eq!(again.params.as_ref().unwrap().num_generated, 1);
+        // The client saw its first token once and no error.
+        let mut events = 0;
+        while let Ok(ev) = rx.try_recv() {
+            assert!(!matches!(ev, SeqEvent::Error(_)), "{ev:?}");
+            events += 1;
+        }
+        assert_eq!(events, 2, "Prefilled + one token");
+    }
+
+    /// With nothing running the worker's figures may be stale: the head is tried anyway,
+    /// but not again right after the worker refused it.
+    #[test]
+    fn an_idle_scheduler_probes_but_backs_off_after_a_refusal() {
+        let mut s = State::new(on_demand(10, 0));
+        s.apply(&StepResponse {
+            kv_blocks_free: 0,
+            ..Default::default()
+        });
+        let (a, _ra) = entry(3, 0, Priority::Normal);
+        s.push(a);
+        let step = s.next_step().unwrap();
+        let id = step.prefill[0].seq_id;
+        s.apply(&StepResponse {
+            results: vec![SeqResult {
+                seq_id: id,
+                status: SeqStatus::OutOfBlocks as i32,
+                ..Default::default()
+            }],
+            kv_blocks_free: 0,
+            ..Default::default()
+        });
+        assert!(s.next_step().is_none(), "backs off");
+        assert_eq!(s.num_waiting(), 1);
     }
 
     #[test]
@@ -668,7 +927,11 @@ mod pipelining_tests {
             logprobs: None,
             echo: false,
             max_tokens,
+            n: 1,
+            tool_calling: None,
             arrival: Instant::now(),
+            span: tracing::Span::none(),
+            tenant_label: String::new(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(Arc::new(request), tx), rx)
@@ -693,6 +956,8 @@ mod pipelining_tests {
             block_size: 4,
             total_blocks: 100,
             context_length: 0,
+            kv_admission: KvAdmission::WorstCase,
+            watermark_blocks: 0,
         }
     }
 

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::ApiError;
+use crate::trace::Phases;
 
 /// Scheduling class; lower value runs first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -22,6 +23,14 @@ pub enum Priority {
 }
 
 impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Priority> {
         match s.trim().to_ascii_lowercase().as_str() {
             "high" => Some(Priority::High),
@@ -51,7 +60,8 @@ impl Finish {
 }
 
 /// A request that passed validation and admission: tokenized, bounded, ready to queue.
-#[derive(Debug)]
+/// With `n` > 1 each choice runs as its own copy (its own seed).
+#[derive(Debug, Clone)]
 pub struct ValidRequest {
     /// Public id (`cmpl-…`), also used in logs.
     pub id: String,
@@ -68,6 +78,15 @@ pub struct ValidRequest {
     /// `max_tokens` as the client asked (0 = score the prompt only).
     pub max_tokens: u32,
     pub arrival: Instant,
+    /// Choices to generate (`n`).
+    pub n: u32,
+    /// Set when the output may hold tool calls to read back.
+    pub tool_calling: Option<crate::tools::ToolCalling>,
+    /// The request's span (see [`crate::trace`]): its phases, its worker steps and its
+    /// log lines hang off it. Lives as long as the request does.
+    pub span: tracing::Span,
+    /// The tenant's metric label (bounded, see [`crate::metrics::Metrics::tenant_label`]).
+    pub tenant_label: String,
 }
 
 /// What a scheduler tells a request's owner.
@@ -130,6 +149,8 @@ pub struct Entry {
     pub migrations: u32,
     /// Stamps for the time-to-first-token breakdown (current placement).
     pub timing: Timing,
+    /// Spans of the phase the request is in on its current group.
+    pub phases: Phases,
 }
 
 impl Entry {
@@ -141,6 +162,7 @@ impl Entry {
             generated: Vec::new(),
             migrations: 0,
             timing: Timing::default(),
+            phases: Phases::default(),
         }
     }
 
@@ -180,6 +202,12 @@ impl Entry {
             limits.context_length,
             limits.block_size as usize,
         ) as u32
+    }
+
+    /// KV blocks the sequence fills when it starts: its prompt (generated tokens of an
+    /// earlier placement included) and the first token it samples.
+    pub fn prompt_blocks(&self, limits: &crate::queue::Limits) -> u32 {
+        (self.prompt_len() + 1).div_ceil(limits.block_size.max(1) as usize) as u32
     }
 
     pub fn is_cancelled(&self) -> bool {

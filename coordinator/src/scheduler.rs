@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+use crate::config::KvAdmission;
 use crate::metrics::Metrics;
 use crate::queue::{Limits, State};
 use crate::request::Entry;
@@ -52,18 +53,27 @@ impl GroupLoad {
 #[derive(Debug, Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Entry>,
+    /// The group's id, for the requests' queue spans.
+    group: Arc<str>,
     pub load: Arc<GroupLoad>,
     limits: Limits,
 }
 
 impl SchedulerHandle {
     /// Queues a request; gives it back when the scheduler is gone.
+    // The entry comes back whole to be routed elsewhere (rare); boxing it would cost an
+    // allocation on every submit instead.
+    #[allow(clippy::result_large_err)]
     pub fn submit(&self, mut entry: Entry) -> Result<(), Entry> {
         entry.timing = crate::request::Timing {
             submitted: Some(Instant::now()),
             ..Default::default()
         };
-        let blocks = entry.blocks_needed(&self.limits) as i64;
+        entry.phases.queued(&entry.request.span, &self.group);
+        let blocks = match self.limits.kv_admission {
+            KvAdmission::WorstCase => entry.blocks_needed(&self.limits),
+            KvAdmission::OnDemand => entry.prompt_blocks(&self.limits),
+        } as i64;
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.load
             .waiting_blocks
@@ -123,6 +133,7 @@ pub fn spawn(task: SchedulerTask) -> (SchedulerHandle, tokio::task::JoinHandle<S
         .store(task.limits.total_blocks as i64, Ordering::Relaxed);
     let handle = SchedulerHandle {
         tx,
+        group: task.group.as_str().into(),
         load: load.clone(),
         limits: task.limits,
     };
@@ -142,9 +153,10 @@ async fn run(
     let g = task.group.clone();
     let labels = [g.as_str()];
     let (steps, requests) = mpsc::channel::<StepRequest>(PIPELINE_DEPTH + 1);
+    let requests = step_stream(ReceiverStream::new(requests), &g);
     let opened = tokio::select! {
         _ = task.cancel.cancelled() => None,
-        r = tokio::time::timeout(task.step_timeout, task.client.steps(ReceiverStream::new(requests))) => Some(r),
+        r = tokio::time::timeout(task.step_timeout, task.client.steps(requests)) => Some(r),
     };
     let mut answers = match opened {
         None => return handback(&mut rx, &mut state, &task, None, &labels, None).await,
@@ -259,9 +271,45 @@ async fn run(
             .generation_tokens
             .with_label_values(&labels)
             .inc_by(applied.tokens as u64);
+        if applied.prompt_tokens > 0 {
+            task.metrics
+                .prefix_cache_queries
+                .with_label_values(&labels)
+                .inc_by(applied.prompt_tokens as u64);
+            task.metrics
+                .prefix_cache_hits
+                .with_label_values(&labels)
+                .inc_by(applied.cached_tokens as u64);
+        }
+        if applied.preempted > 0 {
+            task.metrics
+                .preemptions
+                .with_label_values(&labels)
+                .inc_by(applied.preempted as u64);
+        }
     };
     let stream = error.is_none().then_some((steps, &mut answers));
     handback(&mut rx, &mut state, &task, error, &labels, stream).await
+}
+
+/// The request that opens a group's step stream. When traces are exported its metadata
+/// carries the `traceparent` of a span for the opening, which the worker's step spans
+/// continue (each step also links to the requests it serves).
+fn step_stream(
+    steps: ReceiverStream<StepRequest>,
+    group: &str,
+) -> tonic::Request<ReceiverStream<StepRequest>> {
+    let mut request = tonic::Request::new(steps);
+    if shardline_telemetry::exporting() {
+        let span =
+            tracing::info_span!(target: shardline_telemetry::TRACE_ONLY, "open step stream", group);
+        if let Some(value) = shardline_telemetry::traceparent(&span).and_then(|t| t.parse().ok()) {
+            request
+                .metadata_mut()
+                .insert(shardline_telemetry::TRACEPARENT, value);
+        }
+    }
+    request
 }
 
 /// The step's time as the coordinator saw it (from when the worker could start on it to

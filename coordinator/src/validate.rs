@@ -1,9 +1,13 @@
 //! Validation: turns what a front end parsed ([`GenerateParams`]) into a tokenized,
-//! bounded [`ValidRequest`], or an [`ApiError`] naming the offending field.
+//! bounded [`ValidRequest`], or an [`ApiError`] naming the offending field. Chat input is
+//! rendered here ([`render_chat`]: the model's template, with tools per [`crate::tools`]);
+//! structured outputs and forced tool calls become one worker [`Constraint`], compiled
+//! once here so that a bad schema or grammar is a 400.
 
 use std::time::Duration;
 
-use shardline_proto::worker::v1::{SamplingParams, SequenceParams};
+use shardline_constraint as constraint;
+use shardline_proto::worker::v1::{Constraint, SamplingParams, SequenceParams};
 use tokio::time::Instant;
 
 use crate::chat_template::Message;
@@ -11,13 +15,40 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::groups::ModelInfo;
 use crate::request::{Priority, ValidRequest};
+use crate::structured::{self, OutputFormat, StructuredOutput};
+use crate::tools::{self, ToolChoice, ToolUse};
 
 /// The prompt as the client gave it.
 #[derive(Debug, Clone)]
 pub enum Input {
     Text(String),
     Tokens(Vec<u32>),
-    Chat(Vec<Message>),
+    Chat(ChatInput),
+}
+
+/// A conversation to render with the model's chat template.
+#[derive(Debug, Clone)]
+pub struct ChatInput {
+    pub messages: Vec<Message>,
+    /// The tools on offer and how they may be used.
+    pub tools: Option<ToolUse>,
+    /// Open the assistant's turn after the messages (the default).
+    pub add_generation_prompt: bool,
+    /// Leave the last message open so the model continues it (vLLM's
+    /// `continue_final_message`).
+    pub continue_final_message: bool,
+}
+
+impl ChatInput {
+    /// A plain conversation: no tools, the assistant's turn opened.
+    pub fn new(messages: Vec<Message>) -> Self {
+        Self {
+            messages,
+            tools: None,
+            add_generation_prompt: true,
+            continue_final_message: false,
+        }
+    }
 }
 
 /// Front-end-neutral request parameters (HTTP and gRPC both fill this).
@@ -45,10 +76,20 @@ pub struct GenerateParams {
     pub n: Option<i64>,
     pub priority: Priority,
     pub timeout: Option<Duration>,
+    /// `logit_bias`: token id → bias.
+    pub logit_bias: Vec<(i64, f64)>,
+    /// What the output must look like (`response_format`, vLLM's structured outputs).
+    pub structured: Option<StructuredOutput>,
 }
 
 /// Upper bound of `top_logprobs` (OpenAI allows 20).
 pub const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// Most choices per request (OpenAI's bound on `n`).
+pub const MAX_N: i64 = 128;
+
+/// Largest `logit_bias` magnitude (OpenAI's bound).
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
 
 fn finite(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
     match v {
@@ -88,16 +129,16 @@ pub fn validate(
     {
         return Err(ApiError::ModelNotFound(name.clone()));
     }
-    match p.n {
-        None | Some(1) => {}
-        Some(n) if n < 1 => return Err(ApiError::invalid("n", "`n` must be at least 1")),
-        Some(n) => {
+    let n = match p.n {
+        None => 1,
+        Some(n) if !(1..=MAX_N).contains(&n) => {
             return Err(ApiError::invalid(
                 "n",
-                format!("`n` = {n} is not supported; only n = 1"),
+                format!("`n` must be between 1 and {MAX_N}, got {n}"),
             ));
         }
-    }
+        Some(n) => n as u32,
+    };
     let temperature = finite("temperature", p.temperature, 0.0, 100.0)?.unwrap_or(1.0);
     let top_p = finite("top_p", p.top_p, 0.0, 1.0)?.unwrap_or(1.0);
     if top_p == 0.0 {
@@ -157,6 +198,15 @@ pub fn validate(
         Some(m) => m as u32,
     };
 
+    let logit_bias = logit_bias(&p.logit_bias, model)?;
+    let tool_use = match &p.input {
+        Some(Input::Chat(chat)) => chat.tools.clone(),
+        _ => None,
+    };
+    if let Some(t) = &tool_use {
+        t.validate()?;
+    }
+    let constraint = output_constraint(tool_use.as_ref(), p.structured.as_ref(), model)?;
     let prompt = tokenize(p.input, model)?;
     // A sequence can never hold more tokens than the group's whole KV cache, so that is
     // the usable context too (and what an unset `max_tokens` defaults up to).
@@ -269,6 +319,9 @@ pub fn validate(
             top_logprobs: logprobs.unwrap_or(0),
             prompt_logprobs: p.echo && logprobs.is_some(),
             num_generated: 0,
+            logit_bias,
+            constraint,
+            priority: p.priority as u32,
         },
         prompt,
         stop: p.stop,
@@ -278,9 +331,139 @@ pub fn validate(
         echo: p.echo,
         max_tokens: max_tokens as u32,
         arrival,
+        n,
+        tool_calling: tool_use
+            .as_ref()
+            .and_then(|t| t.calling(tools::format_of(&model.chat_template))),
+        // The caller's span (`Service::start` sets the request's).
+        span: tracing::Span::none(),
+        tenant_label: crate::metrics::NO_TENANT.to_string(),
     })
 }
 
+/// `logit_bias` as the worker takes it: ids inside the vocabulary, biases in [-100, 100].
+fn logit_bias(
+    bias: &[(i64, f64)],
+    model: &ModelInfo,
+) -> Result<std::collections::HashMap<u32, f32>, ApiError> {
+    let vocab = model.vocab_size as i64;
+    bias.iter()
+        .map(|&(token, b)| {
+            if !(0..vocab).contains(&token) {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("`logit_bias` names token id {token}, outside the vocabulary (0..{vocab})"),
+                ));
+            }
+            if !b.is_finite() || b.abs() > MAX_LOGIT_BIAS {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("`logit_bias` of token {token} must be between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}, got {b}"),
+                ));
+            }
+            Ok((token as u32, b as f32))
+        })
+        .collect()
+}
+
+/// The one constraint of a request's output: forced tool calls, a structured output, or
+/// (tool choice `auto` with a JSON `response_format`) either a call or that document.
+/// Compiled here, so a schema or grammar that cannot be enforced is a 400 naming its
+/// field.
+fn output_constraint(
+    tools: Option<&ToolUse>,
+    structured: Option<&StructuredOutput>,
+    model: &ModelInfo,
+) -> Result<Option<Constraint>, ApiError> {
+    let compiler = model.constraints.as_ref().map_err(String::as_str);
+    let tools = tools.filter(|t| t.active());
+    let Some(tools) = tools else {
+        let Some(s) = structured else {
+            return Ok(None);
+        };
+        let c = s.to_constraint()?;
+        structured::check(compiler, &c, &s.field)?;
+        return Ok(Some(c));
+    };
+    // Each function's schema alone first, so a bad one is named.
+    for (i, tool) in tools.tools.iter().enumerate() {
+        if let Some(parameters) = &tool.parameters
+            && tools.choice != ToolChoice::Auto
+        {
+            let field = format!("tools[{i}].function.parameters");
+            structured::check(compiler, &constraint::json_schema(parameters), &field)?;
+        }
+    }
+    let content = match structured.map(|s| (s, &s.format)) {
+        None => None,
+        Some((s, OutputFormat::JsonObject)) => {
+            Some(s.layout.apply(serde_json::json!({"type": "object"})))
+        }
+        Some((s, OutputFormat::JsonSchema { schema, .. })) => Some(s.layout.apply(schema.clone())),
+        Some((s, _)) => {
+            return Err(ApiError::invalid(
+                s.field.clone(),
+                format!(
+                    "`{}` cannot be combined with `tools`; only a JSON response_format can",
+                    s.field
+                ),
+            ));
+        }
+    };
+    if let (Some(s), ToolChoice::Required | ToolChoice::Named(_)) = (structured, &tools.choice) {
+        return Err(ApiError::invalid(
+            s.field.clone(),
+            format!(
+                "`tool_choice` forces a tool call, so `{}` cannot apply",
+                s.field
+            ),
+        ));
+    }
+    let format = tools::format_of(&model.chat_template);
+    let Some(grammar) = tools.grammar(content.as_ref(), format) else {
+        return Ok(None);
+    };
+    let c = constraint::lark(grammar);
+    let field = structured.map_or("tools", |s| s.field.as_str());
+    structured::check(compiler, &c, field)?;
+    Ok(Some(c))
+}
+
+/// The prompt text of a conversation: the model's chat template over the messages (and
+/// tools, see [`crate::tools::prepare`]).
+pub fn render_chat(chat: &ChatInput, model: &ModelInfo) -> Result<String, ApiError> {
+    if chat.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
+    }
+    let (messages, tools) = tools::prepare(
+        &model.chat_template,
+        chat.messages.clone(),
+        chat.tools.as_ref(),
+    );
+    let open_turn = chat.add_generation_prompt && !chat.continue_final_message;
+    let text = model
+        .chat_template
+        .render_with_tools(&messages, tools.as_deref(), open_turn)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    if !chat.continue_final_message {
+        return Ok(text);
+    }
+    // As Hugging Face does: cut the rendering right after the last message's content.
+    let last = messages
+        .last()
+        .map(|m| m.content.trim())
+        .unwrap_or_default();
+    match text.rfind(last) {
+        Some(i) if !last.is_empty() => Ok(text[..i + last.len()].to_string()),
+        _ => Err(ApiError::invalid(
+            "continue_final_message",
+            "the last message's content is not in the rendered prompt, so it cannot be continued",
+        )),
+    }
+}
 fn tokenize(input: Option<Input>, model: &ModelInfo) -> Result<Vec<u32>, ApiError> {
     let encode = |text: &str, field: &str| -> Result<Vec<u32>, ApiError> {
         let encoding = model
@@ -312,19 +495,7 @@ fn tokenize(input: Option<Input>, model: &ModelInfo) -> Result<Vec<u32>, ApiErro
             }
             Ok(ids)
         }
-        Some(Input::Chat(messages)) => {
-            if messages.is_empty() {
-                return Err(ApiError::invalid(
-                    "messages",
-                    "`messages` must not be empty",
-                ));
-            }
-            let text = model
-                .chat_template
-                .render(&messages, true)
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-            encode(&text, "messages")
-        }
+        Some(Input::Chat(chat)) => encode(&render_chat(&chat, model)?, "messages"),
     }
 }
 
@@ -346,6 +517,13 @@ mod tests {
             block_size: 16,
             total_blocks: 100,
             max_num_seqs: 8,
+            vocab_size: 259,
+            constraints: shardline_constraint::ConstraintCompiler::new(
+                &shardline_engine::testing::test_tokenizer_json(),
+                &[0],
+                259,
+            )
+            .map_err(|e| e.to_string()),
         }
     }
 
@@ -422,10 +600,48 @@ mod tests {
             ),
             (
                 GenerateParams {
-                    n: Some(2),
+                    n: Some(0),
                     ..text("a")
                 },
                 "n",
+            ),
+            (
+                GenerateParams {
+                    n: Some(129),
+                    ..text("a")
+                },
+                "n",
+            ),
+            (
+                GenerateParams {
+                    logit_bias: vec![(259, 1.0)],
+                    ..text("a")
+                },
+                "logit_bias",
+            ),
+            (
+                GenerateParams {
+                    logit_bias: vec![(-1, 1.0)],
+                    ..text("a")
+                },
+                "logit_bias",
+            ),
+            (
+                GenerateParams {
+                    logit_bias: vec![(5, 100.5)],
+                    ..text("a")
+                },
+                "logit_bias",
+            ),
+            (
+                GenerateParams {
+                    structured: Some(StructuredOutput::new(
+                        "guided_regex",
+                        OutputFormat::Regex("(".into()),
+                    )),
+                    ..text("a")
+                },
+                "guided_regex",
             ),
             (
                 GenerateParams {
@@ -452,7 +668,7 @@ mod tests {
             (text(""), "prompt"),
             (
                 GenerateParams {
-                    input: Some(Input::Chat(vec![])),
+                    input: Some(Input::Chat(ChatInput::new(vec![]))),
                     ..text("a")
                 },
                 "messages",
@@ -503,12 +719,9 @@ mod tests {
 
     #[test]
     fn chat_uses_the_template() {
-        let messages = vec![Message {
-            role: "user".into(),
-            content: "q".into(),
-        }];
+        let messages = vec![Message::new("user", "q")];
         let v = check(GenerateParams {
-            input: Some(Input::Chat(messages)),
+            input: Some(Input::Chat(ChatInput::new(messages))),
             ..text("")
         })
         .unwrap();

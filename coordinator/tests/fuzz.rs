@@ -345,6 +345,7 @@ fn step() -> impl Strategy<Value = pb::StepRequest> {
                 },
             ),
             max_tokens,
+            traceparent: String::new(),
         });
     (
         prop::collection::vec(chunk, 0..3),

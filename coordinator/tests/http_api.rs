@@ -252,8 +252,39 @@ async fn models_health_and_metrics() {
         "shardline_kv_cache_usage_perc",
         "shardline_generation_tokens_total",
         "shardline_batch_size",
+        "shardline_coordinator_num_requests_waiting",
+        "shardline_coordinator_num_requests_running",
+        "shardline_coordinator_kv_cache_usage_perc",
+        "shardline_coordinator_cache_config_info",
     ] {
         assert!(m.contains(name), "metric {name} missing from:\n{m}");
+    }
+    // No tenant named: the `none` series.
+    assert!(
+        m.contains(
+            "shardline_requests_total{finish_reason=\"length\",priority=\"normal\",tenant=\"none\"} 1"
+        ),
+        "{m}"
+    );
+    // A named tenant and priority get their own series, tokens included.
+    let r = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .header("x-shardline-tenant", "acme")
+        .header("x-shardline-priority", "high")
+        .json(&json!({"model": "smol", "prompt": "a", "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m = c.metrics().await;
+    for series in [
+        "shardline_requests_total{finish_reason=\"length\",priority=\"high\",tenant=\"acme\"} 1",
+        "shardline_tenant_generation_tokens_total{priority=\"high\",tenant=\"acme\"} 3",
+        "shardline_time_to_first_token_seconds_count{priority=\"high\",tenant=\"acme\"} 1",
+        "shardline_inter_token_latency_seconds_count{priority=\"high\",tenant=\"acme\"} 2",
+    ] {
+        assert!(m.contains(series), "{series} missing from:\n{m}");
     }
 }
 
@@ -434,9 +465,9 @@ async fn bad_inputs_get_clear_4xx_and_serving_continues() {
             "UTF-8",
         ),
         (
-            "n > 1",
+            "n over 128",
             url.clone(),
-            br#"{"prompt": "a", "n": 3}"#.to_vec(),
+            br#"{"prompt": "a", "n": 129}"#.to_vec(),
             400,
             "n",
         ),

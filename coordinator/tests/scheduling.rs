@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
-use shardline_coordinator::Config;
+use shardline_coordinator::{Config, KvAdmission};
 use shardline_engine::testing::{TestWorker, TestWorkerConfig, test_tokenizer};
 
 fn slow(step_ms: u64) -> TestWorkerConfig {
@@ -101,10 +101,13 @@ async fn excess_requests_get_429_with_retry_after() {
     }
     assert!(ok >= 4, "admitted ones complete ({ok})");
     assert!(rejected >= 30, "most of the burst is refused ({rejected})");
+    let metrics = c.metrics().await;
     assert!(
-        c.metrics()
-            .await
-            .contains("shardline_requests_rejected_total{reason=\"max_concurrent_requests\"}")
+        metrics
+            .lines()
+            .any(|l| l.starts_with("shardline_requests_rejected_total{")
+                && l.contains("reason=\"max_concurrent_requests\"")),
+        "{metrics}"
     );
 }
 
@@ -418,11 +421,13 @@ async fn a_group_whose_engine_failed_gets_no_new_requests() {
     }
 }
 
-/// The KV-budget check: queued demand beyond the ratio gets an immediate 429.
+/// The KV-budget check: queued demand beyond the ratio gets an immediate 429 (counted
+/// here by worst cases, `--kv-admission worst-case`, where one request fills the cache).
 #[tokio::test]
 async fn kv_demand_over_budget_gets_429() {
     let config = Config {
         max_kv_demand_ratio: 1.0,
+        kv_admission: KvAdmission::WorstCase,
         ..Config::default()
     };
     let worker = TestWorkerConfig {

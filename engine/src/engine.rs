@@ -9,6 +9,7 @@
 //! [`EngineError::Failed`], the engine refuses further steps and `Health` reports it.
 //! [`EngineHandle::failed`] resolves then, so the worker can leave the cluster.
 
+mod constraint;
 mod seq;
 mod state;
 

@@ -7,18 +7,22 @@
 //!
 //! - [`runner`]: the [`runner::ModelRunner`] contract between engine and model.
 //! - [`engine`]: the engine thread (actor) that turns steps into forwards plus sampling.
+//! - [`metrics`]: the group's Prometheus metrics and their endpoint (`--metrics-listen`).
 //! - [`sampler`]: penalties, temperature, top-k/p, min-p, seeded draws, logprobs.
 //! - [`service`]: the `Worker` gRPC service (the pipelined step stream, `Info`,
 //!   `Health`); [`serve`]: a group's whole serving life around a runner (engine, idle
-//!   release, registration, drain), shared by `shardline worker` and the simulator.
+//!   release, registration, drain), shared by `shardline worker` and the simulator;
+//!   `trace`: the spans of steps and sequences when traces are exported.
 //! - [`fake`] and [`testing`] (feature `testing`, for other crates' tests only): a
 //!   deterministic runner without a model, and a worker on a loopback port over it.
 
 pub mod engine;
+pub mod metrics;
 pub mod runner;
 pub mod sampler;
 pub mod serve;
 pub mod service;
+mod trace;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;

@@ -56,6 +56,18 @@ pub struct RunnerInfo {
     pub kv_blocks_total: usize,
 }
 
+/// What a runner counts about itself, for the worker's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RunnerStats {
+    /// Free blocks that still hold a cached prefix (evictable: they count as free).
+    pub kv_blocks_cached: usize,
+    /// Tensor-parallel collectives (all-reduce, broadcast, barrier) run by rank 0, their
+    /// total time in seconds, and those that failed.
+    pub collectives: u64,
+    pub collective_seconds: f64,
+    pub collective_failures: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     #[error("{0} is unknown to the KV cache")]
@@ -124,6 +136,12 @@ pub trait ModelRunner: Send {
     fn remove_sequence(&mut self, id: SeqId);
 
     fn free_blocks(&self) -> usize;
+
+    /// The runner's own figures for the metrics endpoint; zeros where a runner has none
+    /// (no prefix cache, one rank).
+    fn stats(&self) -> RunnerStats {
+        RunnerStats::default()
+    }
 
     /// Per-rank health for tensor-parallel groups; `Err` once a rank has failed.
     fn healthy(&self) -> Result<(), RunnerError> {

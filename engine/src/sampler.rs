@@ -7,7 +7,9 @@
 //!    generated tokens, as HF does; presence and frequency (OpenAI style:
 //!    `logit -= presence * [count > 0] + frequency * count`) over the generated tokens
 //!    only, as vLLM does. Tokens a migrated request generated earlier count as generated.
-//! 2. **banned tokens** (EOS / stop ids while under `min_tokens`) → `-inf`.
+//! 2. **logit bias** (OpenAI's `logit_bias`) added to the logits of the tokens it names;
+//!    then the **token filter**: tokens outside a constraint's allowed set (structured
+//!    outputs) and banned tokens (EOS / stop ids while under `min_tokens`) → `-inf`.
 //! 3. **greedy** when temperature is 0 (ties → lowest id); otherwise divide by
 //!    temperature, then keep the top-k, then the top-p nucleus, then drop tokens whose
 //!    probability is under `min_p` × the top probability.
@@ -37,6 +39,8 @@ pub struct SamplingConfig {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: u64,
+    /// Added to the logits of these tokens before anything else (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingConfig {
@@ -50,6 +54,7 @@ impl Default for SamplingConfig {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -104,6 +109,9 @@ impl SamplingConfig {
         check("presence_penalty", pp.is_finite(), "finite", pp)?;
         let f = self.frequency_penalty;
         check("frequency_penalty", f.is_finite(), "finite", f)?;
+        for &(_, bias) in &self.logit_bias {
+            check("logit_bias", bias.is_finite(), "finite", bias)?;
+        }
         Ok(())
     }
 
@@ -160,6 +168,50 @@ impl PenaltyState {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l -= cfg.presence_penalty + cfg.frequency_penalty * n as f32;
                 }
+            }
+        }
+    }
+}
+
+/// Which tokens a draw may pick, besides what the logits say.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenFilter<'a> {
+    /// Never drawn (EOS and stop ids while under `min_tokens`).
+    pub banned: &'a [u32],
+    /// When set, only these may be drawn: bit `t % 32` of word `t / 32` allows token `t`
+    /// (a constraint's mask; tokens past its end are not allowed).
+    pub allowed: Option<&'a [u32]>,
+}
+
+impl<'a> TokenFilter<'a> {
+    pub fn banning(banned: &'a [u32]) -> Self {
+        Self {
+            banned,
+            allowed: None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.banned.is_empty() && self.allowed.is_none()
+    }
+
+    fn apply(&self, logits: &mut [f32]) {
+        if let Some(words) = self.allowed {
+            for (w, chunk) in logits.chunks_mut(32).enumerate() {
+                let word = words.get(w).copied().unwrap_or(0);
+                if word == u32::MAX {
+                    continue;
+                }
+                for (bit, l) in chunk.iter_mut().enumerate() {
+                    if word & (1 << bit) == 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        for &t in self.banned {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
             }
         }
     }
@@ -228,27 +280,44 @@ fn top_n(xs: &[f32], n: usize) -> Vec<(u32, f32)> {
 }
 
 /// Samples output token number `index` (counted from the original request's first output
-/// token) of a sequence. `banned` tokens cannot be drawn.
+/// token) of a sequence; `filter` says which tokens may not (or only may) be drawn.
 pub fn sample(
     raw: &[f32],
     cfg: &SamplingConfig,
     penalties: &PenaltyState,
-    banned: &[u32],
+    filter: &TokenFilter,
     index: u64,
     top_logprobs: usize,
 ) -> Result<Sampled, SamplerError> {
+    // Greedy under a constraint (the usual structured output): the best allowed token,
+    // read in place; no copy of the row.
+    if cfg.temperature == 0.0
+        && !cfg.has_penalties()
+        && cfg.logit_bias.is_empty()
+        && let Some(words) = filter.allowed
+    {
+        let token = greedy_allowed(raw, words, filter.banned)?;
+        let (logprob, top) = logprobs(raw, token, top_logprobs);
+        return Ok(Sampled {
+            token,
+            logprob,
+            top,
+        });
+    }
     // Copy the row only when something modifies it (greedy on raw logits is the hot path).
     let modified;
-    let logits: &[f32] = if cfg.has_penalties() || !banned.is_empty() {
+    let logits: &[f32] = if cfg.has_penalties() || !cfg.logit_bias.is_empty() || !filter.is_empty()
+    {
         let mut l: Vec<f32> = raw.iter().copied().map(clean).collect();
         if cfg.has_penalties() {
             penalties.apply(cfg, &mut l);
         }
-        for &t in banned {
+        for &(t, bias) in &cfg.logit_bias {
             if let Some(x) = l.get_mut(t as usize) {
-                *x = f32::NEG_INFINITY;
+                *x += bias;
             }
         }
+        filter.apply(&mut l);
         modified = l;
         &modified
     } else {
@@ -285,6 +354,25 @@ pub fn greedy(logits: &[f32]) -> Result<u32, SamplerError> {
     for (i, &l) in logits.iter().enumerate() {
         if l > f32::NEG_INFINITY && best.is_none_or(|(_, b)| l > b) {
             best = Some((i as u32, l));
+        }
+    }
+    best.map(|(i, _)| i).ok_or(SamplerError::NoCandidate)
+}
+
+/// [`greedy`] over the tokens `allowed` sets and `banned` does not name, in place.
+fn greedy_allowed(raw: &[f32], allowed: &[u32], banned: &[u32]) -> Result<u32, SamplerError> {
+    let mut best: Option<(u32, f32)> = None;
+    for (w, &word) in allowed.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let t = (w * 32) as u32 + bits.trailing_zeros();
+            bits &= bits - 1;
+            let Some(&l) = raw.get(t as usize) else {
+                return best.map(|(i, _)| i).ok_or(SamplerError::NoCandidate);
+            };
+            if l > f32::NEG_INFINITY && best.is_none_or(|(_, b)| l > b) && !banned.contains(&t) {
+                best = Some((t, l));
+            }
         }
     }
     best.map(|(i, _)| i).ok_or(SamplerError::NoCandidate)
@@ -397,7 +485,15 @@ mod tests {
 
     #[test]
     fn greedy_picks_argmax_lowest_id_on_ties_and_ignores_nan() {
-        let s = sample(&[1.0, f32::NAN, 3.0, 3.0], &cfg(0.0), &none(), &[], 0, 0).unwrap();
+        let s = sample(
+            &[1.0, f32::NAN, 3.0, 3.0],
+            &cfg(0.0),
+            &none(),
+            &TokenFilter::default(),
+            0,
+            0,
+        )
+        .unwrap();
         assert_eq!(s.token, 2);
         assert!(s.top.is_empty());
     }
@@ -406,7 +502,7 @@ mod tests {
     fn logprobs_are_log_softmax_of_raw_logits() {
         // ln(e^0 + e^ln2 + e^ln5) = ln 8
         let raw = [0.0, 2f32.ln(), 5f32.ln()];
-        let s = sample(&raw, &cfg(0.0), &none(), &[], 0, 2).unwrap();
+        let s = sample(&raw, &cfg(0.0), &none(), &TokenFilter::default(), 0, 2).unwrap();
         assert_eq!(s.token, 2);
         assert!((s.logprob - (5.0f32 / 8.0).ln()).abs() < 1e-6);
         assert_eq!(s.top.len(), 2);
@@ -421,7 +517,7 @@ mod tests {
         let mut c = cfg(0.0);
         c.repetition_penalty = 4.0; // token 1: 2.0 -> 0.5, so token 0 wins
         let pen = PenaltyState::new(&[1], 0);
-        let s = sample(&raw, &c, &pen, &[], 0, 0).unwrap();
+        let s = sample(&raw, &c, &pen, &TokenFilter::default(), 0, 0).unwrap();
         assert_eq!(s.token, 0);
         let lse = (1f32.exp() + 2f32.exp()).ln();
         assert!((s.logprob - (1.0 - lse)).abs() < 1e-6);
@@ -455,36 +551,184 @@ mod tests {
 
     #[test]
     fn banned_tokens_are_never_drawn() {
-        let s = sample(&[5.0, 1.0], &cfg(0.0), &none(), &[0], 0, 0).unwrap();
+        let s = sample(
+            &[5.0, 1.0],
+            &cfg(0.0),
+            &none(),
+            &TokenFilter::banning(&[0]),
+            0,
+            0,
+        )
+        .unwrap();
         assert_eq!(s.token, 1);
         for i in 0..50 {
-            let s = sample(&[5.0, 1.0], &cfg(1.0), &none(), &[0], i, 0).unwrap();
+            let s = sample(
+                &[5.0, 1.0],
+                &cfg(1.0),
+                &none(),
+                &TokenFilter::banning(&[0]),
+                i,
+                0,
+            )
+            .unwrap();
             assert_eq!(s.token, 1);
         }
     }
 
     #[test]
+    fn logit_bias_moves_the_draw_but_not_the_logprobs() {
+        let raw = [3.0, 1.0, 2.0];
+        let c = SamplingConfig {
+            logit_bias: vec![(1, 100.0)],
+            ..cfg(0.0)
+        };
+        let s = sample(&raw, &c, &none(), &TokenFilter::default(), 0, 0).unwrap();
+        assert_eq!(s.token, 1);
+        let (lp, _) = logprobs(&raw, 1, 0);
+        assert_eq!(s.logprob, lp, "logprobs describe the model, not the bias");
+        // -100 keeps a token out even when sampling.
+        let c = SamplingConfig {
+            logit_bias: vec![(0, -100.0)],
+            ..cfg(1.0)
+        };
+        for i in 0..50 {
+            let s = sample(&raw, &c, &none(), &TokenFilter::default(), i, 0).unwrap();
+            assert_ne!(s.token, 0);
+        }
+        // Ids past the row are ignored (the worker validated them against the vocabulary).
+        let c = SamplingConfig {
+            logit_bias: vec![(7, 5.0)],
+            ..cfg(0.0)
+        };
+        assert_eq!(
+            sample(&raw, &c, &none(), &TokenFilter::default(), 0, 0)
+                .unwrap()
+                .token,
+            0
+        );
+    }
+
+    #[test]
+    fn only_allowed_tokens_are_drawn_greedy_or_sampled() {
+        // 40 tokens: two mask words; allow 3 and 33 only.
+        let raw: Vec<f32> = (0..40).map(|i| i as f32 * 0.1).collect();
+        let words = [1u32 << 3, 1u32 << 1];
+        let filter = TokenFilter {
+            banned: &[],
+            allowed: Some(&words),
+        };
+        let s = sample(&raw, &cfg(0.0), &none(), &filter, 0, 2).unwrap();
+        assert_eq!(s.token, 33);
+        assert_eq!(s.top[0].0, 39, "top logprobs come from the unmasked row");
+        for i in 0..100 {
+            let t = sample(&raw, &cfg(1.0), &none(), &filter, i, 0)
+                .unwrap()
+                .token;
+            assert!(t == 3 || t == 33, "{t}");
+        }
+        // Banned wins over allowed; a mask that leaves nothing is an error.
+        let filter = TokenFilter {
+            banned: &[33],
+            allowed: Some(&words),
+        };
+        assert_eq!(
+            sample(&raw, &cfg(0.0), &none(), &filter, 0, 0)
+                .unwrap()
+                .token,
+            3
+        );
+        let nothing = [0u32, 0];
+        let filter = TokenFilter {
+            banned: &[],
+            allowed: Some(&nothing),
+        };
+        assert_eq!(
+            sample(&raw, &cfg(0.0), &none(), &filter, 0, 0).unwrap_err(),
+            SamplerError::NoCandidate
+        );
+    }
+
+    #[test]
+    fn masked_greedy_in_place_equals_the_copying_path() {
+        // The copying path runs when a bias is set; a zero bias changes nothing.
+        let zero_bias = SamplingConfig {
+            logit_bias: vec![(0, 0.0)],
+            ..cfg(0.0)
+        };
+        for seed in 0..200u64 {
+            let raw: Vec<f32> = (0..70)
+                .map(|i| match (uniform(seed, i) * 20.0) as u32 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    v => v as f32 * 0.37,
+                })
+                .collect();
+            let words: Vec<u32> = (0..3)
+                .map(|w| (uniform(seed ^ 77, w) * u32::MAX as f64) as u32)
+                .collect();
+            let banned = [(seed % 70) as u32];
+            let filter = TokenFilter {
+                banned: &banned,
+                allowed: Some(&words),
+            };
+            let fast = sample(&raw, &cfg(0.0), &none(), &filter, 0, 0);
+            let slow = sample(&raw, &zero_bias, &none(), &filter, 0, 0);
+            assert_eq!(fast.map(|s| s.token), slow.map(|s| s.token), "seed {seed}");
+        }
+    }
+
+    #[test]
     fn all_nan_or_banned_is_an_error_not_a_panic() {
-        let err = sample(&[f32::NAN, f32::NAN], &cfg(0.0), &none(), &[], 0, 1).unwrap_err();
+        let err = sample(
+            &[f32::NAN, f32::NAN],
+            &cfg(0.0),
+            &none(),
+            &TokenFilter::default(),
+            0,
+            1,
+        )
+        .unwrap_err();
         assert_eq!(err, SamplerError::NoCandidate);
-        let err = sample(&[1.0], &cfg(0.7), &none(), &[0], 0, 1).unwrap_err();
+        let err = sample(
+            &[1.0],
+            &cfg(0.7),
+            &none(),
+            &TokenFilter::banning(&[0]),
+            0,
+            1,
+        )
+        .unwrap_err();
         assert_eq!(err, SamplerError::NoCandidate);
         // NaN never wins, with or without a nucleus.
         let mut c = cfg(1.0);
         for i in 0..50 {
             assert_ne!(
-                sample(&[f32::NAN, 1.0, 2.0], &c, &none(), &[], i, 0)
-                    .unwrap()
-                    .token,
+                sample(
+                    &[f32::NAN, 1.0, 2.0],
+                    &c,
+                    &none(),
+                    &TokenFilter::default(),
+                    i,
+                    0
+                )
+                .unwrap()
+                .token,
                 0
             );
         }
         c.top_p = 0.9;
         for i in 0..50 {
             assert_ne!(
-                sample(&[f32::NAN, 1.0, 2.0], &c, &none(), &[], i, 0)
-                    .unwrap()
-                    .token,
+                sample(
+                    &[f32::NAN, 1.0, 2.0],
+                    &c,
+                    &none(),
+                    &TokenFilter::default(),
+                    i,
+                    0
+                )
+                .unwrap()
+                .token,
                 0
             );
         }
@@ -558,10 +802,18 @@ mod tests {
             ..SamplingConfig::default()
         };
         let a: Vec<u32> = (0..20)
-            .map(|i| sample(&l, &c, &none(), &[], i, 0).unwrap().token)
+            .map(|i| {
+                sample(&l, &c, &none(), &TokenFilter::default(), i, 0)
+                    .unwrap()
+                    .token
+            })
             .collect();
         let b: Vec<u32> = (0..20)
-            .map(|i| sample(&l, &c, &none(), &[], i, 0).unwrap().token)
+            .map(|i| {
+                sample(&l, &c, &none(), &TokenFilter::default(), i, 0)
+                    .unwrap()
+                    .token
+            })
             .collect();
         assert_eq!(a, b);
         assert!(
@@ -595,6 +847,10 @@ mod tests {
             },
             SamplingConfig {
                 frequency_penalty: f32::INFINITY,
+                ..SamplingConfig::default()
+            },
+            SamplingConfig {
+                logit_bias: vec![(1, f32::NAN)],
                 ..SamplingConfig::default()
             },
         ];

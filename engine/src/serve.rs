@@ -8,6 +8,7 @@
 //! continue its requests elsewhere) and [`serve_group`] returns
 //! [`ServeGroupError::EngineFailed`], so the process exits non-zero for its supervisor.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use shardline_membership::registration::{
@@ -17,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{EngineConfig, EngineError, EngineHandle};
+use crate::metrics::{WorkerMetrics, serve_metrics};
 use crate::runner::ModelRunner;
 use crate::service::{ServeError, WorkerService, serve_service};
 
@@ -38,6 +40,8 @@ pub struct ServeOptions {
     pub registration: RegistrationArgs,
     /// Mutual TLS of the worker API (`None`: plaintext h2c, as before).
     pub tls: Option<shardline_net::tls::Tls>,
+    /// Where to serve the group's Prometheus metrics (`GET /metrics`); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,11 @@ pub enum ServeGroupError {
     Serve(#[from] ServeError),
     #[error("cannot read the listener's address: {0}")]
     Addr(std::io::Error),
+    #[error("--metrics-listen {addr}: {source}")]
+    MetricsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the gRPC server task failed: {0}")]
     ServerTask(#[from] tokio::task::JoinError),
     #[error("the gRPC server stopped unexpectedly")]
@@ -89,7 +98,21 @@ pub async fn serve_group(
 
     let draining = CancellationToken::new();
     let stop_serving = CancellationToken::new();
-    let service = WorkerService::new(engine.clone(), draining.clone());
+    let mut service = WorkerService::new(engine.clone(), draining.clone());
+    if let Some(addr) = opts.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeGroupError::MetricsBind { addr, source })?;
+        let metrics = WorkerMetrics::new(&group_id, info.kv_block_size, info.kv_blocks_total);
+        service = service.with_metrics(metrics.clone());
+        let (engine, stop) = (engine.clone(), stop_serving.clone());
+        let total = info.kv_blocks_total;
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(listener, metrics, engine, total, stop).await {
+                tracing::error!(error = %e, "the metrics endpoint failed");
+            }
+        });
+    }
     let mut server = tokio::spawn(serve_service(
         listener,
         service,

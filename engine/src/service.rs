@@ -16,6 +16,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use shardline_net::tls::Tls;
@@ -28,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{EngineError, EngineHandle, StepReply};
+use crate::metrics::WorkerMetrics;
+use crate::trace::StreamTrace;
 
 /// Largest request the worker accepts (a long prompt in a step is a few MB at most).
 const MAX_REQUEST_BYTES: usize = 64 << 20;
@@ -51,6 +54,8 @@ pub struct WorkerService {
     draining: CancellationToken,
     /// Cancelled when the server stops: open step streams end with `UNAVAILABLE`.
     stopping: CancellationToken,
+    /// Step figures go here as each answer goes back (`--metrics-listen`).
+    metrics: Option<WorkerMetrics>,
 }
 
 impl WorkerService {
@@ -59,7 +64,14 @@ impl WorkerService {
             engine,
             draining,
             stopping: CancellationToken::new(),
+            metrics: None,
         }
+    }
+
+    /// Observes every step's answer into `metrics`.
+    pub fn with_metrics(mut self, metrics: WorkerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -102,6 +114,8 @@ fn answer_refused(resp: &mut pb::StepResponse, refused: Vec<(usize, u64)>) {
 struct Pending {
     reply: StepReply,
     refused: Vec<(usize, u64)>,
+    /// The step's span, when traces are exported.
+    span: Option<tracing::Span>,
 }
 
 /// Reads a stream's requests and queues each on the engine at once.
@@ -110,6 +124,7 @@ async fn queue_steps(
     engine: EngineHandle,
     draining: CancellationToken,
     pending: mpsc::Sender<Result<Pending, Status>>,
+    trace: Option<Arc<StreamTrace>>,
 ) {
     loop {
         let req = tokio::select! {
@@ -130,10 +145,15 @@ async fn queue_steps(
         } else {
             Vec::new()
         };
+        let span = trace.as_ref().map(|t| t.step(&req));
         let queued = engine
             .submit(req)
             .await
-            .map(|reply| Pending { reply, refused })
+            .map(|reply| Pending {
+                reply,
+                refused,
+                span,
+            })
             .map_err(to_status);
         let failed = queued.is_err();
         if pending.send(queued).await.is_err() || failed {
@@ -147,6 +167,8 @@ async fn answer_steps(
     mut pending: mpsc::Receiver<Result<Pending, Status>>,
     out: mpsc::Sender<Result<pb::StepResponse, Status>>,
     stopping: CancellationToken,
+    trace: Option<Arc<StreamTrace>>,
+    metrics: Option<WorkerMetrics>,
 ) {
     loop {
         let next = tokio::select! {
@@ -159,6 +181,12 @@ async fn answer_steps(
                     r = p.reply => match r {
                         Ok(Ok(mut resp)) => {
                             answer_refused(&mut resp, p.refused);
+                            if let (Some(trace), Some(span)) = (&trace, p.span) {
+                                trace.answered(span, &resp);
+                            }
+                            if let Some(metrics) = &metrics {
+                                metrics.observe_step(&resp);
+                            }
                             Ok(resp)
                         }
                         Ok(Err(e)) => Err(to_status(e)),
@@ -203,13 +231,21 @@ impl Worker for WorkerService {
     ) -> Result<Response<Self::StepsStream>, Status> {
         let (pending_tx, pending_rx) = mpsc::channel(STREAM_PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(STREAM_PIPELINE);
+        let trace = StreamTrace::new(request.metadata());
         tokio::spawn(queue_steps(
             request.into_inner(),
             self.engine.clone(),
             self.draining.clone(),
             pending_tx,
+            trace.clone(),
         ));
-        tokio::spawn(answer_steps(pending_rx, out_tx, self.stopping.clone()));
+        tokio::spawn(answer_steps(
+            pending_rx,
+            out_tx,
+            self.stopping.clone(),
+            trace,
+            self.metrics.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
@@ -218,7 +254,7 @@ impl Worker for WorkerService {
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         let draining = self.draining.is_cancelled();
-        let (ready, message, free, running, admitted) = match self.engine.status().await {
+        let (ready, message, free, running, counters) = match self.engine.status().await {
             Ok(s) => {
                 let message = match (&s.healthy, draining) {
                     (Err(e), _) => e.clone(),
@@ -230,10 +266,10 @@ impl Worker for WorkerService {
                     message,
                     s.kv_blocks_free,
                     s.num_running,
-                    s.counters.seqs_admitted,
+                    s.counters,
                 )
             }
-            Err(e) => (false, e.to_string(), 0, 0, 0),
+            Err(e) => (false, e.to_string(), 0, 0, Default::default()),
         };
         Ok(Response::new(pb::HealthResponse {
             ready,
@@ -241,7 +277,10 @@ impl Worker for WorkerService {
             message,
             kv_blocks_free: free as u32,
             num_running: running as u32,
-            sequences_started: admitted,
+            sequences_started: counters.seqs_admitted,
+            sequences_preempted: counters.seqs_preempted,
+            prompt_tokens_computed: counters.prompt_tokens_computed,
+            prompt_tokens_cached: counters.prompt_tokens_cached,
         }))
     }
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{EngineConfig, EngineHandle, EngineStatus, ModelFacts};
-use crate::fake::{FakeLog, FakeRunner, echo_next};
+use crate::fake::{FakeLog, FakeRunner, NextToken, echo_next};
 use crate::service::{WorkerService, serve_service};
 
 /// End-of-text token id of the test tokenizer.
@@ -82,6 +82,10 @@ pub struct TestWorkerConfig {
     pub step_delay: Duration,
     /// Mutual TLS of the worker API (`None`: plaintext).
     pub tls: Option<shardline_net::tls::Tls>,
+    /// Reuse the full prompt blocks of earlier prompts (`FakeRunner::with_prefix_cache`).
+    pub prefix_cache: bool,
+    /// The fake model's next-token rule ([`echo_next`] unless a test scripts its output).
+    pub model: NextToken,
 }
 
 impl Default for TestWorkerConfig {
@@ -95,6 +99,8 @@ impl Default for TestWorkerConfig {
             max_num_seqs: 256,
             step_delay: Duration::ZERO,
             tls: None,
+            prefix_cache: false,
+            model: echo_next,
         }
     }
 }
@@ -126,15 +132,18 @@ impl TestWorker {
         config: TestWorkerConfig,
     ) -> std::io::Result<TestWorker> {
         let addr = listener.local_addr()?;
-        let runner = FakeRunner::new(
+        let mut runner = FakeRunner::new(
             TEST_VOCAB,
             config.context_length,
             config.block_size,
             config.kv_blocks,
         )
-        .with_model(echo_next)
+        .with_model(config.model)
         .with_model_id(&config.model_id)
         .with_step_delay(config.step_delay);
+        if config.prefix_cache {
+            runner = runner.with_prefix_cache();
+        }
         let log = runner.log();
         let engine_config = EngineConfig {
             max_num_seqs: config.max_num_seqs,

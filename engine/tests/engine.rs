@@ -47,6 +47,7 @@ fn first(
         prompt,
         params: Some(params),
         max_tokens,
+        ..Default::default()
     }
 }
 
@@ -248,6 +249,91 @@ fn decode_sequences_get_blocks_before_new_prefills() {
     assert_eq!(token(&r.results[1]), 6);
 }
 
+/// Blocks are taken as sequences grow, not reserved for `max_new_tokens`: two sequences
+/// that could each generate far more than the cache holds both start.
+#[test]
+fn blocks_are_not_reserved_for_max_new_tokens() {
+    let (mut e, _) = engine(64, 4, 4);
+    let r = step(
+        &mut e,
+        vec![
+            first(1, vec![1, 2], params(60), 0),
+            first(2, vec![5, 6], params(60), 0),
+        ],
+        vec![],
+    );
+    assert_eq!(token(&r.results[0]), 3);
+    assert_eq!(token(&r.results[1]), 7);
+    assert_eq!(r.kv_blocks_free, 2);
+}
+
+/// When a step needs more blocks than are free, the sequence that started last gives its
+/// blocks back (PREEMPTED, counted) and the earlier one goes on.
+#[test]
+fn the_latest_started_sequence_is_preempted_when_blocks_run_out() {
+    // 4 blocks of 4 positions; each sequence holds 2 blocks after its prompt of 5.
+    let (mut e, log) = engine(64, 4, 4);
+    let r = step(
+        &mut e,
+        vec![
+            first(1, vec![1, 2, 3, 4, 5], params(20), 0),
+            first(2, vec![9, 10, 11, 12, 13], params(20), 0),
+        ],
+        vec![],
+    );
+    assert_eq!(r.kv_blocks_free, 0);
+    // Positions 6..8 fit in the second blocks.
+    for _ in 0..3 {
+        let r = decode(&mut e, &[1, 2]);
+        assert!(r.results.iter().all(|r| r.has_token), "{r:?}");
+    }
+    // Writing position 8 needs a third block for each: only one of them can have one.
+    let r = decode(&mut e, &[2, 1]);
+    assert_eq!(status(&r.results[0]), pb::SeqStatus::Preempted);
+    assert!(
+        r.results[0].error.contains("out of blocks"),
+        "{}",
+        r.results[0].error
+    );
+    assert!(!r.results[0].has_token);
+    assert_eq!(token(&r.results[1]), 10);
+    assert_eq!(r.num_running, 1);
+    assert_eq!(r.kv_blocks_free, 1, "seq 2's blocks are free again");
+    assert_eq!(e.status().counters.seqs_preempted, 1);
+    assert_eq!(log.lock().unwrap().live, 1);
+    // Seq 2 is gone: a step that still names it (pipelined) gets INVALID.
+    let r = decode(&mut e, &[2, 1]);
+    assert_eq!(status(&r.results[0]), pb::SeqStatus::Invalid);
+    assert_eq!(token(&r.results[1]), 11);
+}
+
+/// A less important class is preempted first, even when it started earlier; a sequence new
+/// in this step that does not fit is refused, not counted as preempted.
+#[test]
+fn preemption_takes_the_least_important_class_first() {
+    let (mut e, _) = engine(64, 4, 3);
+    let mut low = params(20);
+    low.priority = 2;
+    let r = step(&mut e, vec![first(1, vec![1, 2, 3, 4, 5], low, 0)], vec![]);
+    assert_eq!(token(&r.results[0]), 6);
+    let mut high = params(20);
+    high.priority = 0;
+    let r = step(
+        &mut e,
+        vec![first(2, vec![9, 10, 11, 12, 13], high, 0)],
+        vec![1],
+    );
+    assert_eq!(status(&r.results[0]), pb::SeqStatus::Ok);
+    assert_eq!(token(&r.results[0]), 14);
+    assert_eq!(status(&r.results[1]), pb::SeqStatus::Preempted);
+    assert_eq!(e.status().counters.seqs_preempted, 1);
+    // Same class: the new one is the one refused.
+    let r = step(&mut e, vec![first(3, vec![20; 9], params(4), 0)], vec![2]);
+    assert_eq!(status(&r.results[0]), pb::SeqStatus::OutOfBlocks);
+    assert_eq!(token(&r.results[1]), 15);
+    assert_eq!(e.status().counters.seqs_preempted, 1);
+}
+
 #[test]
 fn bad_input_is_a_per_sequence_error() {
     let (mut e, _) = engine(16, 4, 64);
@@ -262,6 +348,7 @@ fn bad_input_is_a_per_sequence_error() {
                 prompt: vec![1],
                 params: None,
                 max_tokens: 0,
+                ..Default::default()
             },
             first(5, vec![1, 2], params(4), 0),
         ],

@@ -76,6 +76,7 @@ fn chunk(id: u64, prompt: Vec<u32>) -> pb::PrefillChunk {
             ..Default::default()
         }),
         max_tokens: 0,
+        ..Default::default()
     }
 }
 

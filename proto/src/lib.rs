@@ -17,8 +17,9 @@ pub mod worker {
 
     /// KV blocks a sequence can occupy at most: its prompt (`prompt_len`, generated
     /// tokens of a migrated request included) plus every token it may still generate,
-    /// capped by the context length (0 = unknown, no cap). Coordinators budget admission
-    /// with it and workers reserve it at admission, so both sides count the same.
+    /// capped by the context length (0 = unknown, no cap). Coordinators refuse a request
+    /// whose demand exceeds a group's whole cache (it could not finish even alone), and
+    /// budget admission by it under `--kv-admission worst-case`.
     pub fn kv_blocks_demand(
         prompt_len: usize,
         params: &v1::SequenceParams,

@@ -13,6 +13,7 @@
 //! or slow collector costs spans, not latency. The standard `OTEL_SERVICE_NAME` and
 //! `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` variables are honoured by the SDK.
 
+mod propagation;
 mod queue;
 
 use std::time::Duration;
@@ -25,7 +26,16 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, Registry};
 
+pub use propagation::{
+    SpanContext, TRACEPARENT, TraceId, add_link, continue_trace, exporting, set_parent,
+    span_context, traceparent,
+};
 pub use queue::{QUEUE_SPANS, dropped_spans};
+
+/// Target of spans and events that exist for traces only (a request's phases, worker
+/// steps): the log layer skips them, so they cost no formatting when nothing is logged
+/// from inside them, and they are created only when spans are exported.
+pub const TRACE_ONLY: &str = "shardline_trace";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -124,19 +134,26 @@ pub fn provider(endpoint: &str, service: &str) -> anyhow::Result<SdkTracerProvid
 /// runtime when traces may be exported.
 pub fn init(args: &TelemetryArgs, service: &str) -> anyhow::Result<Telemetry> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let log_filter = || {
+        filter().add_directive(
+            format!("{TRACE_ONLY}=off")
+                .parse()
+                .expect("a static directive; this is a bug"),
+        )
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(ansi)
-            .with_filter(filter())
+            .with_filter(log_filter())
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(std::io::stderr)
-            .with_filter(filter())
+            .with_filter(log_filter())
             .boxed(),
     };
     let Some(endpoint) = args.endpoint() else {
@@ -150,14 +167,17 @@ pub fn init(args: &TelemetryArgs, service: &str) -> anyhow::Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
+    // Traces take every info-level span whatever `RUST_LOG` says of logs: what a trace
+    // holds is the sampler's business (`OTEL_TRACES_SAMPLER`), not the log level's.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("shardline"))
-        .with_filter(filter());
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     Registry::default()
         .with(fmt)
         .with(otel)
         .try_init()
         .context("installing the log and trace subscriber")?;
+    propagation::set_exporting();
     tracing::info!(%endpoint, service, "exporting traces over OTLP");
     Ok(Telemetry {
         provider: Some(provider),

@@ -6,6 +6,26 @@ const UP_ARGS: &[&str] = &[];
 
 include!("api_cases.rs");
 
+/// Structured outputs (pydantic schemas through `parse()`, streamed, n > 1, under
+/// concurrent load), tool calls (required and named round trips, streamed deltas),
+/// logit_bias, n, /tokenize and a 400 naming the field for each bad input, all with the
+/// official client: tests/python/openai_structured.py.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_and_tools_with_the_openai_client() {
+    let up = Cluster::start(bin(), UP_ARGS);
+    let out = std::process::Command::new("python3")
+        .arg(shardline_tests::workspace_root().join("tests/python/openai_structured.py"))
+        .args(["--base-url", &format!("{}/v1", up.http)])
+        .output()
+        .expect("run python3 (install Python 3; deploy/setup.sh installs the openai client)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{stdout}\n{stderr}"
+    );
+}
+
 #[test]
 fn configuration_docs_show_every_flag_verbatim() {
     let docs =

@@ -352,7 +352,7 @@ async fn bad_input_gets_4xx_naming_the_problem_and_serving_continues() {
         ),
         (
             "/v1/completions",
-            br#"{"prompt": "hi", "n": 3}"#.to_vec(),
+            br#"{"prompt": "hi", "n": 0}"#.to_vec(),
             "n",
         ),
         (

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use shardline_membership::{Membership, MembershipEvent, MembershipView};
 use shardline_proto::v1::WorkerState;
 use shardline_proto::worker::v1::{InfoRequest, InfoResponse, worker_client::WorkerClient};
 use shardline_tests::etcd::EtcdServer;
 use shardline_tests::http::metric_sum;
-use shardline_tests::load::{body, client, complete, streams};
+use shardline_tests::load::{body, client, complete, stream, streams};
 use shardline_tests::worker::health;
 use shardline_tests::{Proc, model_path};
 use tokio_util::sync::CancellationToken;
@@ -396,6 +396,81 @@ async fn kill_9_mid_stream_migrates_without_changing_the_text() {
     );
 }
 
+/// (2a) Structured outputs survive a migration: 8 sampled streams constrained to a JSON
+/// schema lose their worker mid-stream; each continues on the other group from its
+/// grammar state (rebuilt from the tokens already sent) with exactly the text of a run
+/// without failure, and every output is a document valid under the schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_keeps_structured_outputs_valid_and_unchanged() {
+    let _serial = serial().await;
+    let etcd = EtcdServer::start().await;
+    let observer = Observer::start(&etcd).await;
+    let (mut a, mut b) = (start_worker(&etcd, "a", &[]), start_worker(&etcd, "b", &[]));
+    observer.wait_ready(&mut [&mut a, &mut b]).await;
+    let coordinator = start_coordinator(&etcd, "coordinator", 2).await;
+    let schema = json!({"type": "object", "properties": {
+            "readings": {"type": "array", "minItems": 10, "maxItems": 10,
+                         "items": {"type": "integer", "minimum": 0, "maximum": 999}},
+            "unit": {"enum": ["mm", "cm"]}},
+        "required": ["readings", "unit"], "additionalProperties": false});
+    let request = |i: usize| {
+        json!({"prompt": format!("Sensor {i} readings as JSON:"), "max_tokens": 300,
+               "temperature": 0.8, "seed": i, "guided_json": schema})
+    };
+    let run = |tokens: Arc<AtomicUsize>| {
+        let http = coordinator.http.clone();
+        let all: Vec<_> = (0..8)
+            .map(|i| {
+                let (http, tokens, body) = (http.clone(), tokens.clone(), request(i));
+                tokio::spawn(async move { stream(&http, body, tokens).await })
+            })
+            .collect();
+        async move {
+            let mut out = Vec::new();
+            for t in all {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    let reference: Vec<String> = run(Arc::default())
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let tokens = Arc::new(AtomicUsize::new(0));
+    let failing = tokio::spawn(run(tokens.clone()));
+    until!(Duration::from_secs(60), "tokens to flow", {
+        (tokens.load(Ordering::Relaxed) >= 16).then_some(())
+    });
+    let running = health(&a.url()).await.map_or(0, |h| h.num_running);
+    assert!(running > 0, "worker a runs sequences when it is killed");
+    a.proc.signal("KILL");
+    let results = failing.await.unwrap();
+    for (i, (got, want)) in results.iter().zip(&reference).enumerate() {
+        assert_eq!(
+            got.as_ref(),
+            Ok(want),
+            "request {i}: text differs after the kill"
+        );
+        let doc: Value = serde_json::from_str(want)
+            .unwrap_or_else(|e| panic!("request {i}: not JSON ({e}): {want}"));
+        let readings = doc["readings"].as_array().unwrap();
+        assert_eq!(readings.len(), 10, "{want}");
+        assert!(
+            readings
+                .iter()
+                .all(|r| r.as_u64().is_some_and(|r| r <= 999))
+        );
+        assert!(doc["unit"] == "mm" || doc["unit"] == "cm", "{want}");
+    }
+    let migrations = metric_sum(&coordinator.http, "shardline_request_migrations_total").await;
+    assert!(
+        migrations >= running as f64,
+        "{migrations} migrations for {running} running on a"
+    );
+}
+
 /// (2b) A tensor-parallel group whose rank stops answering mid-stream: the step fails at
 /// the collectives' deadline, the coordinator continues the group's requests on the other
 /// group with the same text, and the failed worker leaves the membership and exits
@@ -662,19 +737,29 @@ async fn a_joining_worker_gets_requests_within_two_seconds() {
     );
 }
 
-/// (6) Two coordinators share one small worker group without overcommitting its KV cache.
+/// (6) Two coordinators share one small worker group whose KV cache cannot hold what
+/// they start together: the worker, the authority on its blocks, refuses or preempts, and
+/// no request is lost, duplicated or changed — every text equals the request run alone,
+/// and every block is free afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_coordinators_never_overcommit_one_group() {
+async fn two_coordinators_share_one_small_group_without_losing_a_request() {
     let _serial = serial().await;
     let etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
-    // Prompt (~16 tokens) + 24 new tokens fit in 3 blocks of 16; 24 blocks hold 8 such
-    // sequences, and each coordinator alone would try to run 8.
+    // Prompt (~16 tokens) + 24 new tokens fill 3 blocks of 16; 24 blocks hold 8 such
+    // sequences, and each coordinator alone starts more.
     let mut w = start_worker(&etcd, "w", &["--kv-blocks", "24"]);
     observer.wait_ready(&mut [&mut w]).await;
     let c1 = start_coordinator(&etcd, "coordinator-1", 1).await;
     let c2 = start_coordinator(&etcd, "coordinator-2", 1).await;
-    let all = (0..32).map(|i| {
+    let n = 24;
+    let mut alone = Vec::new();
+    for i in 0..n {
+        let (status, v) = complete(&c1.http, body(i, 24)).await;
+        assert_eq!(status, 200, "{v}");
+        alone.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    let all = (0..n).map(|i| {
         let http = if i % 2 == 0 {
             c1.http.clone()
         } else {
@@ -687,15 +772,16 @@ async fn two_coordinators_never_overcommit_one_group() {
         .into_iter()
         .map(|r| r.unwrap())
         .collect();
-    for (status, v) in &results {
+    for (i, (status, v)) in results.iter().enumerate() {
         assert_eq!(*status, 200, "{v}");
         assert_eq!(v["usage"]["completion_tokens"], 24, "{v}");
+        assert_eq!(v["choices"][0]["text"], alone[i].as_str(), "request {i}");
     }
-    // Every sequence was admitted exactly once: none was dropped for lack of KV blocks
-    // after the worker took it (a drop shows as a second admission of the request).
     let h = health(&w.url()).await.unwrap();
-    assert_eq!(
-        h.sequences_started, 32,
-        "a sequence ran out of KV blocks on the worker and was restarted"
+    assert!(
+        h.sequences_started >= 2 * n as u64,
+        "every request started at least once: {h:?}"
     );
+    assert_eq!(h.num_running, 0, "{h:?}");
+    assert_eq!(h.kv_blocks_free, 24, "every block is free again: {h:?}");
 }

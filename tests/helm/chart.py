@@ -51,8 +51,11 @@ MATRIX = {
         "etcd": {"enabled": False, "external": {"endpoints": ["http://etcd.infra:2379", "http://etcd-2.infra:2379"]}},
         "auth": {"apiKey": "sk-test"},
         "tls": {"existingSecret": "shardline-tls", "requireClientCert": True},
-        "networkPolicy": {"enabled": True, "apiFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]},
-        "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "networkPolicy": {"enabled": True, "apiFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+                          "metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]},
+        "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                       "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                       "dashboard": {"enabled": True}},
         "model": {"servedName": "smollm2"},
         "logFormat": "json", "otlpEndpoint": "http://otel-collector.observability:4317",
     },
@@ -179,6 +182,17 @@ CRD_SCHEMAS = {
                     "port": {"type": "string"}, "path": {"type": "string"},
                     "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
                     "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"}}}}}}}},
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+        "properties": {
+            "apiVersion": {}, "kind": {}, "metadata": {"type": "object"},
+            "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False, "properties": {
+                "selector": {"type": "object", "properties": {"matchLabels": {"type": "object"}}, "additionalProperties": False},
+                "namespaceSelector": {"type": "object", "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}}, "additionalProperties": False},
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {"type": "object", "additionalProperties": False, "properties": {
+                    "port": {"type": "string"}, "path": {"type": "string"},
+                    "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                    "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"}}}}}}}},
     ("keda.sh/v1alpha1", "ScaledObject"): {
         "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
         "properties": {
@@ -265,6 +279,10 @@ def structural_checks(name, objects):
                     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
                     if mounts.get("/dev/shm") != "shm":
                         problems.append(f"{where}: no memory /dev/shm for the ranks")
+        if kind == "ConfigMap" and meta["name"].endswith("-dashboard"):
+            shipped = json.load(open(os.path.join(ROOT, "deploy", "grafana", "shardline.json")))
+            if json.loads(o["data"]["shardline.json"]) != shipped:
+                problems.append(f"{where}: the dashboard differs from deploy/grafana/shardline.json")
         if kind in ("Service", "PodDisruptionBudget", "NetworkPolicy"):
             sel = o["spec"].get("selector") or o["spec"].get("podSelector")
             sel = sel.get("matchLabels", sel) if isinstance(sel, dict) else sel

@@ -10,12 +10,14 @@
 //! - [`http`]: an HTTP client with a timeout, sums over `/metrics`.
 //! - [`load`]: numbered greedy completions, plain or streamed, to compare texts.
 //! - [`worker`]: a worker group's `Health`.
+//! - [`otlp`]: an in-process OTLP trace receiver.
 //! - [`podman`]: the container image and `podman kube play` of the Helm chart.
 
 pub mod cluster;
 pub mod etcd;
 pub mod http;
 pub mod load;
+pub mod otlp;
 pub mod podman;
 pub mod worker;
 

@@ -41,6 +41,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "SHARDLINE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the group's Prometheus metrics endpoint (`GET /metrics`: steps, KV
+    /// cache, sequences, the inference-gateway gauges); default: none.
+    #[arg(long, env = "SHARDLINE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Number of KV cache blocks; overrides --kv-cache-bytes.
     #[arg(long, env = "SHARDLINE_KV_BLOCKS")]
     pub kv_blocks: Option<usize>,
@@ -131,6 +136,7 @@ impl WorkerArgs {
         Self {
             model,
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
             kv_blocks: None,
             kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
             block_size: DEFAULT_BLOCK_SIZE,
@@ -237,6 +243,7 @@ pub async fn run_with_listener(
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         registration: args.registration,
         tls,
+        metrics_listen: args.metrics_listen,
     };
     serve_group(runner, listener, opts, shutdown).await?;
     Ok(())

@@ -75,6 +75,11 @@ impl BlockManager {
         self.refcount.len()
     }
 
+    /// Free blocks that still hold a cached prefix (evictable; counted in `free_blocks`).
+    pub fn cached_blocks(&self) -> usize {
+        self.lru.len()
+    }
+
     /// Exact count of blocks an allocation can get (truly free + evictable).
     pub fn free_blocks(&self) -> usize {
         self.free.len() + self.lru.len()

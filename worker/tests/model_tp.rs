@@ -379,6 +379,7 @@ async fn the_worker_reports_unhealthy_after_a_rank_fails() {
                 ..Default::default()
             }),
             max_tokens: 0,
+            ..Default::default()
         }],
         ..Default::default()
     };
@@ -420,4 +421,23 @@ fn an_armed_failure_waits_its_steps() {
     one_step(&mut r, 2).unwrap();
     let err = one_step(&mut r, 3).unwrap_err();
     assert!(err.contains("injected error"), "{err}");
+}
+
+/// The group's collective figures (the worker's `shardline_worker_tp_collective*`
+/// metrics): rank 0's collectives counted and timed, a failed one counted as failed.
+#[test]
+fn collectives_are_counted_timed_and_their_failures_counted() {
+    let (_dir, mut r) = tp2_runner(Duration::from_millis(300));
+    assert_eq!(r.stats().collectives, 0);
+    one_step(&mut r, 1).unwrap();
+    let stats = r.stats();
+    assert!(
+        stats.collectives >= 2 * spec().layers as u64,
+        "two all-reduces per layer at least: {stats:?}"
+    );
+    assert!(stats.collective_seconds > 0.0, "{stats:?}");
+    assert_eq!(stats.collective_failures, 0);
+    r.failure_injector().inject(1, InjectedFailure::Hang);
+    one_step(&mut r, 2).unwrap_err();
+    assert!(r.stats().collective_failures >= 1, "{:?}", r.stats());
 }

@@ -75,6 +75,7 @@ async fn generate(
         prompt,
         params: Some(params),
         max_tokens: 8,
+        ..Default::default()
     };
     let mut out = Vec::new();
     loop {
@@ -181,12 +182,14 @@ async fn smollm2_answers_a_chat_over_grpc() {
                     prompt: ids[..20].to_vec(),
                     params: Some(greedy(30)),
                     max_tokens: 0,
+                    ..Default::default()
                 },
                 pb::PrefillChunk {
                     seq_id: 11,
                     prompt: vec![1, 2, 3, 4, 5],
                     params: Some(greedy(30)),
                     max_tokens: 0,
+                    ..Default::default()
                 },
             ],
             ..Default::default()
@@ -201,6 +204,7 @@ async fn smollm2_answers_a_chat_over_grpc() {
         prompt: ids.clone(),
         params: Some(seeded),
         max_tokens: 5,
+        ..Default::default()
     };
     loop {
         let r = step_once(

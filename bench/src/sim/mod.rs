@@ -64,6 +64,9 @@ pub struct SimArgs {
     /// gRPC address to listen on.
     #[arg(long, env = "SHARDLINE_SIM_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
+    /// Address of the group's Prometheus metrics endpoint (`GET /metrics`); default: none.
+    #[arg(long, env = "SHARDLINE_SIM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Hugging Face tokenizer.json whose vocabulary outputs are drawn from and which Info
     /// serves; default: a synthetic word-level tokenizer (one token per word).
     #[arg(long, env = "SHARDLINE_SIM_TOKENIZER")]
@@ -156,6 +159,7 @@ pub async fn serve_sim(
         drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS),
         registration: args.registration,
         tls: None,
+        metrics_listen: args.metrics_listen,
     };
     serve_group(Box::new(runner), listener, opts, shutdown).await?;
     Ok(())

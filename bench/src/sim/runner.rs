@@ -1,10 +1,14 @@
 //! [`SimRunner`]: the simulated model behind the real engine and worker service. It runs
 //! no model: a forward lasts the profile's modelled step time, its logits peak on a token
 //! that is a pure function of the sequence's tokens so far (a rolling hash), and the KV
-//! cache is counted exactly in blocks. Everything else a worker does (admission,
-//! chunked prefill, stop rules, sampling, release) is the real engine's.
+//! cache is counted exactly in blocks, with a prefix cache like the real worker's: full
+//! prompt blocks are shared by chained hash, kept after their sequences end and evicted
+//! least recently used first when blocks run out (evictable blocks count as free).
+//! Everything else a worker does (admission, chunked prefill, preemption, stop rules,
+//! sampling, release) is the real engine's.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use shardline_engine::runner::{
@@ -19,12 +23,25 @@ use super::profile::Profile;
 const SPIN: Duration = Duration::from_micros(80);
 
 /// What the runner keeps per sequence.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Seq {
     /// Rolling hash of every token in the KV cache.
     hash: u64,
     /// Tokens in the KV cache.
     len: usize,
+    /// Chained hashes of the prompt's full blocks (the prefix cache's keys).
+    prompt_blocks: Vec<u64>,
+    /// Leading prompt blocks whose cache entries this sequence holds a reference on.
+    shared: usize,
+    /// Blocks only this sequence holds.
+    private: usize,
+}
+
+/// A full prompt block in the prefix cache.
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    refs: usize,
+    last_used: u64,
 }
 
 pub struct SimRunner {
@@ -35,7 +52,13 @@ pub struct SimRunner {
     /// Token ids outputs are drawn from (ordinary tokens: no EOS, no specials).
     outputs: Vec<u32>,
     seqs: HashMap<SeqId, Seq>,
-    used_blocks: usize,
+    /// Blocks held by one sequence only.
+    private_blocks: usize,
+    /// Prefix cache: full prompt blocks by chained hash (held or evictable).
+    cache: HashMap<u64, Cached>,
+    /// Cache entries some sequence holds.
+    held_cached: usize,
+    tick: u64,
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -69,7 +92,81 @@ impl SimRunner {
             time_scale: time_scale.max(0.0),
             outputs,
             seqs: HashMap::new(),
-            used_blocks: 0,
+            private_blocks: 0,
+            cache: HashMap::new(),
+            held_cached: 0,
+            tick: 0,
+        }
+    }
+
+    /// Chained hashes of the full blocks of `prompt`.
+    fn chain(&self, prompt: &[u32]) -> Vec<u64> {
+        let mut h = 0u64;
+        prompt
+            .chunks_exact(self.info.kv_block_size.max(1))
+            .map(|block| {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                h.hash(&mut hasher);
+                block.hash(&mut hasher);
+                h = hasher.finish();
+                h
+            })
+            .collect()
+    }
+
+    /// Drops least recently used unheld cache entries until the blocks in use (held or
+    /// not) fit the cache.
+    fn evict(&mut self) {
+        let total = self.info.kv_blocks_total;
+        let over = (self.private_blocks + self.cache.len()).saturating_sub(total);
+        if over == 0 {
+            return;
+        }
+        let mut idle: Vec<(u64, u64)> = self
+            .cache
+            .iter()
+            .filter(|(_, c)| c.refs == 0)
+            .map(|(&h, c)| (c.last_used, h))
+            .collect();
+        idle.sort_unstable();
+        for (_, h) in idle.into_iter().take(over) {
+            self.cache.remove(&h);
+        }
+    }
+
+    /// Full prompt blocks `seq` computed become cache entries (shared from now on),
+    /// unless another sequence put the same block there first.
+    fn publish(&mut self, id: SeqId) {
+        let bs = self.info.kv_block_size.max(1);
+        let Some(seq) = self.seqs.get(&id) else {
+            return;
+        };
+        let full = (seq.len / bs).min(seq.prompt_blocks.len());
+        let start = seq.shared;
+        if full <= start {
+            return;
+        }
+        let hashes = seq.prompt_blocks[start..full].to_vec();
+        let mut shared = start;
+        self.tick += 1;
+        for &h in &hashes {
+            if self.cache.contains_key(&h) {
+                break; // computed twice: this copy stays private
+            }
+            self.cache.insert(
+                h,
+                Cached {
+                    refs: 1,
+                    last_used: self.tick,
+                },
+            );
+            self.held_cached += 1;
+            self.private_blocks -= 1;
+            shared += 1;
+        }
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.private -= shared - start;
+            seq.shared = shared;
         }
     }
 
@@ -93,11 +190,8 @@ impl SimRunner {
         out[start + self.token_after(hash) as usize] = 0.0;
     }
 
-    fn seq(&self, id: SeqId) -> Result<Seq, RunnerError> {
-        self.seqs
-            .get(&id)
-            .copied()
-            .ok_or(RunnerError::UnknownSequence(id))
+    fn seq(&self, id: SeqId) -> Result<&Seq, RunnerError> {
+        self.seqs.get(&id).ok_or(RunnerError::UnknownSequence(id))
     }
 }
 
@@ -110,7 +204,7 @@ impl ModelRunner for SimRunner {
         &mut self,
         id: SeqId,
         prompt: &[u32],
-        _prefix_cache: PrefixCache,
+        prefix_cache: PrefixCache,
     ) -> Result<usize, RunnerError> {
         if self.seqs.contains_key(&id) {
             return Err(RunnerError::DuplicateSequence(id));
@@ -123,15 +217,38 @@ impl ModelRunner for SimRunner {
                 max,
             });
         }
-        // No prefix cache: every prompt token is computed.
+        let bs = self.info.kv_block_size.max(1);
+        let prompt_blocks = self.chain(prompt);
+        // The last prompt token always runs (it yields the first token's logits).
+        let usable = (prompt.len().saturating_sub(1) / bs).min(prompt_blocks.len());
+        let shared = match prefix_cache {
+            PrefixCache::Use => prompt_blocks[..usable]
+                .iter()
+                .take_while(|h| self.cache.contains_key(h))
+                .count(),
+            PrefixCache::Skip => 0,
+        };
+        self.tick += 1;
+        for h in &prompt_blocks[..shared] {
+            let c = self.cache.get_mut(h).expect("matched above");
+            if c.refs == 0 {
+                self.held_cached += 1;
+            }
+            c.refs += 1;
+            c.last_used = self.tick;
+        }
+        let cached = shared * bs;
         self.seqs.insert(
             id,
             Seq {
-                hash: EMPTY,
-                len: 0,
+                hash: Self::hash(&prompt[..cached]),
+                len: cached,
+                prompt_blocks,
+                shared,
+                private: 0,
             },
         );
-        Ok(0)
+        Ok(cached)
     }
 
     fn blocks_needed(&self, id: SeqId, n: usize) -> Result<usize, RunnerError> {
@@ -164,24 +281,32 @@ impl ModelRunner for SimRunner {
         if needed > free {
             return Err(RunnerError::OutOfBlocks { needed, free });
         }
-        self.used_blocks += needed;
+        self.private_blocks += needed;
+        self.evict();
         let mut out = Vec::with_capacity(batch.len());
         for c in batch {
-            let mut seq = self.seq(c.id)?;
+            let (mut hash, len) = {
+                let seq = self.seq(c.id)?;
+                (seq.hash, seq.len)
+            };
             let mut data = Vec::new();
             for (j, &t) in c.tokens.iter().enumerate() {
-                seq.hash = mix(seq.hash ^ u64::from(t));
+                hash = mix(hash ^ u64::from(t));
                 let wanted = match c.logits {
                     LogitsWanted::None => false,
                     LogitsWanted::Last => j + 1 == c.tokens.len(),
                     LogitsWanted::All => true,
                 };
                 if wanted {
-                    self.row(seq.hash, &mut data);
+                    self.row(hash, &mut data);
                 }
             }
+            let grown = self.blocks_for(len + c.tokens.len()) - self.blocks_for(len);
+            let seq = self.seqs.get_mut(&c.id).expect("checked above");
+            seq.private += grown;
+            seq.hash = hash;
             seq.len += c.tokens.len();
-            self.seqs.insert(c.id, seq);
+            self.publish(c.id);
             let rows = data.len() / self.info.vocab_size.max(1);
             out.push(ChunkLogits {
                 id: c.id,
@@ -196,12 +321,23 @@ impl ModelRunner for SimRunner {
 
     fn remove_sequence(&mut self, id: SeqId) {
         if let Some(seq) = self.seqs.remove(&id) {
-            self.used_blocks -= self.blocks_for(seq.len);
+            self.private_blocks -= seq.private;
+            self.tick += 1;
+            for h in &seq.prompt_blocks[..seq.shared] {
+                if let Some(c) = self.cache.get_mut(h) {
+                    c.refs -= 1;
+                    c.last_used = self.tick;
+                    if c.refs == 0 {
+                        self.held_cached -= 1;
+                    }
+                }
+            }
         }
     }
 
+    /// Blocks not held by any sequence (evictable cache entries count as free).
     fn free_blocks(&self) -> usize {
-        self.info.kv_blocks_total - self.used_blocks
+        self.info.kv_blocks_total - self.private_blocks - self.held_cached
     }
 }
 
@@ -260,10 +396,49 @@ mod tests {
         r.remove_sequence(SeqId(1));
         assert_eq!(r.free_blocks(), 64);
         // A step that does not fit changes nothing.
-        r.add_sequence(SeqId(2), &[1; 255]).unwrap();
-        let err = r.forward(&[chunk(2, &[1; 257], LogitsWanted::Last)]);
+        r.add_sequence(SeqId(2), &[2; 255]).unwrap();
+        let err = r.forward(&[chunk(2, &[2; 257], LogitsWanted::Last)]);
         assert!(matches!(err, Err(RunnerError::ContextExceeded { .. })));
         assert_eq!(r.free_blocks(), 64);
+    }
+
+    #[test]
+    fn full_prompt_blocks_are_shared_kept_and_evicted_least_recently_used_first() {
+        let mut r = tiny(); // 64 blocks of 4
+        let prompt: Vec<u32> = (1..=10).collect(); // 2 full blocks + 2 tokens
+        r.add_sequence(SeqId(1), &prompt).unwrap();
+        r.forward(&[chunk(1, &prompt, LogitsWanted::Last)]).unwrap();
+        assert_eq!(r.free_blocks(), 61);
+        // The same prompt: its 2 full blocks come from the cache, only the rest runs.
+        assert_eq!(r.add_sequence(SeqId(2), &prompt).unwrap(), 8);
+        r.forward(&[chunk(2, &prompt[8..], LogitsWanted::Last)])
+            .unwrap();
+        assert_eq!(r.free_blocks(), 60, "2 shared + 1 + 1 private");
+        let a = r.forward(&[chunk(1, &[5], LogitsWanted::Last)]).unwrap();
+        let b = r.forward(&[chunk(2, &[5], LogitsWanted::Last)]).unwrap();
+        assert_eq!(
+            peak(&a[0], 0, 16),
+            peak(&b[0], 0, 16),
+            "same tokens, same logits"
+        );
+        r.remove_sequence(SeqId(1));
+        r.remove_sequence(SeqId(2));
+        assert_eq!(r.free_blocks(), 64, "cached blocks are evictable, so free");
+        // Still cached after both ended...
+        assert_eq!(r.add_sequence(SeqId(3), &prompt).unwrap(), 8);
+        r.remove_sequence(SeqId(3));
+        // ...until other sequences need every block.
+        r.add_sequence(SeqId(4), &[9; 200]).unwrap();
+        r.forward(&[chunk(4, &[9; 200], LogitsWanted::Last)])
+            .unwrap();
+        r.add_sequence(SeqId(5), &[7; 56]).unwrap();
+        r.forward(&[chunk(5, &[7; 56], LogitsWanted::Last)])
+            .unwrap();
+        assert_eq!(r.free_blocks(), 0);
+        r.remove_sequence(SeqId(5));
+        r.remove_sequence(SeqId(4));
+        assert_eq!(r.free_blocks(), 64);
+        assert_eq!(r.add_sequence(SeqId(6), &prompt).unwrap(), 0, "evicted");
     }
 
     #[test]

@@ -5,12 +5,13 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use futures::StreamExt;
 
+use super::choices::{ChoiceEvent, collect_all, merged};
+use super::responses::{Completion, CompletionChoice, CompletionLogprobs};
 use super::types::CompletionRequest;
-use super::{RequestShape, Started, event_stream, parse_body, sse, start, usage_json};
+use super::{RequestShape, Started, parse_body, sse, start};
 use crate::error::ApiError;
-use crate::generation::TokenOut;
 use crate::service::Service;
 
 pub async fn handle(
@@ -23,25 +24,6 @@ pub async fn handle(
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-/// The legacy `logprobs` object for `tokens`, offsets counted from `offset`.
-fn logprobs_json(tokens: &[TokenOut], mut offset: usize) -> Value {
-    let mut text_offset = Vec::with_capacity(tokens.len());
-    for t in tokens {
-        text_offset.push(offset);
-        offset += t.text.len();
-    }
-    json!({
-        "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
-        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": tokens.iter().map(|t| {
-            if t.logprob.is_none() { Value::Null } else {
-                Value::Object(t.top.iter().map(|(s, l)| (s.clone(), json!(l))).collect())
-            }
-        }).collect::<Vec<_>>(),
-        "text_offset": text_offset,
-    })
-}
-
 async fn run(
     service: Service,
     headers: HeaderMap,
@@ -52,53 +34,70 @@ async fn run(
     let want_logprobs = request.logprobs.is_some();
     let params = request.into_params()?;
     let Started {
-        generation,
+        generations,
         id,
         model,
         created,
         stream,
         include_usage,
     } = start(&service, &headers, shape, params, "cmpl")?;
+    let body = move |choices, usage| Completion {
+        id: id.clone(),
+        object: "text_completion",
+        created,
+        model: model.clone(),
+        choices,
+        usage,
+    };
     if stream {
-        let (id2, model2) = (id.clone(), model.clone());
-        let offset_cell = std::sync::Mutex::new(0usize);
-        let events = event_stream(
-            generation,
-            include_usage,
-            move |chunk| {
-                let mut off = offset_cell.lock().expect("lock poisoned; this is a bug");
-                let logprobs = want_logprobs.then(|| logprobs_json(&chunk.tokens, *off));
-                *off += chunk.text.len();
-                json!({
-                    "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{
-                        "index": 0, "text": chunk.text, "logprobs": logprobs,
-                        "finish_reason": chunk.finish.map(|f| f.as_str()),
-                    }],
-                })
-            },
-            move |usage| {
-                json!({
-                    "id": id2, "object": "text_completion", "created": created, "model": model2,
-                    "choices": [], "usage": usage_json(usage),
-                })
-            },
-        );
+        // Text offsets of the logprobs run on per choice.
+        let mut offsets = vec![0usize; generations.len()];
+        let events = merged(generations).filter_map(move |event| {
+            let out = match event {
+                ChoiceEvent::Chunk(i, chunk) => {
+                    let offset = &mut offsets[i as usize];
+                    let logprobs =
+                        want_logprobs.then(|| CompletionLogprobs::of(&chunk.tokens, *offset));
+                    *offset += chunk.text.len();
+                    let choice = CompletionChoice {
+                        index: i,
+                        text: chunk.text,
+                        logprobs,
+                        finish_reason: chunk.finish.map(|f| f.as_str()),
+                    };
+                    Some(to_value(&body(vec![choice], None)))
+                }
+                ChoiceEvent::Failed(e) => Some(to_value(&e.to_body())),
+                ChoiceEvent::Done(usage) if include_usage => {
+                    Some(to_value(&body(Vec::new(), Some(usage.into()))))
+                }
+                ChoiceEvent::Done(_) => None,
+            };
+            futures::future::ready(out)
+        });
         return Ok(sse(events));
     }
-    let out = generation.collect().await?;
-    let logprobs = want_logprobs.then(|| {
-        let mut all = out.prompt_tokens.clone();
-        all.extend(out.tokens.iter().cloned());
-        logprobs_json(&all, 0)
-    });
-    Ok(axum::Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{
-            "index": 0, "text": out.text, "logprobs": logprobs,
-            "finish_reason": out.finish.map(|f| f.as_str()),
-        }],
-        "usage": usage_json(out.usage),
-    }))
-    .into_response())
+    let (all, usage) = collect_all(generations).await?;
+    let choices = all
+        .into_iter()
+        .enumerate()
+        .map(|(i, out)| {
+            let logprobs = want_logprobs.then(|| {
+                let mut all = out.prompt_tokens.clone();
+                all.extend(out.tokens.iter().cloned());
+                CompletionLogprobs::of(&all, 0)
+            });
+            CompletionChoice {
+                index: i as u32,
+                text: out.text,
+                logprobs,
+                finish_reason: out.finish.map(|f| f.as_str()),
+            }
+        })
+        .collect();
+    Ok(axum::Json(body(choices, Some(usage.into()))).into_response())
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }

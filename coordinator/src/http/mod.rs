@@ -1,13 +1,18 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions`
-//! (JSON or SSE), `/v1/models`, `/health` (ready: a worker group is), `/livez` (the
-//! process serves), `/metrics`. Bodies are parsed by hand so every
-//! malformed input gets an OpenAI-style error naming the problem. With API keys
-//! configured every route but the probes and `/metrics` needs one ([`routes`] says
-//! which); the key decides the tenant.
+//! (JSON or SSE), `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`
+//! (ready: a worker group is), `/livez` (the process serves), `/metrics`. Bodies are
+//! parsed by hand so every malformed input gets an OpenAI-style error naming the
+//! problem; responses are the typed bodies of [`responses`]. With API keys configured
+//! every route but the probes and `/metrics` needs one ([`routes`] says which); the key
+//! decides the tenant.
 
 mod chat;
+mod chat_types;
+mod choices;
 mod completions;
+mod responses;
 mod server;
+mod tokenize;
 mod types;
 
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 
 use crate::admission::RateLimitStatus;
 use crate::config::Config;
@@ -30,6 +36,7 @@ use crate::keys::{self, Tenant};
 use crate::request::Priority;
 use crate::service::Service;
 use crate::validate::{GenerateParams, served_name};
+use responses::{Health, ModelCard, ModelList};
 use server::read_body;
 pub use server::serve;
 use types::Common;
@@ -80,6 +87,8 @@ fn table() -> Vec<(Route, MethodRouter<Service>)> {
         key(Method::POST, "/v1/completions", post(completions::handle)),
         key(Method::POST, "/v1/chat/completions", post(chat::handle)),
         key(Method::GET, "/v1/models", get(models)),
+        key(Method::POST, "/tokenize", post(tokenize::tokenize)),
+        key(Method::POST, "/detokenize", post(tokenize::detokenize)),
         public("/health", get(health)),
         public("/livez", get(livez)),
         public("/metrics", get(metrics)),
@@ -107,7 +116,9 @@ pub fn router(service: Service) -> axum::Router {
     let api = api
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(service.clone(), read_body))
-        .layer(middleware::from_fn_with_state(service.clone(), auth));
+        .layer(middleware::from_fn_with_state(service.clone(), auth))
+        // Outermost: a refused request (no key, body too large) is traced too.
+        .layer(middleware::from_fn(traced));
     open.merge(api)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(service)
@@ -170,10 +181,45 @@ fn rate_limit_headers(status: &RateLimitStatus, headers: &mut HeaderMap) {
 /// Header naming the tenant: honoured without keys, or from a trusted gateway's key.
 const TENANT_HEADER: &str = "x-shardline-tenant";
 
+/// Opens the request's span (continuing a client's `traceparent`), runs the handler in
+/// it, and names the trace in the `x-trace-id` response header.
+async fn traced(request: Request, next: Next) -> Response {
+    // `{method} {route}`, or the method alone for a path that is no route (OpenTelemetry's
+    // HTTP span names: a client's made-up paths do not name spans).
+    static PATHS: std::sync::LazyLock<Vec<&'static str>> =
+        std::sync::LazyLock::new(|| routes().into_iter().map(|r| r.path).collect());
+    let path = request.uri().path();
+    let name = if PATHS.contains(&path) {
+        format!("{} {path}", request.method())
+    } else {
+        request.method().to_string()
+    };
+    let span = crate::trace::request_span(&name, "http");
+    let headers = request.headers();
+    let trace_id = crate::trace::continue_trace(&span, |k| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    if let Some(id) = trace_id.and_then(|id| header::HeaderValue::from_str(&id).ok()) {
+        response
+            .headers_mut()
+            .insert(crate::trace::TRACE_ID_HEADER, id);
+    }
+    response
+}
+
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        axum::Json(ApiError::invalid("path", "no such endpoint").to_json()),
+        axum::Json(ApiError::invalid("path", "no such endpoint").to_body()),
     )
         .into_response()
 }
@@ -181,17 +227,17 @@ async fn not_found() -> Response {
 async fn health(State(service): State<Service>) -> Response {
     let ready = *service.groups.ready_count().borrow();
     if ready > 0 {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ok", "groups": ready})),
-        )
-            .into_response()
+        let body = Health {
+            status: "ok",
+            groups: Some(ready),
+        };
+        (StatusCode::OK, axum::Json(body)).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "no worker group ready"})),
-        )
-            .into_response()
+        let body = Health {
+            status: "no worker group ready",
+            groups: None,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
 }
 
@@ -202,6 +248,7 @@ async fn livez() -> Response {
 }
 
 async fn metrics(State(service): State<Service>) -> Response {
+    service.metrics.set_totals(service.groups.totals());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         service.metrics.render(),
@@ -223,16 +270,20 @@ async fn models(State(service): State<Service>) -> Response {
     };
     let data = match service.groups.model() {
         Ok(model) if !allowed(&model) => Vec::new(),
-        Ok(model) => vec![serde_json::json!({
-            "id": served_name(&service.config, &model),
-            "object": "model",
-            "created": unix_now(),
-            "owned_by": "shardline",
-            "max_model_len": model.context_length,
-        })],
+        Ok(model) => vec![ModelCard {
+            id: served_name(&service.config, &model),
+            object: "model",
+            created: unix_now(),
+            owned_by: "shardline",
+            max_model_len: model.context_length,
+        }],
         Err(_) => Vec::new(),
     };
-    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+    axum::Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response()
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -343,6 +394,7 @@ pub(crate) struct RequestShape {
     include_usage: bool,
     priority: Option<String>,
     timeout: Option<f64>,
+    /// The tenant when no header names one: `user`, else `safety_identifier`.
     user: Option<String>,
 }
 
@@ -358,9 +410,9 @@ impl RequestShape {
     }
 }
 
-/// A started request and what its response needs to name it.
+/// A started request (its choices, in order) and what its response needs to name it.
 pub(crate) struct Started {
-    pub generation: Generation,
+    pub generations: Vec<Generation>,
     pub id: String,
     pub model: String,
     pub created: u64,
@@ -390,14 +442,14 @@ pub(crate) fn start(
         client_tenant(&service.config, tenant(headers, shape.user.as_deref()))
     };
     let id = crate::service::request_id(id_prefix);
-    let generation = service.start(id.clone(), params, tenant.as_deref())?;
+    let generations = service.start_choices(id.clone(), params, tenant.as_deref())?;
     let model = service
         .groups
         .model()
         .map(|m| served_name(&service.config, &m))
         .unwrap_or_default();
     Ok(Started {
-        generation,
+        generations,
         id,
         model,
         created: unix_now(),
@@ -406,13 +458,10 @@ pub(crate) fn start(
     })
 }
 
-/// Without keys, a tenant the client named gets the `--tenant-*` limits; none when
-/// those limit nothing (no state to keep per name).
+/// Without keys, a tenant the client named gets the `--tenant-*` limits (admission keeps
+/// no state for it when those limit nothing) and its metric label.
 pub(crate) fn client_tenant(config: &Config, name: Option<String>) -> Option<Arc<Tenant>> {
     let limits = config.tenant_defaults();
-    if limits.requests_per_second <= 0.0 && limits.max_concurrent == 0 {
-        return None;
-    }
     Some(Arc::new(Tenant {
         name: name.filter(|n| !n.is_empty())?,
         limits,
@@ -430,20 +479,12 @@ pub(crate) fn tenant(headers: &HeaderMap, user: Option<&str>) -> Option<String> 
         .or_else(|| user.map(str::to_string))
 }
 
-/// `usage` as OpenAI reports it.
-pub(crate) fn usage_json(u: crate::generation::Usage) -> serde_json::Value {
-    serde_json::json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total(),
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
-}
-
-/// An SSE response from a stream of JSON events, ending with `data: [DONE]`.
-pub(crate) fn sse<S>(events: S) -> Response
+/// An SSE response from a stream of events (each serialized as one `data:` line),
+/// ending with `data: [DONE]`.
+pub(crate) fn sse<S, T>(events: S) -> Response
 where
-    S: futures::Stream<Item = serde_json::Value> + Send + 'static,
+    S: futures::Stream<Item = T> + Send + 'static,
+    T: serde::Serialize + Send + 'static,
 {
     use futures::StreamExt;
     // Every event ready when the body is polled goes out in one frame (one write): a
@@ -457,7 +498,7 @@ where
             for event in events {
                 frame.push_str("data: ");
                 match event {
-                    Some(v) => frame.push_str(&v.to_string()),
+                    Some(v) => frame.push_str(&serialized(&v)),
                     None => frame.push_str("[DONE]"),
                 }
                 frame.push_str("\n\n");
@@ -483,42 +524,18 @@ where
         .into_response()
 }
 
+/// One event's JSON; an event that cannot be serialized becomes an error event.
+fn serialized(event: &impl serde::Serialize) -> String {
+    serde_json::to_string(event).unwrap_or_else(|e| {
+        let error = ApiError::Internal(format!("response not serializable: {e}"));
+        serde_json::to_string(&error.to_body()).unwrap_or_default()
+    })
+}
+
 /// Most events coalesced into one SSE frame.
 const SSE_COALESCE_MAX: usize = 64;
 /// Idle time after which an SSE stream gets a keep-alive comment.
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
-
-/// Error event inside a stream (the status line is already sent).
-pub(crate) fn stream_error(e: &ApiError) -> serde_json::Value {
-    e.to_json()
-}
-
-/// Turns a generation into SSE events: one per chunk (`on_chunk`), then a usage event
-/// (`on_usage`) when asked. Dropping the stream (client gone) drops the generation.
-pub(crate) fn event_stream<C, U>(
-    generation: crate::generation::Generation,
-    include_usage: bool,
-    on_chunk: C,
-    on_usage: U,
-) -> impl futures::Stream<Item = serde_json::Value> + Send + 'static
-where
-    C: Fn(&crate::generation::Chunk) -> serde_json::Value + Send + 'static,
-    U: Fn(crate::generation::Usage) -> serde_json::Value + Send + 'static,
-{
-    futures::stream::unfold(
-        (Some(generation), on_chunk, on_usage),
-        move |(state, on_chunk, on_usage)| async move {
-            let mut generation = state?;
-            let (event, next) = match generation.next().await {
-                Some(Ok(chunk)) => (on_chunk(&chunk), Some(generation)),
-                Some(Err(e)) => (stream_error(&e), None),
-                None if include_usage => (on_usage(generation.usage()), None),
-                None => return None,
-            };
-            Some((event, (next, on_chunk, on_usage)))
-        },
-    )
-}
 
 #[cfg(test)]
 mod tests {

@@ -131,7 +131,7 @@ pub(super) async fn read_body(
                     ),
                 );
                 let mut response =
-                    (StatusCode::REQUEST_TIMEOUT, axum::Json(error.to_json())).into_response();
+                    (StatusCode::REQUEST_TIMEOUT, axum::Json(error.to_body())).into_response();
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -1,6 +1,7 @@
 //! One sequence as the engine tracks it: its validated parameters, how much of its prompt
 //! is in the KV cache, what it has generated, and when it must stop.
 
+use shardline_constraint::ConstraintState;
 use shardline_proto::worker::v1 as pb;
 
 use crate::sampler::{PenaltyState, SamplingConfig};
@@ -18,7 +19,14 @@ pub(crate) struct SeqConfig {
     pub prompt_logprobs: bool,
     /// Trailing prompt tokens generated before a migration.
     pub num_generated: usize,
+    /// Scheduling class (0 = most important), for choosing preemption victims.
+    pub priority: u32,
+    /// The grammar the output follows (compiled when the sequence registers).
+    pub constraint: Option<pb::Constraint>,
 }
+
+/// Largest `logit_bias` magnitude (OpenAI's bound).
+pub(crate) const MAX_LOGIT_BIAS: f32 = 100.0;
 
 /// Most alternatives a step returns per token (as OpenAI's API caps `top_logprobs`).
 pub(crate) const MAX_TOP_LOGPROBS: u32 = 20;
@@ -45,6 +53,7 @@ impl SeqConfig {
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
             seed: s.seed,
+            logit_bias: logit_bias(params, vocab_size)?,
         };
         sampling.validate().map_err(|e| e.to_string())?;
         if params.top_logprobs > MAX_TOP_LOGPROBS {
@@ -83,8 +92,30 @@ impl SeqConfig {
             top_logprobs: params.top_logprobs as usize,
             prompt_logprobs: params.prompt_logprobs,
             num_generated,
+            priority: params.priority,
+            constraint: params.constraint.clone(),
         })
     }
+}
+
+/// `logit_bias` as the sampler takes it, sorted by token id; ids must be in the
+/// vocabulary and biases in [-100, 100].
+fn logit_bias(params: &pb::SequenceParams, vocab_size: usize) -> Result<Vec<(u32, f32)>, String> {
+    let mut bias: Vec<(u32, f32)> = params.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+    bias.sort_unstable_by_key(|&(t, _)| t);
+    for &(token, b) in &bias {
+        if token as usize >= vocab_size {
+            return Err(format!(
+                "logit_bias token id {token} is outside the vocabulary ({vocab_size})"
+            ));
+        }
+        if !b.is_finite() || b.abs() > MAX_LOGIT_BIAS {
+            return Err(format!(
+                "logit_bias of token {token} must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {b}"
+            ));
+        }
+    }
+    Ok(bias)
 }
 
 /// Engine-side state of one live sequence.
@@ -101,16 +132,25 @@ pub(crate) struct Sequence {
     pub penalties: PenaltyState,
     /// Logprobs of prompt tokens `1..computed+1`, gathered over the prefill chunks.
     pub prompt_logprobs: Vec<pb::TokenLogprob>,
-    /// KV blocks reserved for it at admission (prompt + everything it may generate).
-    pub kv_blocks_demand: usize,
+    /// Registration order on this worker (later = preempted first among equals).
+    pub started: u64,
     /// When a step last named this sequence (see [`EngineState::release_idle`]).
     ///
     /// [`EngineState::release_idle`]: super::EngineState::release_idle
     pub touched: std::time::Instant,
+    /// Where the output stands in `cfg.constraint`'s grammar (already advanced over the
+    /// tokens generated before a migration).
+    pub constraint: Option<ConstraintState>,
 }
 
 impl Sequence {
-    pub fn new(prompt: Vec<u32>, cfg: SeqConfig, cached: usize) -> Self {
+    pub fn new(
+        prompt: Vec<u32>,
+        cfg: SeqConfig,
+        cached: usize,
+        started: u64,
+        constraint: Option<ConstraintState>,
+    ) -> Self {
         let penalties = PenaltyState::new(&prompt, cfg.num_generated);
         Self {
             prompt,
@@ -120,8 +160,9 @@ impl Sequence {
             generated: Vec::new(),
             penalties,
             prompt_logprobs: Vec::new(),
-            kv_blocks_demand: 0,
+            started,
             touched: std::time::Instant::now(),
+            constraint,
         }
     }
 
@@ -150,28 +191,35 @@ impl Sequence {
         banned
     }
 
-    /// Records a sampled token; returns why the sequence ends now, if it does.
+    /// Records a sampled token; returns why the sequence ends now, if it does. A
+    /// constraint moves past the token; a grammar that is complete ends the output.
     pub fn push(
         &mut self,
         token: u32,
         eos: &[u32],
         context_length: usize,
-    ) -> Option<pb::FinishReason> {
+    ) -> Result<Option<pb::FinishReason>, String> {
         self.generated.push(token);
         self.penalties.push_generated(token);
         if self.cfg.stop_token_ids.contains(&token) || self.is_eos(token, eos) {
-            return Some(pb::FinishReason::Stop);
+            return Ok(Some(pb::FinishReason::Stop));
+        }
+        if let Some(constraint) = &mut self.constraint {
+            constraint.advance(&[token]).map_err(|e| e.to_string())?;
+            if constraint.is_finished() {
+                return Ok(Some(pb::FinishReason::Stop));
+            }
         }
         let max = self.cfg.max_new_tokens;
         if max > 0 && self.total_generated() >= max {
-            return Some(pb::FinishReason::Length);
+            return Ok(Some(pb::FinishReason::Length));
         }
         // The next decode would write position prompt + generated - 1; a sequence holds
         // at most `context_length` tokens, prompt and output together.
         if self.prompt.len() + self.generated.len() >= context_length {
-            return Some(pb::FinishReason::Length);
+            return Ok(Some(pb::FinishReason::Length));
         }
-        None
+        Ok(None)
     }
 }
 
@@ -215,6 +263,29 @@ mod tests {
                 .contains("vocabulary")
         );
         let mut p = params();
+        p.logit_bias = [(10, 1.0)].into();
+        assert!(
+            SeqConfig::from_proto(&p, 5, 10)
+                .unwrap_err()
+                .contains("logit_bias")
+        );
+        p.logit_bias = [(3, 100.5)].into();
+        assert!(
+            SeqConfig::from_proto(&p, 5, 10)
+                .unwrap_err()
+                .contains("[-100")
+        );
+        p.logit_bias = [(3, f32::NAN)].into();
+        assert!(SeqConfig::from_proto(&p, 5, 10).is_err());
+        p.logit_bias = [(3, -100.0), (1, 2.5)].into();
+        assert_eq!(
+            SeqConfig::from_proto(&p, 5, 10)
+                .unwrap()
+                .sampling
+                .logit_bias,
+            vec![(1, 2.5), (3, -100.0)]
+        );
+        let mut p = params();
         p.top_logprobs = 21;
         assert!(SeqConfig::from_proto(&p, 5, 10).is_err());
         let mut p = params();
@@ -232,18 +303,21 @@ mod tests {
     #[test]
     fn finish_reasons() {
         let cfg = SeqConfig::from_proto(&params(), 2, 10).unwrap();
-        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0);
-        assert_eq!(s.push(7, &[9], 100), None);
-        assert_eq!(s.push(9, &[9], 100), Some(pb::FinishReason::Stop));
-        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0);
+        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0, 0, None);
+        assert_eq!(s.push(7, &[9], 100).unwrap(), None);
+        assert_eq!(s.push(9, &[9], 100).unwrap(), Some(pb::FinishReason::Stop));
+        let mut s = Sequence::new(vec![5, 6], cfg.clone(), 0, 0, None);
         for _ in 0..3 {
-            assert_eq!(s.push(7, &[9], 100), None);
+            assert_eq!(s.push(7, &[9], 100).unwrap(), None);
         }
-        assert_eq!(s.push(7, &[9], 100), Some(pb::FinishReason::Length));
+        assert_eq!(
+            s.push(7, &[9], 100).unwrap(),
+            Some(pb::FinishReason::Length)
+        );
         // context: 2 prompt + 2 generated = 4
-        let mut s = Sequence::new(vec![5, 6], cfg, 0);
-        assert_eq!(s.push(7, &[9], 4), None);
-        assert_eq!(s.push(7, &[9], 4), Some(pb::FinishReason::Length));
+        let mut s = Sequence::new(vec![5, 6], cfg, 0, 0, None);
+        assert_eq!(s.push(7, &[9], 4).unwrap(), None);
+        assert_eq!(s.push(7, &[9], 4).unwrap(), Some(pb::FinishReason::Length));
     }
 
     #[test]
@@ -252,10 +326,10 @@ mod tests {
         p.min_tokens = 2;
         p.stop_token_ids = vec![3];
         let cfg = SeqConfig::from_proto(&p, 2, 10).unwrap();
-        let mut s = Sequence::new(vec![5, 6], cfg, 0);
+        let mut s = Sequence::new(vec![5, 6], cfg, 0, 0, None);
         assert_eq!(s.banned(&[9]), vec![3, 9]);
-        s.push(1, &[9], 100);
-        s.push(1, &[9], 100);
+        s.push(1, &[9], 100).unwrap();
+        s.push(1, &[9], 100).unwrap();
         assert!(s.banned(&[9]).is_empty());
     }
 }

@@ -5,22 +5,27 @@
 //! 0. drop the sequences the step releases;
 //! 1. register new sequences (first chunk: prompt + params), validating them; a bad one
 //!    gets `SEQ_STATUS_INVALID` and the others go on;
-//! 2. plan one chunk per sequence — decode sequences budget KV blocks first (they are
-//!    already paid for), then prefill chunks in request order; one that does not fit gets
-//!    `SEQ_STATUS_OUT_OF_BLOCKS` and is dropped;
-//! 3. run one forward; sample the sequences whose logits came back; finished sequences
-//!    are freed here, so the coordinator need not release them.
+//! 2. plan one chunk per sequence and find the KV blocks they fill. Blocks are taken as
+//!    sequences grow, never reserved for what they may generate; when the step needs more
+//!    than are free, the sequence that ranks last (highest `priority` number, then the
+//!    most recently started) gives its blocks back until the rest fit — a sequence new in
+//!    this step is refused (`SEQ_STATUS_OUT_OF_BLOCKS`), a running one is preempted
+//!    (`SEQ_STATUS_PREEMPTED`; its owner re-prefills prompt + generated tokens later,
+//!    which batch-invariant numerics make byte-identical);
+//! 3. run one forward (the constrained sequences' token masks are computed beside it);
+//!    sample the sequences whose logits came back; finished sequences are freed here, so
+//!    the coordinator need not release them.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use shardline_proto::worker::kv_blocks_demand;
 use shardline_proto::worker::v1 as pb;
 
+use super::constraint::{self, Constraints};
 use super::seq::{SeqConfig, Sequence};
 use super::{EngineError, ModelFacts};
 use crate::runner::{
-    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, SeqChunk, SeqId,
+    ChunkLogits, LogitsWanted, ModelRunner, PrefixCache, RunnerError, RunnerStats, SeqChunk, SeqId,
 };
 use crate::sampler;
 
@@ -38,16 +43,23 @@ pub struct EngineCounters {
     pub seqs_released: u64,
     /// Sequences released because no step named them for the idle timeout.
     pub seqs_released_idle: u64,
+    /// Running sequences dropped to give their KV blocks to sequences that rank before
+    /// them (`SEQ_STATUS_PREEMPTED`).
+    pub seqs_preempted: u64,
 }
 
 /// A point-in-time view for `Health`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineStatus {
     /// `Err` once the model failed (a panic, a dead rank): the engine refuses steps.
     pub healthy: Result<(), String>,
     pub kv_blocks_free: usize,
     pub num_running: usize,
+    /// Sequences whose prompt is not computed yet (chunked prefill in progress).
+    pub num_prefilling: usize,
     pub counters: EngineCounters,
+    /// The runner's own figures (prefix cache, tensor-parallel collectives).
+    pub runner: RunnerStats,
 }
 
 /// Engine-wide settings.
@@ -64,8 +76,12 @@ pub struct EngineState {
     config: EngineConfig,
     seqs: HashMap<SeqId, Sequence>,
     counters: EngineCounters,
+    /// Sequences ever registered: a sequence's start order, for choosing preemption victims.
+    started: u64,
     /// Set when a forward panicked: the runner's state is unknown from then on.
     poisoned: Option<String>,
+    /// Compiles the constraints of structured-output sequences.
+    constraints: Constraints,
 }
 
 /// One sequence's part of the step being planned.
@@ -82,12 +98,19 @@ struct Planned {
 
 impl EngineState {
     pub fn new(runner: Box<dyn ModelRunner>, config: EngineConfig) -> Self {
+        let constraints = Constraints::new(
+            &config.model.tokenizer_json,
+            &config.model.eos_token_ids,
+            runner.info().vocab_size,
+        );
         Self {
             runner,
             config,
             seqs: HashMap::new(),
             counters: EngineCounters::default(),
+            started: 0,
             poisoned: None,
+            constraints,
         }
     }
 
@@ -128,7 +151,9 @@ impl EngineState {
             healthy: self.healthy(),
             kv_blocks_free: self.runner.free_blocks(),
             num_running: self.seqs.len(),
+            num_prefilling: self.seqs.values().filter(|s| !s.prefilled()).count(),
             counters: self.counters,
+            runner: self.runner.stats(),
         }
     }
 
@@ -219,28 +244,44 @@ impl EngineState {
             }
         }
 
-        // 2. KV budget: decode first, then prefill chunks in request order.
-        let mut budget = self.runner.free_blocks();
+        // 2. KV blocks: what each chunk fills; preempt from the last-ranked until it fits.
         let mut batch = Vec::with_capacity(decode_plans.len() + prefill_plans.len());
+        let mut blocks = Vec::with_capacity(batch.capacity());
         for plan in decode_plans.into_iter().chain(prefill_plans) {
-            let needed = match self.runner.blocks_needed(plan.id, plan.tokens.len()) {
-                Ok(n) => n,
+            match self.runner.blocks_needed(plan.id, plan.tokens.len()) {
+                Ok(n) => {
+                    batch.push(plan);
+                    blocks.push(n);
+                }
                 Err(e) => {
                     self.drop_seq(plan.id);
                     invalid(&mut results[plan.result], e.to_string());
-                    continue;
                 }
-            };
-            if needed > budget {
-                self.drop_seq(plan.id);
-                no_room(
-                    &mut results[plan.result],
-                    format!("KV cache out of blocks: need {needed}, {budget} left in this step"),
-                );
-                continue;
             }
-            budget -= needed;
-            batch.push(plan);
+        }
+        let mut needed: usize = blocks.iter().sum();
+        while needed > self.runner.free_blocks() {
+            let Some(victim) = (0..batch.len()).max_by_key(|&i| self.rank(batch[i].id)) else {
+                break;
+            };
+            let plan = batch.remove(victim);
+            let n = blocks.remove(victim);
+            let why = format!(
+                "KV cache out of blocks: the step needs {needed}, {} free",
+                self.runner.free_blocks()
+            );
+            needed -= n;
+            let priority = self.seqs.get(&plan.id).map_or(0, |s| s.cfg.priority);
+            self.drop_seq(plan.id);
+            let result = &mut results[plan.result];
+            if plan.new {
+                no_room(result, why);
+            } else {
+                self.counters.seqs_preempted += 1;
+                tracing::info!(seq = plan.id.0, priority, reason = %why, "preempting a sequence");
+                result.status = pb::SeqStatus::Preempted as i32;
+                result.error = format!("preempted: {why}");
+            }
         }
 
         // 3. One forward.
@@ -253,10 +294,20 @@ impl EngineState {
             })
             .collect();
         let batch_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let logits = if chunks.is_empty() {
-            Vec::new()
-        } else {
-            match self.runner.forward(&chunks) {
+        let sampling: Vec<SeqId> = batch.iter().filter(|p| p.samples).map(|p| p.id).collect();
+        let masks = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| sampling.contains(id))
+            .filter_map(|(_, seq)| seq.constraint.as_mut())
+            .collect();
+        let runner = &mut self.runner;
+        let forward = constraint::beside_forward(masks, || {
+            (!chunks.is_empty()).then(|| runner.forward(&chunks))
+        });
+        let logits = match forward {
+            None => Vec::new(),
+            Some(forward) => match forward {
                 Ok(l) => l,
                 Err(e) => {
                     for p in batch.iter().filter(|p| p.new) {
@@ -264,7 +315,7 @@ impl EngineState {
                     }
                     return Err(EngineError::Runner(e));
                 }
-            }
+            },
         };
         let mut by_id: HashMap<SeqId, ChunkLogits> =
             logits.into_iter().map(|l| (l.id, l)).collect();
@@ -362,26 +413,22 @@ impl EngineState {
             )));
         }
         let cfg = SeqConfig::from_proto(params, prompt.len(), vocab).map_err(Reject::Invalid)?;
+        let constraint = match &cfg.constraint {
+            Some(c) => Some(
+                self.constraints
+                    .start(c, &prompt[prompt.len() - cfg.num_generated..])
+                    .map_err(Reject::Invalid)?,
+            ),
+            None => None,
+        };
         if self.seqs.len() >= self.config.max_num_seqs {
             return Err(Reject::NoRoom(format!(
                 "the worker already holds max_num_seqs = {} sequences",
                 self.config.max_num_seqs
             )));
         }
-        // Reserve at admission the blocks a sequence can reach (prompt + remaining new
-        // tokens, capped by the context), so an admitted sequence never runs out of KV
-        // mid-decode, even when several coordinators share this worker
-        // (proto/MEMBERSHIP.md). Refused here, it is simply started later or elsewhere.
-        let block = self.runner.info().kv_block_size;
-        let total = self.runner.info().kv_blocks_total;
-        let reserved: usize = self.seqs.values().map(|s| s.kv_blocks_demand).sum();
-        let need = kv_blocks_demand(prompt.len(), params, ctx, block);
-        if !self.seqs.is_empty() && reserved + need > total {
-            return Err(Reject::NoRoom(format!(
-                "out of blocks (reserved at admission): {need} wanted, {} of {total} unreserved",
-                total.saturating_sub(reserved)
-            )));
-        }
+        // No KV blocks are reserved here: a sequence takes blocks as its chunks fill them,
+        // and the step's KV budget refuses or preempts when they run out.
         // Prompt logprobs need the logits of every prompt position: no cached prefix.
         let prefix_cache = if cfg.prompt_logprobs {
             PrefixCache::Skip
@@ -395,8 +442,8 @@ impl EngineState {
         };
         self.counters.seqs_admitted += 1;
         self.counters.prompt_tokens_cached += cached as u64;
-        let mut seq = Sequence::new(prompt.clone(), cfg, cached);
-        seq.kv_blocks_demand = need;
+        self.started += 1;
+        let seq = Sequence::new(prompt.clone(), cfg, cached, self.started, constraint);
         self.seqs.insert(id, seq);
         Ok(())
     }
@@ -421,6 +468,14 @@ impl EngineState {
             samples: true,
             new: false,
         })
+    }
+
+    /// Preemption order: the greater ranks later (preempted first) — a less important
+    /// class, then a later start.
+    fn rank(&self, id: SeqId) -> (u32, u64) {
+        self.seqs
+            .get(&id)
+            .map_or((u32::MAX, u64::MAX), |s| (s.cfg.priority, s.started))
     }
 
     fn drop_seq(&mut self, id: SeqId) {
@@ -466,22 +521,39 @@ impl EngineState {
         let row = &l.data[(rows - 1) * vocab..rows * vocab];
         let index = seq.total_generated() as u64;
         let banned = seq.banned(eos);
-        let s = sampler::sample(
+        let allowed = match &mut seq.constraint {
+            Some(c) => Some(c.allowed_tokens().map_err(|e| e.to_string())?.words()),
+            None => None,
+        };
+        let filter = sampler::TokenFilter {
+            banned: &banned,
+            allowed,
+        };
+        let s = match sampler::sample(
             row,
             &seq.cfg.sampling,
             &seq.penalties,
-            &banned,
+            &filter,
             index,
             seq.cfg.top_logprobs,
-        )
-        .map_err(|e| e.to_string())?;
+        ) {
+            Ok(s) => s,
+            // The grammar admits only tokens that are banned now (its end, under
+            // `min_tokens`): the constrained output is complete as it is.
+            Err(sampler::SamplerError::NoCandidate) if allowed.is_some() => {
+                result.finish_reason = pb::FinishReason::Stop as i32;
+                self.drop_seq(plan.id);
+                return Ok(());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         result.has_token = true;
         result.token = Some(token_logprob(s.token, s.logprob, &s.top));
         if !seq.prompt_logprobs.is_empty() {
             result.prompt_logprobs = std::mem::take(&mut seq.prompt_logprobs);
         }
         self.counters.tokens_generated += 1;
-        if let Some(reason) = seq.push(s.token, eos, ctx) {
+        if let Some(reason) = seq.push(s.token, eos, ctx)? {
             result.finish_reason = reason as i32;
             self.drop_seq(plan.id);
         }

@@ -22,7 +22,7 @@ use crate::kernels::team::Team;
 use crate::kv::{BlockId, KvStore};
 use crate::model::{LlamaModel, StepPlan, TokenPlan};
 use crate::tp::cpu::CpuCommunicator;
-use crate::tp::{Communicator, SingleRank};
+use crate::tp::{CollectiveStats, Communicator, SingleRank, Timed};
 
 /// A step with owned data, shared by all ranks.
 #[derive(Debug, Default)]
@@ -259,6 +259,8 @@ pub struct RankGroup<R: GroupRank = CpuRank> {
     peers: Vec<Peer>,
     timeout: Duration,
     failed: Option<String>,
+    /// Rank 0's collectives (zero at tp 1, where there are none).
+    collectives: Arc<CollectiveStats>,
 }
 
 impl<R: GroupRank> std::fmt::Debug for RankGroup<R> {
@@ -285,12 +287,18 @@ impl RankGroup<CpuRank> {
         if world == 0 {
             return Err("a group needs at least one rank".into());
         }
+        let collectives = Arc::new(CollectiveStats::default());
         let mut comms: Vec<Box<dyn Communicator<Buffer = [f32]>>> = if world == 1 {
             vec![Box::new(SingleRank)]
         } else {
             CpuCommunicator::group(world, timeout)
                 .into_iter()
-                .map(|c| Box::new(c) as Box<dyn Communicator<Buffer = [f32]>>)
+                .enumerate()
+                .map(|(r, c)| match r {
+                    0 => Box::new(Timed::new(Box::new(c), collectives.clone()))
+                        as Box<dyn Communicator<Buffer = [f32]>>,
+                    _ => Box::new(c) as Box<dyn Communicator<Buffer = [f32]>>,
+                })
                 .collect()
         };
         let mut ranks = Vec::with_capacity(world);
@@ -311,7 +319,9 @@ impl RankGroup<CpuRank> {
                 comm,
             });
         }
-        Self::from_ranks(ranks, timeout)
+        let mut group = Self::from_ranks(ranks, timeout)?;
+        group.collectives = collectives;
+        Ok(group)
     }
 
     /// Rank 0's shard (the whole model when `world == 1`).
@@ -371,6 +381,7 @@ impl<R: GroupRank> RankGroup<R> {
             peers,
             timeout,
             failed: None,
+            collectives: Arc::default(),
         })
     }
 
@@ -381,6 +392,17 @@ impl<R: GroupRank> RankGroup<R> {
     /// Rank 0.
     pub fn rank0(&self) -> &R {
         &self.rank0.rank
+    }
+
+    /// Rank 0's collective figures (the group's metrics).
+    pub fn collectives(&self) -> &CollectiveStats {
+        &self.collectives
+    }
+
+    /// Counts rank 0's collectives into `stats` (its communicator must be a [`Timed`]
+    /// over the same stats).
+    pub fn set_collectives(&mut self, stats: Arc<CollectiveStats>) {
+        self.collectives = stats;
     }
 
     /// `Err` once a step failed; the group does not recover.

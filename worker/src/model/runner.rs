@@ -284,4 +284,15 @@ impl<R: GroupRank> ModelRunner for GroupRunner<R> {
     fn healthy(&self) -> Result<(), RunnerError> {
         self.group.healthy().map_err(RunnerError::Model)
     }
+
+    fn stats(&self) -> crate::runner::RunnerStats {
+        let (collectives, collective_seconds, collective_failures) =
+            self.group.collectives().snapshot();
+        crate::runner::RunnerStats {
+            kv_blocks_cached: self.blocks.cached_blocks(),
+            collectives,
+            collective_seconds,
+            collective_failures,
+        }
+    }
 }

@@ -21,7 +21,9 @@ pub mod part;
 
 pub use part::RankPart;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Collective operations between the ranks of one group. One value per rank thread;
 /// a communicator is `Send` (it moves to its rank's thread) but never shared.
@@ -70,6 +72,87 @@ pub enum CommError {
     },
     #[error("{0}")]
     Backend(String),
+}
+
+/// How many collectives a rank ran, for how long, and how many failed; shared between
+/// the rank's [`Timed`] communicator and the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct CollectiveStats {
+    calls: AtomicU64,
+    nanos: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl CollectiveStats {
+    /// Collectives run, seconds spent in them, failures.
+    pub fn snapshot(&self) -> (u64, f64, u64) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    fn record<T>(&self, started: Instant, result: Result<T, CommError>) -> Result<T, CommError> {
+        let nanos = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+        if result.is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// A communicator whose collectives are timed and counted into [`CollectiveStats`]
+/// (rank 0's: the group's metrics). Two clock reads per collective.
+pub struct Timed<B: ?Sized + 'static> {
+    inner: Box<dyn Communicator<Buffer = B>>,
+    stats: Arc<CollectiveStats>,
+}
+
+impl<B: ?Sized + 'static> Timed<B> {
+    pub fn new(inner: Box<dyn Communicator<Buffer = B>>, stats: Arc<CollectiveStats>) -> Self {
+        Timed { inner, stats }
+    }
+}
+
+impl<B: ?Sized + 'static> Communicator for Timed<B> {
+    type Buffer = B;
+
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut B) -> Result<(), CommError> {
+        let started = Instant::now();
+        let result = self.inner.all_reduce_sum(buf);
+        self.stats.record(started, result)
+    }
+
+    fn broadcast(&mut self, buf: &mut B, root: usize) -> Result<(), CommError> {
+        let started = Instant::now();
+        let result = self.inner.broadcast(buf, root);
+        self.stats.record(started, result)
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        let started = Instant::now();
+        let result = self.inner.barrier();
+        self.stats.record(started, result)
+    }
+
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason);
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.inner.is_aborted()
+    }
 }
 
 /// The trivial group of one rank: collectives are no-ops.

@@ -182,12 +182,23 @@ impl GroupRunner<DeviceRank> {
             kv_block_size: block_size,
             kv_blocks_total: num_blocks,
         };
+        let collectives = std::sync::Arc::new(crate::tp::CollectiveStats::default());
         let ranks = models
             .into_iter()
             .zip(comms)
-            .map(|(m, c)| DeviceRank::new(m, c, num_blocks, block_size))
+            .enumerate()
+            .map(|(r, (m, c))| {
+                // Rank 0's collectives are the group's metrics.
+                let c = match r {
+                    0 if world > 1 => Box::new(crate::tp::Timed::new(c, collectives.clone()))
+                        as Box<dyn Communicator<Buffer = Tensor>>,
+                    _ => c,
+                };
+                DeviceRank::new(m, c, num_blocks, block_size)
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let group = RankGroup::from_ranks(ranks, timeout).map_err(RunnerError::Model)?;
+        let mut group = RankGroup::from_ranks(ranks, timeout).map_err(RunnerError::Model)?;
+        group.set_collectives(collectives);
         Ok(Self::over(group, info))
     }
 
