@@ -12,7 +12,7 @@
 #
 # Usage: deploy/bench/kv.sh [routing|admission|all]   (default all; builds if needed)
 # Knobs: PROFILE=h100-llama3-8b RATE=8 PREFIX_GROUPS=8 PREFIX_QUESTIONS=16 PREFIX_LEN=512
-#   ROUTE_PREFIX_WEIGHT=4 OUTPUT_LEN=64 CHATS=64 MODEL=<gguf> OUT=deploy/bench/kv SHARDLINE=target/debug/shardline
+#   ROUTE_PREFIX_WEIGHT=4 OUTPUT_LEN=64 CHATS=64 CHAT_BODY='{...}' MODEL=<gguf> OUT=deploy/bench/kv SHARDLINE=target/debug/shardline
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,6 +24,10 @@ PREFIX_QUESTIONS=${PREFIX_QUESTIONS:-16}
 PREFIX_LEN=${PREFIX_LEN:-512}
 OUTPUT_LEN=${OUTPUT_LEN:-64}
 CHATS=${CHATS:-64}
+# Merged into every chat: no max_tokens (what the OpenAI clients send by default). A stop
+# string keeps a CPU run short: SmolLM2's answers to random prompts can run thousands of
+# tokens, and worst-case admission reserves the whole context for each one regardless.
+CHAT_BODY=${CHAT_BODY:-'{"max_tokens": null, "stop": ["\n"]}'}
 OUT=${OUT:-deploy/bench/kv}
 SHARDLINE=${SHARDLINE:-target/debug/shardline}
 MODEL=${MODEL:-$(ls models/*.gguf 2>/dev/null | head -1)}
@@ -89,7 +93,7 @@ admission() {
     wait_http "admission-$policy"
     "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --endpoint chat \
       --concurrency "$CHATS" --num-requests "$CHATS" --input-len 64 --ignore-eos false \
-      --extra-body '{"max_tokens": null}' --tokenizer "$MODEL" --scrape-metrics --no-progress \
+      --extra-body "$CHAT_BODY" --tokenizer "$MODEL" --scrape-metrics --no-progress \
       --json "$OUT/admission-$policy.json" | tee "$OUT/admission-$policy.txt"
     cleanup
     sleep 1
