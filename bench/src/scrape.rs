@@ -226,7 +226,8 @@ async fn sample(
     (stats.kv_usage_mean, stats.kv_usage_max) = stat(&kv).unzip();
     (stats.running_mean, stats.running_max) = stat(&running).unzip();
     if let (Some(a), Some(b)) = (first, last) {
-        let delta = |n: &str| Some(sum_series(&b, n)? - sum_series(&a, n)?);
+        // A series born during the run (its first sample) was 0 before it.
+        let delta = |n: &str| Some(sum_series(&b, n)? - sum_series(&a, n).unwrap_or(0.0));
         let sum = delta(&format!("{BATCH_SIZE}_sum"));
         let count = delta(&format!("{BATCH_SIZE}_count"));
         if let (Some(s), Some(c)) = (sum, count)

@@ -169,8 +169,9 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "SHARDLINE_ROUTING", value_enum, default_value_t = Routing::Prefix)]
     pub routing: Routing,
     /// Under `--routing prefix`: what one prompt block to prefill costs next to one block
-    /// of load (higher keeps a shared prefix on fewer groups longer).
-    #[arg(long, env = "SHARDLINE_ROUTE_PREFIX_WEIGHT", default_value_t = 1.0)]
+    /// of load (higher keeps a shared prefix on fewer groups longer; 4 measured best of
+    /// 1 and 4 with deploy/bench/kv.sh, 1 spread system prompts too eagerly).
+    #[arg(long, env = "SHARDLINE_ROUTE_PREFIX_WEIGHT", default_value_t = 4.0)]
     pub route_prefix_weight: f64,
     /// On shutdown (SIGTERM, Ctrl-C), how long requests in flight may keep the
     /// coordinator up: it stops accepting connections at once, finishes what it is
@@ -293,7 +294,7 @@ impl Default for Config {
             kv_admission: KvAdmission::OnDemand,
             kv_watermark: 0.01,
             routing: Routing::Prefix,
-            route_prefix_weight: 1.0,
+            route_prefix_weight: 4.0,
             max_body_bytes: 4 * 1024 * 1024,
             server: ServerLimits::default(),
             tls: None,

@@ -176,17 +176,8 @@ impl State {
         self.waiting
             .iter()
             .flatten()
-            .map(|e| self.start_blocks(e))
+            .map(|e| e.start_blocks(&self.limits))
             .sum()
-    }
-
-    /// Blocks `entry` needs to start: its worst case, or on demand its prompt (and the
-    /// first generated token).
-    fn start_blocks(&self, entry: &Entry) -> u32 {
-        match self.limits.kv_admission {
-            KvAdmission::WorstCase => entry.blocks_needed(&self.limits),
-            KvAdmission::OnDemand => entry.prompt_blocks(&self.limits),
-        }
     }
 
     /// On demand: the blocks the worker last reported free, less the prompt blocks the
@@ -313,7 +304,7 @@ impl State {
                     break 'classes;
                 }
                 scanned += 1;
-                let need = self.start_blocks(&self.waiting[class][i]);
+                let need = self.waiting[class][i].start_blocks(&self.limits);
                 let fits = match self.limits.kv_admission {
                     KvAdmission::WorstCase => self.reserved + need <= self.limits.total_blocks,
                     KvAdmission::OnDemand => {

@@ -210,6 +210,15 @@ impl Entry {
         (self.prompt_len() + 1).div_ceil(limits.block_size.max(1) as usize) as u32
     }
 
+    /// Blocks the sequence needs to start under `limits.kv_admission`: its worst case,
+    /// or on demand its prompt (and the first generated token).
+    pub fn start_blocks(&self, limits: &crate::queue::Limits) -> u32 {
+        match limits.kv_admission {
+            crate::config::KvAdmission::WorstCase => self.blocks_needed(limits),
+            crate::config::KvAdmission::OnDemand => self.prompt_blocks(limits),
+        }
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.tx.is_closed()
     }

@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use crate::config::KvAdmission;
 use crate::metrics::Metrics;
 use crate::queue::{Limits, State};
 use crate::request::Entry;
@@ -70,10 +69,7 @@ impl SchedulerHandle {
             ..Default::default()
         };
         entry.phases.queued(&entry.request.span, &self.group);
-        let blocks = match self.limits.kv_admission {
-            KvAdmission::WorstCase => entry.blocks_needed(&self.limits),
-            KvAdmission::OnDemand => entry.prompt_blocks(&self.limits),
-        } as i64;
+        let blocks = entry.start_blocks(&self.limits) as i64;
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.load
             .waiting_blocks

@@ -157,6 +157,9 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
     let etcd = EtcdServer::start().await;
     let (http_port, grpc_port, a_port, b_port) =
         (free_port(), free_port(), free_port(), free_port());
+    // Host networking: the two workers share the machine's ports, so each pool gets its
+    // own metrics port too (in a cluster each pod has its own network and both use 9100).
+    let (a_metrics, b_metrics) = (free_port(), free_port());
     let models = model_path()
         .parent()
         .expect("the model's folder")
@@ -174,7 +177,10 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
             "volume": {"hostPath": {"path": models}},
         },
         "coordinator": {"httpPort": http_port, "grpcPort": grpc_port},
-        "workers": {"pools": {"a": {"port": a_port}, "b": {"port": b_port}}},
+        "workers": {"pools": {
+            "a": {"port": a_port, "metricsPort": a_metrics},
+            "b": {"port": b_port, "metricsPort": b_metrics},
+        }},
     });
     let dir = tempfile::tempdir().expect("temp dir");
     let out = Command::new("python3")
@@ -209,9 +215,10 @@ async fn the_chart_runs_a_cluster_that_fails_over_and_drains_under_podman() {
     .await;
     assert!(
         ready.is_ok(),
-        "the cluster never had two ready groups;\ncoordinator:\n{}\nworker a:\n{}",
+        "the cluster never had two ready groups;\ncoordinator:\n{}\nworker a:\n{}\nworker b:\n{}",
         logs(&container("coordinator", "coordinator")),
-        logs(&container("worker-a", "worker"))
+        logs(&container("worker-a", "worker")),
+        logs(&container("worker-b", "worker"))
     );
 
     // Both workers registered in etcd, under their pod names, at the advertised address.
