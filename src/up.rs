@@ -68,7 +68,8 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         shardline_membership::Membership::in_memory()
     } else {
         let (etcd, prefix) = (&args.coordinator.etcd, &args.coordinator.etcd_prefix);
-        shardline_membership::Membership::etcd(etcd, prefix)
+        let security = &args.coordinator.etcd_security;
+        shardline_membership::Membership::etcd_secured(etcd, prefix, security)
             .await
             .context("--etcd")?
     };

@@ -24,6 +24,8 @@ pub struct CoordinatorArgs {
     /// Key prefix of the cluster in etcd.
     #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = shardline_membership::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
+    #[command(flatten)]
+    pub etcd_security: shardline_membership::EtcdSecurity,
     /// Address the OpenAI-compatible HTTP API listens on.
     #[arg(long, env = "SHARDLINE_HTTP_LISTEN", default_value = "0.0.0.0:8000")]
     pub http_listen: SocketAddr,

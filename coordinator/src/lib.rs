@@ -189,9 +189,13 @@ pub async fn run(args: CoordinatorArgs, shutdown: CancellationToken) -> anyhow::
     if args.etcd.is_empty() {
         return serve(config, http, grpc, &args.workers, shutdown).await;
     }
-    let membership = shardline_membership::Membership::etcd(&args.etcd, &args.etcd_prefix)
-        .await
-        .context("--etcd")?;
+    let membership = shardline_membership::Membership::etcd_secured(
+        &args.etcd,
+        &args.etcd_prefix,
+        &args.etcd_security,
+    )
+    .await
+    .context("--etcd")?;
     let coordinator = Coordinator::start(config, http, grpc, shutdown.clone())?;
     for worker in &args.workers {
         coordinator.groups.add(worker);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::pki::{Ca, Leaf, client_config, https_get};
+use common::pki::{client_config, https_get};
 use common::*;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -18,6 +18,7 @@ use shardline_coordinator::tls::{ALPN_HTTP, Tls, TlsFiles};
 use shardline_engine::testing::TestWorkerConfig;
 use shardline_proto::v1::GenerateRequest;
 use shardline_proto::v1::inference_client::InferenceClient;
+use shardline_tests::pki::{Ca, Leaf};
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);

@@ -9,13 +9,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::pki::{Ca, Leaf, client_config as test_client};
+use common::pki::client_config as test_client;
 use serde_json::json;
 use shardline_coordinator::tls::{ALPN_GRPC, ClientFiles, Tls, TlsFiles, client_config};
 use shardline_coordinator::{Config, Coordinator};
 use shardline_engine::testing::{TestWorker, TestWorkerConfig};
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
+use shardline_tests::pki::{Ca, Leaf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -61,7 +61,7 @@ mod registry;
 mod view;
 mod watch;
 
-pub use etcd::{DEFAULT_REQUEST_TIMEOUT, EtcdRegistry};
+pub use etcd::{DEFAULT_REQUEST_TIMEOUT, EtcdRegistry, EtcdSecurity};
 pub use keys::{DEFAULT_PREFIX, KeyLayout};
 pub use memory::MemoryRegistry;
 pub use register::{DEFAULT_LEASE_TTL, MIN_LEASE_TTL, RegistrationHandle, RegistrationStatus};
@@ -106,8 +106,18 @@ impl Membership {
         endpoints: &[S],
         prefix: &str,
     ) -> Result<Self, MembershipError> {
+        Self::etcd_secured(endpoints, prefix, &EtcdSecurity::default()).await
+    }
+
+    /// [`etcd`](Self::etcd) with TLS and authentication ([`EtcdSecurity`]).
+    pub async fn etcd_secured<S: AsRef<str>>(
+        endpoints: &[S],
+        prefix: &str,
+        security: &EtcdSecurity,
+    ) -> Result<Self, MembershipError> {
         let layout = KeyLayout::new(prefix)?;
-        let registry = EtcdRegistry::connect(endpoints).await?;
+        let registry =
+            EtcdRegistry::connect_secured(endpoints, security, DEFAULT_REQUEST_TIMEOUT).await?;
         Ok(Self::new(Arc::new(registry), layout))
     }
 

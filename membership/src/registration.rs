@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{
-    DEFAULT_LEASE_TTL, DEFAULT_PREFIX, MIN_LEASE_TTL, Membership, MembershipError,
+    DEFAULT_LEASE_TTL, DEFAULT_PREFIX, EtcdSecurity, MIN_LEASE_TTL, Membership, MembershipError,
     RegistrationHandle,
 };
 use shardline_proto::v1::{WorkerCapacity, WorkerRecord, WorkerState};
@@ -27,6 +27,9 @@ pub struct RegistrationArgs {
     /// Key prefix of the cluster in etcd.
     #[arg(long, env = "SHARDLINE_ETCD_PREFIX", default_value = DEFAULT_PREFIX)]
     pub etcd_prefix: String,
+
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurity,
 
     /// TTL of the registration lease in seconds (at least 2): a crashed worker disappears
     /// from the membership after this long. Keep-alives go every TTL/3.
@@ -50,6 +53,7 @@ impl Default for RegistrationArgs {
         Self {
             etcd: Vec::new(),
             etcd_prefix: DEFAULT_PREFIX.to_string(),
+            etcd_security: EtcdSecurity::default(),
             lease_ttl_secs: DEFAULT_LEASE_TTL.as_secs(),
             advertise: None,
             membership: None,
@@ -181,7 +185,9 @@ impl Registration {
         args.validate()?;
         let membership = match &args.membership {
             Some(m) => m.clone(),
-            None => Membership::etcd(&args.etcd, &args.etcd_prefix).await?,
+            None => {
+                Membership::etcd_secured(&args.etcd, &args.etcd_prefix, &args.etcd_security).await?
+            }
         };
         let group_id = record.group_id.clone();
         let address = record.address.clone();

@@ -79,12 +79,12 @@ fn every_command_line_the_chart_renders_is_accepted_by_shardline() {
     let mut checked = BTreeSet::new();
     for c in &containers {
         let where_ = format!("{} {} {}", c["rendering"], c["workload"], c["container"]);
-        let env: BTreeMap<String, String> = c["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| (v["name"].as_str().unwrap().to_string(), sample_value(v)))
-            .collect();
+        // The kubelet expands `$(VAR)` of the variables defined before, in values too.
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        for v in c["env"].as_array().unwrap() {
+            let value = expand(&sample_value(v), &env);
+            env.insert(v["name"].as_str().unwrap().to_string(), value);
+        }
         let args: Vec<String> = c["args"]
             .as_array()
             .unwrap()
@@ -103,8 +103,8 @@ fn every_command_line_the_chart_renders_is_accepted_by_shardline() {
             continue;
         }
         assert!(
-            args.iter().all(|a| !a.contains("$(")),
-            "{where_}: unexpanded reference in {args:?}"
+            args.iter().chain(env.values()).all(|a| !a.contains("$(")),
+            "{where_}: unexpanded reference in {args:?} or {env:?}"
         );
         let sub = cli
             .find_subcommand(&args[0])
@@ -147,7 +147,7 @@ fn every_command_line_the_chart_renders_is_accepted_by_shardline() {
                     .unwrap_or_else(|e| panic!("{where_}: {argv:?}: {e}"));
                 assert!(
                     args.registration.advertise.is_some() && args.group_id.is_some(),
-                    "{where_}: a worker in a pod must advertise its pod IP and name its group"
+                    "{where_}: a worker in a pod must advertise its address and name its group"
                 );
             }
             _ => panic!("{where_}: unexpected subcommand {}", args[0]),

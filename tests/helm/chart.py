@@ -97,6 +97,14 @@ MATRIX = {
         "model": {"volume": {"type": "image", "image": {"reference": "registry.example/models/smollm2:1"}}},
         "workers": {"pools": {"default": {"enabled": False}, "small": {"replicas": 3}, "big": {"tp": 3, "threads": 12}}},
     },
+    "external-etcd-tls-auth-worker-mtls": {
+        "etcd": {"enabled": False, "external": {
+            "endpoints": ["https://etcd-0.infra:2379", "https://etcd-1.infra:2379"],
+            "tls": {"existingSecret": "etcd-client-tls", "clientCert": True},
+            "auth": {"username": "shardline", "existingSecret": "etcd-password"}}},
+        "workerTls": {"existingSecret": "shardline-worker-tls"},
+        "workers": {"pools": {"small": {"replicas": 2}}},
+    },
     "existing-claim": {
         "model": {"volume": {"type": "pvc", "pvc": {"claimName": "models", "create": False}}},
     },
@@ -122,6 +130,14 @@ REFUSED = {
     "download without an image": ({"model": {"download": {"enabled": True}}}, "model.download.image"),
     "port out of range": ({"coordinator": {"httpPort": 70000}}, "/coordinator/httpPort"),
     "string replicas": ({"coordinator": {"replicas": "two"}}, "/coordinator/replicas"),
+    "etcd TLS over http://": ({"etcd": {"enabled": False, "external": {"endpoints": ["http://etcd:2379"], "tls": {"existingSecret": "t"}}}},
+                              "must be https://"),
+    "etcd client cert without the Secret": ({"etcd": {"enabled": False, "external": {"endpoints": ["https://etcd:2379"], "tls": {"clientCert": True}}}},
+                                            "etcd.external.tls.clientCert needs"),
+    "etcd user without its password": ({"etcd": {"enabled": False, "external": {"endpoints": ["http://etcd:2379"], "auth": {"username": "u"}}}},
+                                       "etcd.external.auth.username needs"),
+    "worker mTLS on a Deployment": ({"workerTls": {"existingSecret": "w"}, "workers": {"defaults": {"kind": "Deployment"}}},
+                                    "workerTls.existingSecret needs StatefulSet workers"),
 }
 
 
@@ -258,7 +274,18 @@ def structural_checks(name, objects):
                     problems.append(f"{where}: container {c['name']} lacks the hardened security context")
             if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
                 problems.append(f"{where}: pod not runAsNonRoot")
+            volumes = {v["name"] for v in pod.get("volumes", [])} | {
+                t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
+            for c in pod["containers"] + pod.get("initContainers", []):
+                for m in c.get("volumeMounts", []):
+                    if m["name"] not in volumes:
+                        problems.append(f"{where}: container {c['name']} mounts undefined volume {m['name']}")
             for c in pod["containers"]:
+                for a in c.get("args", []):
+                    path = a.split("=", 1)[1] if a.startswith("--") and "=" in a else ""
+                    if path.startswith("/etc/shardline/") and not any(
+                            path.startswith(m["mountPath"] + "/") for m in c.get("volumeMounts", [])):
+                        problems.append(f"{where}: {a} names a file no volume mounts")
                 if c["name"] == "coordinator":
                     if any(a.startswith("--tls-client-ca=") for a in c["args"]):
                         # Kubelet has no client certificate: only the port can be probed.
@@ -271,7 +298,11 @@ def structural_checks(name, objects):
                             and c["readinessProbe"]["httpGet"].get("scheme") != "HTTPS":
                         problems.append(f"{where}: coordinator serves TLS but is probed over HTTP")
                 if c["name"] == "worker":
-                    if c["readinessProbe"]["grpc"]["service"] != "shardline.worker.v1.Worker" or "startupProbe" not in c:
+                    if any(a.startswith("--tls-client-ca=") for a in c["args"]):
+                        # Mutual TLS: the kubelet has no client certificate.
+                        if any("tcpSocket" not in c.get(p, {}) for p in ("startupProbe", "readinessProbe", "livenessProbe")):
+                            problems.append(f"{where}: worker with mutual TLS not probed on TCP")
+                    elif c["readinessProbe"]["grpc"]["service"] != "shardline.worker.v1.Worker" or "startupProbe" not in c:
                         problems.append(f"{where}: worker probes not on the worker's gRPC health")
                     drain = next((int(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--drain-timeout-secs=")), None)
                     if drain is None or pod["terminationGracePeriodSeconds"] <= drain:

@@ -1,5 +1,6 @@
 //! A real single-member etcd for tests: Debian's `etcd` binary on free loopback ports with a
-//! temporary data dir, stopped by pid and restartable on the same ports and data.
+//! temporary data dir, stopped by pid and restartable on the same ports and data; plain or
+//! TLS (certificates from a test CA, client certificates required if asked).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,20 +11,64 @@ use std::time::{Duration, Instant};
 /// How long etcd may take to answer `/health` after a (re)start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a test etcd runs.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// Serve clients over TLS only (`https://`), with a certificate of a test CA.
+    pub tls: bool,
+    /// With `tls`: require client certificates signed by the test CA
+    /// (`--client-cert-auth`); etcdctl then presents one with common name `root`.
+    pub client_cert_auth: bool,
+    /// More etcd flags, e.g. `--auth-token-ttl=2`.
+    pub args: Vec<String>,
+}
+
+/// The certificates of a TLS etcd, as files.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's certificate (and the client certificates it accepts).
+    pub ca: PathBuf,
+    /// A client certificate of that CA with common name `root` (etcd's user `root` when
+    /// auth is on).
+    pub client: crate::pki::LeafFiles,
+    /// Keeps the CA to sign more client certificates.
+    ca_pem: std::sync::Arc<crate::pki::Ca>,
+}
+
+impl EtcdTls {
+    /// Another client certificate of etcd's CA, with common name `common_name`, written
+    /// next to the others.
+    pub fn client_cert(&self, common_name: &str) -> crate::pki::LeafFiles {
+        let dir = self.ca.parent().expect("the certificates' folder");
+        self.ca_pem
+            .leaf_named(common_name, &[common_name])
+            .write(dir, &format!("client-{common_name}"))
+    }
+}
+
 /// A running etcd; killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Option<Child>,
     client: SocketAddr,
     peer: SocketAddr,
+    options: EtcdOptions,
+    tls: Option<EtcdTls>,
+    /// etcdctl's `--user` once auth is on.
+    ctl_user: std::sync::Mutex<Option<String>>,
     /// Holds the data dir and the log; removed on drop.
     dir: tempfile::TempDir,
 }
 
 impl EtcdServer {
-    /// Starts etcd and waits until it answers. Panics with how to install etcd when the
-    /// binary is missing, and with etcd's log when it does not come up.
+    /// Starts a plain etcd and waits until it answers. Panics with how to install etcd
+    /// when the binary is missing, and with etcd's log when it does not come up.
     pub async fn start() -> Self {
+        Self::start_with(EtcdOptions::default()).await
+    }
+
+    /// Starts etcd as `options` say and waits until it answers (see [`start`](Self::start)).
+    pub async fn start_with(options: EtcdOptions) -> Self {
         match Command::new("etcd").arg("--version").output() {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -35,10 +80,26 @@ impl EtcdServer {
             .prefix("shardline-etcd-")
             .tempdir()
             .expect("cannot create a temp dir for etcd");
+        let tls = options.tls.then(|| {
+            let ca = crate::pki::Ca::new("etcd test CA");
+            let server = ca.leaf(&["localhost", "127.0.0.1"]);
+            server.write(dir.path(), "server");
+            let client = ca
+                .leaf_named("root", &["root"])
+                .write(dir.path(), "client-root");
+            EtcdTls {
+                ca: ca.write(dir.path(), "ca"),
+                client,
+                ca_pem: std::sync::Arc::new(ca),
+            }
+        });
         let mut server = Self {
             child: None,
             client: free_addr(),
             peer: free_addr(),
+            options,
+            tls,
+            ctl_user: std::sync::Mutex::new(None),
             dir,
         };
         // Ports are picked free just before the start, so another test can take one in
@@ -59,9 +120,35 @@ impl EtcdServer {
         unreachable!("the last attempt returns or panics")
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:40123`.
+    /// The client URL, e.g. `http://127.0.0.1:40123` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
+    }
+
+    /// The certificates of a TLS etcd.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// Turns etcd's auth on: user `root` (password `root-pw`, all rights) and `user`
+    /// with `password`, allowed to read and write keys under `prefix` only. etcdctl
+    /// runs as `root` from then on.
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) {
+        self.etcdctl(&["user", "add", "root:root-pw"]);
+        self.etcdctl(&["user", "add", &format!("{user}:{password}")]);
+        self.etcdctl(&["role", "add", user]);
+        self.etcdctl(&[
+            "role",
+            "grant-permission",
+            user,
+            "--prefix=true",
+            "readwrite",
+            prefix,
+        ]);
+        self.etcdctl(&["user", "grant-role", user, user]);
+        self.etcdctl(&["auth", "enable"]);
+        *self.ctl_user.lock().expect("etcdctl user") = Some("root:root-pw".into());
     }
 
     /// The etcd process id while it runs.
@@ -89,15 +176,23 @@ impl EtcdServer {
     /// Runs `etcdctl --endpoints <endpoint> <args>` and returns its stdout; panics with
     /// stderr when it fails.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let output = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
-            .arg(self.endpoint())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("cannot run etcdctl ({e}): apt-get install etcd-client (see .ci/run)")
-            });
+            .arg(self.endpoint());
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert").arg(&tls.ca);
+            if self.options.client_cert_auth {
+                cmd.arg("--cert").arg(&tls.client.cert);
+                cmd.arg("--key").arg(&tls.client.key);
+            }
+        }
+        if let Some(user) = self.ctl_user.lock().expect("etcdctl user").as_deref() {
+            cmd.arg("--user").arg(user);
+        }
+        let output = cmd.args(args).output().unwrap_or_else(|e| {
+            panic!("cannot run etcdctl ({e}): apt-get install etcd-client (see .ci/run)")
+        });
         assert!(
             output.status.success(),
             "etcdctl {args:?} failed: {}",
@@ -118,9 +213,23 @@ impl EtcdServer {
             .append(true)
             .open(self.log_path())
             .expect("cannot open the etcd log");
-        let client = format!("http://{}", self.client);
+        let client = self.endpoint();
         let peer = format!("http://{}", self.peer);
-        let child = Command::new("etcd")
+        let ready_before = ready_lines(&self.log_path());
+        let mut cmd = Command::new("etcd");
+        if self.tls.is_some() {
+            let dir = self.dir.path();
+            cmd.arg(format!("--cert-file={}", dir.join("server.crt").display()))
+                .arg(format!("--key-file={}", dir.join("server.key").display()));
+            if self.options.client_cert_auth {
+                cmd.arg("--client-cert-auth").arg(format!(
+                    "--trusted-ca-file={}",
+                    dir.join("ca.crt").display()
+                ));
+            }
+        }
+        let child = cmd
+            .args(&self.options.args)
             .arg("--name=test")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -134,13 +243,20 @@ impl EtcdServer {
             .spawn()
             .expect("cannot start etcd");
         self.child = Some(child);
-        self.wait_ready().await
+        self.wait_ready(ready_before).await
     }
 
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    /// Until etcd serves: `/health` over plain HTTP, or (TLS) its log saying it is ready
+    /// once more than the `ready_before` times it said so before this start.
+    async fn wait_ready(&mut self, ready_before: usize) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if healthy(self.client) {
+            let ready = if self.tls.is_some() {
+                ready_lines(&self.log_path()) > ready_before
+            } else {
+                healthy(self.client)
+            };
+            if ready {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut()
@@ -190,6 +306,14 @@ fn healthy(addr: SocketAddr) -> bool {
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     response.contains("\"health\":\"true\"")
+}
+
+/// How often etcd's log says it serves clients.
+fn ready_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .matches("ready to serve client requests")
+        .count()
 }
 
 fn log_tail(path: &Path) -> String {

@@ -12,12 +12,14 @@
 //! - [`worker`]: a worker group's `Health`.
 //! - [`otlp`]: an in-process OTLP trace receiver.
 //! - [`podman`]: the container image and `podman kube play` of the Helm chart.
+//! - [`pki`]: a test CA and the certificates it signs.
 
 pub mod cluster;
 pub mod etcd;
 pub mod http;
 pub mod load;
 pub mod otlp;
+pub mod pki;
 pub mod podman;
 pub mod worker;
 

@@ -84,6 +84,68 @@ shardline.io/pool: {{ . }}
 {{- end }}
 {{- end }}
 
+{{/* The etcd client's TLS and auth flags (external etcd only; the bundled one is
+reached inside the namespace, behind the network policy). */}}
+{{- define "shardline.etcdSecurityArgs" -}}
+{{- $e := .Values.etcd.external }}
+{{- if not .Values.etcd.enabled }}
+{{- if $e.tls.existingSecret }}
+{{- range $e.endpoints }}
+{{- if not (hasPrefix "https://" .) }}
+{{- fail (printf "etcd.external.tls.existingSecret is set: etcd endpoint %s must be https://" .) }}
+{{- end }}
+{{- end }}
+- --etcd-ca=/etc/shardline/etcd-tls/ca.crt
+{{- if $e.tls.clientCert }}
+- --etcd-cert=/etc/shardline/etcd-tls/tls.crt
+- --etcd-key=/etc/shardline/etcd-tls/tls.key
+{{- end }}
+{{- else if $e.tls.clientCert }}
+{{- fail "etcd.external.tls.clientCert needs etcd.external.tls.existingSecret (the Secret with ca.crt, tls.crt, tls.key)" }}
+{{- end }}
+{{- if $e.auth.username }}
+{{- if not $e.auth.existingSecret }}
+{{- fail "etcd.external.auth.username needs etcd.external.auth.existingSecret (the Secret with the password under `password`)" }}
+{{- end }}
+- --etcd-user={{ $e.auth.username }}
+- --etcd-password-file=/etc/shardline/etcd-auth/password
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the etcd client's certificate and password Secrets. */}}
+{{- define "shardline.etcdSecurityMounts" -}}
+{{- $e := .Values.etcd.external }}
+{{- if and (not .Values.etcd.enabled) $e.tls.existingSecret }}
+- name: etcd-tls
+  mountPath: /etc/shardline/etcd-tls
+  readOnly: true
+{{- end }}
+{{- if and (not .Values.etcd.enabled) $e.auth.username }}
+- name: etcd-auth
+  mountPath: /etc/shardline/etcd-auth
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Volumes of the etcd client's certificate and password Secrets. */}}
+{{- define "shardline.etcdSecurityVolumes" -}}
+{{- $e := .Values.etcd.external }}
+{{- if and (not .Values.etcd.enabled) $e.tls.existingSecret }}
+- name: etcd-tls
+  secret:
+    secretName: {{ $e.tls.existingSecret }}
+{{- end }}
+{{- if and (not .Values.etcd.enabled) $e.auth.username }}
+- name: etcd-auth
+  secret:
+    secretName: {{ $e.auth.existingSecret }}
+    items:
+      - key: password
+        path: password
+{{- end }}
+{{- end }}
+
 {{/* Name of the Secret that holds the API key ("" when the API is open). */}}
 {{- define "shardline.apiKeySecret" -}}
 {{- if .Values.auth.existingSecret }}
