@@ -48,9 +48,15 @@ fn sim_worker(group: &str, otlp: &str) -> Sim {
 
 /// `shardline coordinator` over `workers`, exporting to `otlp`; ready once every group is.
 async fn coordinator(workers: &[&Sim], otlp: &str) -> (Proc, String) {
+    coordinator_with(workers, otlp, &[]).await
+}
+
+/// [`coordinator`] with `extra` flags.
+async fn coordinator_with(workers: &[&Sim], otlp: &str, extra: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(bin());
     cmd.args(["coordinator", "--http-listen", "127.0.0.1:0"])
         .args(["--grpc-listen", "127.0.0.1:0", "--otlp-endpoint", otlp])
+        .args(extra)
         .env("RUST_LOG", "info");
     for w in workers {
         cmd.args(["--worker", &w.url]);
@@ -313,6 +319,144 @@ async fn a_request_is_one_trace_across_coordinator_and_worker_and_shows_its_migr
         .find(|l| l.contains("migrating a request to another group"))
         .unwrap_or_else(|| panic!("no migration log line:\n{output}"));
     assert!(line.contains(&trace), "{line}");
+    coord.assert_running();
+}
+
+/// Whether `value` (a JSON log line or part of one) has a field `key` equal to `want`,
+/// at any depth (the request span's fields sit under `span` / `spans`).
+fn has_field(value: &Value, key: &str, want: &str) -> bool {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| (k == key && v.as_str() == Some(want)) || has_field(v, key, want)),
+        Value::Array(items) => items.iter().any(|v| has_field(v, key, want)),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_request_continues_the_clients_trace_and_json_logs_carry_it() {
+    use shardline_proto::v1::GenerateRequest;
+    use shardline_proto::v1::inference_client::InferenceClient;
+
+    let (otlp, receiver) = Receiver::start().await;
+    let a = sim_worker("group-a", &otlp);
+    let b = sim_worker("group-b", &otlp);
+    let (mut coord, _http) = coordinator_with(&[&a, &b], &otlp, &["--log-format", "json"]).await;
+    let grpc = coord.logged("coordinator listening", "grpc", Duration::from_secs(10));
+    let mut inference = InferenceClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect to the gRPC API");
+    let with_trace = |request: GenerateRequest, trace: &str, span: &str| {
+        let mut request = tonic::Request::new(request);
+        let parent = format!("00-{trace}-{span}-01");
+        request
+            .metadata_mut()
+            .insert("traceparent", parent.parse().unwrap());
+        request
+    };
+
+    // A gRPC Generate with the client's trace context: continued and named back.
+    let (trace, client_span) = ids();
+    let request = GenerateRequest {
+        prompt: "hello over grpc".into(),
+        max_tokens: Some(8),
+        ..Default::default()
+    };
+    let response = inference
+        .generate(with_trace(request, &trace, &client_span))
+        .await
+        .expect("Generate");
+    assert_eq!(
+        response
+            .metadata()
+            .get("x-trace-id")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        trace,
+        "the response names the client's trace"
+    );
+    assert_eq!(response.into_inner().usage.unwrap().completion_tokens, 8);
+    let (server, worker) = receiver
+        .wait_for(
+            Duration::from_secs(20),
+            "the gRPC request's spans on both processes",
+            |spans| {
+                let server = spans.iter().find(|s| {
+                    s.trace_id() == trace
+                        && s.service.contains(SERVICE_COORDINATOR)
+                        && s.parent_span_id() == client_span
+                })?;
+                let worker = spans
+                    .iter()
+                    .find(|s| s.trace_id() == trace && s.service.contains(SERVICE_WORKER))?;
+                Some((server.clone(), worker.clone()))
+            },
+        )
+        .await;
+    assert!(
+        server.span.name.contains("Generate"),
+        "the server span names the method: {}",
+        server.span.name
+    );
+    assert_eq!(worker.trace_id(), trace);
+
+    // A gRPC stream whose worker is killed mid-way: it finishes on the other group, and
+    // the coordinator's JSON log line about the migration carries the request's trace id.
+    let (stream_trace, stream_span) = ids();
+    let request = GenerateRequest {
+        prompt: "a long answer over grpc".into(),
+        max_tokens: Some(400),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut stream = inference
+        .generate_stream(with_trace(request, &stream_trace, &stream_span))
+        .await
+        .expect("GenerateStream")
+        .into_inner();
+    let (mut messages, mut killed, mut tokens) = (0usize, false, 0u32);
+    while let Some(message) = stream.next().await {
+        let message = message.expect("the stream survives the kill");
+        messages += 1;
+        if let Some(usage) = message.usage {
+            tokens = usage.completion_tokens;
+        }
+        if messages >= 20 && !killed {
+            for g in [&a, &b] {
+                if health(&g.url).await.is_some_and(|h| h.num_running > 0) {
+                    g.proc.signal("KILL");
+                    killed = true;
+                    break;
+                }
+            }
+            assert!(killed, "one group runs the stream");
+        }
+    }
+    assert!(killed);
+    assert_eq!(tokens, 400, "the stream finished in full");
+    let logged = shardline_tests::wait_until(Duration::from_secs(10), || {
+        coord.output().lines().find_map(|l| {
+            let line: Value = serde_json::from_str(l).ok()?;
+            (has_field(&line, "trace_id", &stream_trace)
+                && line
+                    .to_string()
+                    .contains("migrating a request to another group"))
+            .then_some(line)
+        })
+    });
+    let output = coord.output();
+    assert!(
+        logged.is_some(),
+        "no JSON migration log line with the trace id:\n{output}"
+    );
+    assert!(
+        output
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "every log line is JSON:\n{output}"
+    );
     coord.assert_running();
 }
 

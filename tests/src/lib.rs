@@ -141,10 +141,15 @@ impl Proc {
     /// so a test never races another for a port. Panics with the output if it never comes
     /// or the process exits first.
     pub fn logged(&mut self, line: &str, key: &str, timeout: Duration) -> String {
+        // Text logs say ` key=value`, JSON logs (`--log-format json`) `"key":"value"`.
         let needle = format!(" {key}=");
+        let json_needle = format!("\"{key}\":\"");
         let found = wait_until(timeout, || {
             let out = self.output();
             let value = out.lines().filter(|l| l.contains(line)).find_map(|l| {
+                if let Some((_, rest)) = l.split_once(&json_needle) {
+                    return Some(rest.split('"').next().unwrap_or("").to_string());
+                }
                 let (_, rest) = l.split_once(&needle)?;
                 Some(rest.split_whitespace().next().unwrap_or("").to_string())
             });
