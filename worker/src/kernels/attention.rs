@@ -435,13 +435,23 @@ mod tests {
             let hd = 64;
             let blocks = 3;
             let k: Vec<Vec<T>> = (0..blocks)
-                .map(|_| (0..hd * SLOTS).map(|_| T::from_f32(test_rand(seed) * 4.0)).collect())
+                .map(|_| {
+                    (0..hd * SLOTS)
+                        .map(|_| T::from_f32(test_rand(seed) * 4.0))
+                        .collect()
+                })
                 .collect();
             let v: Vec<Vec<T>> = (0..blocks)
-                .map(|_| (0..hd * SLOTS).map(|_| T::from_f32(test_rand(seed))).collect())
+                .map(|_| {
+                    (0..hd * SLOTS)
+                        .map(|_| T::from_f32(test_rand(seed)))
+                        .collect()
+                })
                 .collect();
             let widen = |b: &Vec<Vec<T>>| -> Vec<Vec<f32>> {
-                b.iter().map(|r| r.iter().map(|x| x.to_f32()).collect()).collect()
+                b.iter()
+                    .map(|r| r.iter().map(|x| x.to_f32()).collect())
+                    .collect()
             };
             let (kw, vw) = (widen(&k), widen(&v));
             let (kr, vr): (Vec<&[T]>, Vec<&[T]>) = (

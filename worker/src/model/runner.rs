@@ -71,13 +71,8 @@ impl GroupRunner<CpuRank> {
         timeout: Duration,
     ) -> Result<Self, RunnerError> {
         let world = shards.len().max(1);
-        let group = RankGroup::start(
-            shards,
-            kv,
-            (threads / world).max(1),
-            timeout,
-        )
-        .map_err(RunnerError::Model)?;
+        let group = RankGroup::start(shards, kv, (threads / world).max(1), timeout)
+            .map_err(RunnerError::Model)?;
         let model = group.model();
         let cfg = &model.cfg;
         let info = RunnerInfo {
