@@ -344,17 +344,18 @@ pub struct KvCacheShape {
     pub dtype: KvCacheDtype,
 }
 
-/// Element type of the CPU KV cache (`--kv-cache-dtype`). A 16-bit cache holds twice
-/// the blocks of an f32 one in the same bytes; keys and values are rounded once when
-/// written and widened exactly when attention reads them (see [`KvElement`]).
+/// Element type of the CPU KV cache (`--kv-cache-dtype`): `F32`, the activations' own
+/// precision; `F16`, IEEE half precision (10-bit mantissa, range ±65504); `Bf16`,
+/// bfloat16 (7-bit mantissa, the range of f32). A 16-bit cache holds twice the blocks
+/// of an f32 one in the same bytes; keys and values are rounded once when written and
+/// widened exactly when attention reads them (see [`KvElement`]).
+// The variants carry no doc comments: clap would list them in `--help` one per line,
+// which turns every flag's help into the long layout.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum KvCacheDtype {
-    /// 32-bit floats: the activations' own precision.
     #[default]
     F32,
-    /// IEEE half precision (10-bit mantissa, range ±65504).
     F16,
-    /// bfloat16 (7-bit mantissa, the range of f32).
     Bf16,
 }
 
