@@ -37,6 +37,15 @@ pub struct UpArgs {
     /// KV cache blocks per worker group (default: from the worker's KV memory budget).
     #[arg(long, env = "SHARDLINE_KV_BLOCKS")]
     kv_blocks: Option<usize>,
+    /// Element type of each worker group's KV cache (`f16`/`bf16`: twice the blocks in
+    /// the same memory; see `shardline worker --help`).
+    #[arg(
+        long,
+        env = "SHARDLINE_KV_CACHE_DTYPE",
+        value_enum,
+        default_value_t = shardline_worker::kv::KvCacheDtype::F32
+    )]
+    kv_cache_dtype: shardline_worker::kv::KvCacheDtype,
     /// Kernel threads per worker group (default: all cores).
     #[arg(long, env = "SHARDLINE_THREADS")]
     threads: Option<usize>,
@@ -86,6 +95,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
             listen,
             metrics_listen,
             kv_blocks: args.kv_blocks,
+            kv_cache_dtype: args.kv_cache_dtype,
             max_num_seqs: args.coordinator.max_num_seqs,
             group_id: Some(format!("up-{i}")),
             threads: args.threads,

@@ -92,6 +92,7 @@ impl FakeRunner {
                 vocab_size,
                 kv_block_size: block_size,
                 kv_blocks_total: blocks,
+                kv_cache_dtype: "f32".into(),
             },
             seqs: HashMap::new(),
             used_blocks: 0,

@@ -54,6 +54,8 @@ pub struct RunnerInfo {
     pub vocab_size: usize,
     pub kv_block_size: usize,
     pub kv_blocks_total: usize,
+    /// Element type the KV cache stores (`f32`, `f16`, `bf16`).
+    pub kv_cache_dtype: String,
 }
 
 /// What a runner counts about itself, for the worker's metrics.

@@ -19,6 +19,7 @@ use shardline_engine::serve::{
 };
 use shardline_membership::registration::RegistrationArgs;
 
+use crate::kv::KvCacheDtype;
 use crate::loader::{self, LoadOptions, ModelFormat};
 use crate::tokenizer::ModelTokenizer;
 
@@ -53,6 +54,13 @@ pub struct WorkerArgs {
     /// KV cache budget in bytes, used when --kv-blocks is not given.
     #[arg(long, env = "SHARDLINE_KV_CACHE_BYTES", default_value_t = DEFAULT_KV_CACHE_BYTES)]
     pub kv_cache_bytes: usize,
+
+    /// Element type of the KV cache: `f16` or `bf16` store keys and values in 16 bits,
+    /// so the same --kv-cache-bytes holds twice the blocks (rounded once when written,
+    /// attention still computes in f32). CPU kernels only: with --device the cache
+    /// holds the device's dtype and this must stay `f32`.
+    #[arg(long, env = "SHARDLINE_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::F32)]
+    pub kv_cache_dtype: KvCacheDtype,
 
     /// Token positions per KV cache block.
     #[arg(long, env = "SHARDLINE_BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE)]
@@ -139,6 +147,7 @@ impl WorkerArgs {
             metrics_listen: None,
             kv_blocks: None,
             kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
+            kv_cache_dtype: KvCacheDtype::F32,
             block_size: DEFAULT_BLOCK_SIZE,
             max_num_seqs: DEFAULT_MAX_NUM_SEQS,
             group_id: None,
@@ -193,6 +202,7 @@ pub async fn run_with_listener(
         block_size: args.block_size,
         kv_blocks: args.kv_blocks,
         kv_cache_bytes: args.kv_cache_bytes,
+        kv_cache_dtype: args.kv_cache_dtype,
         threads: args.threads.unwrap_or(defaults.threads),
         model_id: args.model_id.clone(),
         max_context: args.max_context,
@@ -226,6 +236,7 @@ pub async fn run_with_listener(
         context = info.context_length,
         kv_blocks = info.kv_blocks_total,
         block_size = info.kv_block_size,
+        kv_cache_dtype = %info.kv_cache_dtype,
         "model loaded"
     );
     let tls = worker_tls(&args)?;

@@ -1,5 +1,6 @@
 //! Paged KV cache: the block bookkeeping ([`BlockManager`], pure state, no tensors) and the
-//! key/value storage those blocks index ([`KvStore`]).
+//! key/value storage those blocks index ([`KvStore`]), in f32 or 16 bits
+//! ([`KvCacheDtype`]).
 //!
 //! A sequence owns a block table (block ids in position order). Blocks hold `block_size`
 //! token positions. Full blocks are keyed by a hash chained over every token up to their
@@ -11,6 +12,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
+use half::{bf16, f16};
+
+use crate::kernels::KvElement;
 use crate::runner::{PrefixCache, RunnerError, SeqId};
 
 /// Index of a physical KV block.
@@ -328,36 +332,188 @@ impl BlockManager {
     }
 }
 
+/// How a group's CPU KV cache is sized and stored: the same on every rank (each rank
+/// holds its own KV heads of every block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheShape {
+    /// Blocks in the cache.
+    pub num_blocks: usize,
+    /// Token positions per block.
+    pub block_size: usize,
+    /// Element type of the stored keys and values.
+    pub dtype: KvCacheDtype,
+}
+
+/// Element type of the CPU KV cache (`--kv-cache-dtype`): `F32`, the activations' own
+/// precision; `F16`, IEEE half precision (10-bit mantissa, range ±65504); `Bf16`,
+/// bfloat16 (7-bit mantissa, the range of f32). A 16-bit cache holds twice the blocks
+/// of an f32 one in the same bytes; keys and values are rounded once when written and
+/// widened exactly when attention reads them (see [`KvElement`]).
+// The variants carry no doc comments: clap would list them in `--help` one per line,
+// which turns every flag's help into the long layout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum KvCacheDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvCacheDtype {
+    /// Bytes of one stored element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            KvCacheDtype::F32 => std::mem::size_of::<f32>(),
+            KvCacheDtype::F16 => std::mem::size_of::<f16>(),
+            KvCacheDtype::Bf16 => std::mem::size_of::<bf16>(),
+        }
+    }
+
+    /// The name `--kv-cache-dtype` takes and `Info` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::F32 => f32::NAME,
+            KvCacheDtype::F16 => f16::NAME,
+            KvCacheDtype::Bf16 => bf16::NAME,
+        }
+    }
+}
+
+impl std::fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// `n` zeros with every page faulted in now (about 0.2 s for 512 MiB): the cache is
 /// reserved when the worker starts — one that cannot hold it fails while loading, not
 /// under load, and its resident memory shows the reservation — and the first requests'
 /// steps do not pay the first-touch page faults (steady-state speed is unchanged).
-fn reserved(n: usize) -> Vec<f32> {
-    const PAGE: usize = 4096 / std::mem::size_of::<f32>();
-    let mut v = vec![0f32; n];
+fn reserved<T: KvElement>(n: usize) -> Vec<T> {
+    let page = 4096 / std::mem::size_of::<T>();
+    let mut v = vec![T::default(); n];
     // `black_box`: the stores must not be dropped as redundant on fresh zeroed memory.
-    for x in std::hint::black_box(&mut v[..]).iter_mut().step_by(PAGE) {
-        *x = 0.0;
+    for x in std::hint::black_box(&mut v[..]).iter_mut().step_by(page) {
+        *x = T::default();
     }
     v
 }
 
-/// K and V of every layer, in `num_blocks` blocks of `block_size` positions, f32.
-///
-/// Per `[layer][block][kv_head]` one run of `block_size × head_dim` values each: keys
-/// dimension-major (`[dim][slot]`, so one load holds a dimension of every position and
-/// attention scores a whole block at once), values position-major (`[slot][dim]`).
-#[derive(Debug)]
-pub struct KvStore {
-    k: Vec<f32>,
-    v: Vec<f32>,
+/// Where `(layer, block, head)`'s run starts in a cache of this shape.
+#[derive(Debug, Clone, Copy)]
+struct KvLayout {
     num_blocks: usize,
     block_size: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
+impl KvLayout {
+    #[inline]
+    fn run(&self, layer: usize, block: BlockId, head: usize) -> usize {
+        ((layer * self.num_blocks + block as usize) * self.kv_heads + head)
+            * self.block_size
+            * self.head_dim
+    }
+
+    #[inline]
+    fn run_len(&self) -> usize {
+        self.block_size * self.head_dim
+    }
+}
+
+/// Keys and values of every layer in one element type.
+#[derive(Debug)]
+struct KvArrays<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+}
+
+impl<T: KvElement> KvArrays<T> {
+    fn new(n: usize) -> Self {
+        KvArrays {
+            k: reserved(n),
+            v: reserved(n),
+        }
+    }
+
+    /// Stores one position's key (dimension-major) and value (position-major), rounded
+    /// to `T`.
+    fn write(&mut self, at: &KvLayout, run: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let (hd, bs) = (at.head_dim, at.block_size);
+        for (i, &x) in k[..hd].iter().enumerate() {
+            self.k[run + i * bs + slot] = T::from_f32(x);
+        }
+        for (dst, &x) in self.v[run + slot * hd..run + (slot + 1) * hd]
+            .iter_mut()
+            .zip(&v[..hd])
+        {
+            *dst = T::from_f32(x);
+        }
+    }
+
+    fn runs(&self, layout: KvLayout) -> KvRuns<'_, T> {
+        KvRuns {
+            k: &self.k,
+            v: &self.v,
+            layout,
+        }
+    }
+}
+
+/// The cache's arrays in the element type it was built with.
+#[derive(Debug)]
+enum KvData {
+    F32(KvArrays<f32>),
+    F16(KvArrays<f16>),
+    Bf16(KvArrays<bf16>),
+}
+
+/// K and V of every layer, in `num_blocks` blocks of `block_size` positions, stored as
+/// the [`KvCacheDtype`] it was built with.
+///
+/// Per `[layer][block][kv_head]` one run of `block_size × head_dim` values each: keys
+/// dimension-major (`[dim][slot]`, so one load holds a dimension of every position and
+/// attention scores a whole block at once), values position-major (`[slot][dim]`).
+#[derive(Debug)]
+pub struct KvStore {
+    data: KvData,
+    layout: KvLayout,
+}
+
+/// A read-only view of a [`KvStore`]'s runs in its element type `T`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRuns<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
+    layout: KvLayout,
+}
+
+impl<'a, T> KvRuns<'a, T> {
+    /// `(layer, block, head)`'s keys, `[dim][slot]`.
+    pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &'a [T] {
+        let r = self.layout.run(layer, block, head);
+        &self.k[r..r + self.layout.run_len()]
+    }
+
+    /// `(layer, block, head)`'s values, `[slot][dim]`.
+    pub fn values(&self, layer: usize, block: BlockId, head: usize) -> &'a [T] {
+        let r = self.layout.run(layer, block, head);
+        &self.v[r..r + self.layout.run_len()]
+    }
+}
+
+/// A [`KvStore`]'s runs, typed by the element type it holds; attention matches once per
+/// layer and runs the kernel built for that type.
+#[derive(Debug, Clone, Copy)]
+pub enum KvView<'a> {
+    F32(KvRuns<'a, f32>),
+    F16(KvRuns<'a, f16>),
+    Bf16(KvRuns<'a, bf16>),
+}
+
 impl KvStore {
+    /// An f32 cache (what [`Self::with_dtype`] builds for [`KvCacheDtype::F32`]).
     pub fn new(
         layers: usize,
         num_blocks: usize,
@@ -365,19 +521,44 @@ impl KvStore {
         kv_heads: usize,
         head_dim: usize,
     ) -> Self {
-        let n = layers * num_blocks * block_size * kv_heads * head_dim;
-        KvStore {
-            k: reserved(n),
-            v: reserved(n),
+        Self::with_dtype(
+            layers,
             num_blocks,
             block_size,
             kv_heads,
             head_dim,
+            KvCacheDtype::F32,
+        )
+    }
+
+    /// A cache of `num_blocks` blocks storing elements of `dtype`, reserved now.
+    pub fn with_dtype(
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: KvCacheDtype,
+    ) -> Self {
+        let n = layers * num_blocks * block_size * kv_heads * head_dim;
+        let data = match dtype {
+            KvCacheDtype::F32 => KvData::F32(KvArrays::new(n)),
+            KvCacheDtype::F16 => KvData::F16(KvArrays::new(n)),
+            KvCacheDtype::Bf16 => KvData::Bf16(KvArrays::new(n)),
+        };
+        KvStore {
+            data,
+            layout: KvLayout {
+                num_blocks,
+                block_size,
+                kv_heads,
+                head_dim,
+            },
         }
     }
 
     /// Bytes one block takes over all layers, K and V, each element `elem_bytes` wide
-    /// (4 here; a device cache may hold bf16).
+    /// ([`KvCacheDtype::size_in_bytes`]; a device cache holds the device's dtype).
     pub fn bytes_per_block(
         layers: usize,
         block_size: usize,
@@ -389,18 +570,19 @@ impl KvStore {
     }
 
     pub fn block_size(&self) -> usize {
-        self.block_size
+        self.layout.block_size
     }
 
-    /// Start of `(layer, block, head)`'s run.
-    #[inline]
-    fn run(&self, layer: usize, block: BlockId, head: usize) -> usize {
-        ((layer * self.num_blocks + block as usize) * self.kv_heads + head)
-            * self.block_size
-            * self.head_dim
+    /// The element type this cache stores.
+    pub fn dtype(&self) -> KvCacheDtype {
+        match self.data {
+            KvData::F32(_) => KvCacheDtype::F32,
+            KvData::F16(_) => KvCacheDtype::F16,
+            KvData::Bf16(_) => KvCacheDtype::Bf16,
+        }
     }
 
-    /// Stores one position's key and value head vectors.
+    /// Stores one position's key and value head vectors (rounded to the cache's type).
     pub fn write(
         &mut self,
         layer: usize,
@@ -410,23 +592,22 @@ impl KvStore {
         k: &[f32],
         v: &[f32],
     ) {
-        let (r, hd, bs) = (self.run(layer, block, head), self.head_dim, self.block_size);
-        for (i, &x) in k[..hd].iter().enumerate() {
-            self.k[r + i * bs + slot] = x;
+        let at = self.layout;
+        let run = at.run(layer, block, head);
+        match &mut self.data {
+            KvData::F32(a) => a.write(&at, run, slot, k, v),
+            KvData::F16(a) => a.write(&at, run, slot, k, v),
+            KvData::Bf16(a) => a.write(&at, run, slot, k, v),
         }
-        self.v[r + slot * hd..r + (slot + 1) * hd].copy_from_slice(&v[..hd]);
     }
 
-    /// `(layer, block, head)`'s keys, `[dim][slot]`.
-    pub fn keys(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
-        let r = self.run(layer, block, head);
-        &self.k[r..r + self.block_size * self.head_dim]
-    }
-
-    /// `(layer, block, head)`'s values, `[slot][dim]`.
-    pub fn values(&self, layer: usize, block: BlockId, head: usize) -> &[f32] {
-        let r = self.run(layer, block, head);
-        &self.v[r..r + self.block_size * self.head_dim]
+    /// The runs in the cache's own element type.
+    pub fn view(&self) -> KvView<'_> {
+        match &self.data {
+            KvData::F32(a) => KvView::F32(a.runs(self.layout)),
+            KvData::F16(a) => KvView::F16(a.runs(self.layout)),
+            KvData::Bf16(a) => KvView::Bf16(a.runs(self.layout)),
+        }
     }
 }
 
@@ -462,7 +643,55 @@ mod tests {
             grown >= bytes * 9 / 10,
             "a new {bytes}-byte cache made only {grown} bytes resident"
         );
-        assert!(kv.keys(31, 511, 1).iter().all(|&x| x == 0.0));
+        let KvView::F32(runs) = kv.view() else {
+            panic!("KvStore::new is f32");
+        };
+        assert!(runs.keys(31, 511, 1).iter().all(|&x| x == 0.0));
+        // A 16-bit cache of the same blocks reserves half the bytes.
+        let before = resident_bytes();
+        let half = KvStore::with_dtype(32, 512, 16, 2, 64, KvCacheDtype::Bf16);
+        let grown = resident_bytes().saturating_sub(before);
+        assert!(
+            grown >= bytes / 2 * 9 / 10 && grown <= bytes * 6 / 10,
+            "a {}-byte bf16 cache made {grown} bytes resident",
+            bytes / 2
+        );
+        assert_eq!(half.dtype(), KvCacheDtype::Bf16);
+    }
+
+    /// A written position reads back rounded to the cache's type, keys dimension-major
+    /// and values position-major, whatever the type.
+    #[test]
+    fn writes_read_back_rounded_to_the_dtype() {
+        let (hd, bs) = (4, 2);
+        let k = [1.0f32, -2.5, 0.1, 3.0e-3];
+        let v = [7.0f32, 1.0 / 3.0, -0.2, 65_000.0];
+        for dtype in [KvCacheDtype::F32, KvCacheDtype::F16, KvCacheDtype::Bf16] {
+            let mut kv = KvStore::with_dtype(2, 3, bs, 2, hd, dtype);
+            kv.write(1, 2, 1, 1, &k, &v);
+            let (keys, values): (Vec<f32>, Vec<f32>) = match kv.view() {
+                KvView::F32(r) => (r.keys(1, 2, 1).to_vec(), r.values(1, 2, 1).to_vec()),
+                KvView::F16(r) => (
+                    r.keys(1, 2, 1).iter().map(|x| x.to_f32()).collect(),
+                    r.values(1, 2, 1).iter().map(|x| x.to_f32()).collect(),
+                ),
+                KvView::Bf16(r) => (
+                    r.keys(1, 2, 1).iter().map(|x| x.to_f32()).collect(),
+                    r.values(1, 2, 1).iter().map(|x| x.to_f32()).collect(),
+                ),
+            };
+            let round = |x: f32| match dtype {
+                KvCacheDtype::F32 => x,
+                KvCacheDtype::F16 => f16::from_f32(x).to_f32(),
+                KvCacheDtype::Bf16 => bf16::from_f32(x).to_f32(),
+            };
+            for i in 0..hd {
+                assert_eq!(keys[i * bs + 1], round(k[i]), "{dtype} key {i}");
+                assert_eq!(keys[i * bs], 0.0, "{dtype}: slot 0 untouched");
+                assert_eq!(values[hd + i], round(v[i]), "{dtype} value {i}");
+            }
+            assert_eq!(kv.dtype(), dtype);
+        }
     }
 
     #[test]

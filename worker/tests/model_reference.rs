@@ -15,6 +15,13 @@
 //! tp). Measured: 502/512 (98.05 %), max |Δlogit| 1.99, largest disagreement gap 0.234
 //! (without the segments: 507/512, 1.43, 0.215 — exactly candle vs itself). The issue asks
 //! ≥ 98 % and gaps < 0.2; the gap bar here is 0.25 since candle fails 0.2 against itself.
+//!
+//! The same steps run with a 16-bit KV cache (`--kv-cache-dtype f16|bf16`), whose
+//! agreement is reported next to f32's (docs/benchmarks.md has the figures): keys and
+//! values rounded to 16 bits move the logits further from candle's f32 cache, so the bar
+//! there is [`MIN_AGREEMENT_16`] with disagreements under [`NEAR_TIE_16`] and logits within
+//! [`LOGIT_TOL_16`]. Measured: f16 494/512 (96.48 %), max |Δlogit| 2.27, largest
+//! disagreement gap 0.234; bf16 498/512 (97.27 %), 2.00, 0.376 (f32, above: 502/512).
 
 mod common;
 
@@ -23,7 +30,9 @@ use common::{argmax, smollm2};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
+use shardline_worker::kv::KvCacheDtype;
 use shardline_worker::loader::{LoadOptions, load_llama_runner};
+use shardline_worker::model::runner::LlamaRunner;
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
 
 /// Max |ours − reference| over every logit of every step: prompt-path and segment-sum
@@ -33,6 +42,56 @@ const MIN_AGREEMENT: f64 = 0.98;
 /// Largest reference top-2 gap at which a disagreement still counts as a near-tie.
 const NEAR_TIE: f32 = 0.25;
 const STEPS: usize = 64;
+/// The bars for a 16-bit KV cache (f16 and bf16 alike).
+const MIN_AGREEMENT_16: f64 = 0.95;
+const NEAR_TIE_16: f32 = 0.6;
+const LOGIT_TOL_16: f32 = 3.0;
+
+/// How one of our runners did against the reference.
+#[derive(Default)]
+struct Agreement {
+    agree: usize,
+    total: usize,
+    max_diff: f32,
+    /// (prompt, step, reference top-2 gap) of each disagreement.
+    far: Vec<(usize, usize, f32)>,
+}
+
+impl Agreement {
+    fn add(&mut self, ours: &[f32], reference: &[f32], prompt: usize, step: usize) {
+        self.total += 1;
+        if argmax(ours) == argmax(reference) {
+            self.agree += 1;
+        } else {
+            self.far.push((prompt, step, top2_gap(reference)));
+        }
+        self.max_diff = self.max_diff.max(max_abs_diff(ours, reference));
+    }
+
+    fn largest_gap(&self) -> f32 {
+        self.far.iter().map(|f| f.2).fold(0.0, f32::max)
+    }
+
+    /// Checks the bars: agreement, disagreements near ties only, logits close.
+    fn check(&self, what: &str, min_agreement: f64, near_tie: f32, logit_tol: f32) {
+        assert!(
+            self.far.iter().all(|f| f.2 < near_tie),
+            "{what}: disagreements that are not near-ties: {:?}",
+            self.far
+        );
+        assert!(
+            self.agree as f64 >= min_agreement * self.total as f64,
+            "{what}: argmax agreement {}/{} below {min_agreement}",
+            self.agree,
+            self.total
+        );
+        assert!(
+            self.max_diff < logit_tol,
+            "{what}: max logit difference {} exceeds {logit_tol}",
+            self.max_diff
+        );
+    }
+}
 
 fn vocab_ids(path: &std::path::Path, pieces: &[&str]) -> Vec<u32> {
     let md = shardline_worker::loader::gguf::read_metadata(path).unwrap();
@@ -117,15 +176,22 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
         "Give me a recipe for pancakes.",
         "Why is the sky blue?",
     ];
-    let mut runner = load_llama_runner(
-        &path,
-        &LoadOptions {
-            kv_blocks: Some(256),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let vocab = runner.info().vocab_size;
+    let dtypes = [KvCacheDtype::F32, KvCacheDtype::F16, KvCacheDtype::Bf16];
+    let mut runners: Vec<LlamaRunner> = dtypes
+        .iter()
+        .map(|&kv_cache_dtype| {
+            load_llama_runner(
+                &path,
+                &LoadOptions {
+                    kv_blocks: Some(256),
+                    kv_cache_dtype,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    let vocab = runners[0].info().vocab_size;
     let mut file = std::fs::File::open(&path).unwrap();
     let ct = gguf_file::Content::read(&mut file).unwrap();
     let mut reference = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).unwrap();
@@ -135,8 +201,7 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
     let mut stepwise = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).unwrap();
     let (mut floor_agree, mut floor_diff, mut floor_gap) = (0usize, 0f32, 0f32);
 
-    let (mut agree, mut total, mut max_diff) = (0usize, 0usize, 0f32);
-    let mut far = Vec::new();
+    let mut agreement: Vec<Agreement> = dtypes.iter().map(|_| Agreement::default()).collect();
     for (pi, words) in prompts.iter().enumerate() {
         let pieces = chat(words);
         let pieces: Vec<&str> = pieces.iter().map(|s| s.as_str()).collect();
@@ -149,7 +214,9 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
             stepwise_pos += 1;
         }
         let id = SeqId(pi as u64);
-        assert_eq!(runner.add_sequence(id, &prompt).unwrap(), 0);
+        for runner in &mut runners {
+            assert_eq!(runner.add_sequence(id, &prompt).unwrap(), 0);
+        }
         let mut input = prompt.clone();
         let mut pos = 0;
         for step in 0..STEPS {
@@ -164,14 +231,6 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let ours = runner
-                .forward(&[SeqChunk {
-                    id,
-                    tokens: input.clone(),
-                    logits: LogitsWanted::Last,
-                }])
-                .unwrap();
-            let o = &ours[0].data;
             let last = *input.last().expect("a step has a token");
             let f: Vec<f32> = stepwise
                 .forward(&one_token(last), stepwise_pos)
@@ -187,39 +246,57 @@ fn smollm2_matches_candle_quantized_llama_teacher_forced() {
                 floor_gap = floor_gap.max(top2_gap(&r));
             }
             floor_diff = floor_diff.max(max_abs_diff(&f, &r));
-            assert_eq!(o.len(), vocab);
-            pos += input.len();
-            let (ra, oa) = (argmax(&r), argmax(o));
-            total += 1;
-            if ra == oa {
-                agree += 1;
-            } else {
-                let gap = top2_gap(&r);
-                eprintln!(
-                    "prompt {pi} step {step}: argmax {oa} vs reference {ra}, top-2 gap {gap}"
-                );
-                far.push((pi, step, gap));
+            for ((runner, stats), dtype) in runners.iter_mut().zip(&mut agreement).zip(dtypes) {
+                let ours = runner
+                    .forward(&[SeqChunk {
+                        id,
+                        tokens: input.clone(),
+                        logits: LogitsWanted::Last,
+                    }])
+                    .unwrap();
+                let o = &ours[0].data;
+                assert_eq!(o.len(), vocab);
+                if argmax(o) != argmax(&r) {
+                    eprintln!(
+                        "{dtype} KV, prompt {pi} step {step}: argmax {} vs reference {}, \
+                         top-2 gap {}",
+                        argmax(o),
+                        argmax(&r),
+                        top2_gap(&r)
+                    );
+                }
+                stats.add(o, &r, pi, step);
             }
-            max_diff = max_diff.max(max_abs_diff(o, &r));
-            input = vec![ra];
+            pos += input.len();
+            input = vec![argmax(&r)];
         }
-        runner.remove_sequence(id);
+        for runner in &mut runners {
+            runner.remove_sequence(id);
+        }
     }
-    eprintln!("argmax agreement {agree}/{total}, max |Δlogit| {max_diff}");
+    for (stats, dtype) in agreement.iter().zip(dtypes) {
+        eprintln!(
+            "{dtype} KV cache: argmax agreement {}/{} ({:.2} %), max |Δlogit| {}, \
+             largest disagreement gap {}",
+            stats.agree,
+            stats.total,
+            100.0 * stats.agree as f64 / stats.total as f64,
+            stats.max_diff,
+            stats.largest_gap()
+        );
+    }
     eprintln!(
-        "noise floor (candle, prompt token by token): {floor_agree}/{total}, \
-         max |Δlogit| {floor_diff}, largest disagreement gap {floor_gap}"
+        "noise floor (candle, prompt token by token): {floor_agree}/{}, \
+         max |Δlogit| {floor_diff}, largest disagreement gap {floor_gap}",
+        agreement[0].total
     );
-    assert!(
-        far.iter().all(|f| f.2 < NEAR_TIE),
-        "disagreements that are not near-ties: {far:?}"
-    );
-    assert!(
-        agree as f64 >= MIN_AGREEMENT * total as f64,
-        "argmax agreement {agree}/{total} below {MIN_AGREEMENT}"
-    );
-    assert!(
-        max_diff < LOGIT_TOL,
-        "max logit difference {max_diff} exceeds {LOGIT_TOL}"
-    );
+    agreement[0].check("f32 KV cache", MIN_AGREEMENT, NEAR_TIE, LOGIT_TOL);
+    for (stats, dtype) in agreement.iter().zip(dtypes).skip(1) {
+        stats.check(
+            &format!("{dtype} KV cache"),
+            MIN_AGREEMENT_16,
+            NEAR_TIE_16,
+            LOGIT_TOL_16,
+        );
+    }
 }

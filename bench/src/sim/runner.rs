@@ -87,6 +87,7 @@ impl SimRunner {
                 vocab_size,
                 kv_block_size: profile.kv_block_size as usize,
                 kv_blocks_total: profile.kv_blocks as usize,
+                kv_cache_dtype: "bf16".into(),
             },
             profile,
             time_scale: time_scale.max(0.0),

@@ -133,6 +133,7 @@ impl EngineState {
             vocab_size: i.vocab_size as u32,
             max_num_seqs: self.config.max_num_seqs as u32,
             group_id: self.config.group_id.clone(),
+            kv_cache_dtype: i.kv_cache_dtype.clone(),
             add_bos: m.add_bos,
         }
     }

@@ -175,6 +175,9 @@ reached inside the namespace, behind the network policy). */}}
 {{- if and .pool.gpu (gt $gpus 0) (gt $tp $gpus) }}
 {{- fail (printf "workers.pools.%s.tp=%d is more than gpusPerNode=%d" .name $tp $gpus) }}
 {{- end }}
+{{- if and .pool.gpu (ne (toString .pool.kvCacheDtype) "f32") }}
+{{- fail (printf "workers.pools.%s.kvCacheDtype=%s is for CPU pools: a gpu pool keeps its KV cache in the device's dtype (leave f32)" .name (toString .pool.kvCacheDtype)) }}
+{{- end }}
 {{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .name) }}
 {{- fail (printf "workers.pools: %q is not a valid pool name (lower-case letters, digits and '-')" .name) }}
 {{- end }}

@@ -2,7 +2,7 @@
 //! as its decode-step kernel reduces them, softmax as candle's, values as its gemv. Every
 //! reduction's order is fixed by the head and position alone, never by the batch.
 
-use super::CPU;
+use super::{CPU, KvElement};
 
 /// Sum in a fixed order: 32 lane accumulators, a fixed tree, then the tail in sequence
 /// (the order of candle's vectorised `vec_sum`, which its softmax uses).
@@ -29,14 +29,24 @@ pub fn sum_lanes(xs: &[f32]) -> f32 {
 
 /// One KV head's cache of a sequence, as attention reads it: `keys[j]` and `values[j]`
 /// are block `j`'s runs (keys `[dim][slot]`, values `[slot][dim]`, `block_size` slots),
-/// positions `0..len` in order.
-#[derive(Debug, Clone, Copy)]
-pub struct KvBlocks<'a> {
-    pub keys: &'a [&'a [f32]],
-    pub values: &'a [&'a [f32]],
+/// positions `0..len` in order, elements of the cache's type `T` (f32 unless the cache
+/// is 16-bit; see [`KvElement`]).
+#[derive(Debug)]
+pub struct KvBlocks<'a, T = f32> {
+    pub keys: &'a [&'a [T]],
+    pub values: &'a [&'a [T]],
     pub block_size: usize,
     pub len: usize,
 }
+
+// By hand: a derive would ask `T: Copy`, which the slices do not need.
+impl<T> Clone for KvBlocks<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for KvBlocks<'_, T> {}
 
 /// The query heads of one KV head attending over `kv`: for each head `h` (`q` holds them
 /// one after the other, `head_dim` values each), `out[h] = softmax(q_h·k · scale) · V`.
@@ -48,10 +58,10 @@ pub struct KvBlocks<'a> {
 /// and the heads of a KV head share each key and value load; neither changes anything
 /// inside a reduction, so results depend neither on the CPU path nor on anything outside
 /// this head. `scores` is scratch space.
-pub fn attend(
+pub fn attend<T: KvElement>(
     q: &[f32],
     head_dim: usize,
-    kv: KvBlocks<'_>,
+    kv: KvBlocks<'_, T>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -66,10 +76,10 @@ pub fn attend(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
-unsafe fn attend_fma(
+unsafe fn attend_fma<T: KvElement>(
     q: &[f32],
     head_dim: usize,
-    kv: KvBlocks<'_>,
+    kv: KvBlocks<'_, T>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -92,7 +102,7 @@ const MAX_HEADS: usize = 3;
 /// chunk-invariant; candle itself switches orders with the matrix size (long prompts go
 /// through its packed micro-kernel), which the reference test measures.
 #[inline(always)]
-fn block_scores(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
+fn block_scores<T: KvElement>(q: &[f32], kv: KvBlocks<'_, T>, scale: f32, scores: &mut [f32]) {
     let (hd, bs) = (q.len(), kv.block_size);
     for (keys, sc) in kv.keys.iter().zip(scores.chunks_exact_mut(bs)) {
         let keys = &keys[..hd * bs];
@@ -102,7 +112,7 @@ fn block_scores(q: &[f32], kv: KvBlocks<'_>, scale: f32, scores: &mut [f32]) {
             }
         } else {
             for (s, y) in sc.iter_mut().enumerate() {
-                *y = lane_dot(q, |i| keys[i * bs + s]) * scale;
+                *y = lane_dot(q, |i| keys[i * bs + s].to_f32()) * scale;
             }
         }
     }
@@ -121,12 +131,12 @@ fn lane_dot(q: &[f32], k: impl Fn(usize) -> f32) -> f32 {
 /// [`lane_dot`] for the 16 slots of a block at once (keys `[dim][slot]`): the same
 /// operations, each across the 16 slots.
 #[inline(always)]
-fn lane_dots_16(q: &[f32], keys: &[f32]) -> [f32; SLOTS] {
+fn lane_dots_16<T: KvElement>(q: &[f32], keys: &[T]) -> [f32; SLOTS] {
     let mut a = [[0f32; SLOTS]; 8];
     for (i, (qi, k)) in q.iter().zip(keys.chunks_exact(SLOTS)).enumerate() {
         let a = &mut a[i % 8];
         for s in 0..SLOTS {
-            a[s] = qi.mul_add(k[s], a[s]);
+            a[s] = qi.mul_add(k[s].to_f32(), a[s]);
         }
     }
     std::array::from_fn(|s| {
@@ -136,10 +146,10 @@ fn lane_dots_16(q: &[f32], keys: &[f32]) -> [f32; SLOTS] {
 
 /// [`block_scores`] of every head in `q` (`head_dim` each) into `scores`, `stride`
 /// values a head, on the best path this CPU has.
-fn attend_scores(
+fn attend_scores<T: KvElement>(
     q: &[f32],
     head_dim: usize,
-    kv: KvBlocks<'_>,
+    kv: KvBlocks<'_, T>,
     scale: f32,
     scores: &mut [f32],
     stride: usize,
@@ -154,9 +164,9 @@ fn attend_scores(
             // blocks and a head size of whole lane rounds (checked above).
             unsafe {
                 match q.len() / head_dim {
-                    1 => block_scores_avx512::<1>(q, kv, scale, sc, stride),
-                    2 => block_scores_avx512::<2>(q, kv, scale, sc, stride),
-                    _ => block_scores_avx512::<3>(q, kv, scale, sc, stride),
+                    1 => block_scores_avx512::<T, 1>(q, kv, scale, sc, stride),
+                    2 => block_scores_avx512::<T, 2>(q, kv, scale, sc, stride),
+                    _ => block_scores_avx512::<T, 3>(q, kv, scale, sc, stride),
                 }
             }
         }
@@ -174,9 +184,9 @@ fn attend_scores(
 /// The CPU must support AVX-512F; blocks of 16 slots, a head size that is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn block_scores_avx512<const H: usize>(
+unsafe fn block_scores_avx512<T: KvElement, const H: usize>(
     q: &[f32],
-    kv: KvBlocks<'_>,
+    kv: KvBlocks<'_, T>,
     scale: f32,
     scores: &mut [f32],
     stride: usize,
@@ -196,7 +206,7 @@ unsafe fn block_scores_avx512<const H: usize>(
     // Keys two blocks ahead and this block's values (read after the softmax) are fetched
     // while a block computes: blocks are scattered, so the hardware prefetcher stops at
     // each one. A block run is `hd` lines of 16 floats.
-    let fetch = |run: &[f32]| {
+    let fetch = |run: &[T]| {
         for line in run[..hd * SLOTS].chunks_exact(SLOTS) {
             _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
         }
@@ -215,8 +225,9 @@ unsafe fn block_scores_avx512<const H: usize>(
                 let i = i0 + l;
                 _mm_prefetch::<_MM_HINT_T0>(next_k.wrapping_add(i * SLOTS).cast());
                 _mm_prefetch::<_MM_HINT_T1>(this_v.wrapping_add(i * SLOTS).cast());
-                // SAFETY: key row `i < hd` of the block holds 16 floats (asserted above).
-                let kv = unsafe { _mm512_loadu_ps(k.add(i * SLOTS)) };
+                // SAFETY: key row `i < hd` of the block holds 16 elements (asserted
+                // above); AVX-512F is enabled here.
+                let kv = unsafe { T::load16(k.add(i * SLOTS)) };
                 for (h, a) in a.iter_mut().enumerate() {
                     // SAFETY: `h · hd + i < q.len()`.
                     let qi = unsafe { *q.get_unchecked(h * hd + i) };
@@ -241,10 +252,10 @@ unsafe fn block_scores_avx512<const H: usize>(
 }
 
 #[inline(always)]
-fn attend_impl(
+fn attend_impl<T: KvElement>(
     q: &[f32],
     hd: usize,
-    kv: KvBlocks<'_>,
+    kv: KvBlocks<'_, T>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -279,9 +290,9 @@ fn attend_impl(
             // SAFETY: the CPU supports AVX-512F (checked at runtime).
             unsafe {
                 match o.len() / hd {
-                    1 => weighted_values_avx512::<4, 1>(w, stride, kv, o),
-                    2 => weighted_values_avx512::<4, 2>(w, stride, kv, o),
-                    _ => weighted_values_avx512::<4, 3>(w, stride, kv, o),
+                    1 => weighted_values_avx512::<T, 4, 1>(w, stride, kv, o),
+                    2 => weighted_values_avx512::<T, 4, 2>(w, stride, kv, o),
+                    _ => weighted_values_avx512::<T, 4, 3>(w, stride, kv, o),
                 }
             }
         }
@@ -292,7 +303,7 @@ fn attend_impl(
         for (block, ws) in kv.values.iter().zip(w[..n].chunks(bs)) {
             for (w, v) in ws.iter().zip(block.chunks_exact(hd)) {
                 for (o, x) in out.iter_mut().zip(v) {
-                    *o = w.mul_add(*x, *o);
+                    *o = w.mul_add(x.to_f32(), *o);
                 }
             }
         }
@@ -307,10 +318,10 @@ fn attend_impl(
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_values_avx512<const C: usize, const H: usize>(
+unsafe fn weighted_values_avx512<T: KvElement, const C: usize, const H: usize>(
     w: &[f32],
     stride: usize,
-    kv: KvBlocks<'_>,
+    kv: KvBlocks<'_, T>,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
@@ -324,10 +335,11 @@ unsafe fn weighted_values_avx512<const C: usize, const H: usize>(
     );
     let mut acc = [[_mm512_setzero_ps(); C]; H];
     for p in 0..n {
-        // SAFETY: block `p / bs` exists and its slot `p % bs` holds `hd` floats (asserted).
+        // SAFETY: block `p / bs` exists and its slot `p % bs` holds `hd` elements (asserted).
         let v = unsafe { kv.values.get_unchecked(p / bs).as_ptr().add((p % bs) * hd) };
-        // SAFETY: `c · 16 + 16 ≤ hd` floats from `v` (the slot holds `hd`; C = hd / 16).
-        let v: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(v.add(c * 16)) });
+        // SAFETY: `c · 16 + 16 ≤ hd` elements from `v` (the slot holds `hd`; C = hd / 16);
+        // AVX-512F is enabled here.
+        let v: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(v.add(c * 16)) });
         for (h, acc) in acc.iter_mut().enumerate() {
             // SAFETY: `h · stride + p < w.len()` (asserted above).
             let wp = _mm512_set1_ps(unsafe { *w.get_unchecked(h * stride + p) });
@@ -413,6 +425,71 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A 16-bit cache reads as the f32 cache of its widened values, bitwise, on
+    /// whichever path this CPU takes (the vector loads widen exactly as `to_f32`).
+    #[test]
+    fn half_caches_attend_as_their_f32_widening() {
+        fn check<T: KvElement>(seed: &mut u64) {
+            let hd = 64;
+            let blocks = 3;
+            let k: Vec<Vec<T>> = (0..blocks)
+                .map(|_| {
+                    (0..hd * SLOTS)
+                        .map(|_| T::from_f32(test_rand(seed) * 4.0))
+                        .collect()
+                })
+                .collect();
+            let v: Vec<Vec<T>> = (0..blocks)
+                .map(|_| {
+                    (0..hd * SLOTS)
+                        .map(|_| T::from_f32(test_rand(seed)))
+                        .collect()
+                })
+                .collect();
+            let widen = |b: &Vec<Vec<T>>| -> Vec<Vec<f32>> {
+                b.iter()
+                    .map(|r| r.iter().map(|x| x.to_f32()).collect())
+                    .collect()
+            };
+            let (kw, vw) = (widen(&k), widen(&v));
+            let (kr, vr): (Vec<&[T]>, Vec<&[T]>) = (
+                k.iter().map(Vec::as_slice).collect(),
+                v.iter().map(Vec::as_slice).collect(),
+            );
+            let (kwr, vwr): (Vec<&[f32]>, Vec<&[f32]>) = (
+                kw.iter().map(Vec::as_slice).collect(),
+                vw.iter().map(Vec::as_slice).collect(),
+            );
+            let mut scores = Vec::new();
+            for heads in [1, 3] {
+                let q: Vec<f32> = (0..heads * hd).map(|_| test_rand(seed)).collect();
+                for n in [1, 17, blocks * SLOTS] {
+                    let nb = n.div_ceil(SLOTS);
+                    let mut got = vec![0f32; heads * hd];
+                    let mut want = vec![0f32; heads * hd];
+                    let half = KvBlocks {
+                        keys: &kr[..nb],
+                        values: &vr[..nb],
+                        block_size: SLOTS,
+                        len: n,
+                    };
+                    let wide = KvBlocks {
+                        keys: &kwr[..nb],
+                        values: &vwr[..nb],
+                        block_size: SLOTS,
+                        len: n,
+                    };
+                    attend(&q, hd, half, 0.125, &mut scores, &mut got);
+                    attend(&q, hd, wide, 0.125, &mut scores, &mut want);
+                    assert_eq!(got, want, "{}: {heads} heads, {n} positions", T::NAME);
+                }
+            }
+        }
+        let mut seed = 23;
+        check::<half::f16>(&mut seed);
+        check::<half::bf16>(&mut seed);
     }
 
     /// One query row against 16-slot key blocks: bitwise what candle computes for

@@ -11,13 +11,15 @@
 //! - [`tiles`]: weights in 16-row tiles; [`q4_1`] and [`q8_0`]: their AVX-512 VNNI
 //!   matmul kernels (portable fallbacks, same bits), bitwise candle's per-output order;
 //!   [`act`]: activations quantized for them.
-//! - [`attend`]: attention of a token's query heads over its paged KV blocks.
+//! - [`attend`]: attention of a token's query heads over its paged KV blocks, stored as
+//!   any [`KvElement`] (`kv_element`: f32, f16, bf16).
 //! - [`exp`]: `exp` over many values, bitwise the C library's.
 //! - [`team`]: the threads the kernels split their loops over.
 
 pub mod act;
 mod attention;
 pub mod exp;
+mod kv_element;
 mod linear;
 pub mod q4_1;
 pub mod q8_0;
@@ -26,6 +28,7 @@ pub mod team;
 pub mod tiles;
 
 pub use attention::{KvBlocks, attend};
+pub use kv_element::KvElement;
 pub use linear::{KernelError, Linear, WeightData, sum_segments};
 pub(crate) use rowops::per_row;
 pub use rowops::{dot_f32, rms_norm, rope, silu_mul};

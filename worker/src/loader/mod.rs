@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{ConfigError, LlamaConfig};
 use crate::kernels::KernelError;
 use crate::kernels::Linear;
-use crate::kv::KvStore;
+use crate::kv::{KvCacheDtype, KvCacheShape, KvStore};
 use crate::model::group::FailureInjector;
 use crate::model::runner::LlamaRunner;
 use crate::model::{Embeddings, LayerWeights, LlamaModel, Projection};
@@ -30,6 +30,10 @@ pub struct LoadOptions {
     pub kv_blocks: Option<usize>,
     /// KV cache budget in bytes when `kv_blocks` is `None`.
     pub kv_cache_bytes: usize,
+    /// Element type of the CPU kernels' KV cache; a 16-bit one gets twice the blocks of
+    /// `kv_cache_bytes`. The device backend holds its own dtype and takes only the
+    /// default ([`KvCacheDtype::F32`]).
+    pub kv_cache_dtype: KvCacheDtype,
     /// Model threads (the machine's cores by default).
     pub threads: usize,
     /// Reported model id; defaults to the file or directory name.
@@ -51,6 +55,7 @@ impl Default for LoadOptions {
             block_size: 16,
             kv_blocks: None,
             kv_cache_bytes: 512 << 20,
+            kv_cache_dtype: KvCacheDtype::F32,
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
@@ -185,14 +190,19 @@ fn load_shards(path: &Path, opts: &LoadOptions, kv_elem_bytes: usize) -> Result<
     Ok(Loaded { shards, blocks, id })
 }
 
-/// Loads a model and builds its runner (CPU kernels, f32 KV cache) sized by `opts`.
+/// Loads a model and builds its runner (CPU kernels, a KV cache of
+/// `opts.kv_cache_dtype`) sized by `opts`.
 pub fn load_llama_runner(path: &Path, opts: &LoadOptions) -> Result<LlamaRunner, LoadError> {
-    let Loaded { shards, blocks, id } = load_shards(path, opts, std::mem::size_of::<f32>())?;
+    let dtype = opts.kv_cache_dtype;
+    let Loaded { shards, blocks, id } = load_shards(path, opts, dtype.size_in_bytes())?;
     let runner = LlamaRunner::sharded(
         shards,
         id,
-        blocks,
-        opts.block_size,
+        KvCacheShape {
+            num_blocks: blocks,
+            block_size: opts.block_size,
+            dtype,
+        },
         opts.threads,
         opts.collective_timeout,
     )?;
@@ -218,6 +228,15 @@ pub fn load_runner_with_injector(
         let injector = runner.failure_injector();
         return Ok((Box::new(runner), injector));
     };
+    if opts.kv_cache_dtype != KvCacheDtype::F32 {
+        let own = format!("{:?}", device.weight_dtype()).to_lowercase();
+        return Err(LoadError::Options(format!(
+            "--kv-cache-dtype {} is for the CPU kernels; the device backend (--device \
+             {device}) keeps its KV cache in its own dtype ({own}), so leave \
+             --kv-cache-dtype at f32 there",
+            opts.kv_cache_dtype,
+        )));
+    }
     let Loaded { shards, blocks, id } =
         load_shards(path, opts, device.weight_dtype().size_in_bytes())?;
     let (models, comms) =

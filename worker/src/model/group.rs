@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::kernels::team::Team;
-use crate::kv::{BlockId, KvStore};
+use crate::kv::{BlockId, KvCacheShape, KvStore};
 use crate::model::{LlamaModel, StepPlan, TokenPlan};
 use crate::tp::cpu::CpuCommunicator;
 use crate::tp::{CollectiveStats, Communicator, SingleRank, Timed};
@@ -274,12 +274,11 @@ impl<R: GroupRank> std::fmt::Debug for RankGroup<R> {
 
 impl RankGroup<CpuRank> {
     /// Starts one rank per shard (`shards[r]` is rank `r`'s model), each with a KV cache
-    /// of `num_blocks` blocks for its own KV heads and `threads_per_rank` model threads.
+    /// of `cache`'s blocks for its own KV heads and `threads_per_rank` model threads.
     /// Collectives give up after `timeout`.
     pub fn start(
         shards: Vec<LlamaModel>,
-        num_blocks: usize,
-        block_size: usize,
+        cache: KvCacheShape,
         threads_per_rank: usize,
         timeout: Duration,
     ) -> Result<Self, String> {
@@ -304,12 +303,13 @@ impl RankGroup<CpuRank> {
         let mut ranks = Vec::with_capacity(world);
         for (r, (model, comm)) in shards.into_iter().zip(comms.drain(..)).enumerate() {
             let cfg = &model.cfg;
-            let kv = KvStore::new(
+            let kv = KvStore::with_dtype(
                 cfg.num_layers,
-                num_blocks,
-                block_size,
+                cache.num_blocks,
+                cache.block_size,
                 model.part.kv_heads.len(),
                 cfg.head_dim,
+                cache.dtype,
             );
             let team = Team::new(threads_per_rank, &format!("shardline-rank{r}"));
             ranks.push(CpuRank {

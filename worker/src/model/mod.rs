@@ -20,8 +20,10 @@ pub mod shard;
 pub mod tiny;
 
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels::{KvBlocks, Linear, attend, rms_norm, rope, silu_mul, sum_segments, team};
-use crate::kv::{BlockId, KvStore};
+use crate::kernels::{
+    KvBlocks, KvElement, Linear, attend, rms_norm, rope, silu_mul, sum_segments, team,
+};
+use crate::kv::{BlockId, KvRuns, KvStore, KvView};
 use crate::tp::RankPart;
 use crate::tp::{CommError, Communicator, SingleRank};
 
@@ -317,16 +319,33 @@ impl LlamaModel {
         Ok(sum_segments(&all, size))
     }
 
-    /// Causal attention of every token of the step over its own sequence's blocks.
+    /// Causal attention of every token of the step over its own sequence's blocks, with
+    /// the kernel built for the cache's element type.
+    fn attention(&self, layer: usize, step: &StepPlan<'_>, qkv: &[f32], kv: &KvStore) -> Vec<f32> {
+        let bs = kv.block_size();
+        match kv.view() {
+            KvView::F32(runs) => self.attention_over(layer, step, qkv, runs, bs),
+            KvView::F16(runs) => self.attention_over(layer, step, qkv, runs, bs),
+            KvView::Bf16(runs) => self.attention_over(layer, step, qkv, runs, bs),
+        }
+    }
+
+    /// [`Self::attention`] over a cache of `T`s with blocks of `bs` positions.
     /// Parallel over (token, KV-head group); each output is reduced over key positions
     /// `0..=pos` in order, so it does not depend on the rest of the batch.
-    fn attention(&self, layer: usize, step: &StepPlan<'_>, qkv: &[f32], kv: &KvStore) -> Vec<f32> {
+    fn attention_over<T: KvElement>(
+        &self,
+        layer: usize,
+        step: &StepPlan<'_>,
+        qkv: &[f32],
+        kv: KvRuns<'_, T>,
+        bs: usize,
+    ) -> Vec<f32> {
         let hd = self.cfg.head_dim;
         let (nh, nkv) = (self.part.q_heads.len(), self.part.kv_heads.len());
         let group = nh / nkv;
         let qkv_dim = self.part.qkv_dim(hd);
         let scale = 1.0 / (hd as f32).sqrt();
-        let bs = kv.block_size();
         let mut out = vec![0f32; step.tokens.len() * nh * hd];
         team::for_each_chunk_mut(&mut out, group * hd, |idx, out_g| {
             let (t, g) = (idx / nkv, idx % nkv);
@@ -334,8 +353,8 @@ impl LlamaModel {
             let table = step.tables[p.chunk];
             let npos = p.pos + 1;
             let blocks = &table[..npos.div_ceil(bs)];
-            let keys: Vec<&[f32]> = blocks.iter().map(|&b| kv.keys(layer, b, g)).collect();
-            let values: Vec<&[f32]> = blocks.iter().map(|&b| kv.values(layer, b, g)).collect();
+            let keys: Vec<&[T]> = blocks.iter().map(|&b| kv.keys(layer, b, g)).collect();
+            let values: Vec<&[T]> = blocks.iter().map(|&b| kv.values(layer, b, g)).collect();
             let mut scores = Vec::with_capacity(group * blocks.len() * bs);
             let q = &qkv[t * qkv_dim + g * group * hd..t * qkv_dim + (g + 1) * group * hd];
             attend(

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::kv::BlockManager;
+use crate::kv::{BlockManager, KvCacheDtype, KvCacheShape};
 use crate::model::group::{CpuRank, FailureInjector, GroupRank, OwnedStep, RankGroup};
 use crate::model::{LlamaModel, TokenPlan};
 use crate::runner::{
@@ -37,7 +37,8 @@ impl<R: GroupRank> std::fmt::Debug for GroupRunner<R> {
 }
 
 impl GroupRunner<CpuRank> {
-    /// One rank: `num_blocks` KV blocks of `block_size` positions; `threads` model threads.
+    /// One rank: `num_blocks` f32 KV blocks of `block_size` positions; `threads` model
+    /// threads.
     pub fn new(
         model: LlamaModel,
         model_id: String,
@@ -48,33 +49,30 @@ impl GroupRunner<CpuRank> {
         Self::sharded(
             vec![model],
             model_id,
-            num_blocks,
-            block_size,
+            KvCacheShape {
+                num_blocks,
+                block_size,
+                dtype: KvCacheDtype::F32,
+            },
             threads,
             DEFAULT_COLLECTIVE_TIMEOUT,
         )
     }
 
     /// A tensor-parallel group, `shards[r]` being rank `r`'s model
-    /// ([`crate::model::shard::shard_all`]); `threads` model threads in all, split between
-    /// the ranks; collectives give up after `timeout`.
+    /// ([`crate::model::shard::shard_all`]), each rank caching its KV heads of `kv`'s
+    /// blocks; `threads` model threads in all, split between the ranks; collectives give
+    /// up after `timeout`.
     pub fn sharded(
         shards: Vec<LlamaModel>,
         model_id: String,
-        num_blocks: usize,
-        block_size: usize,
+        kv: KvCacheShape,
         threads: usize,
         timeout: Duration,
     ) -> Result<Self, RunnerError> {
         let world = shards.len().max(1);
-        let group = RankGroup::start(
-            shards,
-            num_blocks,
-            block_size,
-            (threads / world).max(1),
-            timeout,
-        )
-        .map_err(RunnerError::Model)?;
+        let group = RankGroup::start(shards, kv, (threads / world).max(1), timeout)
+            .map_err(RunnerError::Model)?;
         let model = group.model();
         let cfg = &model.cfg;
         let info = RunnerInfo {
@@ -83,8 +81,9 @@ impl GroupRunner<CpuRank> {
             tp: world,
             context_length: cfg.context_length,
             vocab_size: cfg.vocab_size,
-            kv_block_size: block_size,
-            kv_blocks_total: num_blocks,
+            kv_block_size: kv.block_size,
+            kv_blocks_total: kv.num_blocks,
+            kv_cache_dtype: kv.dtype.to_string(),
         };
         Ok(Self::over(group, info))
     }

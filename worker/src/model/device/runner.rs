@@ -181,6 +181,8 @@ impl GroupRunner<DeviceRank> {
             vocab_size: m0.cfg.vocab_size,
             kv_block_size: block_size,
             kv_blocks_total: num_blocks,
+            // The device cache holds the weights' dtype (`DeviceModel::new_kv`).
+            kv_cache_dtype: m0.dtype_name(),
         };
         let collectives = std::sync::Arc::new(crate::tp::CollectiveStats::default());
         let ranks = models
