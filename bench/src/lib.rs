@@ -41,6 +41,13 @@ use metrics::RunSummary;
 use runner::{Load, Point};
 use workload::{PromptMaker, RequestSpec};
 
+/// Prints a report line. A closed stdout (`shardline bench … | head`) is no reason to stop
+/// a benchmark: the run goes on and still writes its JSON and plots.
+fn say(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 /// Run `shardline bench` (or one of its subcommands) until done or `shutdown`.
 pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     match args.command.clone() {
@@ -54,7 +61,7 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result
         }
         Some(BenchCommand::Sim(s)) => run_sim(s, shutdown).await,
         Some(BenchCommand::ScalingReport(r)) => {
-            print!("{}", scaling::write_report(&r)?);
+            say(scaling::write_report(&r)?.trim_end());
             Ok(())
         }
         None => run_bench(&args, shutdown).await.map(|_| ()),
@@ -189,9 +196,9 @@ pub async fn run_bench(
         if let Some(task) = scraper {
             summary.server = task.await.ok();
         }
-        println!("{}", report::point_table(&summary));
+        say(&report::point_table(&summary));
         for r in records.iter().filter_map(|r| r.error.as_ref()).take(3) {
-            println!("  e.g. error: {r}");
+            say(&format!("  e.g. error: {r}"));
         }
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ok = records.iter().filter(|r| r.failure.is_none());
@@ -203,7 +210,7 @@ pub async fn run_bench(
         runs.push(summary);
     }
     if runs.len() > 1 {
-        println!("{}", report::sweep_table(&runs));
+        say(&report::sweep_table(&runs));
     }
     if let Some(path) = &args.json {
         let results = report::Results {

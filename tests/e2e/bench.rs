@@ -1,10 +1,10 @@
 //! End-to-end test of the load generator against the real cluster: the `shardline bench`
 //! binary, as a child process, drives `shardline up` with SmolLM2 in a small closed loop
-//! and writes valid JSON and non-empty PNG/SVG plots.
+//! and writes valid JSON and non-empty PNG/SVG plots; a closed stdout does not stop it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shardline_proto::worker::v1::{InfoRequest, worker_client::WorkerClient};
@@ -202,4 +202,56 @@ fn bench_closed_loop_against_shardline_up_writes_json_and_plots() {
 
     drop(cluster);
     eprintln!("e2e bench test took {:.1?}", started.elapsed());
+}
+
+/// `shardline bench … | head`: a closed stdout does not stop the benchmark, which still
+/// finishes and writes its JSON.
+#[test]
+fn a_closed_stdout_does_not_stop_the_bench() {
+    let port = free_port();
+    let mut fake = shardline_tests::Proc::spawn("fake-server", {
+        let mut cmd = Command::new(bin());
+        cmd.args([
+            "bench",
+            "fake-server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        cmd
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    let up = shardline_tests::wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(
+        up.is_some(),
+        "fake server never listened:\n{}",
+        fake.output()
+    );
+    let scratch = ScratchDir::new();
+    let json = scratch.0.join("results.json");
+    let mut bench = Command::new(bin())
+        .arg("bench")
+        .args(["--base-url", &url])
+        .args(["--request-rate", "200,inf", "--num-requests", "20"])
+        .args(["--input-len", "8", "--output-len", "4", "--no-progress"])
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run shardline bench");
+    // The reader goes away before the first report line.
+    drop(bench.stdout.take());
+    let out = bench.wait_with_output().expect("bench exits");
+    assert!(
+        out.status.success(),
+        "bench failed on a closed stdout ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("--json"))
+        .expect("--json is valid JSON");
+    assert_eq!(v["runs"].as_array().map(Vec::len), Some(2), "{v}");
+    fake.assert_running();
 }
