@@ -98,6 +98,10 @@ pub struct BenchArgs {
     /// Shared prefix: system prompt length in tokens.
     #[arg(long, env = "SHARDLINE_BENCH_PREFIX_LEN", default_value_t = 512)]
     pub prefix_len: u32,
+    /// Shared prefix: tokens every system prompt starts with (one common preamble, so
+    /// the prompts share their first blocks and differ after; part of --prefix-len).
+    #[arg(long, env = "SHARDLINE_BENCH_PREFIX_HEADER_LEN", default_value_t = 0)]
+    pub prefix_header_len: u32,
     /// Trace: JSONL file of {"timestamp": ms, "input_len": n, "output_len": m}.
     #[arg(
         long,

@@ -352,9 +352,12 @@ fn build_workload(
         WorkloadKind::Random => workload::random(maker, n, args.input_len, args.output_len, seed)?,
         WorkloadKind::SharedPrefix => workload::shared_prefix(
             maker,
-            args.prefix_groups.max(1),
-            args.prefix_questions.max(1),
-            args.prefix_len,
+            workload::SharedPrefix {
+                groups: args.prefix_groups.max(1),
+                per_group: args.prefix_questions.max(1),
+                prefix_len: args.prefix_len,
+                header_len: args.prefix_header_len,
+            },
             args.input_len,
             args.output_len,
             seed,

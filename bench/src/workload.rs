@@ -208,23 +208,49 @@ pub fn random(
         .collect()
 }
 
-/// Shared prefix: `groups` system prompts of `prefix_len` tokens, each followed by
-/// `per_group` different questions; requests interleave the groups.
+/// The shape of the shared-prefix workload.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedPrefix {
+    /// Distinct system prompts.
+    pub groups: usize,
+    /// Questions per system prompt.
+    pub per_group: usize,
+    /// System prompt length in tokens (header included).
+    pub prefix_len: u32,
+    /// Tokens every system prompt starts with (a common preamble): the prompts then
+    /// share their first blocks and differ after.
+    pub header_len: u32,
+}
+
+/// Shared prefix: `shape.groups` system prompts of `shape.prefix_len` tokens (all
+/// starting with the same `shape.header_len` tokens), each followed by `shape.per_group`
+/// different questions; requests interleave the groups.
 pub fn shared_prefix(
     maker: &PromptMaker,
-    groups: usize,
-    per_group: usize,
-    prefix_len: u32,
+    shape: SharedPrefix,
     input: LenDist,
     output: LenDist,
     seed: u64,
 ) -> Result<Vec<RequestSpec>, WorkloadError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let systems: Vec<String> = (0..groups)
-        .map(|_| maker.make(prefix_len, &mut rng))
-        .collect::<Result<_, _>>()?;
-    let mut out = Vec::with_capacity(groups * per_group);
-    for _ in 0..per_group {
+    let header_len = shape.header_len.min(shape.prefix_len);
+    let header = if header_len > 0 {
+        maker.make(header_len, &mut rng)?
+    } else {
+        String::new()
+    };
+    let systems: Vec<String> = (0..shape.groups)
+        .map(|_| {
+            let rest = maker.make(shape.prefix_len - header_len, &mut rng)?;
+            Ok(if header.is_empty() {
+                rest
+            } else {
+                format!("{header} {rest}")
+            })
+        })
+        .collect::<Result<_, WorkloadError>>()?;
+    let mut out = Vec::with_capacity(shape.groups * shape.per_group);
+    for _ in 0..shape.per_group {
         for sys in &systems {
             let question = maker.make(input.sample(&mut rng), &mut rng)?;
             out.push(RequestSpec {
@@ -340,12 +366,43 @@ mod tests {
     #[test]
     fn shared_prefix_reuses_n_system_prompts() {
         let m = PromptMaker::new(None);
-        let reqs = shared_prefix(&m, 2, 3, 20, LenDist::Fixed(5), LenDist::Fixed(1), 1).unwrap();
+        let shape = SharedPrefix {
+            groups: 2,
+            per_group: 3,
+            prefix_len: 20,
+            header_len: 0,
+        };
+        let reqs = shared_prefix(&m, shape, LenDist::Fixed(5), LenDist::Fixed(1), 1).unwrap();
         assert_eq!(reqs.len(), 6);
         let systems: std::collections::HashSet<_> =
             reqs.iter().map(|r| r.system.clone().unwrap()).collect();
         assert_eq!(systems.len(), 2);
         assert!(reqs.iter().all(|r| r.input_len == 25));
+    }
+
+    #[test]
+    fn a_header_starts_every_system_prompt() {
+        let m = PromptMaker::new(None);
+        let shape = SharedPrefix {
+            groups: 3,
+            per_group: 2,
+            prefix_len: 40,
+            header_len: 16,
+        };
+        let reqs = shared_prefix(&m, shape, LenDist::Fixed(5), LenDist::Fixed(1), 1).unwrap();
+        let systems: std::collections::HashSet<String> =
+            reqs.iter().map(|r| r.system.clone().unwrap()).collect();
+        assert_eq!(systems.len(), 3, "distinct system prompts");
+        let first: Vec<&str> = systems
+            .iter()
+            .map(|s| s.split(' ').next().unwrap())
+            .collect();
+        let header = |s: &String| s.split(' ').take(8).collect::<Vec<_>>().join(" ");
+        let headers: std::collections::HashSet<String> = systems.iter().map(header).collect();
+        assert_eq!(headers.len(), 1, "one shared start: {first:?}");
+        for sys in &systems {
+            assert!((39..=41).contains(&m.count(sys)), "{} tokens", m.count(sys));
+        }
     }
 
     #[test]

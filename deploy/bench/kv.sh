@@ -12,6 +12,7 @@
 #
 # Usage: deploy/bench/kv.sh [routing|admission|all]   (default all; builds if needed)
 # Knobs: PROFILE=h100-llama3-8b RATE=8 PREFIX_GROUPS=8 PREFIX_QUESTIONS=16 PREFIX_LEN=512
+#   PREFIX_HEADER_LEN=0 (tokens every system prompt starts with: they then share first blocks)
 #   ROUTE_PREFIX_WEIGHT=4 OUTPUT_LEN=64 CHATS=64 CHAT_BODY='{...}' MODEL=<gguf> OUT=deploy/bench/kv SHARDLINE=target/debug/shardline
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +23,7 @@ RATE=${RATE:-8}
 PREFIX_GROUPS=${PREFIX_GROUPS:-8}
 PREFIX_QUESTIONS=${PREFIX_QUESTIONS:-16}
 PREFIX_LEN=${PREFIX_LEN:-512}
+PREFIX_HEADER_LEN=${PREFIX_HEADER_LEN:-0}
 OUTPUT_LEN=${OUTPUT_LEN:-64}
 CHATS=${CHATS:-64}
 # Merged into every chat: no max_tokens (what the OpenAI clients send by default). A stop
@@ -74,6 +76,7 @@ routing() {
     wait_http "routing-$policy"
     "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --workload shared-prefix \
       --prefix-groups "$PREFIX_GROUPS" --prefix-questions "$PREFIX_QUESTIONS" --prefix-len "$PREFIX_LEN" \
+      --prefix-header-len "$PREFIX_HEADER_LEN" \
       --input-len 64 --output-len "$OUTPUT_LEN" --request-rate "$RATE" \
       --num-requests $((PREFIX_GROUPS * PREFIX_QUESTIONS)) --scrape-metrics --no-progress \
       --json "$OUT/routing-$policy.json" | tee "$OUT/routing-$policy.txt"
