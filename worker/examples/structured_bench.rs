@@ -25,6 +25,7 @@ use shardline_engine::engine::{EngineConfig, EngineState};
 use shardline_proto::worker::v1 as pb;
 use shardline_worker::args::model_facts;
 use shardline_worker::loader::{LoadOptions, load_llama_runner};
+use shardline_worker::model::bench::PositionalArgs;
 use shardline_worker::tokenizer::ModelTokenizer;
 
 struct Cli {
@@ -36,27 +37,13 @@ struct Cli {
 }
 
 fn parse_cli() -> anyhow::Result<Cli> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize| args.get(i).map(String::as_str);
-    let number = |i: usize, name: &str, default: usize| -> anyhow::Result<usize> {
-        match arg(i) {
-            None => Ok(default),
-            Some(v) => v.parse().with_context(|| format!("{name}: {v:?}")),
-        }
-    };
-    let batches = match arg(3) {
-        None => vec![1, 32],
-        Some(list) => list
-            .split(',')
-            .map(|b| b.parse().with_context(|| format!("BATCHES: {b:?}")))
-            .collect::<anyhow::Result<_>>()?,
-    };
+    let args = PositionalArgs::from_env();
     Ok(Cli {
-        path: PathBuf::from(arg(0).unwrap_or("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        threads: number(1, "THREADS", 2)?,
-        new_tokens: number(2, "NEW_TOKENS", 96)?,
-        batches,
-        rounds: number(4, "ROUNDS", 3)?.max(1),
+        path: args.model(0),
+        threads: args.number(1, "THREADS", 2)?,
+        new_tokens: args.number(2, "NEW_TOKENS", 96)?,
+        batches: args.batches(3)?,
+        rounds: args.number(4, "ROUNDS", 3)?.max(1),
     })
 }
 

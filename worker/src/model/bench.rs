@@ -15,6 +15,47 @@ use crate::loader::{LoadOptions, load_llama_runner, load_model};
 use crate::model::device::{DeviceChoice, DeviceModel, DeviceRunner};
 use crate::runner::{LogitsWanted, ModelRunner, RunnerError, SeqChunk, SeqId};
 
+/// The default model of the benchmark examples.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The positional arguments of a benchmark example (`MODEL THREADS … BATCHES …`), each
+/// optional, with its default when absent.
+#[derive(Debug, Clone)]
+pub struct PositionalArgs(Vec<String>);
+
+impl PositionalArgs {
+    /// The process's arguments after the program name.
+    pub fn from_env() -> Self {
+        PositionalArgs(std::env::args().skip(1).collect())
+    }
+
+    /// Argument `i` as a path, [`DEFAULT_MODEL`] when absent.
+    pub fn model(&self, i: usize) -> std::path::PathBuf {
+        std::path::PathBuf::from(self.0.get(i).map_or(DEFAULT_MODEL, String::as_str))
+    }
+
+    /// Argument `i` (called `name` in errors) as a number, `default` when absent.
+    pub fn number(&self, i: usize, name: &str, default: usize) -> anyhow::Result<usize> {
+        use anyhow::Context as _;
+        match self.0.get(i) {
+            None => Ok(default),
+            Some(v) => v.parse().with_context(|| format!("{name}: {v:?}")),
+        }
+    }
+
+    /// Argument `i` as a comma-separated list of batch sizes, `[1, 32]` when absent.
+    pub fn batches(&self, i: usize) -> anyhow::Result<Vec<usize>> {
+        use anyhow::Context as _;
+        match self.0.get(i) {
+            None => Ok(vec![1, 32]),
+            Some(list) => list
+                .split(',')
+                .map(|b| b.parse().with_context(|| format!("BATCHES: {b:?}")))
+                .collect(),
+        }
+    }
+}
+
 /// Peak memory bandwidth the ratio is taken against: an H200's HBM3e, 4.8 TB/s.
 pub const HBM_BYTES_PER_S: f64 = 4.8e12;
 
