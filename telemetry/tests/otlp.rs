@@ -2,66 +2,15 @@
 //! server on a loopback port) with their names, parents and service; an unreachable
 //! collector never holds a span up.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::trace::v1::Span;
+use shardline_tests::otlp::{Received, Receiver};
 use tracing_subscriber::layer::SubscriberExt as _;
-
-/// Every span the receiver got, with its resource's service name.
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<(String, Span)>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .map(|v| format!("{:?}", v.value))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    self.spans.lock().unwrap().push((service.clone(), span));
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-async fn receiver() -> (String, Receiver) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let receiver = Receiver::default();
-    let service = TraceServiceServer::new(receiver.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    (format!("http://{addr}"), receiver)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_the_collector_with_their_parents_and_service() {
-    let (endpoint, receiver) = receiver().await;
+    let (endpoint, receiver) = Receiver::start().await;
     let provider = shardline_telemetry::provider(&endpoint, "shardline-test").unwrap();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("shardline")));
@@ -73,11 +22,12 @@ async fn spans_reach_the_collector_with_their_parents_and_service() {
     tokio::task::spawn_blocking(move || provider.shutdown().unwrap())
         .await
         .unwrap();
-    let spans = receiver.spans.lock().unwrap().clone();
+    let spans = receiver.spans();
     let find = |name: &str| {
         spans
             .iter()
-            .find(|(_, s)| s.name == name)
+            .find(|r| r.span.name == name)
+            .map(|Received { service, span }| (service, span))
             .unwrap_or_else(|| panic!("no span {name} in {spans:?}"))
     };
     let (service, request) = find("request");
