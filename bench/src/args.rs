@@ -68,6 +68,16 @@ pub struct BenchArgs {
     /// Time per load point (e.g. 30s, 2m); requests in flight at the end still count.
     #[arg(long, env = "SHARDLINE_BENCH_DURATION", value_parser = parse_secs)]
     pub duration: Option<Duration>,
+    /// With --duration: cancel the requests still in flight when it ends, so a run whose
+    /// answers have no length limit (chats without max_tokens) ends on time. Their tokens
+    /// so far count in the token throughput; they are reported as cut off.
+    #[arg(long, env = "SHARDLINE_BENCH_CUT_OFF", requires = "duration")]
+    pub cut_off: bool,
+    /// After a 429 with `Retry-After`, the lane (closed loop) or slot (--max-concurrency)
+    /// that sent it waits that long before the next request, as the OpenAI SDKs do,
+    /// instead of sending again at once (at most 60 s, never past --duration).
+    #[arg(long, env = "SHARDLINE_BENCH_HONOR_RETRY_AFTER")]
+    pub honor_retry_after: bool,
     /// Requests sent (and not counted) before each load point, with prompts of their own.
     #[arg(long, env = "SHARDLINE_BENCH_WARMUP_REQUESTS", default_value_t = 0)]
     pub warmup_requests: usize,

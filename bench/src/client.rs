@@ -137,7 +137,7 @@ impl ClientConfig {
         rec.end = start.elapsed();
         match outcome {
             None => {
-                rec.output_tokens = rec.chunk_arrivals.len() as u32;
+                // What had streamed so far (`stream` keeps the count up to date).
                 fail(
                     &mut rec,
                     FailReason::Cancelled,
@@ -170,6 +170,14 @@ impl ClientConfig {
             .await
             .map_err(|e| (FailReason::Connect, e.to_string()))?;
         let status = resp.status();
+        if status.as_u16() == 429 {
+            rec.retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(std::time::Duration::from_secs);
+        }
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
             let reason = match status.as_u16() {
@@ -213,6 +221,7 @@ impl ClientConfig {
                 if chunk_text(&v).is_some_and(|t| !t.is_empty()) {
                     rec.chunk_arrivals.push(now);
                     chunks += 1;
+                    rec.output_tokens = chunks;
                 }
             }
         }

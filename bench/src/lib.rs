@@ -148,6 +148,8 @@ pub async fn run_bench(
                 load: Load::Concurrency(c.min(args.warmup_requests)),
                 num_requests: Some(args.warmup_requests),
                 duration: None,
+                cut_off: false,
+                honor_retry_after: args.honor_retry_after,
                 seed: args.seed,
                 progress: false,
             };
@@ -167,6 +169,8 @@ pub async fn run_bench(
             load: *load,
             num_requests,
             duration: args.duration,
+            cut_off: args.cut_off,
+            honor_retry_after: args.honor_retry_after,
             seed: args.seed.wrapping_add(i as u64),
             progress: !args.no_progress,
         };

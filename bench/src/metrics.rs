@@ -28,6 +28,9 @@ pub enum FailReason {
     /// Still in flight when the run was interrupted (Ctrl-C / SIGTERM). Counted apart:
     /// the server did nothing wrong.
     Cancelled,
+    /// Still in flight at the end of a `--duration --cut-off` run: cancelled by plan. Its
+    /// tokens count in the throughput; its latencies do not.
+    CutOff,
 }
 
 impl std::fmt::Display for FailReason {
@@ -40,6 +43,7 @@ impl std::fmt::Display for FailReason {
             Self::Empty => write!(f, "empty"),
             Self::Timeout => write!(f, "timeout"),
             Self::Cancelled => write!(f, "cancelled"),
+            Self::CutOff => write!(f, "cut_off"),
         }
     }
 }
@@ -62,6 +66,9 @@ pub struct RequestRecord {
     /// The failure's detail (status body, error text), for the first few failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A 429's `Retry-After` (whole seconds), when the server sent one.
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
 }
 
 impl RequestRecord {
@@ -188,13 +195,18 @@ pub struct RunSummary {
     /// Requests still in flight when the run was interrupted (not in `failed`).
     #[serde(default)]
     pub cancelled: u64,
+    /// Requests in flight at the end of a `--cut-off` run (not in `failed` or
+    /// `completed`; their tokens are in the token totals and throughputs).
+    #[serde(default)]
+    pub cut_off: u64,
     pub failed_by_reason: BTreeMap<String, u64>,
+    /// Tokens of the completed requests (and of those cut off, when the run cuts off).
     pub total_input_tokens: u64,
     pub total_output_tokens: u64,
     /// Completed requests per second.
     pub request_throughput: f64,
     pub output_throughput: f64,
-    /// (input + output tokens of completed requests) per second.
+    /// (input + output tokens of completed and cut-off requests) per second.
     pub total_token_throughput: f64,
     pub ttft_ms: Dist,
     pub itl_ms: Dist,
@@ -228,6 +240,11 @@ pub fn summarize(load: &str, load_value: f64, records: &[RequestRecord], slo: &S
         match &r.failure {
             Some(FailReason::RateLimited) => s.rate_limited += 1,
             Some(FailReason::Cancelled) => s.cancelled += 1,
+            Some(FailReason::CutOff) => {
+                s.cut_off += 1;
+                s.total_input_tokens += u64::from(r.prompt_tokens);
+                s.total_output_tokens += u64::from(r.output_tokens);
+            }
             Some(reason) => {
                 s.failed += 1;
                 *s.failed_by_reason.entry(reason.to_string()).or_default() += 1;

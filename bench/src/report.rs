@@ -66,6 +66,14 @@ pub fn point_table(s: &RunSummary) -> String {
             s.cancelled
         );
     }
+    if s.cut_off > 0 {
+        let _ = writeln!(
+            out,
+            "  cut off at the end of --duration: {} request(s) still in flight (their \
+             tokens so far count in the token throughputs)",
+            s.cut_off
+        );
+    }
     let _ = writeln!(
         out,
         "  throughput: {:.2} req/s  {:.1} output tok/s  {:.1} total tok/s",

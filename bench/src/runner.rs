@@ -12,8 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::arrival::{ArrivalError, Arrivals};
 use crate::client::ClientConfig;
-use crate::metrics::RequestRecord;
+use crate::metrics::{FailReason, RequestRecord};
 use crate::workload::RequestSpec;
+
+/// The longest `Retry-After` a lane honours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The shape of the offered load.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,8 +61,15 @@ pub struct Point {
     pub load: Load,
     /// Stop sending after this many requests (warm-up not included).
     pub num_requests: Option<usize>,
-    /// Stop sending after this long; in-flight requests still finish and count.
+    /// Stop sending after this long; in-flight requests still finish and count, unless
+    /// `cut_off`.
     pub duration: Option<Duration>,
+    /// At the end of `duration`, cancel what is still in flight (recorded as
+    /// [`FailReason::CutOff`], keeping the tokens that had arrived).
+    pub cut_off: bool,
+    /// After a 429 with `Retry-After`, hold the lane or slot that long (at most
+    /// [`MAX_RETRY_AFTER`], never past the deadline) before it sends again.
+    pub honor_retry_after: bool,
     pub seed: u64,
     pub progress: bool,
 }
@@ -80,11 +90,24 @@ pub async fn run_point(
     let bar = progress_bar(point);
     let times: Vec<Option<Duration>> = requests.iter().map(|r| r.at).collect();
     let stop = shutdown.child_token();
+    let honor_retry_after = point.honor_retry_after;
+    // Fires at the deadline when the run cuts off what is still in flight.
+    let cut = stop.child_token();
+    let cut_off = match deadline.filter(|_| point.cut_off) {
+        Some(at) => {
+            let cut = cut.clone();
+            Some(tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                cut.cancel();
+            }))
+        }
+        None => None,
+    };
     let send = move |i: usize,
                      tasks: &mut JoinSet<()>,
                      permit: Option<tokio::sync::OwnedSemaphorePermit>| {
         let (client, http, tx, spec) = (client.clone(), http.clone(), tx.clone(), requests.clone());
-        let stop = stop.clone();
+        let stop = cut.clone();
         tasks.spawn(async move {
             let spec = &spec[i % spec.len()];
             if stop.is_cancelled() {
@@ -95,7 +118,18 @@ pub async fn run_point(
             // interrupted run reports what was in flight instead of losing it.
             let mut rec = client.send(&http, spec, &stop).await;
             rec.sent_at = sent_at;
+            let wait = rec
+                .retry_after
+                .filter(|_| honor_retry_after && rec.failure == Some(FailReason::RateLimited));
             let _ = tx.send(rec);
+            if let (Some(wait), Some(_)) = (wait, &permit) {
+                let until = Instant::now() + wait.min(MAX_RETRY_AFTER);
+                let until = deadline.map_or(until, |d| until.min(d));
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                }
+            }
             drop(permit);
         });
     };
@@ -207,6 +241,18 @@ pub async fn run_point(
     match dispatcher.await {
         Ok(r) => r?,
         Err(e) => tracing::error!("load dispatcher failed: {e}"),
+    }
+    if let Some(timer) = cut_off {
+        timer.abort();
+        // Cancelled by the deadline, not by an interrupt: the run's planned end.
+        if !shutdown.is_cancelled() {
+            for rec in &mut records {
+                if rec.failure == Some(FailReason::Cancelled) {
+                    rec.failure = Some(FailReason::CutOff);
+                    rec.error = Some("cut off at the end of --duration".into());
+                }
+            }
+        }
     }
     Ok(records)
 }

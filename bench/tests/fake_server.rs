@@ -260,3 +260,88 @@ async fn interrupted_run_counts_in_flight_requests_and_still_writes_json() {
     assert_eq!(v["runs"][0]["cancelled"], 4, "{v}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_ends_the_run_on_time_and_counts_the_tokens_streamed() {
+    // Answers of 1000 tokens at 20 ms each (20 s) against a 1.5 s run: without the cut-off
+    // the run would last until they end.
+    let (url, stop) = fake(FakeConfig {
+        itl_ms: 20,
+        ..FakeConfig::default()
+    })
+    .await;
+    let a = args(&[
+        "--base-url",
+        &url,
+        "--concurrency",
+        "4",
+        "--duration",
+        "1500ms",
+        "--cut-off",
+        "--input-len",
+        "4",
+        "--output-len",
+        "1000",
+    ]);
+    let started = std::time::Instant::now();
+    let runs = run_bench(&a, CancellationToken::new())
+        .await
+        .expect("the bench runs");
+    let took = started.elapsed();
+    let r = &runs[0];
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "took {took:?}: {r:?}"
+    );
+    assert_eq!(
+        (r.completed, r.failed, r.cancelled, r.cut_off),
+        (0, 0, 0, 4),
+        "{r:?}"
+    );
+    // Each lane streamed for about 1.5 s at one token per 20 ms.
+    assert!(
+        (4 * 20..=4 * 80).contains(&r.total_output_tokens),
+        "tokens streamed before the cut-off: {r:?}"
+    );
+    assert!(r.output_throughput > 0.0, "{r:?}");
+    stop.cancel();
+}
+
+#[test]
+fn cut_off_needs_a_duration() {
+    let err = Cli::try_parse_from(["bench", "--cut-off", "--num-requests", "3"])
+        .err()
+        .expect("--cut-off without --duration is refused");
+    assert!(err.to_string().contains("--duration"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_wait_out_retry_after_when_asked() {
+    // Every request is refused with `Retry-After: 1`.
+    let (url, stop) = fake(FakeConfig {
+        reject_every: 1,
+        ..Default::default()
+    })
+    .await;
+    let run = |extra: &'static [&'static str]| {
+        let url = url.clone();
+        async move {
+            let mut argv = vec!["--base-url", &url, "--model", "m", "--concurrency", "2"];
+            argv.extend_from_slice(&["--duration", "2500ms", "--output-len", "3"]);
+            argv.extend_from_slice(extra);
+            let runs = run_bench(&args(&argv), CancellationToken::new())
+                .await
+                .expect("bench runs");
+            runs[0].rate_limited
+        }
+    };
+    // Two lanes, each sending at about 0, 1 and 2 s.
+    let waited = run(&["--honor-retry-after"]).await;
+    assert!(
+        (4..=8).contains(&waited),
+        "429s while waiting out Retry-After: {waited}"
+    );
+    let at_once = run(&[]).await;
+    assert!(at_once > 50, "429s when sending again at once: {at_once}");
+    stop.cancel();
+}

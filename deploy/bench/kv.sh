@@ -5,15 +5,20 @@
 #            groups, `--routing first-block` (the earlier first-block affinity) then
 #            `--routing prefix`: TTFT p50/p99 and prompt tokens computed vs taken from the
 #            prefix caches (the coordinator's shardline_prefix_cache_* counters).
-#   admission  concurrent chat requests without max_tokens on one SmolLM2 group with the
-#            default KV budget, `--kv-admission worst-case` (reserve prompt + the whole
-#            context) then `--kv-admission on-demand`: running sequences, batch size,
-#            throughput, preemptions.
+#   admission  CHATS chat requests without max_tokens kept in flight (closed loop) for
+#            CHAT_DURATION on one SmolLM2 group with the default KV budget,
+#            `--kv-admission worst-case` (reserve prompt + the whole context) then
+#            `--kv-admission on-demand`: running sequences, batch size, token throughput,
+#            preemptions. Answers still running at the end are cut off (their tokens count),
+#            so a run ends on time however long the model talks.
 #
 # Usage: deploy/bench/kv.sh [routing|admission|all]   (default all; builds if needed)
 # Knobs: PROFILE=h100-llama3-8b RATE=8 PREFIX_GROUPS=8 PREFIX_QUESTIONS=16 PREFIX_LEN=512
 #   PREFIX_HEADER_LEN=0 (tokens every system prompt starts with: they then share first blocks)
-#   ROUTE_PREFIX_WEIGHT=4 OUTPUT_LEN=64 CHATS=64 CHAT_BODY='{...}' MODEL=<gguf> OUT=deploy/bench/kv SHARDLINE=target/debug/shardline
+#   SIM_KV_BLOCKS= (each simulated group's KV blocks; default the profile's, which never fill)
+#   ROUTE_PREFIX_WEIGHT=4 OUTPUT_LEN=64 CHATS=64 CHAT_DURATION=120s CHAT_BODY='{...}'
+#   ADMISSION_POLICIES="worst-case on-demand" UP_ARGS= (more `shardline up` flags, e.g.
+#   "--kv-cache-dtype f16") MODEL=<gguf> OUT=deploy/bench/kv SHARDLINE=target/debug/shardline
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,10 +31,9 @@ PREFIX_LEN=${PREFIX_LEN:-512}
 PREFIX_HEADER_LEN=${PREFIX_HEADER_LEN:-0}
 OUTPUT_LEN=${OUTPUT_LEN:-64}
 CHATS=${CHATS:-64}
-# Merged into every chat: no max_tokens (what the OpenAI clients send by default). A stop
-# string keeps a CPU run short: SmolLM2's answers to random prompts can run thousands of
-# tokens, and worst-case admission reserves the whole context for each one regardless.
-CHAT_BODY=${CHAT_BODY:-'{"max_tokens": null, "stop": ["\n"]}'}
+CHAT_DURATION=${CHAT_DURATION:-120s}
+# Merged into every chat: no max_tokens (what the OpenAI clients send by default).
+CHAT_BODY=${CHAT_BODY:-'{"max_tokens": null}'}
 OUT=${OUT:-deploy/bench/kv}
 SHARDLINE=${SHARDLINE:-target/debug/shardline}
 MODEL=${MODEL:-$(ls models/*.gguf 2>/dev/null | head -1)}
@@ -63,6 +67,7 @@ routing() {
     for i in 0 1 2 3; do
       port=$((SIM_BASE_PORT + i))
       "$SHARDLINE" bench sim --profile "$PROFILE" --listen "127.0.0.1:$port" --group-id "sim-$i" \
+        ${SIM_KV_BLOCKS:+--kv-blocks "$SIM_KV_BLOCKS"} \
         >"$OUT/sim-$policy-$i.log" 2>&1 &
       PIDS+=($!)
       workers+=("http://127.0.0.1:$port")
@@ -87,15 +92,16 @@ routing() {
 
 admission() {
   [ -n "$MODEL" ] || { echo "no model: run deploy/fetch-model.sh or set MODEL" >&2; exit 1; }
-  for policy in worst-case on-demand; do
-    echo "== admission: --kv-admission $policy, $CHATS chats without max_tokens =="
-    "$SHARDLINE" up --model "$MODEL" --kv-admission "$policy" \
+  for policy in ${ADMISSION_POLICIES:-worst-case on-demand}; do
+    echo "== admission: --kv-admission $policy, $CHATS chats without max_tokens for $CHAT_DURATION =="
+    # shellcheck disable=SC2086 # UP_ARGS is a list of flags
+    "$SHARDLINE" up --model "$MODEL" --kv-admission "$policy" ${UP_ARGS:-} \
       --http-listen "127.0.0.1:$HTTP_PORT" --grpc-listen "127.0.0.1:0" --worker-listen "127.0.0.1:0" \
       >"$OUT/admission-$policy.log" 2>&1 &
     PIDS+=($!)
     wait_http "admission-$policy"
     "$SHARDLINE" bench --base-url "http://127.0.0.1:$HTTP_PORT" --endpoint chat \
-      --concurrency "$CHATS" --num-requests "$CHATS" --input-len 64 --ignore-eos false \
+      --concurrency "$CHATS" --duration "$CHAT_DURATION" --cut-off --honor-retry-after --input-len 64 --ignore-eos false \
       --extra-body "$CHAT_BODY" --tokenizer "$MODEL" --scrape-metrics --no-progress \
       --json "$OUT/admission-$policy.json" | tee "$OUT/admission-$policy.txt"
     cleanup
