@@ -2,7 +2,8 @@
 //! simulated worker groups (`sim:h100-llama3.2-1b`: 1.2 ms steps, where anything the
 //! coordinator adds per step shows) — driven by `shardline bench` with tracing off and
 //! with every process exporting to an in-process OTLP receiver, alternating, in one run.
-//! Prints each round's output throughput and the ratio on/off.
+//! Prints each round's output throughput and the ratio on/off (odd rounds run tracing off
+//! first, even rounds on first).
 //!
 //! ```sh
 //! cargo build --bin shardline && cargo run -p shardline-tests --example trace_overhead -- \
@@ -148,9 +149,18 @@ async fn main() {
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for round in 1..=o.rounds {
         let o = &o;
-        let a = tokio::task::block_in_place(|| run(o, None));
         let endpoint = endpoint.clone();
-        let b = tokio::task::block_in_place(|| run(o, Some(&endpoint)));
+        let off_run = || tokio::task::block_in_place(|| run(o, None));
+        let on_run = || tokio::task::block_in_place(|| run(o, Some(&endpoint)));
+        // Which goes first alternates, so a machine that speeds up or slows down over the
+        // run favours neither.
+        let (a, b) = if round % 2 == 1 {
+            let a = off_run();
+            (a, on_run())
+        } else {
+            let b = on_run();
+            (off_run(), b)
+        };
         println!(
             "round {round}: off {a:.0} tok/s, on {b:.0} tok/s, on/off {:.3}",
             b / a
