@@ -2,7 +2,7 @@
 //! runner): Info, a prefill + decode + release cycle, Health, registration.
 
 use shardline_bench::sim::{self, SimArgs};
-use shardline_engine::testing::step_once;
+use shardline_engine::testing::StepStream;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_proto::worker::v1::*;
 use tokio_util::sync::CancellationToken;
@@ -64,15 +64,14 @@ async fn sim_speaks_the_worker_protocol() {
         max_tokens: 0,
         ..Default::default()
     };
-    let r = step_once(
-        &mut c,
-        StepRequest {
+    let mut steps = StepStream::open(&mut c).await.unwrap();
+    let r = steps
+        .step(StepRequest {
             prefill: vec![chunk],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(
         (r.kv_blocks_free, r.num_running, r.batch_tokens),
         (62, 1, 5)
@@ -85,25 +84,21 @@ async fn sim_speaks_the_worker_protocol() {
     );
     assert_eq!(res.token.as_ref().unwrap().top.len(), 2);
 
-    let r = step_once(
-        &mut c,
-        StepRequest {
+    let r = steps
+        .step(StepRequest {
             decode: vec![7],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(r.results[0].finish_reason, FinishReason::Unspecified as i32);
-    let r = step_once(
-        &mut c,
-        StepRequest {
+    let r = steps
+        .step(StepRequest {
             decode: vec![7],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(r.results[0].finish_reason, FinishReason::Length as i32);
     assert_eq!((r.kv_blocks_free, r.num_running), (64, 0));
 
@@ -117,24 +112,20 @@ async fn sim_speaks_the_worker_protocol() {
         max_tokens: 0,
         ..Default::default()
     };
-    step_once(
-        &mut c,
-        StepRequest {
+    steps
+        .step(StepRequest {
             prefill: vec![again],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let rel = step_once(
-        &mut c,
-        StepRequest {
+        })
+        .await
+        .unwrap();
+    let rel = steps
+        .step(StepRequest {
             release: vec![8, 999],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(rel.kv_blocks_free, 64);
     let h = c.health(HealthRequest {}).await.unwrap().into_inner();
     assert!(h.ready && !h.draining);

@@ -19,7 +19,7 @@ use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use serde_json::{Map, Value, json};
 use shardline_coordinator::Config;
 use shardline_coordinator::chat_template::{CHATML, ChatMessage, ChatTemplate};
-use shardline_engine::testing::{TestWorker, TestWorkerConfig, step_once};
+use shardline_engine::testing::{StepStream, TestWorker, TestWorkerConfig};
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 
@@ -373,24 +373,30 @@ fn step_messages_get_an_answer_or_a_status_and_the_worker_stays_up() {
     runner()
         .run(&prop::collection::vec(step(), 1..5), |steps| {
             rt.block_on(async {
-                // A connection per case: `step_once` resets its stream after one answer,
-                // and h2 closes a connection that resets streams in quick succession (its
-                // rapid-reset defence), which would fail later cases for the harness's sake.
+                // A connection and a step stream per case, as a coordinator has: a case's
+                // steps see the sequences its earlier steps started. A stream that ended
+                // with a status is done; the case's sequences are released with it.
                 let mut client = WorkerClient::connect(worker.url())
                     .await
                     .map_err(|e| TestCaseError::fail(format!("worker unreachable: {e}")))?;
+                let mut stream = StepStream::open(&mut client)
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("no step stream: {e}")))?;
                 for request in steps {
-                    match step_once(&mut client, request.clone()).await {
+                    match stream.step(request.clone()).await {
                         Ok(_) => {}
-                        Err(status) => prop_assert!(
-                            !matches!(
-                                status.code(),
-                                tonic::Code::Internal
-                                    | tonic::Code::Unknown
-                                    | tonic::Code::Unavailable
-                            ),
-                            "{status:?} for {request:?}"
-                        ),
+                        Err(status) => {
+                            prop_assert!(
+                                !matches!(
+                                    status.code(),
+                                    tonic::Code::Internal
+                                        | tonic::Code::Unknown
+                                        | tonic::Code::Unavailable
+                                ),
+                                "{status:?} for {request:?}"
+                            );
+                            break;
+                        }
                     }
                 }
                 // Forget every sequence so the next case starts clean.
@@ -398,7 +404,8 @@ fn step_messages_get_an_answer_or_a_status_and_the_worker_stays_up() {
                     release: (0..6).collect(),
                     ..Default::default()
                 };
-                let _ = step_once(&mut client, release).await;
+                let _ = stream.step(release).await;
+                drop(stream);
                 let health = client.health(pb::HealthRequest {}).await;
                 prop_assert!(health.is_ok(), "worker health after the steps: {health:?}");
                 Ok(())

@@ -6,6 +6,11 @@
 //! N+1 start the moment N ends; answers go back in request order. A stream ends when the
 //! coordinator closes it, when a step fails engine-wide (the error status ends it) or when
 //! the server stops (`UNAVAILABLE`, so graceful shutdown never waits on a coordinator).
+//! The sequences a stream started belong to it: when it ends, whichever way, those still
+//! alive are released at once (after the steps it had queued), so a coordinator that
+//! crashed or lost its connection does not hold KV blocks until the idle timeout. A
+//! coordinator never continues a sequence on another stream: a broken stream is a failed
+//! group, whose requests continue elsewhere.
 //!
 //! Per-sequence problems (bad prompt, unknown id, no KV room) come back inside the
 //! `StepResponse` as a per-sequence status, so one bad sequence never fails the batch;
@@ -14,9 +19,10 @@
 //! `Health` reports `sequences_started`: sequences ever registered with the model (a
 //! request refused before that, or never sent, does not count).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use shardline_net::tls::Tls;
@@ -118,26 +124,91 @@ struct Pending {
     span: Option<tracing::Span>,
 }
 
-/// Reads a stream's requests and queues each on the engine at once.
+/// The sequences a stream started and that may still be alive on the engine.
+#[derive(Default)]
+struct StreamSeqs(Mutex<HashSet<u64>>);
+
+impl StreamSeqs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.0.lock().expect("lock poisoned; this is a bug")
+    }
+
+    /// A step about to be queued: the sequences it starts join, those it releases leave.
+    fn queued(&self, req: &pb::StepRequest) {
+        let mut live = self.lock();
+        for id in &req.release {
+            live.remove(id);
+        }
+        live.extend(
+            req.prefill
+                .iter()
+                .filter(|c| !c.prompt.is_empty())
+                .map(|c| c.seq_id),
+        );
+    }
+
+    /// A step's answer: the sequences it finished, refused or preempted leave (an
+    /// invalid one may still be alive: it stays, and releasing it later costs nothing).
+    fn answered(&self, resp: &pb::StepResponse) {
+        let mut live = self.lock();
+        for r in &resp.results {
+            let gone = r.finish_reason != pb::FinishReason::Unspecified as i32
+                || r.status == pb::SeqStatus::OutOfBlocks as i32
+                || r.status == pb::SeqStatus::Preempted as i32;
+            if gone {
+                live.remove(&r.seq_id);
+            }
+        }
+    }
+}
+
+/// Reads a stream's requests and queues each on the engine at once; once the stream has
+/// ended, releases the sequences it started that are still alive.
 async fn queue_steps(
-    mut inbound: Streaming<pb::StepRequest>,
+    inbound: Streaming<pb::StepRequest>,
     engine: EngineHandle,
     draining: CancellationToken,
     pending: mpsc::Sender<Result<Pending, Status>>,
     trace: Option<Arc<StreamTrace>>,
+    seqs: Arc<StreamSeqs>,
 ) {
+    let why = forward_steps(inbound, &engine, draining, pending, trace, &seqs).await;
+    let ids: Vec<u64> = seqs.lock().drain().collect();
+    if ids.is_empty() {
+        return;
+    }
+    // Queued behind the stream's own steps, so none of them loses a sequence it names.
+    match engine.release(ids.clone()).await {
+        Ok(free) => tracing::info!(
+            sequences = ids.len(),
+            kv_blocks_free = free,
+            "released the sequences of a step stream that {why}"
+        ),
+        Err(e) => tracing::debug!(error = %e, "cannot release a closed stream's sequences"),
+    }
+}
+
+/// Queues the stream's requests until it ends; says how it ended.
+async fn forward_steps(
+    mut inbound: Streaming<pb::StepRequest>,
+    engine: &EngineHandle,
+    draining: CancellationToken,
+    pending: mpsc::Sender<Result<Pending, Status>>,
+    trace: Option<Arc<StreamTrace>>,
+    seqs: &StreamSeqs,
+) -> &'static str {
     loop {
         let req = tokio::select! {
             // The answering side ended (server stopping, failed step, coordinator gone).
-            _ = pending.closed() => return,
+            _ = pending.closed() => return "stopped answering",
             r = inbound.message() => r,
         };
         let mut req = match req {
             Ok(Some(req)) => req,
-            Ok(None) => return, // the coordinator closed its side
+            Ok(None) => return "its coordinator closed",
             Err(status) => {
                 tracing::debug!(%status, "a step stream broke");
-                return;
+                return "broke";
             }
         };
         let refused = if draining.is_cancelled() {
@@ -146,6 +217,7 @@ async fn queue_steps(
             Vec::new()
         };
         let span = trace.as_ref().map(|t| t.step(&req));
+        seqs.queued(&req);
         let queued = engine
             .submit(req)
             .await
@@ -156,8 +228,11 @@ async fn queue_steps(
             })
             .map_err(to_status);
         let failed = queued.is_err();
-        if pending.send(queued).await.is_err() || failed {
-            return;
+        if pending.send(queued).await.is_err() {
+            return "stopped answering";
+        }
+        if failed {
+            return "failed";
         }
     }
 }
@@ -169,6 +244,7 @@ async fn answer_steps(
     stopping: CancellationToken,
     trace: Option<Arc<StreamTrace>>,
     metrics: Option<WorkerMetrics>,
+    seqs: Arc<StreamSeqs>,
 ) {
     loop {
         let next = tokio::select! {
@@ -181,6 +257,7 @@ async fn answer_steps(
                     r = p.reply => match r {
                         Ok(Ok(mut resp)) => {
                             answer_refused(&mut resp, p.refused);
+                            seqs.answered(&resp);
                             if let (Some(trace), Some(span)) = (&trace, p.span) {
                                 trace.answered(span, &resp);
                             }
@@ -232,12 +309,14 @@ impl Worker for WorkerService {
         let (pending_tx, pending_rx) = mpsc::channel(STREAM_PIPELINE);
         let (out_tx, out_rx) = mpsc::channel(STREAM_PIPELINE);
         let trace = StreamTrace::new(request.metadata());
+        let seqs = Arc::new(StreamSeqs::default());
         tokio::spawn(queue_steps(
             request.into_inner(),
             self.engine.clone(),
             self.draining.clone(),
             pending_tx,
             trace.clone(),
+            seqs.clone(),
         ));
         tokio::spawn(answer_steps(
             pending_rx,
@@ -245,6 +324,7 @@ impl Worker for WorkerService {
             self.stopping.clone(),
             trace,
             self.metrics.clone(),
+            seqs,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }

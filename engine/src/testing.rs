@@ -224,8 +224,40 @@ impl TestWorker {
     }
 }
 
-/// Runs one step over a fresh step stream (sequences live on the engine, not the stream):
-/// what tests that want one answer need.
+/// One step stream kept open, as a coordinator keeps its stream: the sequences it starts
+/// live until they finish, are released, or the stream ends.
+pub struct StepStream {
+    tx: tokio::sync::mpsc::Sender<pb::StepRequest>,
+    answers: tonic::Streaming<pb::StepResponse>,
+}
+
+impl StepStream {
+    pub async fn open(
+        client: &mut WorkerClient<tonic::transport::Channel>,
+    ) -> Result<StepStream, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let answers = client
+            .steps(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(StepStream { tx, answers })
+    }
+
+    /// Sends one step and waits for its answer.
+    pub async fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse, tonic::Status> {
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| tonic::Status::unavailable("the step stream is closed"))?;
+        self.answers
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::unavailable("the step stream ended without an answer"))
+    }
+}
+
+/// Runs one step over a fresh step stream, which then ends: the sequences the step
+/// started are released with it. Tests that continue a sequence use a [`StepStream`].
 pub async fn step_once(
     client: &mut WorkerClient<tonic::transport::Channel>,
     req: pb::StepRequest,

@@ -312,3 +312,80 @@ async fn stopping_ends_open_streams() {
         .unwrap();
     drop(steps);
 }
+
+/// The sequences of a step stream that ends — its coordinator crashed, or its connection
+/// dropped — are released at once, not only after the idle timeout; another stream's
+/// sequences stay.
+#[tokio::test]
+async fn an_ended_streams_sequences_are_released_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, engine(), shutdown.clone()));
+    let mut c = client(addr).await;
+    let long = |id, prompt| pb::PrefillChunk {
+        params: Some(pb::SequenceParams {
+            max_new_tokens: 50,
+            ..Default::default()
+        }),
+        ..chunk(id, prompt)
+    };
+    let health = |mut c: WorkerClient<Channel>| async move {
+        c.health(pb::HealthRequest {}).await.unwrap().into_inner()
+    };
+
+    // Stream a keeps one sequence; stream b starts two, then is dropped as a crashed
+    // coordinator's would be.
+    let mut a = Steps::open(&mut c).await;
+    a.step(pb::StepRequest {
+        prefill: vec![long(1, vec![1, 2, 3, 4, 5])],
+        ..Default::default()
+    })
+    .await;
+    let mut b = Steps::open(&mut c).await;
+    let r = b
+        .step(pb::StepRequest {
+            prefill: vec![long(2, vec![1; 9]), long(3, vec![7])],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        r.results
+            .iter()
+            .all(|r| r.status == pb::SeqStatus::Ok as i32),
+        "{r:?}"
+    );
+    let h = health(c.clone()).await;
+    assert_eq!(h.num_running, 3, "{h:?}");
+    let held_by_a = 16 - 2; // 5 prompt tokens + 1 generated, blocks of 4
+    assert!(h.kv_blocks_free < held_by_a, "{h:?}");
+
+    drop(b);
+    let h = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let h = health(c.clone()).await;
+            if h.num_running == 1 {
+                return h;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("b's sequences are released within moments, with no idle timeout set");
+    assert_eq!(
+        h.kv_blocks_free, held_by_a,
+        "only a's blocks are held: {h:?}"
+    );
+    // a's sequence goes on.
+    let r = a
+        .step(pb::StepRequest {
+            decode: vec![1],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(r.results[0].status, pb::SeqStatus::Ok as i32, "{r:?}");
+    assert!(r.results[0].has_token, "{r:?}");
+    shutdown.cancel();
+    drop(a);
+    server.await.unwrap().unwrap();
+}

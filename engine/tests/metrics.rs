@@ -7,7 +7,7 @@ use std::time::Duration;
 use shardline_engine::engine::{EngineConfig, ModelFacts};
 use shardline_engine::fake::FakeRunner;
 use shardline_engine::serve::{ServeOptions, serve_group};
-use shardline_engine::testing::step_once;
+use shardline_engine::testing::StepStream;
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
@@ -96,37 +96,32 @@ async fn the_metrics_endpoint_exports_steps_kv_sequences_and_the_gateway_gauges(
     };
     let prompt: Vec<u32> = (1..=9).collect();
     // Sequence 1: the prompt and 3 tokens (the first sampled with the prompt), then done.
-    let r = step_once(
-        &mut client,
-        pb::StepRequest {
+    let mut steps = StepStream::open(&mut client).await.unwrap();
+    let r = steps
+        .step(pb::StepRequest {
             prefill: vec![first_chunk(1, prompt.clone(), 3)],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert!(r.results[0].has_token);
-    for _ in 0..2 {
-        step_once(
-            &mut client,
-            pb::StepRequest {
-                decode: vec![1],
-                ..Default::default()
-            },
-        )
+        })
         .await
         .unwrap();
+    assert!(r.results[0].has_token);
+    for _ in 0..2 {
+        steps
+            .step(pb::StepRequest {
+                decode: vec![1],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
     }
     // Sequence 2: the same prompt, its two full blocks from the prefix cache; it stays.
-    let r = step_once(
-        &mut client,
-        pb::StepRequest {
+    let r = steps
+        .step(pb::StepRequest {
             prefill: vec![first_chunk(2, prompt, 10)],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(r.results[0].cached_tokens, 8, "{r:?}");
 
     let text = reqwest::get(format!("http://{metrics_addr}/metrics"))

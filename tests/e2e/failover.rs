@@ -534,47 +534,82 @@ async fn a_failed_tensor_parallel_group_leaves_and_its_requests_continue() {
     }
 }
 
-/// (2c) A coordinator killed with sequences running: the worker releases them once no
-/// step has named them for `--seq-idle-timeout-secs`, and its KV cache is whole again.
+/// (2c) A coordinator lost with sequences running: the worker frees their KV blocks.
+/// Killed, its step stream ends with its connection and the worker releases that
+/// stream's sequences at once; frozen (SIGSTOP: the connection stays open, no step comes),
+/// the worker releases them once no step has named them for `--seq-idle-timeout-secs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_coordinators_sequences_are_released_by_the_worker() {
+async fn a_lost_coordinators_sequences_are_released_by_the_worker() {
     let _serial = serial().await;
     let etcd = EtcdServer::start().await;
     let observer = Observer::start(&etcd).await;
     let mut a = start_worker(&etcd, "a", &["--seq-idle-timeout-secs", "2"]);
     observer.wait_ready(&mut [&mut a]).await;
-    let coordinator = start_coordinator(&etcd, "coordinator", 1).await;
-    let tokens = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let (http, tokens) = (coordinator.http.clone(), tokens.clone());
-        async move { streams(&http, 0, 4, 400, tokens).await }
-    });
-    until!(Duration::from_secs(60), "tokens to flow", {
-        (tokens.load(Ordering::Relaxed) >= 8).then_some(())
-    });
-    let h = health(&a.url()).await.expect("worker health");
-    assert!(h.num_running > 0, "sequences run on a: {h:?}");
     let total = info(&a.url()).await.kv_blocks_total;
-    assert!(h.kv_blocks_free < total, "they hold KV blocks: {h:?}");
-    coordinator.proc.signal("KILL");
-    let killed = Instant::now();
-    let results = run.await.unwrap();
-    assert!(
-        results.iter().all(Result::is_err),
-        "streams end with the coordinator"
-    );
-    let h = until!(Duration::from_secs(20), "a to release the sequences", {
-        health(&a.url())
-            .await
-            .filter(|h| h.num_running == 0 && h.kv_blocks_free == total)
-    });
-    // Not before the idle timeout (2 s, checked every 0.5 s).
-    assert!(killed.elapsed() >= Duration::from_millis(1500), "{h:?}");
-    assert!(
-        a.proc.output().contains("released sequences no step named"),
-        "{}",
-        a.proc.output()
-    );
+    let idle_released = |a: &Worker| {
+        a.proc
+            .output()
+            .matches("released sequences no step named")
+            .count()
+    };
+    let stream_released = |a: &Worker| {
+        a.proc
+            .output()
+            .matches("released the sequences of a step stream")
+            .count()
+    };
+
+    for (how, signal) in [("killed", "KILL"), ("frozen", "STOP")] {
+        let coordinator = start_coordinator(&etcd, &format!("coordinator-{how}"), 1).await;
+        let tokens = Arc::new(AtomicUsize::new(0));
+        let run = tokio::spawn({
+            let (http, tokens) = (coordinator.http.clone(), tokens.clone());
+            async move { streams(&http, 0, 4, 400, tokens).await }
+        });
+        until!(Duration::from_secs(60), "tokens to flow", {
+            (tokens.load(Ordering::Relaxed) >= 8).then_some(())
+        });
+        let h = health(&a.url()).await.expect("worker health");
+        assert!(h.num_running > 0, "{how}: sequences run on a: {h:?}");
+        assert!(
+            h.kv_blocks_free < total,
+            "{how}: they hold KV blocks: {h:?}"
+        );
+        let (idle_before, stream_before) = (idle_released(&a), stream_released(&a));
+        coordinator.proc.signal(signal);
+        let lost = Instant::now();
+        let h = until!(Duration::from_secs(20), "a to release the sequences", {
+            health(&a.url())
+                .await
+                .filter(|h| h.num_running == 0 && h.kv_blocks_free == total)
+        });
+        if how == "killed" {
+            assert_eq!(
+                (
+                    stream_released(&a) - stream_before,
+                    idle_released(&a) - idle_before
+                ),
+                (1, 0),
+                "released with the stream, not by the idle timeout: {h:?}\n{}",
+                a.proc.output()
+            );
+        } else {
+            // Not before the idle timeout (2 s, checked every 0.5 s).
+            assert!(lost.elapsed() >= Duration::from_millis(1500), "{h:?}");
+            assert_eq!(
+                idle_released(&a) - idle_before,
+                1,
+                "released by the idle timeout: {}",
+                a.proc.output()
+            );
+            coordinator.proc.signal("KILL");
+        }
+        let results = run.await.unwrap();
+        assert!(
+            results.iter().all(Result::is_err),
+            "{how}: streams end with the coordinator"
+        );
+    }
     a.proc.assert_running();
 }
 

@@ -8,7 +8,7 @@ use common::smollm2;
 
 use clap::Parser;
 use shardline_coordinator::chat_template::{ChatMessage, ChatTemplate};
-use shardline_engine::testing::step_once;
+use shardline_engine::testing::StepStream;
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use shardline_worker::WorkerArgs;
@@ -65,7 +65,7 @@ fn greedy(max_new_tokens: u32) -> pb::SequenceParams {
 
 /// Prefills `prompt` in chunks of 8 and decodes to the end; returns the output tokens.
 async fn generate(
-    c: &mut WorkerClient<Channel>,
+    c: &mut StepStream,
     id: u64,
     prompt: Vec<u32>,
     params: pb::SequenceParams,
@@ -79,15 +79,13 @@ async fn generate(
     };
     let mut out = Vec::new();
     loop {
-        let r = step_once(
-            c,
-            pb::StepRequest {
+        let r = c
+            .step(pb::StepRequest {
                 prefill: vec![chunk.clone()],
                 ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .await
+            .unwrap();
         let res = &r.results[0];
         assert_eq!(res.status, pb::SeqStatus::Ok as i32, "{res:?}");
         if res.has_token {
@@ -104,15 +102,13 @@ async fn generate(
         };
     }
     loop {
-        let r = step_once(
-            c,
-            pb::StepRequest {
+        let r = c
+            .step(pb::StepRequest {
                 decode: vec![id],
                 ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .await
+            .unwrap();
         let res = &r.results[0];
         assert_eq!(res.status, pb::SeqStatus::Ok as i32, "{res:?}");
         out.push(res.token.as_ref().unwrap().token_id);
@@ -155,7 +151,8 @@ async fn smollm2_answers_a_chat_over_grpc() {
         .get_ids()
         .to_vec();
 
-    let (out, finish) = generate(&mut c, 1, ids.clone(), greedy(48)).await;
+    let mut steps = StepStream::open(&mut c).await.unwrap();
+    let (out, finish) = generate(&mut steps, 1, ids.clone(), greedy(48)).await;
     let text = tokenizer.decode(&out, true).unwrap();
     assert!(text.contains("Paris"), "answer: {text:?}");
     assert_eq!(finish, pb::FinishReason::Stop as i32, "answer: {text:?}");
@@ -172,10 +169,9 @@ async fn smollm2_answers_a_chat_over_grpc() {
         }),
         ..Default::default()
     };
-    let (alone, _) = generate(&mut c, 2, ids.clone(), seeded.clone()).await;
-    let r = step_once(
-        &mut c,
-        pb::StepRequest {
+    let (alone, _) = generate(&mut steps, 2, ids.clone(), seeded.clone()).await;
+    let r = steps
+        .step(pb::StepRequest {
             prefill: vec![
                 pb::PrefillChunk {
                     seq_id: 10,
@@ -193,10 +189,9 @@ async fn smollm2_answers_a_chat_over_grpc() {
                 },
             ],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert!(r.results.iter().all(|x| x.has_token), "{r:?}");
     let mut crowded = Vec::new();
     let mut chunk = pb::PrefillChunk {
@@ -207,16 +202,14 @@ async fn smollm2_answers_a_chat_over_grpc() {
         ..Default::default()
     };
     loop {
-        let r = step_once(
-            &mut c,
-            pb::StepRequest {
+        let r = steps
+            .step(pb::StepRequest {
                 prefill: vec![chunk.clone()],
                 decode: vec![10, 11],
                 ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .await
+            .unwrap();
         if r.results[0].has_token {
             crowded.push(r.results[0].token.as_ref().unwrap().token_id);
             break;
@@ -228,30 +221,26 @@ async fn smollm2_answers_a_chat_over_grpc() {
         };
     }
     while crowded.len() < alone.len() {
-        let r = step_once(
-            &mut c,
-            pb::StepRequest {
+        let r = steps
+            .step(pb::StepRequest {
                 decode: vec![3, 10, 11],
                 ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .await
+            .unwrap();
         crowded.push(r.results[0].token.as_ref().unwrap().token_id);
     }
     assert_eq!(
         alone, crowded,
         "seeded sampling must not depend on the batch"
     );
-    let free = step_once(
-        &mut c,
-        pb::StepRequest {
+    let free = steps
+        .step(pb::StepRequest {
             release: vec![3, 10, 11],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert!(free.kv_blocks_free > 0);
 
     shutdown.cancel();
@@ -308,7 +297,9 @@ async fn the_device_backend_serves_over_grpc() {
         if device.is_some() {
             assert_eq!(info.dtype, "f32", "candle CPU runs the dequantized weights");
         }
-        outs.push(generate(&mut c, 1, prompt.clone(), greedy(6)).await.0);
+        let mut steps = StepStream::open(&mut c).await.unwrap();
+        outs.push(generate(&mut steps, 1, prompt.clone(), greedy(6)).await.0);
+        drop(steps);
         shutdown.cancel();
         worker.await.unwrap().unwrap();
     }
@@ -327,7 +318,9 @@ async fn the_device_backend_serves_over_grpc() {
     let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.tp, 3);
     assert_eq!(info.kv_blocks_total, 128, "the KV budget is per group");
-    let tp3 = generate(&mut c, 1, prompt.clone(), greedy(6)).await.0;
+    let mut steps = StepStream::open(&mut c).await.unwrap();
+    let tp3 = generate(&mut steps, 1, prompt.clone(), greedy(6)).await.0;
+    drop(steps);
     shutdown.cancel();
     worker.await.unwrap().unwrap();
     // Same f32 weights as the tp 1 device run, only the row-parallel sums split per
