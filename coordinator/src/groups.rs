@@ -43,6 +43,10 @@ pub struct ModelInfo {
     pub max_num_seqs: u32,
     /// Width of the model's logits (token ids below it are valid).
     pub vocab_size: usize,
+    /// What decides the group's arithmetic: the model, its weights' element type and its
+    /// KV cache's. Groups that agree compute the same tokens for the same sequence, so a
+    /// request that moves keeps its text byte-identical only between them.
+    pub numerics: Arc<str>,
     /// Compiles structured-output constraints to validate requests; `Err` says why this
     /// model's tokenizer cannot (its requests for structured outputs get a 400).
     pub constraints: Result<ConstraintCompiler, String>,
@@ -252,6 +256,9 @@ impl GroupSet {
     pub fn submit(&self, mut entry: Entry) -> Result<(), ApiError> {
         for _ in 0..4 {
             let group = self.route(&entry).ok_or_else(no_group)?;
+            if entry.numerics.is_none() {
+                entry.numerics = Some(group.info.numerics.clone());
+            }
             match group.handle.submit(entry) {
                 Ok(()) => return Ok(()),
                 Err(back) => entry = back, // that scheduler just stopped; pick again
@@ -273,6 +280,27 @@ impl GroupSet {
             .values()
             .filter(|g| !draining.contains(&g.key))
             .collect();
+        // A request that already ran somewhere continues where the arithmetic is the
+        // same, so its text stays what it would have been; elsewhere only when no such
+        // group is left (a different continuation beats a failed request).
+        if let Some(numerics) = &entry.numerics
+            && !groups.is_empty()
+        {
+            let same: Vec<&Group> = groups
+                .iter()
+                .copied()
+                .filter(|g| g.info.numerics == *numerics)
+                .collect();
+            if same.is_empty() {
+                tracing::warn!(
+                    request_id = %entry.request.id,
+                    was = %numerics,
+                    "no group left computes like the one this request started on; it continues on another (its text may differ from an uninterrupted run)"
+                );
+            } else {
+                groups = same;
+            }
+        }
         // A stable order, so that taking turns visits every group.
         groups.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let block_size = groups.first()?.info.block_size;
@@ -466,7 +494,12 @@ async fn connect(
     } else {
         info.group_id.clone()
     };
+    let numerics = format!(
+        "{} (weights {}, KV cache {})",
+        info.model_id, info.dtype, info.kv_cache_dtype
+    );
     let model = ModelInfo {
+        numerics: numerics.into(),
         model_id: info.model_id,
         tokenizer,
         chat_template,

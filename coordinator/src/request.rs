@@ -151,6 +151,9 @@ pub struct Entry {
     pub timing: Timing,
     /// Spans of the phase the request is in on its current group.
     pub phases: Phases,
+    /// The arithmetic of the group it was first placed on ([`crate::groups::ModelInfo`]'s
+    /// `numerics`): where it continues after a migration.
+    pub numerics: Option<Arc<str>>,
 }
 
 impl Entry {
@@ -163,6 +166,7 @@ impl Entry {
             migrations: 0,
             timing: Timing::default(),
             phases: Phases::default(),
+            numerics: None,
         }
     }
 

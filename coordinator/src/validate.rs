@@ -508,6 +508,7 @@ mod tests {
     fn model() -> ModelInfo {
         ModelInfo {
             model_id: "m".into(),
+            numerics: "m (weights f32, KV cache f32)".into(),
             tokenizer: test_tokenizer(),
             chat_template: ChatTemplate::new(TEST_CHAT_TEMPLATE, None, None).unwrap(),
             eos_token_ids: vec![0],

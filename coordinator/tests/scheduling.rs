@@ -342,6 +342,58 @@ async fn requests_migrate_off_a_failed_group() {
     );
 }
 
+/// A request migrates to a group that computes as its first one did (same model, weights
+/// and KV cache element type), so its text stays what an uninterrupted run gives; a group
+/// with a 16-bit KV cache gets none of them while a matching one is ready.
+#[tokio::test]
+async fn migrated_requests_stay_with_groups_that_compute_alike() {
+    let groups = [("a", "f32"), ("b", "f32"), ("c", "f16")]
+        .map(|(g, dtype)| TestWorkerConfig {
+            group_id: g.into(),
+            kv_cache_dtype: dtype.into(),
+            ..slow(10)
+        })
+        .into();
+    let c = cluster(Config::default(), groups).await;
+    let mut tasks = Vec::new();
+    for i in 0..9 {
+        let http = c.http.clone();
+        let url = format!("{}/v1/completions", c.base);
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"prompt": format!("alike {i} "), "max_tokens": 60, "temperature": 0,
+                              "stream": true});
+            sse_events(http.post(url).json(&body).send().await.unwrap()).await
+        }));
+    }
+    // Every request placed (a and b run sequences, c too: new requests go anywhere).
+    let (a, b, f16) = (&c.workers[0], &c.workers[1], &c.workers[2]);
+    while a.admitted() + b.admitted() + f16.admitted() < 9 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(a.running() > 0, "a runs some of them");
+    let (b_before, f16_before) = (b.admitted(), f16.admitted());
+    let moving = a.running();
+    a.set_failing(Some("the worker was told to fail"));
+    for (i, t) in tasks.into_iter().enumerate() {
+        let events = t.await.unwrap();
+        assert_eq!(
+            completion_text(&events),
+            expected_greedy(&format!("alike {i} "), 60),
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        b.admitted() - b_before,
+        moving,
+        "a's requests continued on b, the other f32 group"
+    );
+    assert_eq!(
+        f16.admitted(),
+        f16_before,
+        "none continued on the group with a 16-bit KV cache"
+    );
+}
+
 /// A group whose engine failed for good still answers Info, but its Health says not
 /// ready: its requests move to another group, and it gets no new ones (no round trips to
 /// it, no second migration) until it is healthy again.

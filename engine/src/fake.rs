@@ -124,6 +124,12 @@ impl FakeRunner {
         self
     }
 
+    /// The KV cache element type `Info` reports (the fake computes the same either way).
+    pub fn with_kv_cache_dtype(mut self, dtype: &str) -> Self {
+        self.info.kv_cache_dtype = dtype.to_string();
+        self
+    }
+
     fn record(&self) {
         let mut log = self.log.lock().expect("fake log poisoned");
         log.free_blocks = self.free_blocks();

@@ -90,8 +90,13 @@ fn catch_up(counter: &IntCounter, total: u64) {
 
 impl WorkerMetrics {
     /// The metrics of group `group`, whose KV cache has `num_blocks` blocks of
-    /// `block_size` tokens.
-    pub fn new(group: &str, block_size: usize, num_blocks: usize) -> WorkerMetrics {
+    /// `block_size` tokens, each value stored as `cache_dtype` (`f32`, `f16`, `bf16`).
+    pub fn new(
+        group: &str,
+        block_size: usize,
+        num_blocks: usize,
+        cache_dtype: &str,
+    ) -> WorkerMetrics {
         let labels = [("group".to_string(), group.to_string())].into();
         let registry = Registry::new_custom(None, Some(labels))
             .expect("a valid constant label; this is a bug");
@@ -112,14 +117,18 @@ impl WorkerMetrics {
             IntGaugeVec::new(
                 opts(
                     "shardline_worker_cache_config_info",
-                    "KV cache configuration (value 1), like vLLM's vllm:cache_config_info: block_size in tokens, num_gpu_blocks.",
+                    "KV cache configuration (value 1), like vLLM's vllm:cache_config_info: block_size in tokens, num_gpu_blocks, cache_dtype (the element type of the cached keys and values).",
                 ),
-                &["block_size", "num_gpu_blocks"],
+                &["block_size", "num_gpu_blocks", "cache_dtype"],
             )
             .expect("static metric definition; this is a bug"),
         );
         cache_config
-            .with_label_values(&[&block_size.to_string(), &num_blocks.to_string()])
+            .with_label_values(&[
+                &block_size.to_string(),
+                &num_blocks.to_string(),
+                cache_dtype,
+            ])
             .set(1);
         let kv_usage = registered(
             r,

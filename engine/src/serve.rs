@@ -103,7 +103,12 @@ pub async fn serve_group(
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServeGroupError::MetricsBind { addr, source })?;
-        let metrics = WorkerMetrics::new(&group_id, info.kv_block_size, info.kv_blocks_total);
+        let metrics = WorkerMetrics::new(
+            &group_id,
+            info.kv_block_size,
+            info.kv_blocks_total,
+            &info.kv_cache_dtype,
+        );
         service = service.with_metrics(metrics.clone());
         let (engine, stop) = (engine.clone(), stop_serving.clone());
         let total = info.kv_blocks_total;

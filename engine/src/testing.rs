@@ -86,6 +86,8 @@ pub struct TestWorkerConfig {
     pub prefix_cache: bool,
     /// The fake model's next-token rule ([`echo_next`] unless a test scripts its output).
     pub model: NextToken,
+    /// The KV cache element type the worker reports in `Info`.
+    pub kv_cache_dtype: String,
 }
 
 impl Default for TestWorkerConfig {
@@ -101,6 +103,7 @@ impl Default for TestWorkerConfig {
             tls: None,
             prefix_cache: false,
             model: echo_next,
+            kv_cache_dtype: "f32".into(),
         }
     }
 }
@@ -140,6 +143,7 @@ impl TestWorker {
         )
         .with_model(config.model)
         .with_model_id(&config.model_id)
+        .with_kv_cache_dtype(&config.kv_cache_dtype)
         .with_step_delay(config.step_delay);
         if config.prefix_cache {
             runner = runner.with_prefix_cache();

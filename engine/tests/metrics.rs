@@ -180,7 +180,12 @@ async fn the_metrics_endpoint_exports_steps_kv_sequences_and_the_gateway_gauges(
         sample(
             &text,
             "shardline_worker_cache_config_info",
-            &[g, "block_size=\"4\"", "num_gpu_blocks=\"16\""]
+            &[
+                g,
+                "block_size=\"4\"",
+                "num_gpu_blocks=\"16\"",
+                "cache_dtype=\"f32\""
+            ]
         ),
         1.0
     );
