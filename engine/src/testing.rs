@@ -247,16 +247,26 @@ impl StepStream {
         Ok(StepStream { tx, answers })
     }
 
-    /// Sends one step and waits for its answer.
-    pub async fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse, tonic::Status> {
+    /// Sends one step without waiting for its answer (pipelining).
+    pub async fn send(&self, req: pb::StepRequest) -> Result<(), tonic::Status> {
         self.tx
             .send(req)
             .await
-            .map_err(|_| tonic::Status::unavailable("the step stream is closed"))?;
+            .map_err(|_| tonic::Status::unavailable("the step stream is closed"))
+    }
+
+    /// The next answer, in the order the steps were sent.
+    pub async fn answer(&mut self) -> Result<pb::StepResponse, tonic::Status> {
         self.answers
             .message()
             .await?
             .ok_or_else(|| tonic::Status::unavailable("the step stream ended without an answer"))
+    }
+
+    /// Sends one step and waits for its answer.
+    pub async fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse, tonic::Status> {
+        self.send(req).await?;
+        self.answer().await
     }
 }
 

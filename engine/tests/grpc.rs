@@ -3,6 +3,7 @@
 use shardline_engine::engine::{EngineConfig, EngineHandle, ModelFacts};
 use shardline_engine::fake::FakeRunner;
 use shardline_engine::service::{WorkerService, serve, serve_service};
+use shardline_engine::testing::StepStream;
 use shardline_proto::worker::v1 as pb;
 use shardline_proto::worker::v1::worker_client::WorkerClient;
 use tokio_util::sync::CancellationToken;
@@ -24,40 +25,6 @@ fn engine() -> EngineHandle {
     EngineHandle::spawn(Box::new(FakeRunner::new(32, 64, 4, 16)), config)
         .expect("engine thread")
         .0
-}
-
-/// One step stream, used one step at a time.
-struct Steps {
-    tx: tokio::sync::mpsc::Sender<pb::StepRequest>,
-    answers: tonic::Streaming<pb::StepResponse>,
-}
-
-impl Steps {
-    async fn open(c: &mut WorkerClient<Channel>) -> Steps {
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let answers = c
-            .steps(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("open the step stream")
-            .into_inner();
-        Steps { tx, answers }
-    }
-
-    async fn send(&self, req: pb::StepRequest) {
-        self.tx.send(req).await.expect("stream open");
-    }
-
-    async fn answer(&mut self) -> Result<pb::StepResponse, tonic::Status> {
-        self.answers
-            .message()
-            .await?
-            .ok_or_else(|| tonic::Status::unknown("stream ended"))
-    }
-
-    async fn step(&mut self, req: pb::StepRequest) -> pb::StepResponse {
-        self.send(req).await;
-        self.answer().await.expect("step answer")
-    }
 }
 
 async fn client(addr: std::net::SocketAddr) -> WorkerClient<Channel> {
@@ -103,13 +70,14 @@ async fn round_trip_over_loopback() {
     assert_eq!(info.vocab_size, 32);
     assert_eq!(info.context_length, 64);
 
-    let mut steps = Steps::open(&mut c).await;
+    let mut steps = StepStream::open(&mut c).await.unwrap();
     let r = steps
         .step(pb::StepRequest {
             prefill: vec![chunk(1, vec![1, 2, 3]), chunk(2, vec![1; 70])],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(r.results[0].status, pb::SeqStatus::Ok as i32);
     let t = r.results[0].token.as_ref().unwrap();
     assert_eq!(t.token_id, 4);
@@ -128,7 +96,8 @@ async fn round_trip_over_loopback() {
             decode: vec![1, 77],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(r.results[0].token.as_ref().unwrap().token_id, 5);
     assert_eq!(r.results[1].status, pb::SeqStatus::Invalid as i32);
 
@@ -138,7 +107,8 @@ async fn round_trip_over_loopback() {
             decode: vec![1],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(r.results[0].token.as_ref().unwrap().token_id, 11);
     assert_eq!(r.results[1].token.as_ref().unwrap().token_id, 6);
     assert_eq!(r.results[1].finish_reason, pb::FinishReason::Length as i32);
@@ -150,7 +120,8 @@ async fn round_trip_over_loopback() {
             release: vec![3, 999],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert!(free.results.is_empty());
     assert_eq!(free.kv_blocks_free, 16);
 
@@ -195,13 +166,14 @@ async fn draining_is_reported() {
     let service = WorkerService::new(engine(), draining.clone());
     let server = tokio::spawn(serve_service(listener, service, None, shutdown.clone()));
     let mut c = client(addr).await;
-    let mut steps = Steps::open(&mut c).await;
+    let mut steps = StepStream::open(&mut c).await.unwrap();
     let r = steps
         .step(pb::StepRequest {
             prefill: vec![chunk(1, vec![1, 2])],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(r.results[0].status, pb::SeqStatus::Ok as i32);
     draining.cancel();
     // Running sequences go on; new ones are turned away, in request order.
@@ -211,7 +183,8 @@ async fn draining_is_reported() {
             decode: vec![1],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(r.results[0].seq_id, 2);
     assert_eq!(r.results[0].status, pb::SeqStatus::OutOfBlocks as i32);
     assert!(
@@ -238,14 +211,15 @@ async fn pipelined_steps_are_answered_in_order() {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, engine(), shutdown.clone()));
     let mut c = client(addr).await;
-    let mut steps = Steps::open(&mut c).await;
+    let mut steps = StepStream::open(&mut c).await.unwrap();
     // Three steps before any answer: the whole prompt, a second "chunk" of it, a decode.
     steps
         .send(pb::StepRequest {
             prefill: vec![chunk(1, vec![1, 2, 3])],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     steps
         .send(pb::StepRequest {
             prefill: vec![pb::PrefillChunk {
@@ -255,19 +229,22 @@ async fn pipelined_steps_are_answered_in_order() {
             }],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     steps
         .send(pb::StepRequest {
             decode: vec![1],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     steps
         .send(pb::StepRequest {
             decode: vec![1],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     let tokens: Vec<u32> = [
         steps.answer().await.unwrap(),
         steps.answer().await.unwrap(),
@@ -293,13 +270,14 @@ async fn stopping_ends_open_streams() {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, engine(), shutdown.clone()));
     let mut c = client(addr).await;
-    let mut steps = Steps::open(&mut c).await;
+    let mut steps = StepStream::open(&mut c).await.unwrap();
     steps
         .step(pb::StepRequest {
             prefill: vec![chunk(1, vec![1, 2])],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     shutdown.cancel();
     let end = tokio::time::timeout(std::time::Duration::from_secs(5), steps.answer())
         .await
@@ -336,19 +314,21 @@ async fn an_ended_streams_sequences_are_released_at_once() {
 
     // Stream a keeps one sequence; stream b starts two, then is dropped as a crashed
     // coordinator's would be.
-    let mut a = Steps::open(&mut c).await;
+    let mut a = StepStream::open(&mut c).await.unwrap();
     a.step(pb::StepRequest {
         prefill: vec![long(1, vec![1, 2, 3, 4, 5])],
         ..Default::default()
     })
-    .await;
-    let mut b = Steps::open(&mut c).await;
+    .await
+    .unwrap();
+    let mut b = StepStream::open(&mut c).await.unwrap();
     let r = b
         .step(pb::StepRequest {
             prefill: vec![long(2, vec![1; 9]), long(3, vec![7])],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert!(
         r.results
             .iter()
@@ -382,7 +362,8 @@ async fn an_ended_streams_sequences_are_released_at_once() {
             decode: vec![1],
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     assert_eq!(r.results[0].status, pb::SeqStatus::Ok as i32, "{r:?}");
     assert!(r.results[0].has_token, "{r:?}");
     shutdown.cancel();
