@@ -38,33 +38,6 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} {labels:?} in:\n{text}"))
 }
 
-/// Runs `promtool check metrics` over `text`; panics with its complaints.
-pub fn promtool_check(text: &str) {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("promtool not found ({e}): install Debian's `prometheus` (deploy/setup.sh)")
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_exports_steps_kv_sequences_and_the_gateway_gauges() {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -197,7 +170,7 @@ async fn the_metrics_endpoint_exports_steps_kv_sequences_and_the_gateway_gauges(
     ] {
         sample(&text, name, &[g]);
     }
-    promtool_check(&text);
+    shardline_tests::promtool_check("the worker's /metrics", &text);
     stop.cancel();
     served.await.unwrap().unwrap();
 }

@@ -24,31 +24,6 @@ fn need(tool: &str) {
     );
 }
 
-/// `promtool check metrics` over one endpoint's exposition.
-fn promtool_check(url: &str, text: &str) {
-    use std::io::Write as _;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics {url}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Every `shardline_…` metric name in `text` (histogram and counter suffixes kept as
 /// written).
 fn metric_names(text: &str) -> BTreeSet<String> {
@@ -140,7 +115,7 @@ async fn prometheus_scrapes_every_documented_metric_and_every_dashboard_metric()
     for target in std::iter::once(&coordinator).chain(&workers) {
         let url = format!("http://{target}/metrics");
         let text = client.get(&url).send().await.unwrap().text().await.unwrap();
-        promtool_check(&url, &text);
+        shardline_tests::promtool_check(&url, &text);
     }
 
     let dir = tempfile::tempdir().unwrap();

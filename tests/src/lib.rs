@@ -191,3 +191,31 @@ pub fn wait_until<T>(timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs `promtool check metrics` over a Prometheus exposition (`what`: where it came
+/// from, for the message); panics with its complaints, or with how to get promtool.
+pub fn promtool_check(what: &str, text: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool not found ({e}): install Debian's `prometheus` (deploy/setup.sh)")
+        });
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin is piped")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics {what}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

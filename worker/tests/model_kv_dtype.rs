@@ -18,7 +18,7 @@
 
 mod common;
 
-use common::{argmax, smollm2};
+use common::{argmax, greedy, smollm2};
 
 use clap::Parser;
 use shardline_worker::WorkerArgs;
@@ -73,53 +73,6 @@ fn smollm2_runner(dtype: KvCacheDtype, tp: usize) -> Box<dyn ModelRunner> {
         },
     )
     .unwrap()
-}
-
-/// What one greedy run gives: each prompt's first-step logits and its generated tokens.
-struct Greedy {
-    first: Vec<Vec<f32>>,
-    tokens: Vec<Vec<u32>>,
-}
-
-/// All prompts prefilled in one step, then `steps - 1` batched greedy decodes.
-fn greedy(r: &mut dyn ModelRunner, prompts: &[Vec<u32>], steps: usize) -> Greedy {
-    let mut first = vec![Vec::new(); prompts.len()];
-    let mut tokens = vec![Vec::new(); prompts.len()];
-    let mut batch: Vec<SeqChunk> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            r.add_sequence(SeqId(i as u64), p).unwrap();
-            SeqChunk {
-                id: SeqId(i as u64),
-                tokens: p.clone(),
-                logits: LogitsWanted::Last,
-            }
-        })
-        .collect();
-    for step in 0..steps {
-        let out = r.forward(&batch).unwrap();
-        batch = out
-            .into_iter()
-            .map(|c| {
-                let i = c.id.0 as usize;
-                let t = argmax(&c.data);
-                tokens[i].push(t);
-                if step == 0 {
-                    first[i] = c.data;
-                }
-                SeqChunk {
-                    id: c.id,
-                    tokens: vec![t],
-                    logits: LogitsWanted::Last,
-                }
-            })
-            .collect();
-    }
-    for i in 0..prompts.len() {
-        r.remove_sequence(SeqId(i as u64));
-    }
-    Greedy { first, tokens }
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

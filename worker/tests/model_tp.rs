@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{argmax, smollm2};
+use common::{argmax, greedy, smollm2};
 
 use std::time::{Duration, Instant};
 
@@ -237,35 +237,7 @@ fn smollm2_greedy_at_tp_3_equals_tp_1() {
         )
         .unwrap();
         assert_eq!(r.info().tp, tp);
-        let mut out = vec![Vec::new(); prompts.len()];
-        let mut batch: Vec<SeqChunk> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                r.add_sequence(SeqId(i as u64), p).unwrap();
-                SeqChunk {
-                    id: SeqId(i as u64),
-                    tokens: p.clone(),
-                    logits: LogitsWanted::Last,
-                }
-            })
-            .collect();
-        for _ in 0..64 {
-            let logits = r.forward(&batch).unwrap();
-            batch = logits
-                .iter()
-                .map(|c| {
-                    let t = argmax(&c.data);
-                    out[c.id.0 as usize].push(t);
-                    SeqChunk {
-                        id: c.id,
-                        tokens: vec![t],
-                        logits: LogitsWanted::Last,
-                    }
-                })
-                .collect();
-        }
-        out
+        greedy(&mut r, &prompts, 64).tokens
     };
     let one = generate(1);
     let three = generate(3);
