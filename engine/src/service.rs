@@ -9,8 +9,10 @@
 //! The sequences a stream started belong to it: when it ends, whichever way, those still
 //! alive are released at once (after the steps it had queued), so a coordinator that
 //! crashed or lost its connection does not hold KV blocks until the idle timeout. A
-//! coordinator never continues a sequence on another stream: a broken stream is a failed
-//! group, whose requests continue elsewhere.
+//! connection that goes silent without closing (the coordinator's machine vanished) is
+//! found by HTTP/2 keepalive pings ([`KEEPALIVE_INTERVAL`], [`KEEPALIVE_TIMEOUT`]) and
+//! closed. A coordinator never continues a sequence on another stream: a broken stream
+//! is a failed group, whose requests continue elsewhere.
 //!
 //! Per-sequence problems (bad prompt, unknown id, no KV room) come back inside the
 //! `StepResponse` as a per-sequence status, so one bad sequence never fails the batch;
@@ -23,6 +25,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::Stream;
 use shardline_net::tls::Tls;
@@ -45,6 +48,13 @@ const MAX_REQUEST_BYTES: usize = 64 << 20;
 /// keeps two in flight; the bound pushes back on one that sends more.
 const STREAM_PIPELINE: usize = 8;
 
+/// HTTP/2 pings on every connection: one after this long without traffic, and the
+/// connection closes when one goes unanswered for [`KEEPALIVE_TIMEOUT`]. A coordinator
+/// whose machine vanished (no FIN, no RST) then loses its step streams, and their
+/// sequences are released, within about half a minute instead of after the idle timeout.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("gRPC server failed: {0}")]
@@ -62,6 +72,8 @@ pub struct WorkerService {
     stopping: CancellationToken,
     /// Step figures go here as each answer goes back (`--metrics-listen`).
     metrics: Option<WorkerMetrics>,
+    /// HTTP/2 keepalive: ping interval and how long a ping may go unanswered.
+    keepalive: (Duration, Duration),
 }
 
 impl WorkerService {
@@ -71,7 +83,15 @@ impl WorkerService {
             draining,
             stopping: CancellationToken::new(),
             metrics: None,
+            keepalive: (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
         }
+    }
+
+    /// Pings after `interval` without traffic; closes a connection whose ping goes
+    /// unanswered for `timeout` (defaults [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_TIMEOUT`]).
+    pub fn with_keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keepalive = (interval, timeout);
+        self
     }
 
     /// Observes every step's answer into `metrics`.
@@ -418,8 +438,11 @@ pub async fn serve_service(
     }
     let mut service = service;
     service.stopping = shutdown.clone();
+    let (ping_after, ping_timeout) = service.keepalive;
     let worker = WorkerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(ping_after))
+        .http2_keepalive_timeout(Some(ping_timeout))
         .add_service(health_service)
         .add_service(worker)
         .serve_with_incoming_shutdown(

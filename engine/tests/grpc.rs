@@ -370,3 +370,96 @@ async fn an_ended_streams_sequences_are_released_at_once() {
     drop(a);
     server.await.unwrap().unwrap();
 }
+
+/// A coordinator whose connection goes silent without closing (its machine vanished: no
+/// FIN, no RST) stops answering the worker's HTTP/2 pings: the worker closes the
+/// connection, and the stream's sequences are released — long before an idle timeout.
+#[tokio::test]
+async fn a_silent_connection_is_closed_by_keepalive_and_its_sequences_released() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let service = WorkerService::new(engine(), shutdown.child_token())
+        .with_keepalive(Duration::from_millis(200), Duration::from_millis(300));
+    let server = tokio::spawn(serve_service(listener, service, None, shutdown.clone()));
+
+    // A proxy that forwards until frozen, then holds both sockets open and moves nothing.
+    let frozen = Arc::new(AtomicBool::new(false));
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    tokio::spawn({
+        let frozen = frozen.clone();
+        async move {
+            let (client, _) = proxy.accept().await.unwrap();
+            let upstream = tokio::net::TcpStream::connect(worker_addr).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (ur, uw) = upstream.into_split();
+            let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
+                        mut to: tokio::net::tcp::OwnedWriteHalf,
+                        frozen: Arc<AtomicBool>| async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match from.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if frozen.load(Ordering::SeqCst) {
+                        // Swallow everything; keep both sockets open.
+                        continue;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                std::future::pending::<()>().await;
+            };
+            let a = tokio::spawn(pump(cr, uw, frozen.clone()));
+            let b = tokio::spawn(pump(ur, cw, frozen));
+            let _ = tokio::join!(a, b);
+        }
+    });
+
+    let mut through_proxy = client(proxy_addr).await;
+    let mut steps = StepStream::open(&mut through_proxy).await.unwrap();
+    let r = steps
+        .step(pb::StepRequest {
+            prefill: vec![pb::PrefillChunk {
+                params: Some(pb::SequenceParams {
+                    max_new_tokens: 50,
+                    ..Default::default()
+                }),
+                ..chunk(1, vec![1, 2, 3, 4, 5])
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.num_running, 1, "{r:?}");
+    frozen.store(true, Ordering::SeqCst);
+
+    let mut direct = client(worker_addr).await;
+    let h = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let h = direct
+                .health(pb::HealthRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if h.num_running == 0 {
+                return h;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the silent connection is closed and its sequence released");
+    assert_eq!(h.kv_blocks_free, 16, "{h:?}");
+    drop(steps);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}

@@ -109,9 +109,9 @@ pub struct WorkerArgs {
     pub drain_timeout_secs: u64,
 
     /// Seconds after which a sequence that no step has named is released (its
-    /// coordinator hangs, or its connection is lost without closing: a live one names
-    /// every sequence in every step, and a stream that closes has its sequences released
-    /// at once); 0 never.
+    /// coordinator hangs with its connection alive: a live one names every sequence in
+    /// every step, a stream that closes has its sequences released at once, and a
+    /// connection that goes silent is closed by keepalive pings within 30 s); 0 never.
     #[arg(long, env = "SHARDLINE_SEQ_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_SEQ_IDLE_TIMEOUT_SECS)]
     pub seq_idle_timeout_secs: u64,
 
