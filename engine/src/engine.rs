@@ -18,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use shardline_proto::worker::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use state::{EngineConfig, EngineCounters, EngineState, EngineStatus};
+pub use state::{EngineConfig, EngineCounters, EngineState, EngineStatus, Released};
 
 use crate::runner::{ModelRunner, RunnerError};
 
@@ -52,7 +52,7 @@ pub enum EngineCommand {
         pb::StepRequest,
         oneshot::Sender<Result<pb::StepResponse, EngineError>>,
     ),
-    Release(Vec<u64>, oneshot::Sender<usize>),
+    Release(Vec<u64>, oneshot::Sender<Released>),
     /// Release the sequences no step has named for this long; replies with their ids.
     ReleaseIdle(std::time::Duration, oneshot::Sender<Vec<u64>>),
     Info(oneshot::Sender<pb::InfoResponse>),
@@ -132,8 +132,8 @@ impl EngineHandle {
         Ok(rx)
     }
 
-    /// Drops sequences; returns the free KV block count.
-    pub async fn release(&self, ids: Vec<u64>) -> Result<usize, EngineError> {
+    /// Drops sequences (unknown ids ignored).
+    pub async fn release(&self, ids: Vec<u64>) -> Result<Released, EngineError> {
         self.call(|r| EngineCommand::Release(ids, r)).await
     }
 
@@ -175,8 +175,8 @@ fn run_engine(
                 let _ = reply.send(out);
             }
             EngineCommand::Release(ids, reply) => {
-                if let Some(free) = releasing(&mut state, |s| s.release(&ids)) {
-                    let _ = reply.send(free);
+                if let Some(released) = releasing(&mut state, |s| s.release(&ids)) {
+                    let _ = reply.send(released);
                 }
             }
             EngineCommand::ReleaseIdle(idle, reply) => {

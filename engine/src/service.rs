@@ -198,12 +198,13 @@ async fn queue_steps(
         return;
     }
     // Queued behind the stream's own steps, so none of them loses a sequence it names.
-    match engine.release(ids.clone()).await {
-        Ok(free) => tracing::info!(
-            sequences = ids.len(),
-            kv_blocks_free = free,
+    match engine.release(ids).await {
+        Ok(r) if r.sequences > 0 => tracing::info!(
+            sequences = r.sequences,
+            kv_blocks_free = r.kv_blocks_free,
             "released the sequences of a step stream that {why}"
         ),
+        Ok(_) => {} // the idle timeout or their own ends got there first
         Err(e) => tracing::debug!(error = %e, "cannot release a closed stream's sequences"),
     }
 }

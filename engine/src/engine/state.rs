@@ -48,6 +48,14 @@ pub struct EngineCounters {
     pub seqs_preempted: u64,
 }
 
+/// What a release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// Sequences that were alive and are gone now (unknown ids do not count).
+    pub sequences: usize,
+    pub kv_blocks_free: usize,
+}
+
 /// A point-in-time view for `Health`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineStatus {
@@ -158,15 +166,20 @@ impl EngineState {
         }
     }
 
-    /// Drops sequences (unknown ids ignored) and returns the free block count.
-    pub fn release(&mut self, ids: &[u64]) -> usize {
+    /// Drops sequences (unknown ids ignored).
+    pub fn release(&mut self, ids: &[u64]) -> Released {
+        let mut sequences = 0;
         for &id in ids {
             if self.seqs.remove(&SeqId(id)).is_some() {
                 self.counters.seqs_released += 1;
+                sequences += 1;
             }
             self.runner.remove_sequence(SeqId(id));
         }
-        self.runner.free_blocks()
+        Released {
+            sequences,
+            kv_blocks_free: self.runner.free_blocks(),
+        }
     }
 
     /// Releases the sequences no `Step` has named for `idle` (their coordinator crashed
