@@ -78,18 +78,8 @@ impl Affinity {
 /// Chained hashes of the prompt's full blocks (block `i`'s hash covers blocks `0..=i`), as
 /// a prefix cache keys them; at most [`MAX_ROUTED_BLOCKS`].
 pub fn block_hashes(prompt: &[u32], block_size: u32) -> Vec<u64> {
-    let bs = block_size.max(1) as usize;
-    let mut h = 0u64;
-    prompt
-        .chunks_exact(bs)
+    shardline_proto::worker::block_hashes(prompt, block_size as usize)
         .take(MAX_ROUTED_BLOCKS)
-        .map(|block| {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            h.hash(&mut hasher);
-            block.hash(&mut hasher);
-            h = hasher.finish();
-            h
-        })
         .collect()
 }
 

@@ -36,6 +36,28 @@ pub mod worker {
         }
         tokens.div_ceil(block_size.max(1))
     }
+
+    /// The prefix-cache key of a full KV block: a hash of the previous block's key
+    /// (`parent`, 0 for the first block) and the block's tokens, so a key stands for the
+    /// whole prefix up to its block's end. Workers key their prefix caches by it, and
+    /// coordinators track by it what each group caches.
+    pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut h = DefaultHasher::new();
+        parent.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish()
+    }
+
+    /// The [`chain_hash`] keys of `prompt`'s full blocks of `block_size` tokens, in
+    /// order (a partial last block has none).
+    pub fn block_hashes(prompt: &[u32], block_size: usize) -> impl Iterator<Item = u64> + '_ {
+        let mut parent = 0u64;
+        prompt.chunks_exact(block_size.max(1)).map(move |block| {
+            parent = chain_hash(parent, block);
+            parent
+        })
+    }
 }
 
 /// Encoded descriptors of every shardline proto, for `tonic-reflection`.

@@ -9,8 +9,8 @@
 //! cache is *evictable*: it keeps its contents for a later hit, counts as free, and is
 //! reused least-recently-freed first when the truly free list is empty.
 
+use shardline_proto::worker::chain_hash;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
 
 use half::{bf16, f16};
 
@@ -45,13 +45,6 @@ pub struct BlockManager {
     lru_tick: Vec<u64>,
     tick: u64,
     seqs: HashMap<SeqId, SeqState>,
-}
-
-fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
 }
 
 impl BlockManager {

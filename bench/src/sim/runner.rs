@@ -8,7 +8,6 @@
 //! sampling, release) is the real engine's.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use shardline_engine::runner::{
@@ -101,17 +100,7 @@ impl SimRunner {
 
     /// Chained hashes of the full blocks of `prompt`.
     fn chain(&self, prompt: &[u32]) -> Vec<u64> {
-        let mut h = 0u64;
-        prompt
-            .chunks_exact(self.info.kv_block_size.max(1))
-            .map(|block| {
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                h.hash(&mut hasher);
-                block.hash(&mut hasher);
-                h = hasher.finish();
-                h
-            })
-            .collect()
+        shardline_proto::worker::block_hashes(prompt, self.info.kv_block_size).collect()
     }
 
     /// Drops least recently used unheld cache entries until the blocks in use (held or
