@@ -188,7 +188,6 @@ impl ClientConfig {
         }
         let mut parser = SseParser::default();
         let mut bytes = resp.bytes_stream();
-        let mut chunks = 0u32;
         let mut usage_tokens = None;
         while let Some(piece) = bytes.next().await {
             let piece = piece.map_err(|e| (FailReason::Stream, e.to_string()))?;
@@ -196,7 +195,7 @@ impl ClientConfig {
             let now = start.elapsed();
             for data in parser.feed(&piece) {
                 if data == "[DONE]" {
-                    rec.output_tokens = usage_tokens.unwrap_or(chunks);
+                    rec.output_tokens = usage_tokens.unwrap_or(rec.output_tokens);
                     return Ok(());
                 }
                 let v: Value = serde_json::from_str(&data)
@@ -220,13 +219,14 @@ impl ClientConfig {
                 }
                 if chunk_text(&v).is_some_and(|t| !t.is_empty()) {
                     rec.chunk_arrivals.push(now);
-                    chunks += 1;
-                    rec.output_tokens = chunks;
+                    // Our own count until the server's usage says otherwise; kept
+                    // current so a cancelled request keeps what had streamed.
+                    rec.output_tokens += 1;
                 }
             }
         }
         // The stream ended without [DONE]: accept it if output arrived.
-        rec.output_tokens = usage_tokens.unwrap_or(chunks);
+        rec.output_tokens = usage_tokens.unwrap_or(rec.output_tokens);
         Ok(())
     }
 }

@@ -89,16 +89,15 @@ pub async fn run_point(
     let deadline = point.duration.map(|d| start + d);
     let bar = progress_bar(point);
     let times: Vec<Option<Duration>> = requests.iter().map(|r| r.at).collect();
+    // Cancels what is in flight: on shutdown, or at the deadline when the run cuts off.
     let stop = shutdown.child_token();
     let honor_retry_after = point.honor_retry_after;
-    // Fires at the deadline when the run cuts off what is still in flight.
-    let cut = stop.child_token();
     let cut_off = match deadline.filter(|_| point.cut_off) {
         Some(at) => {
-            let cut = cut.clone();
+            let stop = stop.clone();
             Some(tokio::spawn(async move {
                 tokio::time::sleep_until(at.into()).await;
-                cut.cancel();
+                stop.cancel();
             }))
         }
         None => None,
@@ -107,7 +106,7 @@ pub async fn run_point(
                      tasks: &mut JoinSet<()>,
                      permit: Option<tokio::sync::OwnedSemaphorePermit>| {
         let (client, http, tx, spec) = (client.clone(), http.clone(), tx.clone(), requests.clone());
-        let stop = cut.clone();
+        let stop = stop.clone();
         tasks.spawn(async move {
             let spec = &spec[i % spec.len()];
             if stop.is_cancelled() {
