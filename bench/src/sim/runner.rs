@@ -332,9 +332,9 @@ impl ModelRunner for SimRunner {
 
 /// Makes this thread's sleeps end when asked: Linux lets a sleeping thread wake up to its
 /// timer slack late (50 µs by default) to batch wake-ups, and on a 1.5 ms step those
-/// late wake-ups (measured: 100 µs a step on average with the default slack, 2–5 µs with
-/// 1 ns) would be time a study wrongly puts on the coordinator. A GPU does not round its
-/// kernels up either.
+/// late wake-ups (measured on the 2-core dev machine: 107 µs a step on average with the
+/// default slack, 1.5–4.7 µs with 1 ns when quiet) would be time a study wrongly puts on
+/// the coordinator. A GPU does not round its kernels up either.
 fn precise_timers() {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only changes the calling
     // thread's timer slack; the unused arguments are zero as prctl(2) asks.
