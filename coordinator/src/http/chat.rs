@@ -15,7 +15,7 @@ use super::responses::{
     Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta,
 };
 use super::types::ChatRequest;
-use super::{RequestShape, Started, parse_body, sse, start};
+use super::{RequestShape, Started, event_json, parse_body, sse, start};
 use crate::error::ApiError;
 use crate::generation::{Chunk, TokenOut};
 use crate::request::Finish;
@@ -227,7 +227,7 @@ async fn run(
         let mut outputs: Vec<ChoiceOutput> =
             (0..n).map(|_| ChoiceOutput::new(tools.as_ref())).collect();
         let events = merged(generations).flat_map(move |event| {
-            let out: Vec<serde_json::Value> = match event {
+            let out: Vec<String> = match event {
                 ChoiceEvent::Chunk(i, c) => outputs[i as usize]
                     .pieces(&c)
                     .into_iter()
@@ -238,18 +238,18 @@ async fn run(
                             logprobs: want_logprobs.then(|| ChatLogprobs::of(&p.logprobs)),
                             finish_reason: p.finish,
                         };
-                        to_value(&chunk(vec![choice], None))
+                        event_json(&chunk(vec![choice], None))
                     })
                     .collect(),
-                ChoiceEvent::Failed(e) => vec![to_value(&e.to_body())],
+                ChoiceEvent::Failed(e) => vec![event_json(&e.to_body())],
                 ChoiceEvent::Done(usage) if include_usage => {
-                    vec![to_value(&chunk(Vec::new(), Some(usage.into())))]
+                    vec![event_json(&chunk(Vec::new(), Some(usage.into())))]
                 }
                 ChoiceEvent::Done(_) => Vec::new(),
             };
             futures::stream::iter(out)
         });
-        let heads = futures::stream::iter(heads.iter().map(to_value).collect::<Vec<_>>());
+        let heads = futures::stream::iter(heads.iter().map(event_json).collect::<Vec<_>>());
         return Ok(sse(heads.chain(events)));
     }
     let (all, usage) = collect_all(generations).await?;
@@ -275,10 +275,6 @@ async fn run(
         usage: usage.into(),
     })
     .into_response())
-}
-
-fn to_value<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
 #[cfg(test)]

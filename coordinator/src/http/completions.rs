@@ -10,7 +10,7 @@ use futures::StreamExt;
 use super::choices::{ChoiceEvent, collect_all, merged};
 use super::responses::{Completion, CompletionChoice, CompletionLogprobs};
 use super::types::CompletionRequest;
-use super::{RequestShape, Started, parse_body, sse, start};
+use super::{RequestShape, Started, event_json, parse_body, sse, start};
 use crate::error::ApiError;
 use crate::service::Service;
 
@@ -65,11 +65,11 @@ async fn run(
                         logprobs,
                         finish_reason: chunk.finish.map(|f| f.as_str()),
                     };
-                    Some(to_value(&body(vec![choice], None)))
+                    Some(event_json(&body(vec![choice], None)))
                 }
-                ChoiceEvent::Failed(e) => Some(to_value(&e.to_body())),
+                ChoiceEvent::Failed(e) => Some(event_json(&e.to_body())),
                 ChoiceEvent::Done(usage) if include_usage => {
-                    Some(to_value(&body(Vec::new(), Some(usage.into()))))
+                    Some(event_json(&body(Vec::new(), Some(usage.into()))))
                 }
                 ChoiceEvent::Done(_) => None,
             };
@@ -96,8 +96,4 @@ async fn run(
         })
         .collect();
     Ok(axum::Json(body(choices, Some(usage.into()))).into_response())
-}
-
-fn to_value<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }

@@ -479,12 +479,11 @@ pub(crate) fn tenant(headers: &HeaderMap, user: Option<&str>) -> Option<String> 
         .or_else(|| user.map(str::to_string))
 }
 
-/// An SSE response from a stream of events (each serialized as one `data:` line),
-/// ending with `data: [DONE]`.
-pub(crate) fn sse<S, T>(events: S) -> Response
+/// An SSE response from a stream of events (each one `data:` line of JSON, from
+/// [`event_json`]), ending with `data: [DONE]`.
+pub(crate) fn sse<S>(events: S) -> Response
 where
-    S: futures::Stream<Item = T> + Send + 'static,
-    T: serde::Serialize + Send + 'static,
+    S: futures::Stream<Item = String> + Send + 'static,
 {
     use futures::StreamExt;
     // Every event ready when the body is polled goes out in one frame (one write): a
@@ -498,7 +497,7 @@ where
             for event in events {
                 frame.push_str("data: ");
                 match event {
-                    Some(v) => frame.push_str(&serialized(&v)),
+                    Some(json) => frame.push_str(&json),
                     None => frame.push_str("[DONE]"),
                 }
                 frame.push_str("\n\n");
@@ -524,8 +523,10 @@ where
         .into_response()
 }
 
-/// One event's JSON; an event that cannot be serialized becomes an error event.
-fn serialized(event: &impl serde::Serialize) -> String {
+/// One SSE event's JSON, serialized straight from the response type (no intermediate
+/// `serde_json::Value`: this runs once per streamed token); an event that cannot be
+/// serialized becomes an error event.
+pub(crate) fn event_json(event: &impl serde::Serialize) -> String {
     serde_json::to_string(event).unwrap_or_else(|e| {
         let error = ApiError::Internal(format!("response not serializable: {e}"));
         serde_json::to_string(&error.to_body()).unwrap_or_default()
@@ -549,7 +550,7 @@ mod tests {
     async fn ready_sse_events_are_coalesced_into_one_frame() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..3 {
-            tx.send(serde_json::json!({ "i": i })).unwrap();
+            tx.send(event_json(&serde_json::json!({ "i": i }))).unwrap();
         }
         let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
         let response = sse(events);
@@ -563,7 +564,7 @@ mod tests {
             first,
             "data: {\"i\":0}\n\ndata: {\"i\":1}\n\ndata: {\"i\":2}\n\n"
         );
-        tx.send(serde_json::json!({ "i": 3 })).unwrap();
+        tx.send(event_json(&serde_json::json!({ "i": 3 }))).unwrap();
         drop(tx);
         let rest = body.next().await.unwrap().unwrap();
         assert_eq!(rest, "data: {\"i\":3}\n\ndata: [DONE]\n\n");
