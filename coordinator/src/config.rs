@@ -86,6 +86,11 @@ pub struct CoordinatorArgs {
     /// Most stop strings per request.
     #[arg(long, env = "SHARDLINE_MAX_STOP_SEQUENCES", default_value_t = 16)]
     pub max_stop_sequences: usize,
+    /// A streamed response sends its first token at once, then one event per this many
+    /// tokens (and the last at the end): fewer, larger events cost the coordinator and
+    /// the client less CPU per token; 1 sends every token as it comes.
+    #[arg(long, env = "SHARDLINE_STREAM_INTERVAL", default_value_t = 1)]
+    pub stream_interval: u32,
     /// KV budget of admission: a request gets 429 when, on every group, the KV blocks
     /// reserved by running sequences plus those wanted by queued ones would exceed this
     /// many times the group's KV cache.
@@ -210,6 +215,8 @@ pub struct Config {
     pub default_timeout: Option<Duration>,
     pub step_timeout: Duration,
     pub max_stop_sequences: usize,
+    /// Tokens per streamed event after the first (`--stream-interval`).
+    pub stream_interval: u32,
     /// See `--max-kv-demand-ratio`.
     pub max_kv_demand_ratio: f64,
     pub kv_admission: KvAdmission,
@@ -292,6 +299,7 @@ impl Default for Config {
             default_timeout: None,
             step_timeout: Duration::from_secs(120),
             max_stop_sequences: 16,
+            stream_interval: 1,
             max_kv_demand_ratio: 4.0,
             kv_admission: KvAdmission::OnDemand,
             kv_watermark: 0.01,
@@ -432,6 +440,7 @@ impl CoordinatorArgs {
                 message: "must be > 0".into(),
             })?,
             max_stop_sequences: self.max_stop_sequences,
+            stream_interval: positive("stream-interval", self.stream_interval as usize)? as u32,
             max_kv_demand_ratio: if self.max_kv_demand_ratio.is_finite()
                 && self.max_kv_demand_ratio >= 1.0
             {

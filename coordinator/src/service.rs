@@ -189,7 +189,8 @@ impl Service {
             let (tx, rx) = mpsc::unbounded_channel();
             let entry = Entry::new(choice.clone(), tx);
             let mut generation =
-                Generation::new(choice, rx, model.clone(), self.metrics.clone(), permit);
+                Generation::new(choice, rx, model.clone(), self.metrics.clone(), permit)
+                    .stream_interval(self.config.stream_interval);
             match &leader {
                 None => {
                     self.groups.submit(entry)?;

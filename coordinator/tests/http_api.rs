@@ -586,3 +586,98 @@ async fn completions_default_to_16_tokens() {
     let (_, body) = c.post("/v1/completions", json!({"prompt": "abc"})).await;
     assert_eq!(body["usage"]["completion_tokens"], 16);
 }
+
+/// `--stream-interval 4`: the first token goes at once, then one event per four tokens,
+/// the rest with the finish reason; text and logprobs are the same as token by token.
+#[tokio::test]
+async fn stream_interval_sends_the_first_token_then_every_nth() {
+    let stream = |c: &Cluster| {
+        let body = json!({"prompt": "abcdefghij", "max_tokens": 10, "stream": true,
+            "temperature": 0, "logprobs": 1});
+        let request = c
+            .http
+            .post(format!("{}/v1/completions", c.base))
+            .json(&body);
+        async move { sse_events(request.send().await.unwrap()).await }
+    };
+    let every = one_worker(Config::default(), TestWorkerConfig::default()).await;
+    let config = Config {
+        stream_interval: 4,
+        ..Config::default()
+    };
+    let fourth = one_worker(config, TestWorkerConfig::default()).await;
+    let (every, fourth) = (stream(&every).await, stream(&fourth).await);
+    let texts: Vec<&str> = fourth
+        .iter()
+        .map(|e| e["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["a", "bcde", "fghi", "j"]);
+    assert_eq!(finish_reason(&fourth).as_deref(), Some("length"));
+    assert_eq!(every.len(), 10);
+    assert_eq!(completion_text(&every), completion_text(&fourth));
+    let tokens = |events: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        events
+            .iter()
+            .flat_map(|e| {
+                e["choices"][0]["logprobs"]["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
+            .collect()
+    };
+    assert_eq!(tokens(&every), tokens(&fourth));
+    assert_eq!(tokens(&fourth).len(), 10);
+}
+
+/// A stop string inside a held-back stretch ends the stream there, as token by token.
+#[tokio::test]
+async fn stream_interval_keeps_stop_strings_exact() {
+    let config = Config {
+        stream_interval: 3,
+        ..Config::default()
+    };
+    let c = one_worker(config, TestWorkerConfig::default()).await;
+    let body = json!({"prompt": "abcdefghij", "max_tokens": 10, "stream": true,
+        "temperature": 0, "stop": ["fg"]});
+    let r = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(r).await;
+    assert_eq!(completion_text(&events), "abcde");
+    assert_eq!(finish_reason(&events).as_deref(), Some("stop"));
+}
+
+/// A streamed chat with `--stream-interval 5` carries the same content in fewer events.
+#[tokio::test]
+async fn chat_stream_interval_sends_the_same_content_in_fewer_events() {
+    let config = Config {
+        stream_interval: 5,
+        ..Config::default()
+    };
+    let c = one_worker(config, TestWorkerConfig::default()).await;
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 12,
+        "temperature": 0, "stream": true});
+    let r = c
+        .http
+        .post(format!("{}/v1/chat/completions", c.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(r).await;
+    let pieces: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(pieces.concat(), expected_greedy(rendered, 12));
+    // The first piece, then at most one per five tokens of the remaining eleven.
+    assert!(pieces.len() <= 4, "{pieces:?}");
+    assert_eq!(finish_reason(&events).as_deref(), Some("length"));
+}

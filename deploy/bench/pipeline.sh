@@ -10,7 +10,8 @@
 #   step = a + b × tokens + c × context;  ideal = CONCURRENCY / step.
 #
 # Usage: deploy/bench/pipeline.sh   (knobs: CONCURRENCY=32 INPUT_LEN=32 OUTPUT_LEN=256
-#   NUM_REQUESTS=256 SHARDLINE=target/debug/shardline OUT=deploy/bench/pipeline)
+#   NUM_REQUESTS=256 SHARDLINE=target/debug/shardline OUT=deploy/bench/pipeline
+#   COORDINATOR_ARGS="--stream-interval 4": extra coordinator flags)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -27,6 +28,7 @@ LABEL=${LABEL:-run}
 HTTP_PORT=${HTTP_PORT:-18180}
 GRPC_PORT=${GRPC_PORT:-18181}
 SIM_PORT=${SIM_PORT:-51100}
+COORDINATOR_ARGS=${COORDINATOR_ARGS:-}
 TICKS=$(getconf CLK_TCK)
 mkdir -p "$OUT"
 
@@ -46,7 +48,7 @@ sleep 1
 "$SHARDLINE" coordinator --worker "http://127.0.0.1:$SIM_PORT" \
   --http-listen "127.0.0.1:$HTTP_PORT" --grpc-listen "127.0.0.1:$GRPC_PORT" \
   --max-num-seqs 256 --max-concurrent-requests 4096 --max-queued-requests 4096 \
-  >"$OUT/coordinator-$LABEL.log" 2>&1 &
+  $COORDINATOR_ARGS >"$OUT/coordinator-$LABEL.log" 2>&1 &
 coord=$!
 PIDS+=($coord)
 for _ in $(seq 1 100); do

@@ -10,6 +10,7 @@
 #   on a fast GPU, ~1.5 ms steps; deploy/bench/pipeline.sh measures one such group against
 #   its ideal rate) PER_GROUP_RATES="2,4,8" HTTP_PORT=18080 GRPC_PORT=18081 SIM_BASE_PORT=51000
 #   DURATION=20s INPUT_LEN=256 OUTPUT_LEN=128 OUT=deploy/bench/scaling SHARDLINE=path
+#   COORDINATOR_ARGS="--stream-interval 4" (extra coordinator flags)
 #   PREFILL_MS = the profile's modelled time for one INPUT_LEN prefill alone:
 #   h100-llama3-8b, 256 tokens: 6 ms + 256 × 32 µs + 256 × 49 ns = 14.2 ms.
 set -euo pipefail
@@ -30,6 +31,7 @@ BENCH=${BENCH:-"$SHARDLINE bench"}
 HTTP_PORT=${HTTP_PORT:-18080}
 GRPC_PORT=${GRPC_PORT:-18081}
 SIM_BASE_PORT=${SIM_BASE_PORT:-51000}
+COORDINATOR_ARGS=${COORDINATOR_ARGS:-}
 
 [ -x "$SHARDLINE" ] || cargo build -p shardline
 mkdir -p "$OUT"
@@ -76,7 +78,7 @@ for n in $SIZES; do
   "$SHARDLINE" coordinator --worker "$(IFS=,; echo "${workers[*]}")" \
     --http-listen "127.0.0.1:$HTTP_PORT" --grpc-listen "127.0.0.1:$GRPC_PORT" \
     --max-num-seqs 256 --max-concurrent-requests 4096 --max-queued-requests 4096 \
-    >"$OUT/coordinator-$n.log" 2>&1 &
+    $COORDINATOR_ARGS >"$OUT/coordinator-$n.log" 2>&1 &
   coord=$!
   PIDS+=($coord)
   wait_http "$n"
