@@ -317,6 +317,7 @@ pub fn validate(
             ignore_eos: p.ignore_eos,
             min_tokens,
             top_logprobs: logprobs.unwrap_or(0),
+            skip_logprob: logprobs.is_none(),
             prompt_logprobs: p.echo && logprobs.is_some(),
             num_generated: 0,
             logit_bias,

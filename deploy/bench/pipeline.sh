@@ -29,6 +29,7 @@ HTTP_PORT=${HTTP_PORT:-18180}
 GRPC_PORT=${GRPC_PORT:-18181}
 SIM_PORT=${SIM_PORT:-51100}
 COORDINATOR_ARGS=${COORDINATOR_ARGS:-}
+SIM_PREFIX=${SIM_PREFIX:-}
 TICKS=$(getconf CLK_TCK)
 mkdir -p "$OUT"
 
@@ -40,7 +41,7 @@ cleanup() {
 trap cleanup EXIT
 cpu_s() { awk -v t="$TICKS" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
 
-"$SHARDLINE" bench sim --profile "$PROFILE" --listen "127.0.0.1:$SIM_PORT" --group-id sim-0 \
+$SIM_PREFIX "$SHARDLINE" bench sim --profile "$PROFILE" --listen "127.0.0.1:$SIM_PORT" --group-id sim-0 \
   >"$OUT/sim-$LABEL.log" 2>&1 &
 sim=$!
 PIDS+=($sim)

@@ -281,13 +281,15 @@ fn top_n(xs: &[f32], n: usize) -> Vec<(u32, f32)> {
 
 /// Samples output token number `index` (counted from the original request's first output
 /// token) of a sequence; `filter` says which tokens may not (or only may) be drawn.
+/// `logprobs`: the token's logprob and this many top alternatives, or `None` for neither
+/// (the logprob reads 0): a log-sum-exp over the whole row costs more than a greedy pick.
 pub fn sample(
     raw: &[f32],
     cfg: &SamplingConfig,
     penalties: &PenaltyState,
     filter: &TokenFilter,
     index: u64,
-    top_logprobs: usize,
+    logprobs: Option<usize>,
 ) -> Result<Sampled, SamplerError> {
     // Greedy under a constraint (the usual structured output): the best allowed token,
     // read in place; no copy of the row.
@@ -297,7 +299,7 @@ pub fn sample(
         && let Some(words) = filter.allowed
     {
         let token = greedy_allowed(raw, words, filter.banned)?;
-        let (logprob, top) = logprobs(raw, token, top_logprobs);
+        let (logprob, top) = scored(raw, token, logprobs);
         return Ok(Sampled {
             token,
             logprob,
@@ -328,12 +330,17 @@ pub fn sample(
     } else {
         draw(logits, cfg, uniform(cfg.seed, index))?
     };
-    let (logprob, top) = logprobs(raw, token, top_logprobs);
+    let (logprob, top) = scored(raw, token, logprobs);
     Ok(Sampled {
         token,
         logprob,
         top,
     })
+}
+
+/// [`logprobs`] when wanted, else 0 and none.
+fn scored(raw: &[f32], token: u32, wanted: Option<usize>) -> (f32, Vec<(u32, f32)>) {
+    wanted.map_or((0.0, Vec::new()), |n| logprobs(raw, token, n))
 }
 
 /// The logprob of `token` and the `top_n` best alternatives under the log-softmax of
@@ -491,7 +498,7 @@ mod tests {
             &none(),
             &TokenFilter::default(),
             0,
-            0,
+            Some(0),
         )
         .unwrap();
         assert_eq!(s.token, 2);
@@ -502,7 +509,15 @@ mod tests {
     fn logprobs_are_log_softmax_of_raw_logits() {
         // ln(e^0 + e^ln2 + e^ln5) = ln 8
         let raw = [0.0, 2f32.ln(), 5f32.ln()];
-        let s = sample(&raw, &cfg(0.0), &none(), &TokenFilter::default(), 0, 2).unwrap();
+        let s = sample(
+            &raw,
+            &cfg(0.0),
+            &none(),
+            &TokenFilter::default(),
+            0,
+            Some(2),
+        )
+        .unwrap();
         assert_eq!(s.token, 2);
         assert!((s.logprob - (5.0f32 / 8.0).ln()).abs() < 1e-6);
         assert_eq!(s.top.len(), 2);
@@ -517,7 +532,7 @@ mod tests {
         let mut c = cfg(0.0);
         c.repetition_penalty = 4.0; // token 1: 2.0 -> 0.5, so token 0 wins
         let pen = PenaltyState::new(&[1], 0);
-        let s = sample(&raw, &c, &pen, &TokenFilter::default(), 0, 0).unwrap();
+        let s = sample(&raw, &c, &pen, &TokenFilter::default(), 0, Some(0)).unwrap();
         assert_eq!(s.token, 0);
         let lse = (1f32.exp() + 2f32.exp()).ln();
         assert!((s.logprob - (1.0 - lse)).abs() < 1e-6);
@@ -557,7 +572,7 @@ mod tests {
             &none(),
             &TokenFilter::banning(&[0]),
             0,
-            0,
+            Some(0),
         )
         .unwrap();
         assert_eq!(s.token, 1);
@@ -568,7 +583,7 @@ mod tests {
                 &none(),
                 &TokenFilter::banning(&[0]),
                 i,
-                0,
+                Some(0),
             )
             .unwrap();
             assert_eq!(s.token, 1);
@@ -582,7 +597,7 @@ mod tests {
             logit_bias: vec![(1, 100.0)],
             ..cfg(0.0)
         };
-        let s = sample(&raw, &c, &none(), &TokenFilter::default(), 0, 0).unwrap();
+        let s = sample(&raw, &c, &none(), &TokenFilter::default(), 0, Some(0)).unwrap();
         assert_eq!(s.token, 1);
         let (lp, _) = logprobs(&raw, 1, 0);
         assert_eq!(s.logprob, lp, "logprobs describe the model, not the bias");
@@ -592,7 +607,7 @@ mod tests {
             ..cfg(1.0)
         };
         for i in 0..50 {
-            let s = sample(&raw, &c, &none(), &TokenFilter::default(), i, 0).unwrap();
+            let s = sample(&raw, &c, &none(), &TokenFilter::default(), i, Some(0)).unwrap();
             assert_ne!(s.token, 0);
         }
         // Ids past the row are ignored (the worker validated them against the vocabulary).
@@ -601,7 +616,7 @@ mod tests {
             ..cfg(0.0)
         };
         assert_eq!(
-            sample(&raw, &c, &none(), &TokenFilter::default(), 0, 0)
+            sample(&raw, &c, &none(), &TokenFilter::default(), 0, Some(0))
                 .unwrap()
                 .token,
             0
@@ -617,11 +632,11 @@ mod tests {
             banned: &[],
             allowed: Some(&words),
         };
-        let s = sample(&raw, &cfg(0.0), &none(), &filter, 0, 2).unwrap();
+        let s = sample(&raw, &cfg(0.0), &none(), &filter, 0, Some(2)).unwrap();
         assert_eq!(s.token, 33);
         assert_eq!(s.top[0].0, 39, "top logprobs come from the unmasked row");
         for i in 0..100 {
-            let t = sample(&raw, &cfg(1.0), &none(), &filter, i, 0)
+            let t = sample(&raw, &cfg(1.0), &none(), &filter, i, Some(0))
                 .unwrap()
                 .token;
             assert!(t == 3 || t == 33, "{t}");
@@ -632,7 +647,7 @@ mod tests {
             allowed: Some(&words),
         };
         assert_eq!(
-            sample(&raw, &cfg(0.0), &none(), &filter, 0, 0)
+            sample(&raw, &cfg(0.0), &none(), &filter, 0, Some(0))
                 .unwrap()
                 .token,
             3
@@ -643,7 +658,7 @@ mod tests {
             allowed: Some(&nothing),
         };
         assert_eq!(
-            sample(&raw, &cfg(0.0), &none(), &filter, 0, 0).unwrap_err(),
+            sample(&raw, &cfg(0.0), &none(), &filter, 0, Some(0)).unwrap_err(),
             SamplerError::NoCandidate
         );
     }
@@ -671,8 +686,8 @@ mod tests {
                 banned: &banned,
                 allowed: Some(&words),
             };
-            let fast = sample(&raw, &cfg(0.0), &none(), &filter, 0, 0);
-            let slow = sample(&raw, &zero_bias, &none(), &filter, 0, 0);
+            let fast = sample(&raw, &cfg(0.0), &none(), &filter, 0, Some(0));
+            let slow = sample(&raw, &zero_bias, &none(), &filter, 0, Some(0));
             assert_eq!(fast.map(|s| s.token), slow.map(|s| s.token), "seed {seed}");
         }
     }
@@ -685,7 +700,7 @@ mod tests {
             &none(),
             &TokenFilter::default(),
             0,
-            1,
+            Some(1),
         )
         .unwrap_err();
         assert_eq!(err, SamplerError::NoCandidate);
@@ -695,7 +710,7 @@ mod tests {
             &none(),
             &TokenFilter::banning(&[0]),
             0,
-            1,
+            Some(1),
         )
         .unwrap_err();
         assert_eq!(err, SamplerError::NoCandidate);
@@ -709,7 +724,7 @@ mod tests {
                     &none(),
                     &TokenFilter::default(),
                     i,
-                    0
+                    Some(0)
                 )
                 .unwrap()
                 .token,
@@ -725,7 +740,7 @@ mod tests {
                     &none(),
                     &TokenFilter::default(),
                     i,
-                    0
+                    Some(0)
                 )
                 .unwrap()
                 .token,
@@ -803,14 +818,14 @@ mod tests {
         };
         let a: Vec<u32> = (0..20)
             .map(|i| {
-                sample(&l, &c, &none(), &TokenFilter::default(), i, 0)
+                sample(&l, &c, &none(), &TokenFilter::default(), i, Some(0))
                     .unwrap()
                     .token
             })
             .collect();
         let b: Vec<u32> = (0..20)
             .map(|i| {
-                sample(&l, &c, &none(), &TokenFilter::default(), i, 0)
+                sample(&l, &c, &none(), &TokenFilter::default(), i, Some(0))
                     .unwrap()
                     .token
             })

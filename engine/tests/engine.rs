@@ -704,3 +704,30 @@ fn engine_handle_serves_from_its_own_thread() {
     thread.join().unwrap();
     let _ = SeqId(0);
 }
+
+/// A sequence whose client asked for no logprobs samples the same tokens without them
+/// (the logprob reads 0, no alternatives); one that asked gets the log-softmax value.
+#[test]
+fn the_sampled_tokens_logprob_is_computed_only_when_asked_for() {
+    let run = |skip_logprob: bool| {
+        let (mut e, _) = engine(64, 4, 64);
+        let mut p = seeded(3);
+        p.top_logprobs = 0;
+        p.skip_logprob = skip_logprob;
+        let r = step(&mut e, vec![first(1, vec![5, 6, 7], p, 3)], vec![]);
+        r.results[0].token.clone().unwrap()
+    };
+    let (without, with) = (run(true), run(false));
+    assert_eq!(without.token_id, with.token_id);
+    assert_eq!(without.logprob, 0.0);
+    assert!(without.top.is_empty());
+    assert!(with.logprob < 0.0, "{with:?}");
+    // Alternatives asked for bring the logprob with them.
+    let (mut e, _) = engine(64, 4, 64);
+    let mut p = seeded(3);
+    p.skip_logprob = true;
+    let r = step(&mut e, vec![first(1, vec![5, 6, 7], p, 3)], vec![]);
+    let t = r.results[0].token.clone().unwrap();
+    assert_eq!(t.logprob, with.logprob);
+    assert_eq!(t.top.len(), 2);
+}

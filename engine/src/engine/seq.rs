@@ -15,7 +15,9 @@ pub(crate) struct SeqConfig {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub min_tokens: usize,
-    pub top_logprobs: usize,
+    /// Each sampled token's logprob and this many top alternatives; `None`: no logprob
+    /// is computed (the client asked for none).
+    pub logprobs: Option<usize>,
     pub prompt_logprobs: bool,
     /// Trailing prompt tokens generated before a migration.
     pub num_generated: usize,
@@ -89,7 +91,8 @@ impl SeqConfig {
             stop_token_ids: params.stop_token_ids.clone(),
             ignore_eos: params.ignore_eos,
             min_tokens: params.min_tokens as usize,
-            top_logprobs: params.top_logprobs as usize,
+            logprobs: (!params.skip_logprob || params.top_logprobs > 0)
+                .then_some(params.top_logprobs as usize),
             prompt_logprobs: params.prompt_logprobs,
             num_generated,
             priority: params.priority,

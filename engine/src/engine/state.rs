@@ -549,7 +549,7 @@ impl EngineState {
             &seq.penalties,
             &filter,
             index,
-            seq.cfg.top_logprobs,
+            seq.cfg.logprobs,
         ) {
             Ok(s) => s,
             // The grammar admits only tokens that are banned now (its end, under
@@ -630,7 +630,7 @@ fn prompt_logprobs(seq: &mut Sequence, start: usize, l: &ChunkLogits, vocab: usi
             break;
         };
         let row = &l.data[j * vocab..(j + 1) * vocab];
-        let (logprob, top) = sampler::logprobs(row, next, seq.cfg.top_logprobs);
+        let (logprob, top) = sampler::logprobs(row, next, seq.cfg.logprobs.unwrap_or(0));
         seq.prompt_logprobs.push(token_logprob(next, logprob, &top));
     }
 }
