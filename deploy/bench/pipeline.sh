@@ -11,7 +11,10 @@
 #
 # Usage: deploy/bench/pipeline.sh   (knobs: CONCURRENCY=32 INPUT_LEN=32 OUTPUT_LEN=256
 #   NUM_REQUESTS=256 SHARDLINE=target/debug/shardline OUT=deploy/bench/pipeline
-#   COORDINATOR_ARGS="--stream-interval 4": extra coordinator flags)
+#   COORDINATOR_ARGS="--stream-interval 4": extra coordinator flags
+#   SIM_PREFIX="chrt -f 1": runs the simulated worker at real-time priority, as if it had
+#   its own machine; on two shared cores its engine thread otherwise waits behind the
+#   coordinator and the bench client, or is preempted by its own gRPC threads. Needs root.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
