@@ -74,6 +74,8 @@ pub struct Generation {
     emitted: bool,
     /// Tokens per chunk after the first (`--stream-interval`).
     interval: u32,
+    /// An error that ended the output, given out after the held text that preceded it.
+    failed: Option<ApiError>,
     /// A stop string ended the output.
     stop_hit: bool,
     /// Set to `true` once the prompt is computed (followers of an `n` > 1 request wait
@@ -147,6 +149,7 @@ impl Generation {
             unsent: 0,
             emitted: false,
             interval: 1,
+            failed: None,
             stop_hit: false,
             prefilled_tx: None,
             pending: None,
@@ -269,6 +272,16 @@ impl Generation {
         }
     }
 
+    /// Ends the output with an error.
+    fn fail(&mut self, e: ApiError) -> ApiError {
+        self.done = true;
+        self.request.span.record("otel.status_code", "ERROR");
+        self.request
+            .span
+            .record("error", tracing::field::display(&e));
+        e
+    }
+
     /// Records the time to first token and, from the scheduler's stamps, how much of it
     /// was queueing, the worker, and the coordinator itself (with the gRPC hop).
     fn first_token(&self, now: Instant, timing: Option<Timing>) {
@@ -296,6 +309,9 @@ impl Generation {
 
     /// The next piece of output; `None` after the last.
     pub async fn next(&mut self) -> Option<Result<Chunk, ApiError>> {
+        if let Some(e) = self.failed.take() {
+            return Some(Err(self.fail(e)));
+        }
         if self.done {
             return None;
         }
@@ -398,14 +414,16 @@ impl Generation {
                     let text = std::mem::take(&mut self.held);
                     return Some(Ok(self.finish(finish, text)));
                 }
-                SeqEvent::Error(e) => {
-                    self.done = true;
-                    self.request.span.record("otel.status_code", "ERROR");
-                    self.request
-                        .span
-                        .record("error", tracing::field::display(&e));
-                    return Some(Err(e));
+                SeqEvent::Error(e) if !self.held.is_empty() => {
+                    // Text already generated goes out before the error that ends it.
+                    self.failed = Some(e);
+                    return Some(Ok(Chunk {
+                        text: std::mem::take(&mut self.held),
+                        tokens: std::mem::take(&mut self.pending_tokens),
+                        finish: None,
+                    }));
                 }
+                SeqEvent::Error(e) => return Some(Err(self.fail(e))),
             }
         }
     }

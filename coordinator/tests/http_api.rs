@@ -681,3 +681,39 @@ async fn chat_stream_interval_sends_the_same_content_in_fewer_events() {
     assert!(pieces.len() <= 4, "{pieces:?}");
     assert_eq!(finish_reason(&events).as_deref(), Some("length"));
 }
+
+/// A stream that ends in an error (here its deadline) first sends the text it had held
+/// back for `--stream-interval`: nothing generated is lost.
+#[tokio::test]
+async fn stream_interval_sends_held_text_before_an_error() {
+    let config = Config {
+        stream_interval: 1000,
+        ..Config::default()
+    };
+    let worker = TestWorkerConfig {
+        step_delay: std::time::Duration::from_millis(20),
+        ..TestWorkerConfig::default()
+    };
+    let c = one_worker(config, worker).await;
+    let body = json!({"prompt": "abcdefghij", "max_tokens": 200, "stream": true,
+        "temperature": 0, "timeout": 0.3});
+    let r = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(r).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["error"]["code"], "deadline_exceeded", "{events:?}");
+    let texts: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    // The first token at once, then everything held back until the deadline.
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(texts[0], "a");
+    assert!(texts[1].len() >= 2, "{texts:?}");
+    assert!(expected_greedy("abcdefghij", 200).starts_with(&texts.concat()));
+}
