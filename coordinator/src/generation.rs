@@ -232,8 +232,19 @@ impl Generation {
             .collect()
     }
 
-    /// Ends the output; unless a stop string ended it, held-back text is final now.
-    fn finish(&mut self, mut finish: Finish, mut text: String) -> Chunk {
+    /// The held text and tokens, handed out now.
+    fn held_chunk(&mut self) -> Chunk {
+        Chunk {
+            text: std::mem::take(&mut self.held),
+            tokens: std::mem::take(&mut self.pending_tokens),
+            finish: None,
+        }
+    }
+
+    /// Ends the output with the held text; unless a stop string ended it, text the
+    /// detokenizer and the stop matcher held back is final now too.
+    fn finish(&mut self, mut finish: Finish) -> Chunk {
+        let mut text = std::mem::take(&mut self.held);
         self.done = true;
         self.rx.close();
         if !self.stop_hit {
@@ -352,20 +363,16 @@ impl Generation {
                             } else {
                                 Vec::new()
                             };
-                            let text = self
+                            self.held = self
                                 .model
                                 .tokenizer
                                 .decode(&self.request.prompt, true)
                                 .unwrap_or_default();
                             self.pending_tokens = tokens;
                             if self.request.max_tokens == 0 {
-                                return Some(Ok(self.finish(Finish::Length, text)));
+                                return Some(Ok(self.finish(Finish::Length)));
                             }
-                            return Some(Ok(Chunk {
-                                text,
-                                tokens: std::mem::take(&mut self.pending_tokens),
-                                finish: None,
-                            }));
+                            return Some(Ok(self.held_chunk()));
                         }
                     }
                 }
@@ -393,35 +400,22 @@ impl Generation {
                     self.unsent += 1;
                     if matched {
                         self.stop_hit = true;
-                        let text = std::mem::take(&mut self.held);
-                        return Some(Ok(self.finish(Finish::Stop, text)));
+                        return Some(Ok(self.finish(Finish::Stop)));
                     }
                     if let Some(finish) = finish {
-                        let text = std::mem::take(&mut self.held);
-                        return Some(Ok(self.finish(finish, text)));
+                        return Some(Ok(self.finish(finish)));
                     }
                     if !self.held.is_empty() && (!self.emitted || self.unsent >= self.interval) {
                         self.emitted = true;
                         self.unsent = 0;
-                        return Some(Ok(Chunk {
-                            text: std::mem::take(&mut self.held),
-                            tokens: std::mem::take(&mut self.pending_tokens),
-                            finish: None,
-                        }));
+                        return Some(Ok(self.held_chunk()));
                     }
                 }
-                SeqEvent::Finished(finish) => {
-                    let text = std::mem::take(&mut self.held);
-                    return Some(Ok(self.finish(finish, text)));
-                }
+                SeqEvent::Finished(finish) => return Some(Ok(self.finish(finish))),
                 SeqEvent::Error(e) if !self.held.is_empty() => {
                     // Text already generated goes out before the error that ends it.
                     self.failed = Some(e);
-                    return Some(Ok(Chunk {
-                        text: std::mem::take(&mut self.held),
-                        tokens: std::mem::take(&mut self.pending_tokens),
-                        finish: None,
-                    }));
+                    return Some(Ok(self.held_chunk()));
                 }
                 SeqEvent::Error(e) => return Some(Err(self.fail(e))),
             }
