@@ -36,14 +36,7 @@ async fn streamed_text_equals_non_streamed_text() {
         let mut streamed_body = body.clone();
         streamed_body["stream"] = json!(true);
         streamed_body["stream_options"] = json!({"include_usage": true});
-        let r = c
-            .http
-            .post(format!("{}/v1/completions", c.base))
-            .json(&streamed_body)
-            .send()
-            .await
-            .unwrap();
-        let events = sse_events(r).await;
+        let events = c.stream("/v1/completions", &streamed_body).await;
         assert_eq!(
             completion_text(&events),
             plain["choices"][0]["text"].as_str().unwrap()
@@ -76,14 +69,7 @@ async fn chat_completion_streaming_and_not() {
     assert!(!text.is_empty());
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
-    let r = c
-        .http
-        .post(format!("{}/v1/chat/completions", c.base))
-        .json(&sbody)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(r).await;
+    let events = c.stream("/v1/chat/completions", &sbody).await;
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
     let streamed: String = events
         .iter()
@@ -104,14 +90,7 @@ async fn stop_strings_match_across_token_boundaries() {
     assert_eq!(plain["choices"][0]["finish_reason"], "stop");
     let mut sbody = body;
     sbody["stream"] = json!(true);
-    let r = c
-        .http
-        .post(format!("{}/v1/completions", c.base))
-        .json(&sbody)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(r).await;
+    let events = c.stream("/v1/completions", &sbody).await;
     assert_eq!(completion_text(&events), "w");
     assert_eq!(finish_reason(&events).as_deref(), Some("stop"));
     // A single string works too.
@@ -131,14 +110,7 @@ async fn streaming_never_splits_utf8_characters() {
     let prompt = "é😀€ab";
     let n = prompt.len() * 2;
     let body = json!({"prompt": prompt, "max_tokens": n, "stream": true, "temperature": 0});
-    let r = c
-        .http
-        .post(format!("{}/v1/completions", c.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(r).await;
+    let events = c.stream("/v1/completions", &body).await;
     for e in &events {
         let t = e["choices"][0]["text"].as_str().unwrap_or("");
         assert!(!t.contains('\u{FFFD}'), "broken character in chunk {t:?}");
@@ -591,22 +563,16 @@ async fn completions_default_to_16_tokens() {
 /// the rest with the finish reason; text and logprobs are the same as token by token.
 #[tokio::test]
 async fn stream_interval_sends_the_first_token_then_every_nth() {
-    let stream = |c: &Cluster| {
-        let body = json!({"prompt": "abcdefghij", "max_tokens": 10, "stream": true,
-            "temperature": 0, "logprobs": 1});
-        let request = c
-            .http
-            .post(format!("{}/v1/completions", c.base))
-            .json(&body);
-        async move { sse_events(request.send().await.unwrap()).await }
-    };
+    let body = json!({"prompt": "abcdefghij", "max_tokens": 10, "stream": true,
+        "temperature": 0, "logprobs": 1});
     let every = one_worker(Config::default(), TestWorkerConfig::default()).await;
     let config = Config {
         stream_interval: 4,
         ..Config::default()
     };
     let fourth = one_worker(config, TestWorkerConfig::default()).await;
-    let (every, fourth) = (stream(&every).await, stream(&fourth).await);
+    let every = every.stream("/v1/completions", &body).await;
+    let fourth = fourth.stream("/v1/completions", &body).await;
     let texts: Vec<&str> = fourth
         .iter()
         .map(|e| e["choices"][0]["text"].as_str().unwrap())
@@ -640,14 +606,7 @@ async fn stream_interval_keeps_stop_strings_exact() {
     let c = one_worker(config, TestWorkerConfig::default()).await;
     let body = json!({"prompt": "abcdefghij", "max_tokens": 10, "stream": true,
         "temperature": 0, "stop": ["fg"]});
-    let r = c
-        .http
-        .post(format!("{}/v1/completions", c.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(r).await;
+    let events = c.stream("/v1/completions", &body).await;
     assert_eq!(completion_text(&events), "abcde");
     assert_eq!(finish_reason(&events).as_deref(), Some("stop"));
 }
@@ -662,14 +621,7 @@ async fn chat_stream_interval_sends_the_same_content_in_fewer_events() {
     let c = one_worker(config, TestWorkerConfig::default()).await;
     let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 12,
         "temperature": 0, "stream": true});
-    let r = c
-        .http
-        .post(format!("{}/v1/chat/completions", c.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(r).await;
+    let events = c.stream("/v1/chat/completions", &body).await;
     let pieces: Vec<&str> = events
         .iter()
         .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
@@ -697,14 +649,7 @@ async fn stream_interval_sends_held_text_before_an_error() {
     let c = one_worker(config, worker).await;
     let body = json!({"prompt": "abcdefghij", "max_tokens": 200, "stream": true,
         "temperature": 0, "timeout": 0.3});
-    let r = c
-        .http
-        .post(format!("{}/v1/completions", c.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let events = sse_events(r).await;
+    let events = c.stream("/v1/completions", &body).await;
     let last = events.last().unwrap();
     assert_eq!(last["error"]["code"], "deadline_exceeded", "{events:?}");
     let texts: Vec<&str> = events

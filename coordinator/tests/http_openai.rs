@@ -36,14 +36,7 @@ fn scripted_call(tokens: &[u32]) -> u32 {
 async fn stream(c: &Cluster, path: &str, mut body: Value) -> Vec<Value> {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let r = c
-        .http
-        .post(format!("{}{path}", c.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    sse_events(r).await
+    c.stream(path, &body).await
 }
 
 #[tokio::test]

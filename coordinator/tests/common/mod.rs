@@ -79,6 +79,18 @@ impl Cluster {
         )
     }
 
+    /// POSTs a streamed request and reads its SSE events ([`sse_events`]).
+    pub async fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("send");
+        sse_events(r).await
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.base))
