@@ -19,7 +19,7 @@ use crate::detok::{Detokenizer, StopMatcher};
 use crate::error::ApiError;
 use crate::groups::{GroupSet, ModelInfo};
 use crate::metrics::Metrics;
-use crate::request::{Entry, Finish, SeqEvent, Timing, ValidRequest};
+use crate::request::{Entry, Finish, Generated, SeqEvent, Timing, ValidRequest};
 
 /// One token as the API reports it.
 #[derive(Debug, Clone)]
@@ -66,14 +66,8 @@ pub struct Generation {
     last_token_at: Option<Instant>,
     /// Tokens received while their text is still held back.
     pending_tokens: Vec<TokenOut>,
-    /// Final text not handed out yet: it waits for `--stream-interval` tokens.
+    /// Final text not handed out yet (the rest of a hand-over, or an `echo`ed prompt).
     held: String,
-    /// Tokens since the last chunk handed out.
-    unsent: u32,
-    /// A chunk with text has been handed out (the first goes at once).
-    emitted: bool,
-    /// Tokens per chunk after the first (`--stream-interval`).
-    interval: u32,
     /// An error that ended the output, given out after the held text that preceded it.
     failed: Option<ApiError>,
     /// A stop string ended the output.
@@ -146,23 +140,12 @@ impl Generation {
             last_token_at: None,
             pending_tokens: Vec::new(),
             held: String::new(),
-            unsent: 0,
-            emitted: false,
-            interval: 1,
             failed: None,
             stop_hit: false,
             prefilled_tx: None,
             pending: None,
             permit,
         }
-    }
-
-    /// Hands out text once per `tokens` tokens (at least 1) after the first chunk, which
-    /// goes at once; the last chunk always goes at the end. Fewer, larger chunks cost the
-    /// front end and the client less per token; the text is the same.
-    pub fn stream_interval(mut self, tokens: u32) -> Generation {
-        self.interval = tokens.max(1);
-        self
     }
 
     /// A receiver that turns `true` once this generation's prompt is computed (or
@@ -376,38 +359,41 @@ impl Generation {
                         }
                     }
                 }
-                SeqEvent::Token {
-                    token,
+                SeqEvent::Tokens {
+                    tokens,
                     finish,
                     first,
                 } => {
-                    let now = Instant::now();
-                    match self.last_token_at {
-                        None => self.first_token(now, first),
-                        Some(last) => self.series.itl.observe((now - last).as_secs_f64()),
-                    }
-                    self.last_token_at = Some(now);
-                    self.series.generated.inc();
-                    self.usage.completion_tokens += 1;
-                    self.permit.generated(1);
-                    if self.request.logprobs.is_some() {
-                        let out = self.token_out(&token, true);
-                        self.pending_tokens.push(out);
-                    }
-                    let delta = self.detok.push(&self.model.tokenizer, token.token_id);
-                    let (text, matched) = self.stop.push(&delta);
-                    self.held.push_str(&text);
-                    self.unsent += 1;
-                    if matched {
-                        self.stop_hit = true;
-                        return Some(Ok(self.finish(Finish::Stop)));
+                    // One chunk per hand-over: the scheduler's outbox decides how many
+                    // tokens that is (`--stream-interval`).
+                    for Generated { token, received } in tokens {
+                        match self.last_token_at {
+                            None => self.first_token(Instant::now(), first),
+                            Some(last) => self
+                                .series
+                                .itl
+                                .observe(received.saturating_duration_since(last).as_secs_f64()),
+                        }
+                        self.last_token_at = Some(received);
+                        self.series.generated.inc();
+                        self.usage.completion_tokens += 1;
+                        self.permit.generated(1);
+                        if self.request.logprobs.is_some() {
+                            let out = self.token_out(&token, true);
+                            self.pending_tokens.push(out);
+                        }
+                        let delta = self.detok.push(&self.model.tokenizer, token.token_id);
+                        let (text, matched) = self.stop.push(&delta);
+                        self.held.push_str(&text);
+                        if matched {
+                            self.stop_hit = true;
+                            return Some(Ok(self.finish(Finish::Stop)));
+                        }
                     }
                     if let Some(finish) = finish {
                         return Some(Ok(self.finish(finish)));
                     }
-                    if !self.held.is_empty() && (!self.emitted || self.unsent >= self.interval) {
-                        self.emitted = true;
-                        self.unsent = 0;
+                    if !self.held.is_empty() {
                         return Some(Ok(self.held_chunk()));
                     }
                 }

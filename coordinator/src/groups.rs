@@ -356,9 +356,11 @@ impl GroupSet {
             entry.migrations += 1;
             entry.request.span.record("migrations", entry.migrations);
             if entry.migrations > MAX_MIGRATIONS {
-                let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable(format!(
-                    "request failed on {MAX_MIGRATIONS} worker groups in a row"
-                ))));
+                entry
+                    .out
+                    .send(SeqEvent::Error(ApiError::Unavailable(format!(
+                        "request failed on {MAX_MIGRATIONS} worker groups in a row"
+                    ))));
                 continue;
             }
             self.inner
@@ -376,7 +378,7 @@ impl GroupSet {
                 "migrating a request to another group"
             );
             entry.seq_id = crate::request::next_seq_id();
-            let tx = entry.tx.clone();
+            let tx = entry.out.sender();
             if let Err(e) = self.submit(entry) {
                 let _ = tx.send(SeqEvent::Error(e));
             }
@@ -588,8 +590,8 @@ async fn lifecycle(set: GroupSet, address: String, token: CancellationToken, rec
             None => tracing::info!(worker = %address, group = %id, "worker group removed"),
         }
         if set.inner.shutdown.is_cancelled() {
-            for entry in leftover {
-                let _ = entry.tx.send(SeqEvent::Error(ApiError::Unavailable(
+            for mut entry in leftover {
+                entry.out.send(SeqEvent::Error(ApiError::Unavailable(
                     "coordinator shutting down".into(),
                 )));
             }

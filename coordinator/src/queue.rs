@@ -39,7 +39,7 @@ use shardline_proto::worker::v1::{
 use tokio::time::Instant;
 
 use crate::error::ApiError;
-use crate::request::{Entry, Finish, SeqEvent, Timing};
+use crate::request::{Entry, Finish, Generated, SeqEvent, Timing};
 
 /// Times the oldest highest-priority request may be overtaken before admission waits for it.
 pub const MAX_HEAD_SKIPS: u32 = 32;
@@ -212,13 +212,13 @@ impl State {
     pub fn sweep(&mut self, now: Instant) -> Sweep {
         let mut sweep = Sweep::default();
         for queue in &mut self.waiting {
-            queue.retain(|e| {
+            queue.retain_mut(|e| {
                 if e.is_cancelled() {
                     sweep.dropped_waiting += 1;
                     false
                 } else if e.expired(now) {
-                    let _ =
-                        e.tx.send(SeqEvent::Error(ApiError::DeadlineExceeded(" while queued")));
+                    e.out
+                        .send(SeqEvent::Error(ApiError::DeadlineExceeded(" while queued")));
                     sweep.dropped_waiting += 1;
                     sweep.expired_waiting += 1;
                     false
@@ -229,13 +229,12 @@ impl State {
         }
         let mut i = 0;
         while i < self.running.len() {
-            let r = &self.running[i];
+            let r = &mut self.running[i];
             let gone = r.entry.is_cancelled();
             if gone || r.entry.expired(now) {
                 if !gone {
-                    let _ = r
-                        .entry
-                        .tx
+                    r.entry
+                        .out
                         .send(SeqEvent::Error(ApiError::DeadlineExceeded("")));
                 }
                 let r = self.running.swap_remove(i);
@@ -370,8 +369,11 @@ impl State {
         }
     }
 
+    /// Takes a sequence out of the running batch; the tokens its outbox held go to the
+    /// client now.
     fn remove_running(&mut self, index: usize) -> Running {
-        let r = self.running.swap_remove(index);
+        let mut r = self.running.swap_remove(index);
+        r.entry.out.flush();
         self.reserved -= r.reserved;
         r
     }
@@ -419,7 +421,7 @@ impl State {
                 SeqStatus::Invalid => {
                     let mut r = self.remove_running(index);
                     r.entry.phases.end(Some("the worker rejected it"));
-                    let _ = r.entry.tx.send(SeqEvent::Error(ApiError::Invalid {
+                    r.entry.out.send(SeqEvent::Error(ApiError::Invalid {
                         param: None,
                         message: format!("worker rejected the sequence: {}", result.error),
                     }));
@@ -453,7 +455,7 @@ impl State {
                 r.entry
                     .phases
                     .prefilled(&r.entry.request.span, result.cached_tokens);
-                let _ = r.entry.tx.send(SeqEvent::Prefilled {
+                r.entry.out.send(SeqEvent::Prefilled {
                     cached_tokens: result.cached_tokens,
                     prompt_logprobs: result.prompt_logprobs.clone(),
                 });
@@ -468,13 +470,11 @@ impl State {
                 r.decoding = true;
                 r.entry.phases.token(response.results.len());
                 applied.tokens += 1;
-                let _ = r.entry.tx.send(SeqEvent::Token {
-                    token,
-                    finish,
-                    first,
-                });
+                r.entry
+                    .out
+                    .token(Generated { token, received }, finish, first);
             } else if let Some(finish) = finish {
-                let _ = r.entry.tx.send(SeqEvent::Finished(finish));
+                r.entry.out.send(SeqEvent::Finished(finish));
             }
             if finish.is_some() {
                 let mut entry = self.remove_running(index).entry;
@@ -489,7 +489,14 @@ impl State {
     /// another group can continue them.
     pub fn drain(&mut self) -> Vec<Entry> {
         self.reserved = 0;
-        let mut out: Vec<Entry> = self.running.drain(..).map(|r| r.entry).collect();
+        let mut out: Vec<Entry> = self
+            .running
+            .drain(..)
+            .map(|mut r| {
+                r.entry.out.flush();
+                r.entry
+            })
+            .collect();
         for queue in &mut self.waiting {
             out.extend(queue.drain(..));
         }
@@ -581,7 +588,7 @@ mod tests {
         }
         let mut firsts = vec![];
         while let Ok(ev) = rx.try_recv() {
-            if let SeqEvent::Token { first, .. } = ev {
+            if let SeqEvent::Tokens { first, .. } = ev {
                 firsts.push(first);
             }
         }
@@ -592,6 +599,68 @@ mod tests {
         // Both prefill steps count as the worker's time; the decode step after does not.
         assert_eq!(t.worker, Duration::from_nanos(2 * step_ns));
         assert!(firsts[1].is_none());
+    }
+
+    /// The tokens each event to the request's owner carries, `None` for other events.
+    fn handed_over(rx: &mut mpsc::UnboundedReceiver<SeqEvent>) -> Vec<Option<Vec<u32>>> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|ev| match ev {
+                SeqEvent::Tokens { tokens, .. } => {
+                    Some(tokens.iter().map(|t| t.token.token_id).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// With a stream interval of 3 the owner is woken once per three tokens: the first
+    /// token alone, then three at a time, and whatever is held goes before the request
+    /// leaves the batch (here a preemption) and with the last token.
+    #[test]
+    fn tokens_are_handed_over_once_per_stream_interval() {
+        let mut s = State::new(limits());
+        let (e, mut rx) = entry(2, 20, Priority::Normal);
+        let mut e = e.stream_interval(3);
+        e.timing.submitted = Some(Instant::now());
+        let mut id = e.seq_id;
+        s.push(e);
+        let step = |s: &mut State, id: u64, computed: u32, token: u32, finish: FinishReason| {
+            s.next_step().unwrap();
+            s.apply(&StepResponse {
+                results: vec![ok(id, computed, Some(token), finish)],
+                kv_blocks_free: 100,
+                ..Default::default()
+            })
+        };
+        for t in 1..=6 {
+            step(&mut s, id, 2 + t - 1, t, FinishReason::Unspecified);
+        }
+        // Prefilled, [1], [2, 3, 4]; 5 and 6 held.
+        assert_eq!(
+            handed_over(&mut rx),
+            [None, Some(vec![1]), Some(vec![2, 3, 4])]
+        );
+        s.next_step().unwrap();
+        s.apply(&StepResponse {
+            results: vec![SeqResult {
+                seq_id: id,
+                status: SeqStatus::Preempted as i32,
+                ..Default::default()
+            }],
+            kv_blocks_free: 100,
+            ..Default::default()
+        });
+        assert_eq!(handed_over(&mut rx), [Some(vec![5, 6])]);
+        // Continued: the new placement's first token goes at once, the last with the rest.
+        id = s.waiting[Priority::Normal as usize][0].seq_id;
+        step(&mut s, id, 8, 7, FinishReason::Unspecified);
+        step(&mut s, id, 9, 8, FinishReason::Unspecified);
+        let applied = step(&mut s, id, 10, 9, FinishReason::Length);
+        assert_eq!(applied.finished.len(), 1);
+        assert_eq!(
+            handed_over(&mut rx),
+            [None, Some(vec![7]), Some(vec![8, 9])]
+        );
     }
 
     fn on_demand(total_blocks: u32, watermark_blocks: u32) -> Limits {

@@ -98,16 +98,99 @@ pub enum SeqEvent {
         cached_tokens: u32,
         prompt_logprobs: Vec<TokenLogprob>,
     },
-    /// One generated token; `finish` set on the last. The first token of a placement
-    /// carries where its wait went (`first`).
-    Token {
-        token: TokenLogprob,
+    /// Generated tokens in order, handed over together (see [`Outbox`]); `finish` set
+    /// when the last of them ends the sequence. The first token of a placement comes
+    /// alone and carries where its wait went (`first`).
+    Tokens {
+        tokens: Vec<Generated>,
         finish: Option<Finish>,
         first: Option<Timing>,
     },
     /// The sequence ended without a further token (e.g. `max_tokens: 0`).
     Finished(Finish),
     Error(ApiError),
+}
+
+/// One generated token and when its step's answer reached the coordinator (the
+/// inter-token latency is measured between these, not between hand-overs).
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub token: TokenLogprob,
+    pub received: Instant,
+}
+
+/// The scheduler's end of the channel to a request's owner
+/// ([`crate::generation::Generation`]). Generated tokens are held and handed over
+/// together, one hand-over per `--stream-interval` tokens, so the owner's task (and the
+/// front end's connection under it) is woken once per event the client gets rather than
+/// once per token. The first token of each placement goes at once, and so does the last;
+/// any other event first hands over what is held, and so does [`Outbox::flush`], called
+/// whenever the request leaves its group's running batch (finished, preempted, failed
+/// over, expired). Dropping the outbox flushes it too: nothing generated is kept back.
+#[derive(Debug)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<SeqEvent>,
+    held: Vec<Generated>,
+    /// Tokens per hand-over (`--stream-interval`, at least 1).
+    every: usize,
+}
+
+impl Outbox {
+    pub fn new(tx: mpsc::UnboundedSender<SeqEvent>, every: u32) -> Outbox {
+        Outbox {
+            tx,
+            held: Vec::new(),
+            every: every.max(1) as usize,
+        }
+    }
+
+    /// Sends `event` after the tokens held.
+    pub fn send(&mut self, event: SeqEvent) {
+        self.flush();
+        let _ = self.tx.send(event);
+    }
+
+    /// Adds a generated token; hands the held ones over when this is the first of a
+    /// placement (`first`), the last (`finish`) or the `every`-th held.
+    pub fn token(&mut self, token: Generated, finish: Option<Finish>, first: Option<Timing>) {
+        self.held.push(token);
+        if finish.is_some() || first.is_some() || self.held.len() >= self.every {
+            let tokens = std::mem::take(&mut self.held);
+            let _ = self.tx.send(SeqEvent::Tokens {
+                tokens,
+                finish,
+                first,
+            });
+        }
+    }
+
+    /// Hands over the tokens held.
+    pub fn flush(&mut self) {
+        if !self.held.is_empty() {
+            let tokens = std::mem::take(&mut self.held);
+            let _ = self.tx.send(SeqEvent::Tokens {
+                tokens,
+                finish: None,
+                first: None,
+            });
+        }
+    }
+
+    /// A sender for events outside the scheduler (a failed migration's error).
+    pub fn sender(&self) -> mpsc::UnboundedSender<SeqEvent> {
+        self.tx.clone()
+    }
+
+    /// The owner is gone (client disconnected, or the output ended).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// Where a request's time to its first token went, stamped by its group's scheduler, so
@@ -143,7 +226,8 @@ pub struct Entry {
     pub request: Arc<ValidRequest>,
     /// Worker sequence id for the current placement.
     pub seq_id: u64,
-    pub tx: mpsc::UnboundedSender<SeqEvent>,
+    /// Events to the request's owner.
+    pub out: Outbox,
     pub generated: Vec<u32>,
     /// How many times this request moved to another group.
     pub migrations: u32,
@@ -157,17 +241,25 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A queue entry handing tokens over one by one (see [`Entry::stream_interval`]).
     pub fn new(request: Arc<ValidRequest>, tx: mpsc::UnboundedSender<SeqEvent>) -> Entry {
         Entry {
             request,
             seq_id: next_seq_id(),
-            tx,
+            out: Outbox::new(tx, 1),
             generated: Vec::new(),
             migrations: 0,
             timing: Timing::default(),
             phases: Phases::default(),
             numerics: None,
         }
+    }
+
+    /// Hands generated tokens over `tokens` at a time (`--stream-interval`); see
+    /// [`Outbox`].
+    pub fn stream_interval(mut self, tokens: u32) -> Entry {
+        self.out.every = tokens.max(1) as usize;
+        self
     }
 
     /// Prompt to send to a worker: the original prompt plus what was already generated.
@@ -224,7 +316,7 @@ impl Entry {
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.tx.is_closed()
+        self.out.is_closed()
     }
 
     pub fn expired(&self, now: Instant) -> bool {

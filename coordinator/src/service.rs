@@ -187,10 +187,9 @@ impl Service {
             }
             let choice = Arc::new(choice);
             let (tx, rx) = mpsc::unbounded_channel();
-            let entry = Entry::new(choice.clone(), tx);
+            let entry = Entry::new(choice.clone(), tx).stream_interval(self.config.stream_interval);
             let mut generation =
-                Generation::new(choice, rx, model.clone(), self.metrics.clone(), permit)
-                    .stream_interval(self.config.stream_interval);
+                Generation::new(choice, rx, model.clone(), self.metrics.clone(), permit);
             match &leader {
                 None => {
                     self.groups.submit(entry)?;
