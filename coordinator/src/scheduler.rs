@@ -148,6 +148,7 @@ async fn run(
     let mut state = State::new(task.limits);
     let g = task.group.clone();
     let labels = [g.as_str()];
+    let series = Series::new(&task.metrics, &labels);
     let (steps, requests) = mpsc::channel::<StepRequest>(PIPELINE_DEPTH + 1);
     let requests = step_stream(ReceiverStream::new(requests), &g);
     let opened = tokio::select! {
@@ -191,14 +192,8 @@ async fn run(
             let batch = step.decode.len() + step.prefill.len();
             if batch > 0 {
                 let prompt_tokens: usize = step.prefill.iter().map(|c| c.prompt.len()).sum();
-                task.metrics
-                    .batch_size
-                    .with_label_values(&labels)
-                    .observe(batch as f64);
-                task.metrics
-                    .prompt_tokens
-                    .with_label_values(&labels)
-                    .inc_by(prompt_tokens as u64);
+                series.batch_size.observe(batch as f64);
+                series.prompt_tokens.inc_by(prompt_tokens as u64);
             }
             if steps.send(step).await.is_err() {
                 send_failed = true;
@@ -208,7 +203,7 @@ async fn run(
                 sent: std::time::Instant::now(),
             });
         }
-        publish(&state, &load, &task.metrics, &labels);
+        publish(&state, &load, &series);
         if send_failed {
             break Some(SchedulerError::Closed);
         }
@@ -259,22 +254,17 @@ async fn run(
         let now = std::time::Instant::now();
         let began = last_answer.max(sent);
         last_answer = now;
-        observe_step(&task.metrics, &labels, now - began, &response);
+        observe_step(&series, now - began, &response);
         load.kv_blocks_free
             .store(response.kv_blocks_free as i64, Ordering::Relaxed);
         let applied = state.apply(&response);
-        task.metrics
-            .generation_tokens
-            .with_label_values(&labels)
-            .inc_by(applied.tokens as u64);
+        series.generation_tokens.inc_by(applied.tokens as u64);
         if applied.prompt_tokens > 0 {
-            task.metrics
+            series
                 .prefix_cache_queries
-                .with_label_values(&labels)
                 .inc_by(applied.prompt_tokens as u64);
-            task.metrics
+            series
                 .prefix_cache_hits
-                .with_label_values(&labels)
                 .inc_by(applied.cached_tokens as u64);
         }
         if applied.preempted > 0 {
@@ -310,12 +300,9 @@ fn step_stream(
 
 /// The step's time as the coordinator saw it (from when the worker could start on it to
 /// its answer) and what of that the worker did not report as its own.
-fn observe_step(metrics: &Metrics, labels: &[&str], took: Duration, response: &StepResponse) {
-    metrics
-        .step_duration
-        .with_label_values(labels)
-        .observe(took.as_secs_f64());
-    metrics.step_overhead.with_label_values(labels).observe(
+fn observe_step(series: &Series, took: Duration, response: &StepResponse) {
+    series.step_duration.observe(took.as_secs_f64());
+    series.step_overhead.observe(
         took.saturating_sub(Duration::from_nanos(response.step_time_ns))
             .as_secs_f64(),
     );
@@ -361,7 +348,7 @@ async fn handback(
     (leftover, error)
 }
 
-fn publish(state: &State, load: &GroupLoad, metrics: &Metrics, labels: &[&str]) {
+fn publish(state: &State, load: &GroupLoad, series: &Series) {
     let waiting = state.num_waiting() as i64;
     load.waiting.store(waiting, Ordering::Relaxed);
     load.waiting_blocks
@@ -370,15 +357,42 @@ fn publish(state: &State, load: &GroupLoad, metrics: &Metrics, labels: &[&str]) 
         .store(state.running.len() as i64, Ordering::Relaxed);
     load.reserved_blocks
         .store(state.reserved_blocks() as i64, Ordering::Relaxed);
-    metrics.waiting.with_label_values(labels).set(waiting);
-    metrics
-        .running
-        .with_label_values(labels)
-        .set(state.running.len() as i64);
+    series.waiting.set(waiting);
+    series.running.set(state.running.len() as i64);
     let total = state.limits.total_blocks.max(1) as f64;
     let free = load.kv_blocks_free.load(Ordering::Relaxed) as f64;
-    metrics
-        .kv_usage
-        .with_label_values(labels)
-        .set((1.0 - free / total).clamp(0.0, 1.0));
+    series.kv_usage.set((1.0 - free / total).clamp(0.0, 1.0));
+}
+
+/// The group's series of the coordinator's per-group metrics, looked up once rather than
+/// by label on every step. (Preemptions are rare and looked up when they happen, so a
+/// group that never preempts exports no series for them.)
+struct Series {
+    running: prometheus::IntGauge,
+    waiting: prometheus::IntGauge,
+    kv_usage: prometheus::Gauge,
+    batch_size: prometheus::Histogram,
+    prompt_tokens: prometheus::IntCounter,
+    generation_tokens: prometheus::IntCounter,
+    step_duration: prometheus::Histogram,
+    step_overhead: prometheus::Histogram,
+    prefix_cache_queries: prometheus::IntCounter,
+    prefix_cache_hits: prometheus::IntCounter,
+}
+
+impl Series {
+    fn new(metrics: &Metrics, labels: &[&str]) -> Series {
+        Series {
+            running: metrics.running.with_label_values(labels),
+            waiting: metrics.waiting.with_label_values(labels),
+            kv_usage: metrics.kv_usage.with_label_values(labels),
+            batch_size: metrics.batch_size.with_label_values(labels),
+            prompt_tokens: metrics.prompt_tokens.with_label_values(labels),
+            generation_tokens: metrics.generation_tokens.with_label_values(labels),
+            step_duration: metrics.step_duration.with_label_values(labels),
+            step_overhead: metrics.step_overhead.with_label_values(labels),
+            prefix_cache_queries: metrics.prefix_cache_queries.with_label_values(labels),
+            prefix_cache_hits: metrics.prefix_cache_hits.with_label_values(labels),
+        }
+    }
 }
