@@ -9,6 +9,13 @@ use shardline::cli::{Cli, Command, EngineBenchArgs};
 use shardline::up;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc's malloc: the coordinator allocates small, short-lived
+/// buffers per token and per step (about a tenth of its CPU went to glibc's malloc, free
+/// and chunk consolidation), and the CPU engine's per-layer tensors come back faster too
+/// (batch-1 decode of SmolLM2 on two threads: 188–206 → 244–246 tokens/s, same run).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs the engine benchmark on a blocking thread and prints its table and figures.
 async fn engine_bench(args: EngineBenchArgs) -> anyhow::Result<()> {
     use shardline_worker::model::bench::{BenchOptions, format_table, run_bench};
