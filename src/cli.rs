@@ -16,6 +16,27 @@ pub struct Cli {
     /// Logs and trace export, for every command.
     #[command(flatten)]
     pub telemetry: shardline_telemetry::TelemetryArgs,
+    /// The async runtime every command runs on.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// The async runtime's flags, for every command.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RuntimeArgs {
+    /// Threads of the async runtime that serves the APIs, the step streams and the
+    /// schedulers (default: one per CPU this process may use; the model kernels have their
+    /// own, `--threads`). A request's tokens pass between tasks that run on any of them,
+    /// and each hand-over to an idle thread wakes it: a coordinator that needs less than
+    /// its CPUs spends less CPU per token on fewer threads (measured on 2 cores, 16
+    /// groups: about a fifth less with 1 than with 2; docs/benchmarks.md).
+    #[arg(
+        long,
+        env = "SHARDLINE_RUNTIME_THREADS",
+        global = true,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub runtime_threads: Option<u16>,
 }
 
 // Parsed once at start-up and consumed at once: the variants' sizes do not matter.
@@ -124,5 +145,29 @@ mod tests {
         };
         assert_eq!(args.max_num_seqs, 32);
         assert_eq!(args.workers, ["http://a:1", "http://b:2"]);
+    }
+
+    /// `--runtime-threads` goes after any subcommand; zero threads is refused.
+    #[test]
+    fn runtime_threads_is_taken_by_every_command_and_must_be_positive() {
+        use clap::Parser;
+        for command in [
+            &["coordinator"][..],
+            &["worker", "--model=sim:h100-llama3-8b"],
+            &["up"],
+            &["bench"],
+        ] {
+            let argv = ["shardline"]
+                .iter()
+                .chain(command)
+                .chain(&["--runtime-threads=1"]);
+            let cli =
+                super::Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{command:?}: {e}"));
+            assert_eq!(cli.runtime.runtime_threads, Some(1), "{command:?}");
+        }
+        let e = super::Cli::try_parse_from(["shardline", "coordinator", "--runtime-threads=0"])
+            .err()
+            .expect("0 threads refused");
+        assert!(e.to_string().contains("--runtime-threads"), "{e}");
     }
 }

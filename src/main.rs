@@ -56,9 +56,11 @@ fn hash_keys() -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.runtime.runtime_threads {
+        runtime.worker_threads(usize::from(threads));
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         // In the runtime: the trace exporter's gRPC channel runs on it.
         let telemetry = shardline_telemetry::init(&cli.telemetry, cli.command.service_name())?;

@@ -84,7 +84,7 @@ MATRIX = {
             "nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "dedicated", "operator": "Exists"}],
             "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["cpu"]}]}}]}},
             "podLabels": {"a": "b"}, "podAnnotations": {"c": "d"}, "labels": {"e": "f"}, "annotations": {"g": "h"},
-            "config": {"tenantBurst": 10, "defaultTimeoutSeconds": 30},
+            "config": {"tenantBurst": 10, "defaultTimeoutSeconds": 30, "runtimeThreads": 2},
         },
         "workers": {"defaults": {
             "kvBlocks": 2048, "maxContext": 4096, "threads": 8,
