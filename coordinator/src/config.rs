@@ -88,7 +88,9 @@ pub struct CoordinatorArgs {
     pub max_stop_sequences: usize,
     /// A streamed response sends its first token at once, then one event per this many
     /// tokens (and the last at the end): fewer, larger events cost the coordinator and
-    /// the client less CPU per token; 1 sends every token as it comes.
+    /// the client less CPU per token; 1 sends every token as it comes. Tokens reach the
+    /// request's front end this many at a time, so a stop string may be found that many
+    /// tokens late: the worker may compute up to that many past it (never sent).
     #[arg(long, env = "SHARDLINE_STREAM_INTERVAL", default_value_t = 1)]
     pub stream_interval: u32,
     /// KV budget of admission: a request gets 429 when, on every group, the KV blocks
