@@ -301,6 +301,34 @@ impl Generation {
         );
     }
 
+    /// Counts a generated token and adds its text to the held text; `true` when a stop
+    /// string ended the output there.
+    fn take_token(
+        &mut self,
+        Generated { token, received }: Generated,
+        first: Option<Timing>,
+    ) -> bool {
+        match self.last_token_at {
+            None => self.first_token(Instant::now(), first),
+            Some(last) => self
+                .series
+                .itl
+                .observe(received.saturating_duration_since(last).as_secs_f64()),
+        }
+        self.last_token_at = Some(received);
+        self.series.generated.inc();
+        self.usage.completion_tokens += 1;
+        self.permit.generated(1);
+        if self.request.logprobs.is_some() {
+            let out = self.token_out(&token, true);
+            self.pending_tokens.push(out);
+        }
+        let delta = self.detok.push(&self.model.tokenizer, token.token_id);
+        let (text, matched) = self.stop.push(&delta);
+        self.held.push_str(&text);
+        matched
+    }
+
     /// The next piece of output; `None` after the last.
     pub async fn next(&mut self) -> Option<Result<Chunk, ApiError>> {
         if let Some(e) = self.failed.take() {
@@ -366,26 +394,8 @@ impl Generation {
                 } => {
                     // One chunk per hand-over: the scheduler's outbox decides how many
                     // tokens that is (`--stream-interval`).
-                    for Generated { token, received } in tokens {
-                        match self.last_token_at {
-                            None => self.first_token(Instant::now(), first),
-                            Some(last) => self
-                                .series
-                                .itl
-                                .observe(received.saturating_duration_since(last).as_secs_f64()),
-                        }
-                        self.last_token_at = Some(received);
-                        self.series.generated.inc();
-                        self.usage.completion_tokens += 1;
-                        self.permit.generated(1);
-                        if self.request.logprobs.is_some() {
-                            let out = self.token_out(&token, true);
-                            self.pending_tokens.push(out);
-                        }
-                        let delta = self.detok.push(&self.model.tokenizer, token.token_id);
-                        let (text, matched) = self.stop.push(&delta);
-                        self.held.push_str(&text);
-                        if matched {
+                    for token in tokens {
+                        if self.take_token(token, first) {
                             self.stop_hit = true;
                             return Some(Ok(self.finish(Finish::Stop)));
                         }

@@ -155,25 +155,23 @@ impl Outbox {
     pub fn token(&mut self, token: Generated, finish: Option<Finish>, first: Option<Timing>) {
         self.held.push(token);
         if finish.is_some() || first.is_some() || self.held.len() >= self.every {
-            let tokens = std::mem::take(&mut self.held);
-            let _ = self.tx.send(SeqEvent::Tokens {
-                tokens,
-                finish,
-                first,
-            });
+            self.hand_over(finish, first);
         }
     }
 
     /// Hands over the tokens held.
     pub fn flush(&mut self) {
         if !self.held.is_empty() {
-            let tokens = std::mem::take(&mut self.held);
-            let _ = self.tx.send(SeqEvent::Tokens {
-                tokens,
-                finish: None,
-                first: None,
-            });
+            self.hand_over(None, None);
         }
+    }
+
+    fn hand_over(&mut self, finish: Option<Finish>, first: Option<Timing>) {
+        let _ = self.tx.send(SeqEvent::Tokens {
+            tokens: std::mem::take(&mut self.held),
+            finish,
+            first,
+        });
     }
 
     /// A sender for events outside the scheduler (a failed migration's error).
