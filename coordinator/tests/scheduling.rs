@@ -311,7 +311,22 @@ async fn busy_worker(c: &Cluster) -> &TestWorker {
 /// with nothing lost or duplicated.
 #[tokio::test]
 async fn requests_migrate_off_a_failed_group() {
-    let c = cluster(Config::default(), two_slow_groups()).await;
+    migrate_off_a_failed_group(Config::default()).await;
+}
+
+/// The same with `--stream-interval 7`: tokens the scheduler held back for the next
+/// event when the group failed reach the client, once.
+#[tokio::test]
+async fn requests_migrate_off_a_failed_group_with_tokens_held_back() {
+    migrate_off_a_failed_group(Config {
+        stream_interval: 7,
+        ..Config::default()
+    })
+    .await;
+}
+
+async fn migrate_off_a_failed_group(config: Config) {
+    let c = cluster(config, two_slow_groups()).await;
     let mut tasks = Vec::new();
     for i in 0..6 {
         let http = c.http.clone();
