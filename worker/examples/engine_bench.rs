@@ -23,6 +23,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+/// The `shardline` binary's allocator, so the engine is measured as it serves.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
