@@ -237,8 +237,7 @@ impl State {
                         .out
                         .send(SeqEvent::Error(ApiError::DeadlineExceeded("")));
                 }
-                let r = self.running.swap_remove(i);
-                self.reserved -= r.reserved;
+                let r = self.remove_running(i);
                 if r.started {
                     sweep.release.push(r.entry.seq_id);
                 }
@@ -554,6 +553,15 @@ mod tests {
         }
     }
 
+    /// A result that is only a status (preempted, out of blocks, rejected).
+    pub(super) fn status(seq_id: u64, status: SeqStatus) -> SeqResult {
+        SeqResult {
+            seq_id,
+            status: status as i32,
+            ..Default::default()
+        }
+    }
+
     fn ok(seq_id: u64, computed: u32, token: Option<u32>, finish: FinishReason) -> SeqResult {
         SeqResult {
             seq_id,
@@ -642,11 +650,7 @@ mod tests {
         );
         s.next_step().unwrap();
         s.apply(&StepResponse {
-            results: vec![SeqResult {
-                seq_id: id,
-                status: SeqStatus::Preempted as i32,
-                ..Default::default()
-            }],
+            results: vec![status(id, SeqStatus::Preempted)],
             kv_blocks_free: 100,
             ..Default::default()
         });
@@ -748,10 +752,8 @@ mod tests {
         s.push(newer);
         let applied = s.apply(&StepResponse {
             results: vec![SeqResult {
-                seq_id: a_id,
-                status: SeqStatus::Preempted as i32,
                 error: "preempted: KV cache out of blocks".into(),
-                ..Default::default()
+                ..status(a_id, SeqStatus::Preempted)
             }],
             kv_blocks_free: 0,
             ..Default::default()
@@ -792,11 +794,7 @@ mod tests {
         let step = s.next_step().unwrap();
         let id = step.prefill[0].seq_id;
         s.apply(&StepResponse {
-            results: vec![SeqResult {
-                seq_id: id,
-                status: SeqStatus::OutOfBlocks as i32,
-                ..Default::default()
-            }],
+            results: vec![status(id, SeqStatus::OutOfBlocks)],
             kv_blocks_free: 0,
             ..Default::default()
         });
@@ -930,11 +928,7 @@ mod tests {
         let id = e.seq_id;
         s.push(e);
         s.next_step().unwrap();
-        let result = SeqResult {
-            seq_id: id,
-            status: SeqStatus::OutOfBlocks as i32,
-            ..Default::default()
-        };
+        let result = status(id, SeqStatus::OutOfBlocks);
         let applied = s.apply(&StepResponse {
             results: vec![result],
             ..Default::default()
@@ -970,6 +964,7 @@ mod pipelining_tests {
     use shardline_proto::worker::v1::{SeqResult, SequenceParams, TokenLogprob};
     use tokio::sync::mpsc;
 
+    use super::tests::status;
     use super::*;
     use crate::request::{Priority, ValidRequest};
 
@@ -1070,10 +1065,8 @@ mod pipelining_tests {
         });
         assert_eq!(applied.finished.len(), 1);
         let late = SeqResult {
-            seq_id: id,
-            status: SeqStatus::Invalid as i32,
             error: "unknown".into(),
-            ..Default::default()
+            ..status(id, SeqStatus::Invalid)
         };
         let applied = s.apply(&StepResponse {
             results: vec![late],
