@@ -23,10 +23,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-/// The `shardline` binary's allocator, so the engine is measured as it serves.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
@@ -35,6 +31,10 @@ use shardline_worker::model::bench::{
     BenchOptions, BenchRow, argmax, format_table, prompt, run_engine_bench,
 };
 use shardline_worker::runner::{LogitsWanted, ModelRunner, SeqChunk, SeqId};
+
+/// The `shardline` binary's allocator, so the engine is measured as it serves.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn baseline(path: &PathBuf, opts: &BenchOptions) -> anyhow::Result<Vec<BenchRow>> {
     let mut f = std::fs::File::open(path)?;
