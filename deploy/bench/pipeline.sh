@@ -13,8 +13,9 @@
 #   NUM_REQUESTS=256 SHARDLINE=target/debug/shardline OUT=deploy/bench/pipeline
 #   COORDINATOR_ARGS="--stream-interval 4": extra coordinator flags
 #   SIM_THREADS=1: the simulated worker's runtime threads (`--runtime-threads`); one
-#   serves its step stream, and on two shared cores a second only wakes to preempt its
-#   engine thread (measured: 93.9-95.4 % of ideal with two, 95.3-95.5 % with one);
+#   serves its step stream, and on two shared cores a second may only wake to preempt
+#   its engine thread (measured, not alternated: 93.9-95.4 % of ideal over 6 runs with
+#   two, median 95.0 %; 93.9-95.7 % over 13 with one, median 95.3 %);
 #   SIM_THREADS= (empty) leaves the default, one per CPU.
 #   SIM_PREFIX="chrt -f 1": runs the simulated worker at real-time priority, as if it had
 #   its own machine; on two shared cores its engine thread otherwise waits behind the
